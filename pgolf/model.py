@@ -1,0 +1,302 @@
+"""The recurrent GPT of the record (REFERENCE.md section 3), top to bottom.
+
+A tied-embedding transformer with grouped-query attention, partial rotary
+embeddings, per-head query gain, XSA (each head's output minus its projection
+on its value vector), a squared leaky-ReLU MLP, U-Net skips with sigmoid gates
+and depth recurrence: a range of layers is run several times once
+``looping_active`` is set. Parameter names are the reference's, so a state
+dict written by the record's ``train_gpt.py`` loads as is. Attention runs
+through FlashAttention-3 or flash-attn when importable on a GPU, else PyTorch's
+scaled-dot-product attention; all paths compute the same function.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pgolf.config import ModelConfig
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation without a learned weight (a module so hooks can see it)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x)
+
+
+class CastedLinear(nn.Linear):
+    """A linear layer whose fp32 weight is cast to the activations' dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+# ---------------------------------------------------------------- attention
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention via PyTorch; inputs and output are [B, T, H, D]."""
+    group = q.size(2) // k.size(2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)  # [B, H, T, D]
+        v = v.repeat_interleave(group, dim=1)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D]
+    return y.transpose(1, 2)  # [B, T, H, D]
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention written out in matrix products: the check for the fast paths."""
+    group = q.size(2) // k.size(2)
+    k = k.repeat_interleave(group, dim=2)  # [B, T, H, D]
+    v = v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.size(-1))  # [B, H, T, T]
+    t = q.size(1)
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhts,bshd->bthd", weights, v)  # [B, T, H, D]
+
+
+@functools.cache
+def _flash_attention() -> AttentionFn | None:
+    """FlashAttention-3, else flash-attn 2, else None (looked up once, on first use)."""
+    try:
+        from flash_attn_interface import flash_attn_func as fa3
+    except ImportError:
+        fa3 = None
+    if fa3 is not None:
+        return lambda q, k, v: fa3(q, k, v, causal=True)
+    try:
+        from flash_attn import flash_attn_func as fa2
+    except ImportError:
+        return None
+    return lambda q, k, v: fa2(q, k, v, causal=True)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Dispatch: flash kernels need a GPU and 16-bit inputs; otherwise SDPA."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        flash = _flash_attention()
+        if flash is not None:
+            return flash(q, k, v)
+    return sdpa_attention(q, k, v)
+
+
+# ---------------------------------------------------------------- rotary
+
+
+class Rotary(nn.Module):
+    """Rotary embedding on the first ``rope_dims`` dims of each head."""
+
+    def __init__(self, rope_dims: int, base: float, train_seq_len: int):
+        super().__init__()
+        self.rope_dims = rope_dims
+        self.base = base
+        self.train_seq_len = train_seq_len
+
+    def cos_sin(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        base = self.base
+        if seq_len > self.train_seq_len:
+            # NTK-style base scaling keeps the longest wavelength ahead of the context.
+            scale = seq_len / self.train_seq_len
+            base = base * scale ** (self.rope_dims / (self.rope_dims - 2))
+        exponents = torch.arange(0, self.rope_dims, 2, dtype=torch.float32, device=device) / self.rope_dims
+        inv_freq = 1.0 / base**exponents  # [rope_dims / 2]
+        positions = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(positions, inv_freq)[None, :, None, :]  # [1, T, 1, rope_dims / 2]
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotate the first half of the rotary dims against the second half; x is [B, T, H, D]."""
+        half = self.rope_dims // 2
+        x1, x2 = x[..., :half], x[..., half : self.rope_dims]
+        rest = x[..., self.rope_dims :]
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+# ---------------------------------------------------------------- blocks
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, use_xsa: bool):
+        super().__init__()
+        if cfg.model_dim % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
+            raise ValueError(
+                f"model: model_dim {cfg.model_dim}, num_heads {cfg.num_heads} and num_kv_heads "
+                f"{cfg.num_kv_heads} must divide evenly"
+            )
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.model_dim // cfg.num_heads
+        if not 0 < cfg.rope_dims <= self.head_dim or cfg.rope_dims % 2:
+            raise ValueError(f"model: rope_dims {cfg.rope_dims} must be even and at most head_dim {self.head_dim}")
+        kv_dim = cfg.num_kv_heads * self.head_dim
+        self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.c_k = CastedLinear(cfg.model_dim, kv_dim, bias=False)
+        self.c_v = CastedLinear(cfg.model_dim, kv_dim, bias=False)
+        self.proj = CastedLinear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base, cfg.rope_train_seq_len)
+        self.use_xsa = use_xsa
+
+    def forward(self, x: Tensor, attention: AttentionFn) -> Tensor:
+        b, t, dim = x.shape
+        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        cos, sin = self.rotary.cos_sin(t, x.device, q.dtype)
+        q = self.rotary(rms_norm(q), cos, sin)
+        k = self.rotary(rms_norm(k), cos, sin)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = attention(q, k, v)  # [B, T, H, D]
+        if self.use_xsa:
+            y = self.exclude_self_value(y, v)
+        return self.proj(y.reshape(b, t, dim))
+
+    def exclude_self_value(self, y: Tensor, v: Tensor) -> Tensor:
+        """XSA: remove from each head's output its component along its own value vector."""
+        b, t, h, d = y.shape
+        y = y.view(b, t, self.num_kv_heads, h // self.num_kv_heads, d)  # [B, T, Hkv, G, D]
+        unit_v = F.normalize(v, dim=-1).unsqueeze(-2)  # [B, T, Hkv, 1, D]
+        y = y - (y * unit_v).sum(dim=-1, keepdim=True) * unit_v
+        return y.view(b, t, h, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_mult * cfg.model_dim)
+        self.fc = CastedLinear(cfg.model_dim, hidden, bias=False)
+        self.proj = CastedLinear(hidden, cfg.model_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__()
+        use_xsa = layer_index >= cfg.num_layers - cfg.xsa_last_n
+        self.attn = CausalSelfAttention(cfg, use_xsa)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
+        self.norm_scale = 1.0 / math.sqrt(layer_index + 1) if cfg.ln_scale else 1.0
+
+    def forward(self, x: Tensor, x0: Tensor, attention: AttentionFn) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)  # [2, C]
+        x_in = mix[0] * x + mix[1] * x0
+        x = x_in + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x_in) * self.norm_scale, attention)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+
+
+# ---------------------------------------------------------------- the model
+
+
+def layer_order(cfg: ModelConfig, looping: bool) -> tuple[list[int], list[int]]:
+    """Encoder and decoder layer indices; with looping the loop range repeats."""
+    if not looping or cfg.num_loops == 0:
+        half = cfg.num_layers // 2
+        return list(range(half)), list(range(half, cfg.num_layers))
+    loop = list(range(cfg.loop_start, cfg.loop_end + 1))
+    order = list(range(cfg.loop_start)) + loop * (cfg.num_loops + 1) + list(range(cfg.loop_end + 1, cfg.num_layers))
+    half = len(order) // 2
+    return order[:half], order[half:]
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.logit_softcap <= 0:
+            raise ValueError(f"model: logit_softcap must be positive, got {cfg.logit_softcap}")
+        if cfg.num_loops and not 0 <= cfg.loop_start <= cfg.loop_end < cfg.num_layers:
+            raise ValueError(
+                f"model: loop range {cfg.loop_start}..{cfg.loop_end} is outside the {cfg.num_layers} layers"
+            )
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.embedding_dim)
+        projected = cfg.embedding_dim != cfg.model_dim
+        self.embed_proj = CastedLinear(cfg.embedding_dim, cfg.model_dim, bias=False) if projected else None
+        self.head_proj = CastedLinear(cfg.model_dim, cfg.embedding_dim, bias=False) if projected else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.final_norm = RMSNorm()
+        self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.embedding_dim, cfg.vocab_size, bias=False)
+        encoder, decoder = layer_order(cfg, looping=cfg.num_loops > 0)
+        num_skips = min(len(encoder), len(decoder))
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim)) if cfg.skip_gates_enabled else None
+        self.looping_active = False
+        self.attention: AttentionFn = causal_attention
+        self.reset_parameters()
+
+    @property
+    def encoder_indices(self) -> list[int]:
+        return layer_order(self.config, self.looping_active)[0]
+
+    @property
+    def decoder_indices(self) -> list[int]:
+        return layer_order(self.config, self.looping_active)[1]
+
+    def reset_parameters(self) -> None:
+        """The reference's initialisation: see REFERENCE.md section 3."""
+        if self.config.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, std=self.config.tied_embed_init_std)
+        zero_init = {block.attn.proj for block in self.blocks} | {block.mlp.proj for block in self.blocks}
+        if self.lm_head is not None:
+            zero_init.add(self.lm_head)
+        for module in self.modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            if module in zero_init:
+                nn.init.zeros_(module.weight)
+            elif min(module.weight.shape) >= 64:
+                nn.init.orthogonal_(module.weight, gain=1.0)
+
+    def forward_logits(self, input_ids: Tensor) -> Tensor:
+        x = rms_norm(self.tok_emb(input_ids))  # [B, T, E]
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)  # [B, T, C]
+        x0 = x
+        encoder, decoder = layer_order(self.config, self.looping_active)
+        skips: list[Tensor] = []
+        for i in encoder:
+            x = self.blocks[i](x, x0, self.attention)
+            skips.append(x)
+        for step, i in enumerate(decoder):
+            if step < len(self.skip_weights) and skips:
+                x = self.merge_skip(x, skips.pop(), step)
+            x = self.blocks[i](x, x0, self.attention)
+        x = self.final_norm(x)
+        if self.head_proj is not None:
+            x = self.head_proj(x)  # [B, T, E]
+        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, head.to(x.dtype))  # [B, T, V]
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap)
+
+    def merge_skip(self, x: Tensor, skip: Tensor, step: int) -> Tensor:
+        scaled = self.skip_weights[step].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + scaled
+        return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[step].to(x.dtype)))
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        logits = self.forward_logits(input_ids)  # [B, T, V]
+        return F.cross_entropy(logits.flatten(0, 1).float(), target_ids.flatten())
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,74 @@
+"""What every stage logs before it starts: code, versions, config, hardware.
+
+A run's log then says exactly which commit, libraries, resolved configuration
+and machine produced its outputs, so a number in a metrics file can always be
+traced back to how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from typing import Any
+
+
+def git_commit() -> str:
+    """The checkout's commit, with ``+dirty`` when the work tree differs."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    from pgolf import __version__
+
+    return {
+        "pgolf": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def provenance(stage: str, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "git_commit": git_commit(),
+        "versions": versions(),
+        "hardware": hardware(),
+        "config": config,
+    }
+
+
+def log_provenance(stage: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Print the provenance block of ``stage`` and return it."""
+    record = provenance(stage, config)
+    print(f"[pgolf {stage}] provenance:\n{json.dumps(record, indent=2, sort_keys=True)}", flush=True)
+    return record
