@@ -102,10 +102,11 @@ class TrainConfig:
     ema_decay: float = 0.997
     nproc_per_node: int = 1
     device: str = "auto"  # auto | cpu | cuda
-    compile: str = "auto"  # auto (on GPU) | on | off
+    compile: bool | str = "auto"  # auto (on GPU) | true | false
     train_log_every: int = 50
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
     val_loss_every: int = 0  # 0: no validation during training
+    val_max_tokens: int = 0  # validation during training on this many tokens (0: the whole split)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class QuantizeConfig:
     matrix_clip_sigmas: float = 12.85
     embed_bits: int = 8
     embed_clip_sigmas: float = 20.0
+    embed_gptq: bool = True  # False: round the embedding to nearest (PR #1218)
     mlp_bits: int | None = None  # None: matrix_bits
     mlp_clip_sigmas: float | None = None  # None: matrix_clip_sigmas
     attn_bits: int | None = None
@@ -136,8 +138,10 @@ class QuantizeConfig:
     passthrough_max_numel: int = 65_536
     fit_to_size: bool = False  # bisect matrix_clip_sigmas to fit the size limit
     fit_margin_bytes: int = 10_000
+    fit_min_clip_sigmas: float = 1.0
     fit_max_clip_sigmas: float = 64.0
     fit_tolerance: float = 0.01
+    device: str = "auto"  # where GPTQ runs: auto | cpu | cuda
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,7 @@ class EvaluateConfig:
     eval_unquantized: bool = True
     max_val_tokens: int = 0  # 0: the whole validation split
     device: str = "auto"
+    compile: bool | str = "auto"  # torch.compile the forward pass: auto (on GPU) | true | false
 
 
 SECTIONS: dict[str, type] = {

@@ -265,7 +265,8 @@ class GPT(nn.Module):
             elif min(module.weight.shape) >= 64:
                 nn.init.orthogonal_(module.weight, gain=1.0)
 
-    def forward_logits(self, input_ids: Tensor) -> Tensor:
+    def forward_logits(self, input_ids: Tensor, keep_from: int = 0) -> Tensor:
+        """Logits [B, T - keep_from, V]: positions before ``keep_from`` are context only."""
         x = rms_norm(self.tok_emb(input_ids))  # [B, T, E]
         if self.embed_proj is not None:
             x = self.embed_proj(x)  # [B, T, C]
@@ -279,7 +280,7 @@ class GPT(nn.Module):
             if step < len(self.skip_weights) and skips:
                 x = self.merge_skip(x, skips.pop(), step)
             x = self.blocks[i](x, x0, self.attention)
-        x = self.final_norm(x)
+        x = self.final_norm(x[:, keep_from:])  # [B, T - keep_from, C]
         if self.head_proj is not None:
             x = self.head_proj(x)  # [B, T, E]
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight

@@ -23,3 +23,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def use_compile(setting: bool | str, device: torch.device, key: str) -> bool:
+    """``auto`` compiles on the GPU only; YAML's on/off arrive as booleans."""
+    if setting == "auto":
+        return device.type == "cuda"
+    if isinstance(setting, bool):
+        return setting
+    raise ValueError(f"{key} must be auto, true or false (on/off), got {setting!r}")

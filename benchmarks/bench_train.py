@@ -1,0 +1,88 @@
+"""Training throughput (tokens/s) of one process for a params file's ``model:`` and ``train:``.
+
+Runs the train stage's loop (``pgolf.train.train``: compile warm-up, then timed steps with
+looping switched on half-way, EMA, all optimisers) on random token ids, which cost the same
+as real text, and prints the tokens per second of the timed steps. Usage::
+
+    python -m benchmarks.bench_train --params presets/micro.yaml [--steps 20] [--device cpu]
+    python -m benchmarks.bench_train --params presets/record.yaml --steps 10 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from pgolf.config import ModelConfig, TrainConfig, load_params, section
+from pgolf.distributed import DistContext
+from pgolf.model import GPT, count_parameters
+from pgolf.runtime import resolve_device
+from pgolf.train import train
+
+
+class RandomBatches:
+    """Uniform random token ids in the shapes of the train stage's micro-batches."""
+
+    def __init__(self, cfg: TrainConfig, vocab_size: int, seed: int = 0):
+        self.per_step = cfg.grad_accum_steps
+        self.batch_size = cfg.train_batch_tokens // (cfg.grad_accum_steps * cfg.train_seq_len)
+        self.seq_len, self.vocab_size, self.seed = cfg.train_seq_len, vocab_size, seed
+
+    def micro_batches(self, step: int) -> Sequence[tuple[Tensor, Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed + step)
+        tokens = torch.randint(0, self.vocab_size, (self.per_step, self.batch_size, self.seq_len + 1),
+                               generator=generator)  # [A, B, T+1]
+        return [(t[:, :-1], t[:, 1:]) for t in tokens]
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed}
+
+    def check_state(self, state: dict, source: str) -> None:
+        raise ValueError(f"{source}: the benchmark never resumes")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (model: and train: sections)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="compile warm-up steps (default: train:)")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda (default: train.device)")
+    args = parser.parse_args()
+
+    params = load_params(args.params, args.overrides)
+    model_cfg = section(params, "model", ModelConfig)
+    cfg = section(params, "train", TrainConfig)
+    cfg = dataclasses.replace(
+        cfg, iterations=args.steps, max_wallclock_seconds=0.0, checkpoint_every=0, val_loss_every=0,
+        train_log_every=0, device=args.device or cfg.device,
+        warmup_steps=cfg.warmup_steps if args.warmup_steps is None else args.warmup_steps)
+    device = resolve_device(cfg.device)
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=device)
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg)
+    num_params = count_parameters(model)
+    result = train(model, cfg, RandomBatches(cfg, model_cfg.vocab_size), ctx)
+    tokens = result.steps * result.tokens_per_step
+    report = {
+        "params_file": args.params,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "model_params": num_params,
+        "tokens_per_step": result.tokens_per_step,
+        "timed_steps": result.steps,
+        "warmup_steps": cfg.warmup_steps,
+        "compile": cfg.compile,
+        "train_time_s": round(result.elapsed_s, 3),
+        "step_ms": round(1000 * result.elapsed_s / result.steps, 1),
+        "tokens_per_s": round(tokens / result.elapsed_s, 1),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

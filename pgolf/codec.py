@@ -1,0 +1,367 @@
+"""The quantized model in memory, its pickle-free byte format, and the compressed artifact.
+
+GPTQ produces a :class:`QuantizedModel` (int codes with one fp16 scale per row, and small
+fp16 tensors kept as they are). :func:`serialize` turns it into plain bytes that only
+describe arrays, so reading an artifact can never run code; :func:`compress` byte-shuffles
+those bytes (REFERENCE.md section 6) and entropy-codes them with brotli or lzma inside a
+small container that names the compressor, so :func:`decompress` needs no parameters.
+Anything wrong with a file is an :class:`ArtifactError` that says what and where.
+
+Serialized model ("PGQM", version 1), all integers little-endian::
+
+    b"PGQM" | u32 version | u32 header_len | header (UTF-8 JSON, space padded) | payload
+
+The header is ``{"model_config": {...ModelConfig...}, "tensors": [entry, ...]}`` with, per
+entry, ``name``, ``kind`` ("quantized" or "passthrough"), ``dtype`` ("int8", "float16" or
+"float32"), ``shape``, ``offset`` and ``nbytes`` of its data array in the payload; quantized
+entries add ``bits``, ``clip_sigmas`` and ``scale_offset``/``scale_nbytes`` of their
+float16 ``[rows]`` scales. Arrays are raw little-endian, C order: first every int8 code
+array, then every 16/32-bit array, each at an even offset from an even payload start, so
+that the stride-2 shuffle puts all low bytes of the fp16 values together and all high
+bytes together.
+
+Compressed artifact ("PGAZ", version 1)::
+
+    b"PGAZ" | u8 version | u8 compressor (1 brotli, 2 lzma) | u64 raw_len | u32 crc32(raw) | stream
+
+where ``stream`` is the compressed shuffle ``b"BSHF" | u8 stride | shuffled bytes`` (the
+reference's shuffle header; unlike the reference it is written for stride 1 as well, so a
+stream always says how to undo it).
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import brotli
+import numpy as np
+import torch
+from torch import Tensor
+
+from pgolf.config import CompressConfig, ConfigError, ModelConfig, from_dict, to_dict
+
+
+class ArtifactError(ValueError):
+    """Bytes that are not a valid serialized model or compressed artifact."""
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A matrix as integer codes and one scale per row: ``W ≈ q · scale[:, None]``."""
+
+    q: Tensor  # int8 [rows, cols], values in [-qmax, qmax]
+    scale: Tensor  # float16 [rows]
+    bits: int
+    clip_sigmas: float
+
+    def __post_init__(self) -> None:
+        if self.q.dtype != torch.int8 or self.q.dim() != 2:
+            raise ValueError(f"q must be a 2-D int8 tensor, got {self.q.dtype} {list(self.q.shape)}")
+        if self.scale.dtype != torch.float16 or list(self.scale.shape) != [self.q.shape[0]]:
+            raise ValueError(
+                f"scale must be float16 [{self.q.shape[0]}], got {self.scale.dtype} {list(self.scale.shape)}"
+            )
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be in 2..8, got {self.bits}")
+        qmax = 2 ** (self.bits - 1) - 1
+        if self.q.numel() and (int(self.q.min()) < -qmax or int(self.q.max()) > qmax):
+            raise ValueError(f"codes exceed ±{qmax} (the range of {self.bits}-bit codes)")
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    """Everything the artifact holds: the model's shape and its (quantized) tensors."""
+
+    model_config: ModelConfig
+    tensors: dict[str, QuantizedTensor | Tensor]  # Tensor: float16/float32 passthrough
+
+
+MODEL_MAGIC = b"PGQM"
+MODEL_VERSION = 1
+ARTIFACT_MAGIC = b"PGAZ"
+ARTIFACT_VERSION = 1
+SHUFFLE_MAGIC = b"BSHF"
+COMPRESSORS = {"brotli": 1, "lzma": 2}
+REPO_ROOT = Path(__file__).resolve().parents[1]  # where compress.code_files are found
+
+_MODEL_PREFIX = struct.Struct("<4sII")  # magic, version, header_len
+_ARTIFACT_PREFIX = struct.Struct("<4sBBQI")  # magic, version, compressor, raw_len, crc32
+_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
+    "int8": (torch.int8, np.dtype("<i1")),
+    "float16": (torch.float16, np.dtype("<f2")),
+    "float32": (torch.float32, np.dtype("<f4")),
+}
+_DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in _DTYPES.items()}
+
+
+# ---------------------------------------------------------------------------- serialize
+
+
+def serialize(qm: QuantizedModel) -> bytes:
+    """The pickle-free bytes of ``qm`` (format in the module docstring)."""
+    # int8 codes first, then scales and passthrough tensors, each at an even offset
+    codes: list[tuple[tuple[str, str], bytes]] = []  # ((tensor name, "data" | "scale"), little-endian bytes)
+    others: list[tuple[tuple[str, str], bytes]] = []
+    for name, tensor in qm.tensors.items():
+        if isinstance(tensor, QuantizedTensor):
+            codes.append(((name, "data"), _array_bytes(tensor.q)))
+            others.append(((name, "scale"), _array_bytes(tensor.scale)))
+        else:
+            others.append(((name, "data"), _array_bytes(tensor)))
+    placed: dict[tuple[str, str], tuple[int, int]] = {}  # -> (offset, nbytes)
+    offset = 0
+    for key, data in codes + others:
+        offset += offset % 2
+        placed[key] = (offset, len(data))
+        offset += len(data)
+    header = _header_bytes(qm, placed)
+    payload = bytearray(offset)
+    for key, data in codes + others:
+        start, size = placed[key]
+        payload[start:start + size] = data
+    return _MODEL_PREFIX.pack(MODEL_MAGIC, MODEL_VERSION, len(header)) + header + bytes(payload)
+
+
+def _array_bytes(tensor: Tensor) -> bytes:
+    if tensor.dtype not in _DTYPE_NAMES:
+        raise ValueError(f"cannot serialize dtype {tensor.dtype} (supported: {', '.join(_DTYPES)})")
+    _, np_dtype = _DTYPES[_DTYPE_NAMES[tensor.dtype]]
+    return tensor.detach().cpu().contiguous().numpy().astype(np_dtype, copy=False).tobytes()
+
+
+def _header_bytes(qm: QuantizedModel, placed: dict[tuple[str, str], tuple[int, int]]) -> bytes:
+    entries = []
+    for name, tensor in qm.tensors.items():
+        offset, nbytes = placed[(name, "data")]
+        if isinstance(tensor, QuantizedTensor):
+            scale_offset, scale_nbytes = placed[(name, "scale")]
+            entries.append({
+                "name": name, "kind": "quantized", "dtype": "int8", "shape": list(tensor.q.shape),
+                "offset": offset, "nbytes": nbytes, "bits": tensor.bits,
+                "clip_sigmas": tensor.clip_sigmas, "scale_dtype": "float16",
+                "scale_offset": scale_offset, "scale_nbytes": scale_nbytes,
+            })
+        else:
+            entries.append({
+                "name": name, "kind": "passthrough", "dtype": _DTYPE_NAMES[tensor.dtype],
+                "shape": list(tensor.shape), "offset": offset, "nbytes": nbytes,
+            })
+    text = json.dumps({"model_config": to_dict(qm.model_config), "tensors": entries}).encode("utf-8")
+    # pad so the payload starts at an even offset (keeps fp16 values byte-aligned for the shuffle)
+    return text + b" " * ((_MODEL_PREFIX.size + len(text)) % 2)
+
+
+# -------------------------------------------------------------------------- deserialize
+
+
+def deserialize(data: bytes) -> QuantizedModel:
+    """Rebuild a :class:`QuantizedModel` from :func:`serialize`'s bytes, validating everything."""
+    if len(data) < _MODEL_PREFIX.size:
+        raise ArtifactError(
+            f"serialized model truncated: {len(data)} bytes, shorter than its {_MODEL_PREFIX.size}-byte prefix"
+        )
+    magic, version, header_len = _MODEL_PREFIX.unpack_from(data)
+    if magic != MODEL_MAGIC:
+        raise ArtifactError(f"not a serialized pgolf model: magic {magic!r}, expected {MODEL_MAGIC!r}")
+    if version != MODEL_VERSION:
+        raise ArtifactError(
+            f"serialized model version {version} is not supported (this code reads version {MODEL_VERSION})"
+        )
+    payload_start = _MODEL_PREFIX.size + header_len
+    if len(data) < payload_start:
+        present = len(data) - _MODEL_PREFIX.size
+        raise ArtifactError(f"serialized model truncated: header needs {header_len} bytes, {present} present")
+    header = _parse_header(data[_MODEL_PREFIX.size:payload_start])
+    payload = memoryview(data)[payload_start:]
+    config = _model_config(header)
+    tensors = {}
+    for index, entry in enumerate(header["tensors"]):
+        name, tensor = _read_entry(entry, index, payload)
+        if name in tensors:
+            raise ArtifactError(f"tensor {name!r} appears twice in the header")
+        tensors[name] = tensor
+    return QuantizedModel(model_config=config, tensors=tensors)
+
+
+def _parse_header(raw: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"serialized model header is not JSON: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
+        raise ArtifactError("serialized model header must be an object with a 'tensors' list")
+    if not isinstance(header.get("model_config"), dict):
+        raise ArtifactError("serialized model header lacks its 'model_config' object")
+    return header
+
+
+def _model_config(header: dict[str, Any]) -> ModelConfig:
+    try:
+        return from_dict(ModelConfig, header["model_config"], "artifact header: model_config")
+    except ConfigError as exc:
+        raise ArtifactError(str(exc)) from None
+
+
+def _read_entry(entry: Any, index: int, payload: memoryview) -> tuple[str, QuantizedTensor | Tensor]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ArtifactError(f"header tensor #{index} has no name")
+    name = entry["name"]
+    try:
+        kind = entry["kind"]
+        shape = entry["shape"]
+        data = _read_array(payload, entry["dtype"], shape, entry["offset"], entry["nbytes"])
+        if kind == "passthrough":
+            return name, data
+        if kind != "quantized":
+            raise ArtifactError(f"unknown kind {kind!r} (expected 'quantized' or 'passthrough')")
+        rows = shape[0] if len(shape) == 2 else 0
+        scale = _read_array(payload, entry["scale_dtype"], [rows], entry["scale_offset"], entry["scale_nbytes"])
+        return name, QuantizedTensor(q=data, scale=scale, bits=entry["bits"], clip_sigmas=float(entry["clip_sigmas"]))
+    except KeyError as exc:
+        raise ArtifactError(f"tensor {name!r}: header entry lacks {exc.args[0]!r}") from None
+    except (ValueError, TypeError) as exc:
+        raise ArtifactError(f"tensor {name!r}: {exc}") from None
+
+
+def _read_array(payload: memoryview, dtype: Any, shape: Any, offset: Any, nbytes: Any) -> Tensor:
+    if dtype not in _DTYPES:
+        raise ArtifactError(f"unknown dtype {dtype!r} (supported: {', '.join(_DTYPES)})")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ArtifactError(f"shape {shape!r} is not a list of non-negative integers")
+    if not all(isinstance(v, int) and v >= 0 for v in (offset, nbytes)):
+        raise ArtifactError(f"offset {offset!r} / nbytes {nbytes!r} must be non-negative integers")
+    torch_dtype, np_dtype = _DTYPES[dtype]
+    expected = math.prod(shape) * np_dtype.itemsize
+    if nbytes != expected:
+        raise ArtifactError(f"declared {nbytes} bytes but shape {shape} of {dtype} needs {expected}")
+    if offset + nbytes > len(payload):
+        raise ArtifactError(
+            f"data at bytes {offset}..{offset + nbytes} lies beyond the payload's {len(payload)} bytes (truncated?)"
+        )
+    array = np.frombuffer(payload, dtype=np_dtype, count=math.prod(shape), offset=offset)
+    return torch.from_numpy(array.astype(np_dtype.newbyteorder("="), copy=True)).reshape(shape).to(torch_dtype)
+
+
+# --------------------------------------------------------------------------- dequantize
+
+
+def dequantize(qm: QuantizedModel) -> dict[str, Tensor]:
+    """The float32 state dict of ``qm``: ``q · scale`` per row, passthrough tensors as float32."""
+    state = {}
+    for name, tensor in qm.tensors.items():
+        if isinstance(tensor, QuantizedTensor):
+            state[name] = tensor.q.float() * tensor.scale.float()[:, None]  # [rows, cols]
+        else:
+            state[name] = tensor.float()
+    return state
+
+
+# ------------------------------------------------------------------ shuffle and compress
+
+
+def byte_shuffle(data: bytes, stride: int) -> bytes:
+    """``BSHF | stride | bytes at offsets ≡ 0 (mod stride), then ≡ 1, ...`` (the reference's shuffle)."""
+    if not 1 <= stride <= 255:
+        raise ValueError(f"shuffle stride must be in 1..255, got {stride}")
+    src = np.frombuffer(data, dtype=np.uint8)
+    shuffled = np.concatenate([src[pos::stride] for pos in range(stride)]) if len(src) else src
+    return SHUFFLE_MAGIC + bytes([stride]) + shuffled.tobytes()
+
+
+def byte_unshuffle(data: bytes) -> bytes:
+    """Undo :func:`byte_shuffle`."""
+    if len(data) < 5 or data[:4] != SHUFFLE_MAGIC or data[4] == 0:
+        raise ArtifactError("decompressed stream does not start with a valid 'BSHF' shuffle header")
+    stride = data[4]
+    payload = np.frombuffer(data, dtype=np.uint8, offset=5)
+    out = np.empty_like(payload)
+    start = 0
+    for pos in range(stride):
+        lane = out[pos::stride]  # a view: writing it fills every stride-th byte
+        lane[:] = payload[start:start + len(lane)]
+        start += len(lane)
+    return out.tobytes()
+
+
+def compress(raw: bytes, cfg: CompressConfig) -> bytes:
+    """Shuffle and entropy-code ``raw`` into a self-describing artifact."""
+    if cfg.compressor not in COMPRESSORS:
+        raise ValueError(f"compress.compressor: unknown {cfg.compressor!r} (known: {', '.join(COMPRESSORS)})")
+    shuffled = byte_shuffle(raw, cfg.shuffle_stride)
+    if cfg.compressor == "brotli":
+        stream = brotli.compress(shuffled, quality=cfg.brotli_quality)
+    else:
+        stream = lzma.compress(shuffled, preset=cfg.lzma_preset)
+    prefix = _ARTIFACT_PREFIX.pack(
+        ARTIFACT_MAGIC, ARTIFACT_VERSION, COMPRESSORS[cfg.compressor], len(raw), zlib.crc32(raw)
+    )
+    return prefix + stream
+
+
+def decompress(blob: bytes) -> bytes:
+    """The raw bytes inside an artifact made by :func:`compress`, checked against its length and CRC."""
+    if len(blob) < _ARTIFACT_PREFIX.size:
+        raise ArtifactError(
+            f"artifact truncated: {len(blob)} bytes, shorter than its {_ARTIFACT_PREFIX.size}-byte prefix"
+        )
+    magic, version, compressor, raw_len, crc = _ARTIFACT_PREFIX.unpack_from(blob)
+    if magic != ARTIFACT_MAGIC:
+        raise ArtifactError(f"not a pgolf artifact: magic {magic!r}, expected {ARTIFACT_MAGIC!r}")
+    if version != ARTIFACT_VERSION:
+        raise ArtifactError(f"artifact version {version} is not supported (this code reads version {ARTIFACT_VERSION})")
+    stream = blob[_ARTIFACT_PREFIX.size:]
+    raw = byte_unshuffle(_decode_stream(stream, compressor))
+    if len(raw) != raw_len or zlib.crc32(raw) != crc:
+        raise ArtifactError(
+            f"artifact corrupt: decompressed {len(raw)} bytes (crc {zlib.crc32(raw):08x}), "
+            f"header promises {raw_len} bytes (crc {crc:08x})"
+        )
+    return raw
+
+
+def _decode_stream(stream: bytes, compressor: int) -> bytes:
+    names = {code: name for name, code in COMPRESSORS.items()}
+    if compressor not in names:
+        raise ArtifactError(f"artifact names unknown compressor id {compressor} (known: {names})")
+    try:
+        if names[compressor] == "brotli":
+            return brotli.decompress(stream)
+        return lzma.decompress(stream, format=lzma.FORMAT_XZ)
+    except (brotli.error, lzma.LZMAError) as exc:
+        raise ArtifactError(f"artifact's {names[compressor]} stream is corrupt or truncated: {exc}") from None
+
+
+def tensor_raw_bytes(tensor: QuantizedTensor | Tensor) -> bytes:
+    """The serialized arrays of one tensor (codes then scales), as they sit in the payload."""
+    if isinstance(tensor, QuantizedTensor):
+        return _array_bytes(tensor.q) + _array_bytes(tensor.scale)
+    return _array_bytes(tensor)
+
+
+def compressed_tensor_sizes(qm: QuantizedModel, cfg: CompressConfig) -> dict[str, int]:
+    """Each tensor's arrays compressed alone, to attribute the artifact's bytes to tensors.
+
+    Each stream starts without the others' statistics, so the sizes add up to a little more
+    than the whole artifact.
+    """
+    return {name: len(compress(tensor_raw_bytes(tensor), cfg)) for name, tensor in qm.tensors.items()}
+
+
+def code_bytes(code_files: list[str], root: Path = REPO_ROOT) -> int:
+    """Total size of the source files a submission ships (paths relative to the repository root)."""
+    missing = [name for name in code_files if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"compress.code_files: not found under {root}: {', '.join(missing)}")
+    return sum((root / name).stat().st_size for name in code_files)
+
+
+def load_artifact(blob: bytes) -> QuantizedModel:
+    """Decompress and deserialize an artifact in one step."""
+    return deserialize(decompress(blob))

@@ -1,0 +1,126 @@
+"""Validation loss and bits per byte of a model, in plain and sliding windows (REFERENCE.md §7).
+
+Both evaluations score windows of ``seq_len`` tokens of the validation stream. The plain one
+cuts the stream into consecutive non-overlapping windows and scores every token; the sliding
+one starts a window every ``stride`` tokens, so each token after the first window is scored
+with ``seq_len - stride`` tokens of context. Losses, token and byte counts are summed in
+float64, and bpb follows §2: ``(nll_sum / tokens) / ln 2 * tokens / bytes``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from pgolf.model import GPT
+from pgolf.tokenizer import ByteTables, count_bytes
+
+
+class EvalScore(NamedTuple):
+    """Mean negative log-likelihood per token (nats) and bits per byte."""
+
+    loss: float
+    bpb: float
+
+
+class Window(NamedTuple):
+    """``seq_len`` tokens from ``start``; predictions from position ``score_from`` on are scored."""
+
+    start: int
+    score_from: int
+
+
+def plain_windows(num_tokens: int, seq_len: int) -> list[Window]:
+    """Consecutive windows covering the first ``(num_tokens - 1) // seq_len`` full sequences."""
+    return [Window(i * seq_len, 0) for i in range((num_tokens - 1) // seq_len)]
+
+
+def sliding_windows(num_tokens: int, seq_len: int, stride: int) -> list[Window]:
+    """A window every ``stride`` tokens while ``start + seq_len - stride < num_tokens - 1``.
+
+    The first window scores all of its predictions, each later one its last ``stride``.
+    """
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"eval stride must be in 1..{seq_len} (the sequence length), got {stride}")
+    context = seq_len - stride
+    targets = num_tokens - 1
+    starts = [start for start in range(0, targets, stride) if start + context < targets]
+    return [Window(start, 0 if start == 0 else context) for start in starts]
+
+
+def eval_plain(
+    model: GPT, val_tokens: Tensor, tables: ByteTables, seq_len: int, batch_seqs: int, device: torch.device,
+    compile_model: bool = False,
+) -> EvalScore:
+    """Loss and bpb over consecutive non-overlapping windows of ``seq_len``."""
+    windows = plain_windows(val_tokens.numel(), seq_len)
+    return score_windows(model, val_tokens, tables, windows, seq_len, batch_seqs, device, "eval plain", compile_model)
+
+
+def eval_sliding(
+    model: GPT, val_tokens: Tensor, tables: ByteTables, seq_len: int, stride: int, batch_seqs: int,
+    device: torch.device, compile_model: bool = False,
+) -> EvalScore:
+    """Loss and bpb with a window every ``stride`` tokens, each scoring only its new tokens."""
+    windows = sliding_windows(val_tokens.numel(), seq_len, stride)
+    return score_windows(model, val_tokens, tables, windows, seq_len, batch_seqs, device, "eval sliding", compile_model)
+
+
+def score_windows(
+    model: GPT, val_tokens: Tensor, tables: ByteTables, windows: list[Window], seq_len: int, batch_seqs: int,
+    device: torch.device, desc: str, compile_model: bool = False,
+) -> EvalScore:
+    """Sum the scored predictions of ``windows`` (batched ``batch_seqs`` at a time) into loss and bpb."""
+    if not windows:
+        raise ValueError(f"{desc}: {val_tokens.numel()} validation tokens are too few for one window of {seq_len}")
+    model.eval()
+    forward = torch.compile(model.forward_logits, dynamic=False) if compile_model else model.forward_logits
+    tokens = val_tokens.to(device=device, dtype=torch.int64)  # [N]
+    tables = tables.to(device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
+    with torch.inference_mode(), tqdm(total=len(windows), desc=desc, unit="win", leave=False) as bar:
+        for first in range(0, len(windows), batch_seqs):
+            batch = windows[first:first + batch_seqs]
+            sums += _score_batch(forward, tokens, tables, batch, seq_len, device)
+            bar.update(len(batch))
+    nll_sum, token_count, byte_count = sums.tolist()
+    loss = nll_sum / token_count
+    return EvalScore(loss=loss, bpb=loss / math.log(2.0) * token_count / byte_count)
+
+
+def _score_batch(
+    forward: Callable[[Tensor, int], Tensor], tokens: Tensor, tables: ByteTables, batch: list[Window], seq_len: int,
+    device: torch.device,
+) -> Tensor:
+    """``[nll_sum, token_count, byte_count]`` (float64) of one batch of windows.
+
+    Logits are computed only from the first scored position of the batch on: the head is
+    vocabulary-sized, and at small strides most positions are context that nobody scores.
+    """
+    targets = tokens.numel() - 1
+    keep_from = min(w.score_from for w in batch)
+    starts = torch.tensor([w.start for w in batch], device=device)  # [B]
+    score_from = torch.tensor([w.score_from for w in batch], device=device)  # [B]
+    positions = starts[:, None] + torch.arange(seq_len, device=device)  # [B, T]
+    valid = positions < targets  # [B, T]: a window near the end is shorter than seq_len
+    # past the end inputs and targets are 0 (as in the reference); causal attention keeps them from scored positions
+    inputs = torch.where(valid, tokens[positions.clamp(max=targets - 1)], 0)  # [B, T]
+    labels = torch.where(valid, tokens[(positions + 1).clamp(max=targets)], 0)  # [B, T]
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = forward(inputs, keep_from)  # [B, T - keep_from, V]
+    inputs, labels, valid = inputs[:, keep_from:], labels[:, keep_from:], valid[:, keep_from:]  # [B, T - keep_from]
+    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")  # [B*(T - keep_from)]
+    columns = torch.arange(keep_from, seq_len, device=device)  # [T - keep_from]
+    scored = (valid & (columns >= score_from[:, None])).flatten()  # [B*(T - keep_from)]
+    byte_counts = count_bytes(inputs.flatten()[scored], labels.flatten()[scored], tables)  # [S]
+    return torch.stack([
+        nll[scored].to(torch.float64).sum(),
+        scored.sum().to(torch.float64),
+        byte_counts.to(torch.float64).sum(),
+    ])

@@ -1,0 +1,104 @@
+"""Calibration Hessians for GPTQ (REFERENCE.md section 4).
+
+For every linear layer of the model, ``H = Σ XᵀX`` over the rows X of its
+inputs (every token of every batch, and every pass through a looped layer),
+divided by the number of batches; for the tied embedding, X is the input of the
+output head (the final norm's output, or the head projection's when there is
+one). Forward hooks collect them while the model runs its ordinary forward pass,
+accumulating in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from pgolf.atomic import atomic_path
+from pgolf.model import GPT, CastedLinear
+
+
+def head_input_module(model: GPT) -> nn.Module:
+    """The module whose output feeds the tied head (and so plays X for ``tok_emb``)."""
+    return model.head_proj if model.head_proj is not None else model.final_norm
+
+
+def _accumulate(hessians: dict[str, Tensor], name: str, x: Tensor) -> None:
+    x = x.detach().float().reshape(-1, x.shape[-1])  # [tokens, cols]
+    if name not in hessians:
+        hessians[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    hessians[name].addmm_(x.T, x)
+
+
+def register_hooks(model: GPT, hessians: dict[str, Tensor]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Input hooks on every CastedLinear, and an output hook for the tied embedding."""
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear):
+            key = f"{name}.weight"
+            handles.append(module.register_forward_hook(lambda m, inp, out, key=key: _accumulate(hessians, key, inp[0])))
+    if model.config.tie_embeddings:
+        handles.append(
+            head_input_module(model).register_forward_hook(
+                lambda m, inp, out: _accumulate(hessians, "tok_emb.weight", out)
+            )
+        )
+    return handles
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: GPT, batches: Iterable[Tensor], device: torch.device | str, show_progress: bool = True
+) -> dict[str, Tensor]:
+    """``Σ XᵀX / batches`` per weight name, float32 on the CPU; looping is switched on.
+
+    ``batches`` yields input ids [B, T]; the model must already be on ``device``
+    (on a GPU it runs under bf16 autocast, on the CPU in float32).
+    """
+    hessians: dict[str, Tensor] = {}
+    handles = register_hooks(model, hessians)
+    was_training, was_looping = model.training, model.looping_active
+    model.eval()
+    model.looping_active = model.config.num_loops > 0
+    device = torch.device(device)
+    count = 0
+    try:
+        for ids in tqdm(batches, desc="calibrate", unit="batch", disable=not show_progress):
+            # bf16 on the GPU as in training and evaluation; the hooks accumulate in float32
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                model.forward_logits(ids.to(device, non_blocking=True))  # [B, T, V], discarded
+            count += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        model.looping_active = was_looping
+    if count == 0:
+        raise ValueError("calibrate: no calibration batches")
+    return {name: (h / count).cpu() for name, h in sorted(hessians.items())}
+
+
+def save_hessians(path: str | Path, hessians: dict[str, Tensor]) -> None:
+    """Write a dict of float32 Hessians as a plain tensor file (atomic)."""
+    with atomic_path(path) as tmp:
+        torch.save({name: h.detach().cpu().contiguous() for name, h in hessians.items()}, tmp)
+
+
+def load_hessians(path: str | Path) -> dict[str, Tensor]:
+    """Read a Hessians file without unpickling code; a clear error if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: Hessians file not found (run the calibrate stage first)")
+    try:
+        hessians = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise ValueError(f"{path}: not a readable Hessians file: {exc}") from exc
+    if not isinstance(hessians, dict) or not all(
+        isinstance(name, str) and isinstance(h, Tensor) and h.ndim == 2 and h.shape[0] == h.shape[1]
+        for name, h in hessians.items()
+    ):
+        raise ValueError(f"{path}: not a Hessians file (expected a dict of square matrices by weight name)")
+    return {name: h.float() for name, h in hessians.items()}

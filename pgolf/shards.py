@@ -1,0 +1,236 @@
+"""The challenge's binary token shards: writing, streaming, reading and validating.
+
+A shard is a header of 256 little-endian int32 ``[20240520, 1, num_tokens, 0,
+...]`` followed by ``num_tokens`` little-endian uint16 token ids. A dataset
+directory holds ``fineweb_val_NNNNNN.bin`` and ``fineweb_train_NNNNNN.bin``
+files; each split is the concatenation of its files in name order, and every
+document in it is ``[bos] + ids``. Readers memory-map the token body, so a
+shard of 100 M tokens costs no memory until it is touched.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.dtype("<u2")
+MAX_TOKENS = 2**31 - 1  # the header stores the count as int32
+BOS_ID = 1  # the challenge tokenizers' bos id (REFERENCE.md section 1)
+SPLITS = ("val", "train")  # file order of a dataset: validation documents come first
+# Ids are checked against the vocabulary this many tokens at a time (bounded memory).
+VALIDATE_CHUNK = 1 << 24
+
+
+class ShardError(ValueError):
+    """A shard file or dataset directory that is not in the challenge's format."""
+
+
+def dataset_path(data_dir: str | Path, vocab_size: int) -> Path:
+    """Where the challenge's layout keeps the shards of a vocab size."""
+    return Path(data_dir) / "datasets" / f"fineweb10B_sp{vocab_size}"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"fineweb_{split}_{index:06d}.bin"
+
+
+def shard_header(num_tokens: int) -> bytes:
+    if not 0 <= num_tokens <= MAX_TOKENS:
+        raise ShardError(f"a shard holds 0..{MAX_TOKENS} tokens, got {num_tokens}")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, num_tokens)
+    return header.tobytes()
+
+
+def as_token_array(tokens: np.ndarray | torch.Tensor | list[int]) -> np.ndarray:
+    """``tokens`` as little-endian uint16, refusing ids that do not fit."""
+    array = tokens.numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+    if array.dtype != TOKEN_DTYPE and array.size:
+        if array.min() < 0 or array.max() >= 2**16:
+            raise ShardError(f"token ids must lie in [0, 65535], got [{array.min()}, {array.max()}]")
+    return array.astype(TOKEN_DTYPE, copy=False).reshape(-1)
+
+
+def write_shard(path: str | Path, tokens: np.ndarray | torch.Tensor | list[int]) -> None:
+    """Write one shard file (not atomic by itself: callers build datasets in a temp dir)."""
+    array = as_token_array(tokens)
+    with open(path, "wb") as handle:
+        handle.write(shard_header(array.size))
+        handle.write(array.tobytes())
+
+
+def read_header(path: Path) -> int:
+    """Validate a shard's header and size; return its token count."""
+    if not path.is_file():
+        raise ShardError(f"{path}: shard file not found")
+    with open(path, "rb") as handle:
+        raw = handle.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES:
+        raise ShardError(f"{path}: truncated header ({len(raw)} of {HEADER_BYTES} bytes)")
+    magic, version, num_tokens = (int(v) for v in np.frombuffer(raw, dtype="<i4", count=3))
+    if magic != MAGIC:
+        raise ShardError(f"{path}: bad magic {magic} (expected {MAGIC}): not a challenge shard")
+    if version != VERSION:
+        raise ShardError(f"{path}: unsupported shard version {version} (expected {VERSION})")
+    if num_tokens < 0:
+        raise ShardError(f"{path}: negative token count {num_tokens} in the header")
+    expected = HEADER_BYTES + num_tokens * TOKEN_DTYPE.itemsize
+    actual = path.stat().st_size
+    if actual < expected:
+        raise ShardError(f"{path}: truncated body: {actual} bytes, header says {num_tokens} tokens ({expected} bytes)")
+    if actual > expected:
+        raise ShardError(f"{path}: {actual - expected} bytes after the {num_tokens} tokens the header declares")
+    return num_tokens
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """The token ids of one validated shard, memory-mapped read-only (uint16)."""
+    path = Path(path)
+    num_tokens = read_header(path)
+    if num_tokens == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+
+
+def shard_files(dataset_dir: str | Path, split: str) -> list[Path]:
+    """The shards of ``split`` in order; they must be numbered 0, 1, 2, ... without gaps."""
+    if split not in SPLITS:
+        raise ShardError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise ShardError(f"{dataset_dir}: dataset directory not found")
+    pattern = re.compile(rf"fineweb_{split}_(\d{{6}})\.bin")
+    files = sorted(p for p in dataset_dir.iterdir() if pattern.fullmatch(p.name))
+    for index, path in enumerate(files):
+        if path.name != shard_name(split, index):
+            raise ShardError(f"{dataset_dir}: {split} shards are not numbered 0..{len(files) - 1}: found {path.name}")
+    return files
+
+
+def load_validation_tokens(dataset_dir: str | Path, seq_len: int) -> torch.Tensor:
+    """All validation tokens, cut to ``((n - 1) // seq_len) * seq_len + 1`` (int64)."""
+    files = shard_files(dataset_dir, "val")
+    if not files:
+        raise ShardError(f"{dataset_dir}: no fineweb_val_*.bin shards")
+    tokens = np.concatenate([read_shard(path) for path in files])  # [n]
+    usable = ((tokens.size - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ShardError(f"{dataset_dir}: {tokens.size} validation tokens are too few for seq_len {seq_len}")
+    return torch.from_numpy(tokens[: usable + 1].astype(np.int64))  # [usable + 1]
+
+
+def split_documents(tokens: np.ndarray, bos_id: int, source: str | Path) -> list[np.ndarray]:
+    """Cut a split's tokens into documents at each BOS (each returned without its BOS)."""
+    starts = np.flatnonzero(tokens == bos_id)  # [D]
+    if tokens.size and (starts.size == 0 or starts[0] != 0):
+        raise ShardError(f"{source}: the split does not start with a BOS token (id {bos_id})")
+    ends = np.append(starts[1:], tokens.size)  # [D]
+    return [tokens[start + 1 : end] for start, end in zip(starts, ends, strict=True)]
+
+
+def validate_dataset(dataset_dir: str | Path, vocab_size: int, bos_id: int = BOS_ID) -> dict[str, dict]:
+    """Check every shard (header, size, ids below ``vocab_size``); per split: files, tokens, documents.
+
+    ``documents`` counts ``bos_id`` tokens, as each document starts with one.
+    """
+    stats = {}
+    for split in SPLITS:
+        files = shard_files(dataset_dir, split)
+        if not files:
+            raise ShardError(f"{dataset_dir}: no fineweb_{split}_*.bin shards")
+        tokens = documents = 0
+        for path in files:
+            shard = read_shard(path)
+            for start in range(0, shard.size, VALIDATE_CHUNK):
+                chunk = shard[start : start + VALIDATE_CHUNK]
+                top = int(chunk.max())
+                if top >= vocab_size:
+                    position = start + int(np.argmax(chunk >= vocab_size))
+                    raise ShardError(
+                        f"{path}: token id {top} at position {position} is not below vocab_size {vocab_size}"
+                    )
+                documents += int(np.count_nonzero(chunk == bos_id))
+            tokens += shard.size
+        stats[split] = {"files": [p.name for p in files], "tokens": tokens, "documents": documents}
+    return stats
+
+
+class ShardWriter:
+    """Stream documents into shards of ``shard_size`` tokens, validation split first.
+
+    Tokens go straight to the open file (the header is patched when a file is
+    closed), so memory does not depend on ``shard_size``. A split change closes
+    the current file: a shard never mixes splits.
+    """
+
+    def __init__(self, dataset_dir: str | Path, shard_size: int):
+        if not 0 < shard_size <= MAX_TOKENS:
+            raise ShardError(f"shard_size must be in 1..{MAX_TOKENS}, got {shard_size}")
+        self.dataset_dir = Path(dataset_dir)
+        self.dataset_dir.mkdir(parents=True, exist_ok=True)
+        self.shard_size = shard_size
+        self.stats = {split: {"documents": 0, "tokens": 0, "files": []} for split in SPLITS}
+        self._split = SPLITS[0]
+        self._handle: BinaryIO | None = None
+        self._filled = 0
+
+    def add_document(self, split: str, tokens: np.ndarray | list[int]) -> None:
+        """Append one document's ``[bos] + ids`` to ``split``."""
+        if split not in SPLITS:
+            raise ShardError(f"unknown split {split!r}")
+        if SPLITS.index(split) < SPLITS.index(self._split):
+            raise ShardError(f"a {split} document after {self._split} documents: validation must come first")
+        if split != self._split:
+            self._close_file()
+            self._split = split
+        array = as_token_array(tokens)
+        self.stats[split]["documents"] += 1
+        self.stats[split]["tokens"] += array.size
+        while array.size:
+            if self._handle is None:
+                self._open_file()
+            take = min(self.shard_size - self._filled, array.size)
+            self._handle.write(array[:take].tobytes())
+            self._filled += take
+            array = array[take:]
+            if self._filled == self.shard_size:
+                self._close_file()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc_info: object) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._handle is not None:  # a failed run's dataset is discarded whole
+            self._handle.close()
+            self._handle = None
+
+    def close(self) -> dict[str, dict]:
+        """Finish the last file; return documents, tokens and file names per split."""
+        self._close_file()
+        return self.stats
+
+    def _open_file(self) -> None:
+        files = self.stats[self._split]["files"]
+        name = shard_name(self._split, len(files))
+        files.append(name)
+        self._handle = open(self.dataset_dir / name, "wb")
+        self._handle.write(shard_header(0))
+        self._filled = 0
+
+    def _close_file(self) -> None:
+        if self._handle is None:
+            return
+        self._handle.seek(0)
+        self._handle.write(shard_header(self._filled))
+        self._handle.close()
+        self._handle = None

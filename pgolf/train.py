@@ -1,0 +1,423 @@
+"""The training loop of REFERENCE.md section 3, from one CPU core to N GPUs.
+
+``train`` runs the reference's loop on a ``GPT``: per step it zeroes the
+gradients, back-propagates every micro-batch (``loss / accumulation``), sets
+Muon's momentum warm-up and the learning-rate warm-down (by wallclock fraction,
+or by step without a time budget), switches layer looping on at
+``enable_looping_at``, clips, steps every optimiser and updates the EMA whose
+weights are the result. Before the clock starts, compile warm-up steps run and
+are undone. On the GPU the model is cast to bf16 except for the linear weights
+and control tensors and runs under bf16 autocast; on the CPU it runs in float32.
+Batches come from any ``BatchSource`` (the shard loader, or recorded batches).
+Checkpoints hold everything a resumed run needs to finish with the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from pgolf.atomic import atomic_path
+from pgolf.config import TrainConfig, to_dict
+from pgolf.distributed import DistContext, any_rank, barrier
+from pgolf.model import CastedLinear, GPT
+from pgolf.optim import Optimizers, build_optimizers, is_control_tensor, muon_momentum_at
+from pgolf.runtime import use_compile
+
+MicroBatch = tuple[Tensor, Tensor]  # inputs [B, T], targets [B, T]
+Validator = Callable[[GPT], tuple[float, float]]  # model -> (val_loss, val_bpb)
+
+CHECKPOINT_FORMAT = "pgolf-train-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = "last.pt"
+# Settings a resumed run may change: they do not alter the trajectory.
+RESUMABLE_CHANGES = frozenset({"checkpoint_every", "train_log_every", "val_loss_every",
+                               "nproc_per_node", "device", "compile"})
+
+
+class BatchSource(Protocol):
+    """Where a run's micro-batches come from: this rank's share of any step."""
+
+    def micro_batches(self, step: int) -> Sequence[MicroBatch]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def check_state(self, state: dict, source: str) -> None: ...
+
+
+class RecordedBatches:
+    """Micro-batches recorded elsewhere (e.g. the golden trajectory), ``per_step`` a step."""
+
+    def __init__(self, batches: Sequence[MicroBatch], per_step: int):
+        if per_step <= 0 or len(batches) % per_step:
+            raise ValueError(f"{len(batches)} recorded micro-batches do not split into steps of {per_step}")
+        self.batches, self.per_step = list(batches), per_step
+
+    def micro_batches(self, step: int) -> Sequence[MicroBatch]:
+        first = step * self.per_step
+        if first + self.per_step > len(self.batches):
+            raise ValueError(f"step {step} needs micro-batches beyond the {len(self.batches)} recorded")
+        return self.batches[first:first + self.per_step]
+
+    def state_dict(self) -> dict:
+        return {"recorded": len(self.batches), "per_step": self.per_step}
+
+    def check_state(self, state: dict, source: str) -> None:
+        if state != self.state_dict():
+            raise ValueError(f"{source}: recorded batches differ from the checkpoint's ({state})")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: EMA weights (in the model's dtypes) and its history."""
+
+    ema_state: dict[str, Tensor]
+    losses: list[float]  # mean training loss of every step
+    history: list[dict]  # one row per logging step
+    steps: int
+    elapsed_s: float  # training time, without warm-up, checkpoints and validation
+    stopped_by_wallclock: bool
+    tokens_per_step: int  # over all ranks
+    val_history: list[dict]  # step, val_loss, val_bpb every val_loss_every steps
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def budget_seconds(cfg: TrainConfig) -> float | None:
+    """The training time budget (wallclock minus the GPTQ reserve); None: by step."""
+    if cfg.max_wallclock_seconds <= 0:
+        return None
+    return cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds
+
+
+def training_fraction(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
+    budget = budget_seconds(cfg)
+    if budget is None:
+        return step / max(cfg.iterations, 1)
+    return elapsed_s / max(budget, 1e-9)
+
+
+def lr_scale(fraction: float, cfg: TrainConfig) -> float:
+    """1, then linear to 0 (at least ``min_lr``) over the last ``warmdown_frac``."""
+    if cfg.warmdown_frac <= 0 or fraction < 1.0 - cfg.warmdown_frac:
+        return 1.0
+    return max((1.0 - fraction) / cfg.warmdown_frac, cfg.min_lr)
+
+
+# ---------------------------------------------------------------- model set-up
+
+
+def apply_dtype_policy(model: GPT, device: torch.device) -> GPT:
+    """Move ``model`` to ``device``: float32 on the CPU, the reference's mixed policy on the GPU."""
+    model = model.to(device)
+    return cast_mixed_precision(model) if device.type == "cuda" else model.float()
+
+
+def cast_mixed_precision(model: GPT) -> GPT:
+    """bf16, then linear weights and control tensors back to fp32 (tok_emb stays bf16)."""
+    model = model.bfloat16()
+    for module in model.modules():
+        if isinstance(module, CastedLinear):
+            module.float()
+    for name, param in model.named_parameters():
+        if param.ndim < 2 or is_control_tensor(name):
+            param.data = param.data.float()
+    return model
+
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- EMA
+
+
+def ema_init(model: nn.Module) -> dict[str, Tensor]:
+    return {name: t.detach().float().clone() for name, t in model.state_dict().items()}
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, Tensor], model: nn.Module, decay: float) -> None:
+    for name, t in model.state_dict().items():
+        ema[name].mul_(decay).add_(t.detach().float(), alpha=1.0 - decay)
+
+
+def ema_in_model_dtypes(ema: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    current = model.state_dict()
+    return {name: t.to(dtype=current[name].dtype).cpu() for name, t in ema.items()}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write a resume checkpoint whole or not at all."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise ValueError(f"{path}: not a readable training checkpoint: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a pgolf training checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {state.get('version')!r}, this pgolf reads {CHECKPOINT_VERSION}")
+    return state
+
+
+def check_resumable(state: dict, model: GPT, cfg: TrainConfig, path: Path) -> None:
+    """Refuse a checkpoint of another model or of settings that change the trajectory."""
+    if state["model_config"] != to_dict(model.config):
+        raise ValueError(f"{path}: checkpoint of another model config; delete it to start afresh")
+    saved, now = state["train_config"], to_dict(cfg)
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        details = ", ".join(f"train.{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"{path}: settings changed since this checkpoint ({details}); delete it to start afresh")
+
+
+def rng_state() -> dict[str, Tensor | list[Tensor]]:
+    cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(cuda_state, index)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """One training run of ``model`` on ``batches`` (this process's share of it)."""
+
+    def __init__(self, model: GPT, cfg: TrainConfig, batches: BatchSource, ctx: DistContext,
+                 checkpoint_dir: Path | None = None, progress: bool = True, validate: Validator | None = None):
+        if cfg.val_loss_every > 0 and validate is None:
+            raise ValueError("train.val_loss_every is set but no validation data was given")
+        self.cfg, self.batches, self.ctx, self.validate = cfg, batches, ctx, validate
+        self.checkpoint_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
+        self.progress = progress and ctx.is_main
+        self.model = apply_dtype_policy(model, ctx.device)
+        self.optimizers: Optimizers = build_optimizers(self.model, cfg)
+        runner: nn.Module = self.model
+        if use_compile(cfg.compile, ctx.device, "train.compile"):
+            runner = torch.compile(runner, dynamic=False, fullgraph=True)
+        if ctx.distributed:
+            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            runner = DistributedDataParallel(runner, device_ids=device_ids, broadcast_buffers=False)
+        self.runner = runner
+        self.step = 0
+        self.elapsed_s = 0.0
+        self.losses: list[Tensor | float] = []  # device tensors until read: no sync per step
+        self.history: list[dict] = []
+        self.val_history: list[dict] = []
+        self.ema: dict[str, Tensor] = {}
+        self.tokens_per_step = 0
+
+    # one optimisation step -------------------------------------------------
+
+    def train_step(self, step: int, scale: float) -> Tensor:
+        """Accumulate this rank's micro-batches of ``step``, then step; the global mean loss (0-dim)."""
+        self.optimizers.zero_grad()
+        micro_batches = self.batches.micro_batches(step)
+        total = torch.zeros((), device=self.ctx.device)
+        self.tokens_per_step = sum(inputs.numel() for inputs, _ in micro_batches) * self.ctx.world_size
+        for index, (inputs, targets) in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with self._grad_sync(last):
+                with autocast(self.ctx.device):
+                    loss = self.runner(inputs.to(self.ctx.device), targets.to(self.ctx.device))
+                (loss / len(micro_batches)).backward()
+            total += loss.detach()
+        self.optimizers.set_schedule(scale, muon_momentum_at(step, self.cfg))
+        if self.cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip_norm)
+        self.optimizers.step()
+        return self._global_mean(total / len(micro_batches))
+
+    def _grad_sync(self, last: bool):
+        # DDP all-reduces the gradients once, on the last micro-batch.
+        if isinstance(self.runner, DistributedDataParallel) and not last:
+            return self.runner.no_sync()
+        return contextlib.nullcontext()
+
+    def _global_mean(self, value: Tensor) -> Tensor:
+        if self.ctx.distributed:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.ctx.world_size
+        return value
+
+    # compile warm-up -------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Run the warm-up steps (looping off, then on) and restore model and optimisers."""
+        if self.cfg.warmup_steps <= 0:
+            return
+        model_state = {name: t.detach().cpu().clone() for name, t in self.model.state_dict().items()}
+        optimizer_state = copy.deepcopy(self.optimizers.state_dict())
+        phases = [False, True] if self.model.config.num_loops > 0 else [False]
+        for looping in tqdm(phases, desc="compile warm-up", disable=not self.progress, leave=False):
+            self.model.looping_active = looping
+            for step in range(self.cfg.warmup_steps):
+                self.train_step(step, 1.0)
+        self.model.looping_active = False
+        self.model.load_state_dict(model_state, strict=True)
+        self.optimizers.load_state_dict(optimizer_state)
+        self.optimizers.zero_grad()
+
+    # checkpoints -----------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "elapsed_s": self.elapsed_s,
+            "looping_active": self.model.looping_active,
+            "model": {name: t.detach().cpu() for name, t in self.model.state_dict().items()},
+            "optimizers": self.optimizers.state_dict(),
+            "ema": {name: t.cpu() for name, t in self.ema.items()},
+            "loader": self.batches.state_dict(),
+            "rng": rng_state(),
+            "losses": self.loss_values(),
+            "history": list(self.history),
+            "val_history": list(self.val_history),
+            "model_config": to_dict(self.model.config),
+            "train_config": to_dict(self.cfg),
+        }
+
+    def resume(self) -> bool:
+        """Continue from the checkpoint, if there is one; True when resumed."""
+        if self.checkpoint_path is None or not self.checkpoint_path.is_file():
+            return False
+        state = load_checkpoint(self.checkpoint_path)
+        check_resumable(state, self.model, self.cfg, self.checkpoint_path)
+        self.batches.check_state(state["loader"], str(self.checkpoint_path))
+        self.model.load_state_dict(state["model"], strict=True)
+        self.optimizers.load_state_dict(state["optimizers"])
+        self.ema = {name: t.to(self.ctx.device) for name, t in state["ema"].items()}
+        set_rng_state(state["rng"])
+        self.step, self.elapsed_s = state["step"], state["elapsed_s"]
+        self.model.looping_active = state["looping_active"]
+        self.losses, self.history = list(state["losses"]), list(state["history"])
+        self.val_history = list(state["val_history"])
+        if self.ctx.is_main:
+            print(f"[pgolf train] resumed from {self.checkpoint_path} at step {self.step}", flush=True)
+        return True
+
+    def save(self) -> None:
+        if self.ctx.is_main:
+            save_checkpoint(self.checkpoint_path, self.state_dict())
+        barrier(self.ctx)
+
+    # the run ---------------------------------------------------------------
+
+    def run(self, on_step: Callable[[int], None] | None = None) -> TrainResult:
+        """Warm up, resume if possible, train until the step or time budget is spent."""
+        self.warm_up()
+        resumed = self.resume()
+        if not resumed:
+            self.ema = ema_init(self.model)
+        budget = budget_seconds(self.cfg)
+        stopped_by_wallclock = False
+        bar = tqdm(total=self.cfg.iterations, initial=self.step, desc="train", unit="step",
+                   disable=not self.progress)
+        clock = self._sync_clock()
+        while self.step < self.cfg.iterations and not stopped_by_wallclock:
+            fraction = training_fraction(self.step, self.elapsed_s + time.perf_counter() - clock, self.cfg)
+            if self.model.config.num_loops > 0 and not self.model.looping_active \
+                    and fraction >= self.cfg.enable_looping_at:
+                self.model.looping_active = True
+            scale = lr_scale(fraction, self.cfg)
+            self.losses.append(self.train_step(self.step, scale))
+            ema_update(self.ema, self.model, self.cfg.ema_decay)
+            self.step += 1
+            self.elapsed_s += time.perf_counter() - clock
+            stopped_by_wallclock = budget is not None and any_rank(self.elapsed_s >= budget, self.ctx)
+            finished = stopped_by_wallclock or self.step == self.cfg.iterations
+            bar.update(1)
+            if finished or self._due(self.cfg.train_log_every):
+                self._log(scale, bar)
+            if on_step is not None:
+                on_step(self.step)
+            if self.cfg.val_loss_every > 0 and (finished or self._due(self.cfg.val_loss_every)):
+                self._validate(bar)
+            if self.checkpoint_path is not None and self._due(self.cfg.checkpoint_every):
+                self.save()
+            clock = time.perf_counter()  # validation and checkpoint time is not training time
+        bar.close()
+        return TrainResult(
+            ema_state=ema_in_model_dtypes(self.ema, self.model), losses=self.loss_values(),
+            history=list(self.history), steps=self.step, elapsed_s=self.elapsed_s,
+            stopped_by_wallclock=stopped_by_wallclock, tokens_per_step=self.tokens_per_step,
+            val_history=list(self.val_history),
+        )
+
+    def loss_values(self) -> list[float]:
+        return [float(loss) for loss in self.losses]
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def _validate(self, bar: tqdm) -> None:
+        """Score the live weights on the main rank (the others wait at the barrier)."""
+        if self.ctx.is_main:
+            val_loss, val_bpb = self.validate(self.model)
+            self.model.train()
+            self.val_history.append({"step": self.step, "val_loss": val_loss, "val_bpb": val_bpb})
+            if self.progress:
+                bar.write(f"step {self.step}/{self.cfg.iterations} val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}")
+        barrier(self.ctx)
+
+    def _sync_clock(self) -> float:
+        """The time once queued GPU work is done (for intervals that must exclude it)."""
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+        return time.perf_counter()
+
+    def _log(self, scale: float, bar: tqdm) -> None:
+        loss = float(self.losses[-1])
+        bar.set_postfix(loss=f"{loss:.4f}", lr_scale=f"{scale:.3f}")
+        row = {
+            "step": self.step,
+            "train_loss": loss,
+            "lr_scale": scale,
+            "matrix_lr": self.cfg.matrix_lr * scale,
+            "tokens_per_s": self.step * self.tokens_per_step / max(self.elapsed_s, 1e-9),
+            "elapsed_s": self.elapsed_s,
+            "looping": int(self.model.looping_active),
+        }
+        self.history.append(row)
+        if self.progress:
+            bar.write(f"step {self.step}/{self.cfg.iterations} loss {loss:.4f} lr_scale {scale:.3f} "
+                      f"tok/s {row['tokens_per_s']:.0f} elapsed {self.elapsed_s:.1f}s")
+
+
+def train(model: GPT, cfg: TrainConfig, batches: BatchSource, ctx: DistContext,
+          checkpoint_dir: Path | None = None, progress: bool = True,
+          on_step: Callable[[int], None] | None = None, validate: Validator | None = None) -> TrainResult:
+    """Train ``model`` in place on ``batches``; resumes from ``checkpoint_dir`` when it holds one.
+
+    ``on_step(step)`` is called after every step (before its checkpoint); ``validate``
+    scores the live model every ``val_loss_every`` steps.
+    """
+    return Trainer(model, cfg, batches, ctx, checkpoint_dir, progress, validate).run(on_step)

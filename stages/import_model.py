@@ -1,0 +1,64 @@
+"""``pgolf import FINAL_MODEL_PT``: a reference ``final_model.pt`` as the train stage's output.
+
+The record's ``train_gpt.py`` saves its EMA weights as a plain state dict in its
+own parameter names. This command reads one (``weights_only=True``), checks
+every name and shape against ``GPT`` built from the ``model:`` section, and
+writes ``out/train/model.pt`` exactly as the train stage would, so calibrate,
+quantize, compress and evaluate run on it without training.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pgolf.checkpoint import check_state_dict, save_model
+from pgolf.cli import run_stage, stage_parser
+from pgolf.config import ModelConfig, section, to_dict
+from pgolf.model import GPT
+from pgolf.provenance import log_provenance
+
+MODEL_PATH = Path("out/train/model.pt")
+
+
+def read_reference_state_dict(path: Path) -> dict[str, Tensor]:
+    """The tensors of a reference ``final_model.pt`` (a flat name -> tensor mapping)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad or pickled-object file
+        raise ValueError(f"{path}: not a weights-only torch state dict: {exc}") from exc
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"{path}: expected a state dict (parameter name -> tensor)")
+    return state
+
+
+def import_model(source: Path, cfg: ModelConfig, destination: Path = MODEL_PATH) -> dict[str, Tensor]:
+    """Check ``source`` against ``GPT(cfg)`` and write it to ``destination``."""
+    state = read_reference_state_dict(source)
+    check_state_dict(GPT(cfg), state, f"{source} (params.yaml model: section)")
+    save_model(destination, cfg, state)
+    return state
+
+
+def run(params: dict, final_model_pt: str) -> None:
+    cfg = section(params, "model", ModelConfig)
+    log_provenance("import", {"model": to_dict(cfg), "source": final_model_pt})
+    state = import_model(Path(final_model_pt), cfg)
+    print(f"[pgolf import] wrote {MODEL_PATH}: {len(state)} tensors, "
+          f"{sum(t.numel() for t in state.values()):,} parameters from {final_model_pt}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("import")
+    parser.add_argument("final_model_pt", help="a final_model.pt written by the record's train_gpt.py")
+    return run_stage("import", run, argv, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

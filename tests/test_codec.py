@@ -1,0 +1,304 @@
+"""The artifact format: shuffle parity, lossless round trips, and clear errors for bad bytes."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+
+from pgolf.codec import (
+    ArtifactError,
+    QuantizedModel,
+    QuantizedTensor,
+    byte_shuffle,
+    byte_unshuffle,
+    code_bytes,
+    compress,
+    compressed_tensor_sizes,
+    decompress,
+    dequantize,
+    deserialize,
+    load_artifact,
+    serialize,
+)
+from pgolf.config import CompressConfig, ModelConfig
+
+
+def small_model(seed: int = 0) -> QuantizedModel:
+    generator = torch.Generator().manual_seed(seed)
+    q6 = torch.randint(-31, 32, (12, 20), generator=generator, dtype=torch.int8)
+    q8 = torch.randint(-127, 128, (9, 7), generator=generator, dtype=torch.int8)
+    return QuantizedModel(
+        model_config=ModelConfig(vocab_size=9, num_layers=2, model_dim=7),
+        tensors={
+            "blocks.0.mlp.fc.weight": QuantizedTensor(q6, torch.rand(12, generator=generator).half(), 6, 12.85),
+            "tok_emb.weight": QuantizedTensor(q8, torch.rand(9, generator=generator).half(), 8, 20.0),
+            "blocks.0.attn.q_gain": torch.randn(3, generator=generator).half(),  # odd byte count
+            "skip_weights": torch.randn(2, 5, generator=generator),  # float32 passthrough
+        },
+    )
+
+
+def edit_header(raw: bytes, edit) -> bytes:
+    """``raw`` with its JSON header changed by ``edit(header)`` (payload untouched)."""
+    _, version, header_len = struct.unpack_from("<4sII", raw)
+    header = json.loads(raw[12:12 + header_len])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * ((12 + len(text)) % 2)
+    return raw[:4] + struct.pack("<II", version, len(text)) + text + raw[12 + header_len:]
+
+
+def entry(header: dict, name: str) -> dict:
+    return next(e for e in header["tensors"] if e["name"] == name)
+
+
+# ------------------------------------------------------------------------------ shuffle
+
+
+def test_byte_shuffle_matches_reference(golden_tiny):
+    assert byte_shuffle(golden_tiny["shuffle_in"], 2) == golden_tiny["shuffle_out"]
+    assert byte_unshuffle(golden_tiny["shuffle_out"]) == golden_tiny["shuffle_in"]
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3, 4])
+@pytest.mark.parametrize("length", [0, 1, 2, 7, 1000])
+def test_byte_shuffle_round_trips(stride, length):
+    data = bytes(range(256)) * 4
+    data = data[:length]
+    shuffled = byte_shuffle(data, stride)
+    assert shuffled[:5] == b"BSHF" + bytes([stride])
+    assert byte_unshuffle(shuffled) == data
+
+
+def test_byte_shuffle_groups_even_then_odd_bytes():
+    assert byte_shuffle(b"abcdefg", 2)[5:] == b"acegbdf"
+
+
+def test_unshuffle_without_header_is_an_artifact_error():
+    with pytest.raises(ArtifactError, match="BSHF"):
+        byte_unshuffle(b"PGQM....")
+
+
+# -------------------------------------------------------------------- serialize / load
+
+
+def test_serialize_round_trip_is_exact():
+    qm = small_model()
+    back = deserialize(serialize(qm))
+    assert back.model_config == qm.model_config
+    assert list(back.tensors) == list(qm.tensors)
+    for name, tensor in qm.tensors.items():
+        restored = back.tensors[name]
+        if isinstance(tensor, QuantizedTensor):
+            assert torch.equal(restored.q, tensor.q) and restored.q.dtype == torch.int8
+            assert torch.equal(restored.scale, tensor.scale) and restored.scale.dtype == torch.float16
+            assert (restored.bits, restored.clip_sigmas) == (tensor.bits, tensor.clip_sigmas)
+        else:
+            assert restored.dtype == tensor.dtype and torch.equal(restored, tensor)
+
+
+def test_serialize_is_deterministic_and_starts_with_magic():
+    raw = serialize(small_model())
+    assert raw == serialize(small_model())
+    assert raw[:4] == b"PGQM"
+
+
+def test_payload_puts_codes_first_and_16_bit_arrays_at_even_offsets():
+    raw = serialize(small_model())
+    _, _, header_len = struct.unpack_from("<4sII", raw)
+    header = json.loads(raw[12:12 + header_len])
+    assert (12 + header_len) % 2 == 0
+    codes_end = max(e["offset"] + e["nbytes"] for e in header["tensors"] if e["kind"] == "quantized")
+    wide = [(e["offset"]) for e in header["tensors"] if e["kind"] == "passthrough"]
+    wide += [e["scale_offset"] for e in header["tensors"] if e["kind"] == "quantized"]
+    assert all(offset % 2 == 0 and offset >= codes_end for offset in wide)
+
+
+def test_dequantize_is_codes_times_row_scale_in_float32():
+    qm = small_model()
+    state = dequantize(qm)
+    fc = qm.tensors["blocks.0.mlp.fc.weight"]
+    assert state["blocks.0.mlp.fc.weight"].dtype == torch.float32
+    assert torch.equal(state["blocks.0.mlp.fc.weight"][3], fc.q[3].float() * fc.scale[3].float())
+    assert torch.equal(state["blocks.0.attn.q_gain"], qm.tensors["blocks.0.attn.q_gain"].float())
+
+
+@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
+def test_compress_round_trip_needs_no_parameters(compressor):
+    qm = small_model()
+    raw = serialize(qm)
+    blob = compress(raw, CompressConfig(compressor=compressor, brotli_quality=5, lzma_preset=1))
+    assert blob[:4] == b"PGAZ"
+    assert decompress(blob) == raw
+    restored = dequantize(load_artifact(blob))
+    assert all(torch.equal(restored[name], value) for name, value in dequantize(qm).items())
+
+
+def test_brotli_and_lzma_streams_differ_and_both_shrink_repetitive_data():
+    raw = serialize(small_model()) + bytes(20_000)
+    brotli_blob = compress(raw, CompressConfig(compressor="brotli"))
+    lzma_blob = compress(raw, CompressConfig(compressor="lzma"))
+    assert brotli_blob[5] != lzma_blob[5]
+    assert len(brotli_blob) < len(raw) // 4 and len(lzma_blob) < len(raw) // 4
+
+
+def test_shuffle_stride_is_honoured():
+    raw = serialize(small_model())
+    for stride in (1, 2, 4):
+        assert decompress(compress(raw, CompressConfig(shuffle_stride=stride, brotli_quality=1))) == raw
+
+
+def test_unknown_compressor_is_refused():
+    with pytest.raises(ValueError, match="zstd"):
+        compress(b"x", CompressConfig(compressor="zstd"))
+
+
+def test_compressed_tensor_sizes_cover_every_tensor():
+    sizes = compressed_tensor_sizes(small_model(), CompressConfig(brotli_quality=5))
+    assert set(sizes) == set(small_model().tensors)
+    assert sizes["blocks.0.mlp.fc.weight"] > sizes["blocks.0.attn.q_gain"] > 0
+
+
+def test_loading_never_unpickles(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used while loading an artifact")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    blob = compress(serialize(small_model()), CompressConfig(brotli_quality=5))
+    assert set(load_artifact(blob).tensors) == set(small_model().tensors)
+
+
+# ---------------------------------------------------------------------- in-memory types
+
+
+def test_quantized_tensor_rejects_bad_inputs():
+    scale = torch.ones(2, dtype=torch.float16)
+    with pytest.raises(ValueError, match="int8"):
+        QuantizedTensor(torch.zeros(2, 3), scale, 6, 12.85)
+    with pytest.raises(ValueError, match="float16"):
+        QuantizedTensor(torch.zeros(2, 3, dtype=torch.int8), torch.ones(3, dtype=torch.float16), 6, 12.85)
+    with pytest.raises(ValueError, match="31"):
+        QuantizedTensor(torch.full((2, 3), 40, dtype=torch.int8), scale, 6, 12.85)
+    with pytest.raises(ValueError, match="127"):
+        QuantizedTensor(torch.full((2, 3), -128, dtype=torch.int8), scale, 8, 20.0)
+
+
+# ------------------------------------------------------------------------ corrupt input
+
+
+@pytest.fixture(scope="module")
+def blob() -> bytes:
+    return compress(serialize(small_model()), CompressConfig(brotli_quality=5))
+
+
+@pytest.mark.parametrize("cut", [0, 3, 17, 30, -1])
+def test_truncated_artifact(blob, cut):
+    with pytest.raises(ArtifactError, match="truncated"):
+        load_artifact(blob[:cut])
+
+
+def test_wrong_artifact_magic(blob):
+    with pytest.raises(ArtifactError, match="magic b'XXAZ'"):
+        load_artifact(b"XXAZ" + blob[4:])
+
+
+def test_wrong_artifact_version(blob):
+    with pytest.raises(ArtifactError, match="version 9 is not supported"):
+        load_artifact(blob[:4] + bytes([9]) + blob[5:])
+
+
+def test_unknown_compressor_id(blob):
+    with pytest.raises(ArtifactError, match="unknown compressor id 7"):
+        load_artifact(blob[:5] + bytes([7]) + blob[6:])
+
+
+def test_flipped_bits_in_stream(blob):
+    damaged = bytearray(blob)
+    damaged[len(blob) // 2] ^= 0xFF
+    with pytest.raises(ArtifactError, match="corrupt"):
+        load_artifact(bytes(damaged))
+
+
+@pytest.mark.parametrize("size", [18, 100, 5000])
+def test_garbage_is_an_artifact_error(size):
+    generator = torch.Generator().manual_seed(size)
+    garbage = bytes(torch.randint(0, 256, (size,), generator=generator, dtype=torch.uint8).tolist())
+    with pytest.raises(ArtifactError):
+        load_artifact(garbage)
+    with pytest.raises(ArtifactError):
+        load_artifact(b"PGAZ\x01\x01" + garbage)
+
+
+def test_wrong_model_magic_and_version():
+    raw = serialize(small_model())
+    with pytest.raises(ArtifactError, match="not a serialized pgolf model"):
+        deserialize(b"ABCD" + raw[4:])
+    with pytest.raises(ArtifactError, match="version 2 is not supported"):
+        deserialize(raw[:4] + struct.pack("<I", 2) + raw[8:])
+
+
+def test_truncated_serialized_model():
+    raw = serialize(small_model())
+    with pytest.raises(ArtifactError, match="truncated"):
+        deserialize(raw[:8])
+    with pytest.raises(ArtifactError, match="header needs"):
+        deserialize(raw[:40])
+    with pytest.raises(ArtifactError, match="beyond the payload"):
+        deserialize(raw[:-3])
+
+
+def test_declared_size_disagreeing_with_shape():
+    raw = edit_header(serialize(small_model()), lambda h: entry(h, "blocks.0.mlp.fc.weight").update(nbytes=100))
+    with pytest.raises(ArtifactError, match=r"'blocks.0.mlp.fc.weight': declared 100 bytes but shape \[12, 20\]"):
+        deserialize(raw)
+
+
+def test_shape_larger_than_the_data():
+    raw = edit_header(
+        serialize(small_model()), lambda header: entry(header, "skip_weights").update(shape=[2000, 5], nbytes=40000)
+    )
+    with pytest.raises(ArtifactError, match="'skip_weights'.*beyond the payload"):
+        deserialize(raw)
+
+
+def test_unknown_dtype():
+    raw = edit_header(serialize(small_model()), lambda h: entry(h, "skip_weights").update(dtype="complex64"))
+    with pytest.raises(ArtifactError, match="'skip_weights': unknown dtype 'complex64'"):
+        deserialize(raw)
+
+
+def test_codes_out_of_range_for_their_bits():
+    raw = edit_header(serialize(small_model()), lambda h: entry(h, "tok_emb.weight").update(bits=4))
+    with pytest.raises(ArtifactError, match="'tok_emb.weight': codes exceed"):
+        deserialize(raw)
+
+
+def test_missing_header_field_and_unknown_model_key():
+    raw = serialize(small_model())
+    with pytest.raises(ArtifactError, match="lacks 'scale_offset'"):
+        deserialize(edit_header(raw, lambda h: entry(h, "tok_emb.weight").pop("scale_offset")))
+    with pytest.raises(ArtifactError, match="model_config: unknown key"):
+        deserialize(edit_header(raw, lambda h: h["model_config"].update(depth=3)))
+
+
+def test_header_not_json():
+    raw = serialize(small_model())
+    _, _, header_len = struct.unpack_from("<4sII", raw)
+    broken = raw[:12] + b"{" * header_len + raw[12 + header_len:]
+    with pytest.raises(ArtifactError, match="header is not JSON"):
+        deserialize(broken)
+
+
+def test_code_bytes_sums_the_listed_files_and_names_missing_ones(tmp_path):
+    (tmp_path / "a.py").write_text("x" * 10)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "b.py").write_text("y" * 7)
+    assert code_bytes(["a.py", "pkg/b.py"], root=tmp_path) == 17
+    with pytest.raises(FileNotFoundError, match="pkg/c.py"):
+        code_bytes(["a.py", "pkg/c.py"], root=tmp_path)

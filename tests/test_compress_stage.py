@@ -1,0 +1,101 @@
+"""The compress stage: artifact, size gate, code bytes, metrics and per-tensor sizes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pgolf.atomic import write_bytes
+from pgolf.codec import QuantizedModel, QuantizedTensor, decompress, serialize
+from pgolf.config import ModelConfig
+from stages import compress as stage
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CODE_FILES = ["pgolf/codec.py", "pgolf/model.py"]
+
+
+def quantized_model() -> QuantizedModel:
+    generator = torch.Generator().manual_seed(0)
+    q = (torch.randn(64, 48, generator=generator) * 2.4).round().clamp(-31, 31).to(torch.int8)
+    return QuantizedModel(
+        model_config=ModelConfig(vocab_size=64, num_layers=1, model_dim=48),
+        tensors={
+            "blocks.0.mlp.fc.weight": QuantizedTensor(q, torch.rand(64, generator=generator).half(), 6, 12.85),
+            "blocks.0.attn_scale": torch.ones(48, dtype=torch.float16),
+        },
+    )
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    write_bytes(stage.QUANTIZED_PATH, serialize(quantized_model()))
+    return tmp_path
+
+
+def params(**compress) -> dict:
+    return {"compress": {"brotli_quality": 5, "code_files": CODE_FILES} | compress}
+
+
+def code_size() -> int:
+    return sum((REPO_ROOT / name).stat().st_size for name in CODE_FILES)
+
+
+@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
+def test_writes_a_loadable_artifact_and_its_metrics(workdir, compressor):
+    stage.run(params(compressor=compressor))
+    blob = stage.ARTIFACT_PATH.read_bytes()
+    assert decompress(blob) == stage.QUANTIZED_PATH.read_bytes()
+    metrics = json.loads(stage.METRICS_PATH.read_text())
+    assert metrics["artifact_bytes"] == len(blob)
+    assert metrics["code_bytes"] == code_size()
+    assert metrics["total_bytes"] == len(blob) + code_size()
+    assert metrics["headroom"] == 16_000_000 - metrics["total_bytes"]
+
+
+def test_writes_per_tensor_sizes_for_dvc_plots(workdir):
+    stage.run(params())
+    with open(stage.SIZES_CSV_PATH, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["tensor"] for row in rows] == list(quantized_model().tensors)
+    fc = rows[0]
+    assert (fc["kind"], fc["bits"], fc["numel"]) == ("quantized", "6", str(64 * 48))
+    assert 0 < int(fc["compressed_bytes"]) < 64 * 48
+    assert stage.SIZES_PNG_PATH.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_size_gate_fails_with_size_limit_and_overshoot_and_writes_nothing(workdir):
+    limit = code_size() + 100
+    with pytest.raises(ValueError, match=r"over the limit of [\d,]+ by [\d,]+ bytes") as failure:
+        stage.run(params(size_limit_bytes=limit))
+    assert f"{limit:,}" in str(failure.value) and f"{code_size():,} code" in str(failure.value)
+    assert not stage.ARTIFACT_PATH.exists()
+    assert not stage.METRICS_PATH.exists()
+    assert not list(Path("out/compress").glob(".*tmp*"))
+
+
+def test_size_gate_through_the_command_line(workdir, capsys):
+    Path("params.yaml").write_text(yaml.safe_dump(params(size_limit_bytes=1000)))
+    assert stage.main(["--params", "params.yaml"]) == 2
+    assert "submission too large" in capsys.readouterr().err
+    assert not stage.ARTIFACT_PATH.exists()
+
+
+def test_missing_code_file_is_named(workdir):
+    with pytest.raises(FileNotFoundError, match="pgolf/nope.py"):
+        stage.run(params(code_files=["pgolf/codec.py", "pgolf/nope.py"]))
+
+
+def test_missing_or_corrupt_input_is_a_clear_error(workdir):
+    stage.QUANTIZED_PATH.write_bytes(b"garbage that is not a model")
+    with pytest.raises(ValueError, match="not a serialized pgolf model"):
+        stage.run(params())
+    stage.QUANTIZED_PATH.unlink()
+    with pytest.raises(FileNotFoundError, match="run the quantize stage"):
+        stage.run(params())
+    assert not stage.ARTIFACT_PATH.exists()

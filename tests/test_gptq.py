@@ -1,0 +1,169 @@
+"""GPTQ + SDClip: parity with the reference's codes and scales, plans, the size knob, size targeting."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pgolf.codec import QuantizedTensor, compress, serialize
+from pgolf.config import CompressConfig, ConfigError, ModelConfig, QuantizeConfig
+from pgolf.gptq import (
+    SizeFitError,
+    TensorPlan,
+    check_hessians,
+    fit_clip_sigmas,
+    fit_quantize,
+    gptq_quantize,
+    hessian_error,
+    prepare_hessians,
+    quantize_model,
+    tensor_plan,
+)
+
+ALL_GPTQ = QuantizeConfig(passthrough_max_numel=0)  # the golden quantizes every linear
+
+
+def assert_codes_match(name: str, codes: torch.Tensor, golden_codes: torch.Tensor) -> None:
+    diff = (codes.int() - golden_codes.int()).abs()
+    assert diff.max() <= 1, f"{name}: a code differs by {int(diff.max())}"
+    assert (diff == 0).float().mean() >= 0.999, f"{name}: only {(diff == 0).float().mean():.5f} of codes equal"
+
+
+def random_hessian(cols: int, tokens: int, generator: torch.Generator) -> torch.Tensor:
+    x = torch.randn(tokens, cols, generator=generator) * torch.rand(cols, generator=generator)  # [tokens, cols]
+    return x.T @ x / tokens
+
+
+def test_each_tensor_matches_reference_codes_and_scales(golden_tiny):
+    for name, entry in golden_tiny["gptq"].items():
+        weight = golden_tiny["state_dict"][name]
+        factors = prepare_hessians(entry["H"][None], damping=0.01)
+        codes, scales = gptq_quantize(weight[None], factors, [entry["bits"]], [entry["clip_sigmas"]])
+        assert_codes_match(name, codes[0], entry["q"])
+        assert torch.equal(scales[0], entry["scale"]), f"{name}: scales differ"
+
+
+def test_quantize_model_batches_same_shapes_and_matches_reference(golden_tiny, golden_model_config):
+    hessians = {name: entry["H"] for name, entry in golden_tiny["gptq"].items()}
+    qm, rows = quantize_model(golden_model_config, golden_tiny["state_dict"], hessians, ALL_GPTQ, show_progress=False)
+    for name, entry in golden_tiny["gptq"].items():
+        tensor = qm.tensors[name]
+        assert isinstance(tensor, QuantizedTensor) and tensor.bits == entry["bits"]
+        assert tensor.clip_sigmas == entry["clip_sigmas"]
+        assert_codes_match(name, tensor.q, entry["q"])
+        assert torch.equal(tensor.scale, entry["scale"])
+    small = [name for name in golden_tiny["state_dict"] if name not in golden_tiny["gptq"]]
+    assert all(qm.tensors[name].dtype == torch.float16 for name in small)
+    by_name = {row["name"]: row for row in rows}
+    assert by_name["tok_emb.weight"]["method"] == "gptq int8" and by_name["skip_weights"]["method"] == "fp16"
+    assert 0 < by_name["blocks.0.mlp.fc.weight"]["h_rel_error"] < 0.05
+
+
+def test_plan_passthrough_groups_and_overrides():
+    cfg = QuantizeConfig(mlp_bits=5, mlp_clip_sigmas=12.0, attn_clip_sigmas=13.0, embed_bits=7, embed_clip_sigmas=15.0)
+    big = torch.zeros(512, 512)
+    assert tensor_plan("blocks.0.mlp.fc.weight", big, cfg) == TensorPlan("mlp", 5, 12.0)
+    assert tensor_plan("blocks.0.attn.c_q.weight", big, cfg) == TensorPlan("attn", 6, 13.0)
+    assert tensor_plan("tok_emb.weight", big, cfg) == TensorPlan("embed", 7, 15.0)
+    assert tensor_plan("head_proj.weight", big, cfg) == TensorPlan("matrix", 6, 12.85)
+    assert tensor_plan("blocks.0.mlp.fc.weight", torch.zeros(256, 256), cfg).bits == 0  # 65,536 elements: fp16
+    assert tensor_plan("skip_weights", big, dataclasses.replace(cfg, passthrough_max_numel=0)).bits == 0
+    with pytest.raises(ConfigError, match="bits"):
+        tensor_plan("blocks.0.mlp.fc.weight", big, dataclasses.replace(cfg, mlp_bits=9))
+
+
+@pytest.mark.parametrize("bits", [5, 6, 7, 8])
+def test_codes_stay_in_range_and_gptq_beats_rounding(bits):
+    generator = torch.Generator().manual_seed(bits)
+    weight = torch.randn(96, 160, generator=generator)
+    hessian = random_hessian(160, 400, generator)
+    codes, scales = gptq_quantize(weight[None], prepare_hessians(hessian[None], 0.01), [bits], [2.5], block_size=64)
+    qmax = 2 ** (bits - 1) - 1
+    assert codes.abs().max() == qmax  # a 2.5-sigma clip saturates, never overflows
+    rounded = (weight / scales[0].float()[:, None]).round().clamp(-qmax, qmax)  # [rows, cols]
+    gptq_error = hessian_error(weight, codes[0].float() * scales[0].float()[:, None], hessian)
+    rtn_error = hessian_error(weight, rounded * scales[0].float()[:, None], hessian)
+    assert gptq_error < 0.85 * rtn_error  # about 0.75 on these shapes
+
+
+def test_dead_columns_and_zero_rows_give_finite_zero_codes():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 32, generator=generator)
+    weight[3] = 0.0
+    hessian = random_hessian(32, 100, generator)
+    hessian[:, 5] = 0.0
+    hessian[5, :] = 0.0
+    codes, scales = gptq_quantize(weight[None], prepare_hessians(hessian[None], 0.01), [6], [12.85])
+    assert torch.isfinite(scales.float()).all() and (scales > 0).all()
+    assert (codes[0, 3] == 0).all() and (codes[0, :, 5] == 0).all()
+
+
+def test_missing_or_misshapen_hessian_is_named():
+    state = {"blocks.0.mlp.fc.weight": torch.randn(300, 256), "blocks.0.attn.c_q.weight": torch.randn(300, 256)}
+    with pytest.raises(ValueError, match=r"no Hessian for blocks\.0\.attn\.c_q\.weight"):
+        check_hessians(state, {"blocks.0.mlp.fc.weight": torch.eye(256)}, QuantizeConfig())
+    bad = {"blocks.0.mlp.fc.weight": torch.eye(256), "blocks.0.attn.c_q.weight": torch.eye(300)}
+    with pytest.raises(ValueError, match=r"c_q\.weight: Hessian shape \(300, 300\), expected \(256, 256\)"):
+        check_hessians(state, bad, QuantizeConfig())
+
+
+def compressed_size(qm, cfg: CompressConfig) -> int:
+    return len(compress(serialize(qm), cfg))
+
+
+def test_raising_clip_sigmas_shrinks_the_compressed_artifact(golden_tiny, golden_model_config):
+    blocks = {name: t for name, t in golden_tiny["state_dict"].items() if name.startswith("blocks.")}
+    hessians = {name: entry["H"] for name, entry in golden_tiny["gptq"].items()}
+    cfg = CompressConfig()  # the record's brotli-11 with the stride-2 shuffle
+    sizes = []
+    for clip in (8.0, 12.85, 20.0):
+        qcfg = dataclasses.replace(ALL_GPTQ, matrix_clip_sigmas=clip)
+        qm, _ = quantize_model(golden_model_config, blocks, hessians, qcfg, show_progress=False)
+        sizes.append(compressed_size(qm, cfg))
+    assert sizes[0] > sizes[1] > sizes[2], sizes
+
+
+def test_bisection_on_a_monotone_size_curve_meets_the_margin():
+    def size_at(clip: float) -> int:
+        return int(2_000_000 / clip)
+
+    cfg = QuantizeConfig(matrix_clip_sigmas=12.85, fit_margin_bytes=500, fit_tolerance=1e-4)
+    result = fit_clip_sigmas(size_at, cfg, size_limit_bytes=100_000)  # fits from clip 20
+    assert result.margin_met and 99_500 <= result.total_bytes <= 100_000
+    assert 20.0 <= result.clip_sigmas < 20.2
+    assert all(point.fits == (point.total_bytes <= 100_000) for point in result.points)
+    with pytest.raises(SizeFitError, match=r"fit_max_clip_sigmas=64 gives 31,250 bytes, over the limit of 1,000 by 30,250"):
+        fit_clip_sigmas(size_at, cfg, size_limit_bytes=1_000)
+
+
+def test_fit_to_size_finds_a_fitting_clip_through_the_compressor():
+    generator = torch.Generator().manual_seed(1)
+    state = {f"blocks.{i}.mlp.fc.weight": torch.randn(320, 256, generator=generator) for i in range(2)}
+    hessians = {name: random_hessian(256, 512, generator) for name in state}
+    cfg = CompressConfig(brotli_quality=5)
+    model_config = ModelConfig()
+    qcfg = QuantizeConfig(matrix_clip_sigmas=40.0, fit_margin_bytes=300, fit_tolerance=0.01)
+    loose, _ = quantize_model(model_config, state, hessians, dataclasses.replace(qcfg, matrix_clip_sigmas=6.0), show_progress=False)
+    tight, _ = quantize_model(model_config, state, hessians, dataclasses.replace(qcfg, matrix_clip_sigmas=24.0), show_progress=False)
+    limit = (compressed_size(loose, cfg) + compressed_size(tight, cfg)) // 2
+    qm, rows, fit = fit_quantize(model_config, state, hessians, qcfg, lambda m: compressed_size(m, cfg), limit)
+    assert compressed_size(qm, cfg) == fit.total_bytes <= limit
+    assert fit.margin_met or any(not p.fits and fit.clip_sigmas - p.clip_sigmas <= 0.01 for p in fit.points)
+    assert 6.0 < fit.clip_sigmas < 24.0 and rows[0]["clip_sigmas"] == fit.clip_sigmas
+    assert len(fit.points) >= 3 and not all(p.fits for p in fit.points)  # it bracketed the limit
+
+
+def test_embed_gptq_off_rounds_the_embedding_to_nearest(golden_tiny, golden_model_config):
+    hessians = {name: entry["H"] for name, entry in golden_tiny["gptq"].items()}
+    cfg = dataclasses.replace(ALL_GPTQ, embed_gptq=False)
+    qm, _ = quantize_model(golden_model_config, golden_tiny["state_dict"], hessians, cfg, show_progress=False)
+    embedding = golden_tiny["state_dict"]["tok_emb.weight"]  # [V, C]
+    tensor = qm.tensors["tok_emb.weight"]
+    qmax = 2 ** (cfg.embed_bits - 1) - 1
+    rounded = torch.clamp(torch.round(embedding / tensor.scale.float()[:, None]), -qmax, qmax)
+    assert torch.equal(tensor.q.to(torch.float32), rounded)
+    # the matrices still get GPTQ with their Hessians
+    assert_codes_match("blocks.0.mlp.fc.weight", qm.tensors["blocks.0.mlp.fc.weight"].q,
+                       golden_tiny["gptq"]["blocks.0.mlp.fc.weight"]["q"])

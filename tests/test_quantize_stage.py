@@ -1,0 +1,113 @@
+"""The quantize stage: model + Hessians -> quantized.bin, report, plots; size targeting; bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pgolf.checkpoint import save_model
+from pgolf.codec import QuantizedTensor, compress, deserialize
+from pgolf.config import CompressConfig, ModelConfig
+from pgolf.hessians import collect_hessians, save_hessians
+from pgolf.model import GPT
+from stages import quantize as stage
+
+CODE_FILES = ["pgolf/codec.py"]
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch, golden_tiny, golden_model_config) -> Path:
+    monkeypatch.chdir(tmp_path)
+    save_model(stage.MODEL_PATH, golden_model_config, golden_tiny["state_dict"])
+    save_hessians(stage.HESSIANS_PATH, {name: entry["H"] for name, entry in golden_tiny["gptq"].items()})
+    return tmp_path
+
+
+def test_writes_the_reference_codes_a_report_and_plots(workdir, golden_tiny):
+    stage.run({"quantize": {"passthrough_max_numel": 0}})
+    qm = deserialize(stage.QUANTIZED_PATH.read_bytes())
+    for name, entry in golden_tiny["gptq"].items():
+        tensor = qm.tensors[name]
+        assert isinstance(tensor, QuantizedTensor)
+        assert (tensor.q != entry["q"]).float().mean() <= 1e-3 and torch.equal(tensor.scale, entry["scale"])
+    report = json.loads(stage.REPORT_PATH.read_text())
+    assert report["totals"]["quantized_tensors"] == len(golden_tiny["gptq"])
+    assert report["totals"]["serialized_bytes"] == stage.QUANTIZED_PATH.stat().st_size
+    assert {row["name"] for row in report["tensors"]} == set(golden_tiny["state_dict"])
+    with open(stage.PLOTS_DIR / "tensors.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == len(golden_tiny["state_dict"])
+    assert (stage.PLOTS_DIR / "tensor_errors.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (stage.PLOTS_DIR / "fit_search.csv").exists()
+
+
+def test_record_threshold_keeps_the_tiny_matrices_in_fp16(workdir, golden_tiny):
+    stage.run({})
+    qm = deserialize(stage.QUANTIZED_PATH.read_bytes())
+    assert isinstance(qm.tensors["tok_emb.weight"], QuantizedTensor)  # 524,288 elements
+    assert qm.tensors["blocks.0.mlp.fc.weight"].dtype == torch.float16  # 16,384 elements
+
+
+@pytest.fixture()
+def small_workdir(tmp_path, monkeypatch) -> Path:
+    """A random 2-layer model of width 128 whose matrices exceed the fp16 threshold when set to 0."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=512, num_layers=2, model_dim=128, embedding_dim=128, num_heads=4,
+                            num_kv_heads=2, rope_dims=8, xsa_last_n=2, num_loops=0, loop_start=0, loop_end=0))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    batches = [torch.randint(0, 512, (2, 64)) for _ in range(2)]
+    save_model(stage.MODEL_PATH, model.config, model.state_dict())
+    save_hessians(stage.HESSIANS_PATH, collect_hessians(model, batches, "cpu", show_progress=False))
+    return tmp_path
+
+
+def test_fit_to_size_picks_a_clip_that_fits_and_plots_the_search(small_workdir):
+    compress_settings = {"brotli_quality": 5, "code_files": CODE_FILES}
+    quantize_settings = {"passthrough_max_numel": 0, "fit_margin_bytes": 1_500, "fit_tolerance": 0.2}
+    code = sum((Path(stage.__file__).parents[1] / name).stat().st_size for name in CODE_FILES)
+    stage.run({"quantize": quantize_settings | {"matrix_clip_sigmas": 30.0}})
+    limit = len(compress(stage.QUANTIZED_PATH.read_bytes(), CompressConfig(**compress_settings))) + code + 2_000
+    stage.run({
+        "quantize": quantize_settings | {"fit_to_size": True, "matrix_clip_sigmas": 8.0},
+        "compress": compress_settings | {"size_limit_bytes": limit},
+    })
+    fit = json.loads(stage.REPORT_PATH.read_text())["fit"]
+    assert fit["size_limit_bytes"] == limit and 8.0 < fit["matrix_clip_sigmas"] < 30.0
+    raw = stage.QUANTIZED_PATH.read_bytes()  # the written model is the one that fits
+    assert len(compress(raw, CompressConfig(**compress_settings))) + code == fit["total_bytes"] <= limit
+    with open(stage.PLOTS_DIR / "fit_search.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == fit["evaluations"] >= 3 and rows[0]["fits"] == "False"  # 8.0 was over the limit
+    assert (stage.PLOTS_DIR / "fit_search.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fit_to_size_reports_an_impossible_limit(small_workdir, capsys):
+    argv = ["--set", "quantize.fit_to_size=true", "--set", "compress.size_limit_bytes=1000",
+            "--set", "compress.brotli_quality=1", "--set", f"compress.code_files={CODE_FILES}",
+            "--set", "quantize.fit_max_clip_sigmas=20"]
+    (small_workdir / "params.yaml").write_text("quantize: {passthrough_max_numel: 0}\n")
+    assert stage.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "even fit_max_clip_sigmas=20 gives" in err and "over the limit of 1,000" in err
+    assert not stage.QUANTIZED_PATH.exists()
+
+
+def test_bad_or_mismatched_hessians_are_clear_errors(workdir, capsys, golden_tiny):
+    (workdir / "params.yaml").write_text("quantize: {}\n")
+    hessians = {name: entry["H"] for name, entry in golden_tiny["gptq"].items() if name != "tok_emb.weight"}
+    save_hessians(stage.HESSIANS_PATH, hessians)
+    assert stage.main([]) == 2
+    assert "out/calibrate/hessians.pt against out/train/model.pt" in capsys.readouterr().err
+    save_hessians(stage.HESSIANS_PATH, hessians | {"tok_emb.weight": torch.eye(32)})
+    assert stage.main([]) == 2
+    assert "tok_emb.weight: Hessian shape (32, 32), expected (64, 64)" in capsys.readouterr().err
+    stage.HESSIANS_PATH.write_bytes(b"\x00garbage")
+    assert stage.main([]) == 2
+    assert "hessians.pt: not a readable Hessians file" in capsys.readouterr().err
+    assert not stage.QUANTIZED_PATH.exists() and not stage.REPORT_PATH.exists()

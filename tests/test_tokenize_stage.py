@@ -1,0 +1,224 @@
+"""The tokenize stage end to end: parity with the published shards, training, imports, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from pgolf.shards import read_shard, shard_files, validate_dataset, write_shard
+from pgolf.tokenizer import TRAINER_SETTINGS, train_tokenizer
+from stages import tokenize
+
+DATASET = "data/datasets/fineweb10B_sp{}"
+MODEL = "data/tokenizers/fineweb_{}_bpe.model"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def sample(shared_dir):
+    return {
+        "docs": shared_dir / "fineweb" / "docs_sample.jsonl",
+        "model": shared_dir / "tokenizers" / "fineweb_8192_bpe.model",
+        "shards": shared_dir / "fineweb" / "fineweb10B_sp8192",
+    }
+
+
+def run(workdir, **keys):
+    params = workdir / "params.yaml"
+    params.write_text(json.dumps({"tokenize": keys}))
+    return tokenize.main(["--params", str(params)])
+
+
+def manifest(workdir, vocab=8192):
+    return json.loads((workdir / DATASET.format(vocab) / "manifest.json").read_text())
+
+
+def assert_no_output(workdir, vocab=8192):
+    assert not (workdir / DATASET.format(vocab)).exists()
+    assert not (workdir / MODEL.format(vocab)).exists()
+    leftovers = [p for p in (workdir / "data").rglob("*") if p.is_file()] if (workdir / "data").exists() else []
+    assert leftovers == []
+
+
+def assert_same_files(left, right, names):
+    for name in names:
+        assert (left / name).read_bytes() == (right / name).read_bytes(), name
+
+
+def test_sample_with_the_published_tokenizer_gives_the_published_shards(workdir, sample):
+    code = run(workdir, docs_path=str(sample["docs"]), tokenizer_path=str(sample["model"]), num_val_docs=50)
+    assert code == 0
+    out = workdir / DATASET.format(8192)
+    names = ["fineweb_val_000000.bin", "fineweb_train_000000.bin"]
+    assert sorted(p.name for p in out.glob("*.bin")) == sorted(names)
+    assert_same_files(out, sample["shards"], names)
+    assert (workdir / MODEL.format(8192)).read_bytes() == sample["model"].read_bytes()
+    info = manifest(workdir)
+    assert info["splits"]["val"]["documents"] == 50 and info["splits"]["train"]["documents"] == 100
+    assert info["input"]["sha256"] == hashlib.sha256(sample["docs"].read_bytes()).hexdigest()
+    assert info["input"]["documents"] == 150
+    check = info["byte_check"]
+    assert check["documents"] == 50 and check["agree"] and check["table_bytes"] == check["decoded_bytes"] > 0
+    assert info["tokenizer"]["settings"] == {**TRAINER_SETTINGS, "vocab_size": 8192}
+    figures = json.loads((workdir / "out" / "tokenize" / "metrics.json").read_text())
+    assert figures["val_documents"] == 50 and figures["train_tokens"] == info["splits"]["train"]["tokens"]
+    assert figures["val_table_bytes"] == figures["val_decoded_bytes"] == check["table_bytes"]
+
+
+def test_published_shards_are_validated_and_linked(workdir, sample):
+    code = run(workdir, shards_path=str(sample["shards"]), tokenizer_path=str(sample["model"]))
+    assert code == 0
+    out = workdir / DATASET.format(8192)
+    assert_same_files(out, sample["shards"], ["fineweb_val_000000.bin", "fineweb_train_000000.bin"])
+    info = manifest(workdir)
+    assert info["splits"]["val"]["documents"] == 50 and info["splits"]["train"]["tokens"] == 246_672
+    assert info["byte_check"]["agree"] and info["byte_check"]["documents"] == 50
+    val_sha = hashlib.sha256((sample["shards"] / "fineweb_val_000000.bin").read_bytes()).hexdigest()
+    assert info["input"]["sha256"]["fineweb_val_000000.bin"] == val_sha
+
+
+def test_training_a_tokenizer_and_sharding_in_small_files(workdir, sample):
+    code = run(workdir, docs_path=str(sample["docs"]), vocab_size=512, num_val_docs=20, shard_size=40_000,
+               tokenizer_train_docs=100)
+    assert code == 0
+    out = workdir / DATASET.format(512)
+    model = workdir / MODEL.format(512)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert sp.vocab_size() == 512
+    stats = validate_dataset(out, 512)
+    assert len(stats["train"]["files"]) > 1 and stats["val"]["documents"] == 20
+    texts = [json.loads(line)["text"] for line in sample["docs"].read_text(encoding="utf-8").splitlines()]
+    expected = [[1, *sp.encode(text)] for text in texts]
+    for split, docs in (("val", expected[:20]), ("train", expected[20:])):
+        stream = np.concatenate([read_shard(path) for path in shard_files(out, split)])
+        assert stream.tolist() == [t for doc in docs for t in doc]
+    info = manifest(workdir, 512)
+    assert info["tokenizer"]["trained"] and info["tokenizer"]["train_documents"] == 100
+    assert info["tokenizer"]["settings"] == {**TRAINER_SETTINGS, "vocab_size": 512}
+    assert info["byte_check"]["agree"]
+
+
+def test_embedded_default_builds_an_8192_dataset(workdir):
+    assert run(workdir, num_val_docs=100, embedded_max_docs=1500) == 0
+    info = manifest(workdir)
+    assert info["input"]["docs_path"] is None and info["input"]["embedded"]["documents"] == 1500
+    assert info["splits"]["val"]["documents"] == 100 and info["splits"]["train"]["documents"] == 1400
+    assert spm.SentencePieceProcessor(model_file=str(workdir / MODEL.format(8192))).vocab_size() == 8192
+    assert info["byte_check"]["agree"]
+
+
+def test_a_failed_run_keeps_the_previous_outputs(workdir, sample):
+    assert run(workdir, docs_path=str(sample["docs"]), tokenizer_path=str(sample["model"]), num_val_docs=50) == 0
+    before = (workdir / DATASET.format(8192) / "fineweb_val_000000.bin").read_bytes()
+    assert run(workdir, docs_path=str(sample["docs"]), tokenizer_path=str(sample["model"]), num_val_docs=150) == 2
+    assert (workdir / DATASET.format(8192) / "fineweb_val_000000.bin").read_bytes() == before
+    assert sorted(p.name for p in (workdir / "data" / "datasets").iterdir()) == ["fineweb10B_sp8192"]
+
+
+def write_docs(path, lines):
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def good_line(index):
+    return json.dumps({"text": f"Document number {index} says something."}).encode()
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([good_line(0), b"{not json", good_line(2)], r"docs.jsonl:2: line is not valid JSON"),
+        ([good_line(0), good_line(1), b'{"title": "x"}'], r'docs.jsonl:3: expected an object with a "text" field'),
+        ([], r"docs.jsonl: documents file is empty"),
+        ([good_line(i) for i in range(5)], r"docs.jsonl: 5 documents, but num_val_docs is 5"),
+    ],
+)
+def test_bad_documents_files_fail_cleanly(workdir, sample, capsys, lines, message):
+    docs = write_docs(workdir / "docs.jsonl", lines)
+    assert run(workdir, docs_path=str(docs), tokenizer_path=str(sample["model"]), num_val_docs=5) == 2
+    assert capsys.readouterr().err.count("pgolf tokenize: error:") == 1
+    assert_no_output(workdir)
+    with pytest.raises(ValueError, match=message):
+        tokenize.run({"tokenize": {"docs_path": str(docs), "tokenizer_path": str(sample["model"]), "num_val_docs": 5}})
+
+
+def test_bad_documents_fail_before_tokenizer_training(workdir):
+    docs = write_docs(workdir / "docs.jsonl", [good_line(0), b"[1, 2]"])
+    with pytest.raises(ValueError, match=r"docs.jsonl:2: expected an object"):
+        tokenize.run({"tokenize": {"docs_path": str(docs), "vocab_size": 300, "num_val_docs": 1}})
+    assert_no_output(workdir, 300)
+
+
+def test_missing_documents_file(workdir, capsys):
+    assert run(workdir, docs_path=str(workdir / "absent.jsonl")) == 2
+    assert "absent.jsonl: documents file not found" in capsys.readouterr().err
+    assert_no_output(workdir)
+
+
+def test_a_tokenizer_with_the_wrong_vocab_is_refused(workdir, sample, capsys):
+    assert run(workdir, docs_path=str(sample["docs"]), tokenizer_path=str(sample["model"]), vocab_size=1024,
+               num_val_docs=50) == 2
+    assert "fineweb_8192_bpe.model: tokenizer has 8192 pieces but vocab_size is 1024" in capsys.readouterr().err
+    assert_no_output(workdir, 1024)
+
+
+def test_a_tokenizer_without_the_space_piece_is_refused(workdir, sample, capsys):
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(5, 40))) for _ in range(2000)]
+    model = workdir / "nospace.model"
+    model.write_bytes(train_tokenizer(iter(texts), 300))
+    assert run(workdir, docs_path=str(sample["docs"]), tokenizer_path=str(model), vocab_size=300,
+               num_val_docs=50) == 2
+    assert 'nospace.model: tokenizer has no "\u2581" piece' in capsys.readouterr().err
+    assert_no_output(workdir, 300)
+
+
+def test_a_tokenizer_that_miscounts_bytes_is_refused(workdir, sample, shared_dir, capsys):
+    model = shared_dir / "tokenizers" / "fineweb_1024_bpe.model"  # no byte fallback: <unk> has no bytes
+    assert run(workdir, docs_path=str(sample["docs"]), tokenizer_path=str(model), vocab_size=1024,
+               num_val_docs=50) == 2
+    assert "bits per byte would be miscounted" in capsys.readouterr().err
+    assert_no_output(workdir, 1024)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda raw: b"\x00\x00\x00\x00" + raw[4:], "fineweb_train_000000.bin: bad magic 0"),
+        (lambda raw: raw[:-10], "fineweb_train_000000.bin: truncated body"),
+    ],
+)
+def test_corrupt_shards_are_refused(workdir, sample, capsys, corrupt, message):
+    shards = workdir / "published"
+    shutil.copytree(sample["shards"], shards)
+    train = shards / "fineweb_train_000000.bin"
+    train.write_bytes(corrupt(train.read_bytes()))
+    assert run(workdir, shards_path=str(shards), tokenizer_path=str(sample["model"])) == 2
+    assert message in capsys.readouterr().err
+    assert_no_output(workdir)
+
+
+def test_shards_with_ids_beyond_the_vocab_are_refused(workdir, sample, capsys):
+    shards = workdir / "published"
+    shutil.copytree(sample["shards"], shards)
+    write_shard(shards / "fineweb_train_000001.bin", [1, 8192])
+    assert run(workdir, shards_path=str(shards), tokenizer_path=str(sample["model"])) == 2
+    message = "fineweb_train_000001.bin: token id 8192 at position 1 is not below vocab_size 8192"
+    assert message in capsys.readouterr().err
+    assert_no_output(workdir)
+
+
+def test_shards_need_their_tokenizer(workdir, sample, capsys):
+    assert run(workdir, shards_path=str(sample["shards"])) == 2
+    assert "tokenize.shards_path: needs tokenizer_path" in capsys.readouterr().err
