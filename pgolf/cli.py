@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pgolf.config import ConfigError, load_params
+from pgolf.config import ConfigError, load_params, render_params
 
 STAGES = ("tokenize", "train", "calibrate", "quantize", "compress", "evaluate", "import")
 # "import" is a keyword, so its module has another name.
@@ -51,10 +51,17 @@ def run_stage(
     return 0
 
 
+def print_params(params: Params) -> None:
+    print(render_params(params), end="")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "params":
+        return run_stage("params", print_params, argv[1:])
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
-        print(f"usage: pgolf {{{','.join(STAGES)}}} [--params FILE] [--set section.key=value ...]")
+        print(f"usage: pgolf {{{','.join(STAGES)},params}} [--params FILE] [--set section.key=value ...]")
+        print("  pgolf params ...  prints the complete params (every key, defaults filled in)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(f"stages.{STAGE_MODULES[argv[0]]}")
     return module.main(argv[1:])

@@ -278,6 +278,16 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {hint!r}")
 
 
+def complete_params(params: dict[str, dict[str, Any]], source: str = "params.yaml") -> dict[str, dict[str, Any]]:
+    """Every section and key, with pgolf's defaults filled in (validated)."""
+    return {name: to_dict(section(params, name, cls, source)) for name, cls in SECTIONS.items()}
+
+
+def render_params(params: dict[str, dict[str, Any]], source: str = "params.yaml") -> str:
+    """The YAML text of ``complete_params``: a params.yaml in which ``dvc exp run -S`` finds every key."""
+    return yaml.safe_dump(complete_params(params, source), sort_keys=False, default_flow_style=False)
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """The plain mapping of a config dataclass (for logs, metrics and checkpoints)."""
     return dataclasses.asdict(config)

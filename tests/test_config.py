@@ -13,6 +13,7 @@ from pgolf.config import (
     ModelConfig,
     QuantizeConfig,
     TrainConfig,
+    complete_params,
     load_params,
     section,
 )
@@ -84,6 +85,15 @@ def test_every_preset_names_the_keys_dvc_yaml_interpolates(path):
     params = load_params(path)
     missing = sorted(f"{sec}.{key}" for sec, key in templated if key not in params.get(sec, {}))
     assert not missing, f"{path.name} lacks {missing}, which dvc.yaml interpolates"
+
+
+@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
+def test_every_preset_spells_out_every_key(path):
+    # `dvc exp run -S` refuses a key that params.yaml lacks, and dvc.yaml's params must exist.
+    params = load_params(path)
+    complete = complete_params(params, str(path))
+    missing = sorted(f"{name}.{key}" for name, keys in complete.items() for key in keys if key not in params.get(name, {}))
+    assert not missing, f"{path.name} lacks {missing}: regenerate it with `pgolf params --params {path.name}`"
 
 
 def test_record_preset_is_the_record():
