@@ -1,14 +1,17 @@
-"""Model files that carry their own configuration.
+"""Model files that carry their own configuration, and the tagged tensor files under them.
 
 The train stage (and ``pgolf import``) writes the model's weights together
 with its ``ModelConfig``; later stages rebuild the model from the file alone
-and never re-read the architecture from ``params.yaml``. Files hold only
-tensors and plain values, and are read with ``weights_only=True``.
+and never re-read the architecture from ``params.yaml``. Every torch file that
+pgolf writes (models, Hessians, resume checkpoints) holds only tensors and
+plain values under a format tag and version, is written atomically and is read
+with ``weights_only=True``, so a wrong or foreign file is a clear error.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,29 +24,36 @@ FORMAT = "pgolf-model"
 VERSION = 1
 
 
-def save_model(path: str | Path, cfg: ModelConfig, state_dict: dict[str, Tensor]) -> None:
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model_config": to_dict(cfg),
-        "state_dict": {name: t.detach().cpu().contiguous() for name, t in state_dict.items()},
-    }
+def save_tagged(path: str | Path, tag: str, version: int, payload: dict[str, Any]) -> None:
+    """``torch.save`` of ``payload`` under a format tag, whole or not at all."""
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        torch.save({"format": tag, "version": version, **payload}, tmp)
 
 
-def load_model(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+def load_tagged(path: str | Path, tag: str, version: int, what: str, missing_hint: str = "") -> dict[str, Any]:
+    """Read a file of ``save_tagged`` without unpickling code; clear errors for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: model file not found (run the train stage or `pgolf import` first)")
+        raise FileNotFoundError(f"{path}: {what} not found{missing_hint}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise ValueError(f"{path}: not a readable pgolf model file: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a pgolf model file (no {FORMAT!r} marker)")
-    if payload.get("version") != VERSION:
-        raise ValueError(f"{path}: model file version {payload.get('version')!r}, this pgolf reads {VERSION}")
+        raise ValueError(f"{path}: not a readable {what}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != tag:
+        raise ValueError(f"{path}: not a {what} (no {tag!r} marker)")
+    if payload.get("version") != version:
+        raise ValueError(f"{path}: {what} version {payload.get('version')!r}, this pgolf reads {version}")
+    return payload
+
+
+def save_model(path: str | Path, cfg: ModelConfig, state_dict: dict[str, Tensor]) -> None:
+    state_dict = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
+    save_tagged(path, FORMAT, VERSION, {"model_config": to_dict(cfg), "state_dict": state_dict})
+
+
+def load_model(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+    payload = load_tagged(path, FORMAT, VERSION, "model file",
+                          " (run the train stage or `pgolf import` first)")
     try:
         cfg = from_dict(ModelConfig, payload["model_config"], f"{path}: model_config")
     except ConfigError as exc:

@@ -17,8 +17,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pgolf.atomic import atomic_path
+from pgolf.checkpoint import load_tagged, save_tagged
 from pgolf.model import GPT, CastedLinear
+
+FORMAT = "pgolf-hessians"
+VERSION = 1
 
 
 def head_input_module(model: GPT) -> nn.Module:
@@ -82,20 +85,14 @@ def collect_hessians(
 
 
 def save_hessians(path: str | Path, hessians: dict[str, Tensor]) -> None:
-    """Write a dict of float32 Hessians as a plain tensor file (atomic)."""
-    with atomic_path(path) as tmp:
-        torch.save({name: h.detach().cpu().contiguous() for name, h in hessians.items()}, tmp)
+    """Write a dict of float32 Hessians by weight name (atomic)."""
+    matrices = {name: h.detach().cpu().contiguous() for name, h in hessians.items()}
+    save_tagged(path, FORMAT, VERSION, {"hessians": matrices})
 
 
 def load_hessians(path: str | Path) -> dict[str, Tensor]:
     """Read a Hessians file without unpickling code; a clear error if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: Hessians file not found (run the calibrate stage first)")
-    try:
-        hessians = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise ValueError(f"{path}: not a readable Hessians file: {exc}") from exc
+    hessians = load_tagged(path, FORMAT, VERSION, "Hessians file", " (run the calibrate stage first)")["hessians"]
     if not isinstance(hessians, dict) or not all(
         isinstance(name, str) and isinstance(h, Tensor) and h.ndim == 2 and h.shape[0] == h.shape[1]
         for name, h in hessians.items()

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pgolf.atomic import atomic_path
+from pgolf.checkpoint import load_tagged, save_tagged
 from pgolf.config import TrainConfig, to_dict
 from pgolf.distributed import DistContext, any_rank, barrier
 from pgolf.model import CastedLinear, GPT
@@ -167,20 +167,11 @@ def ema_in_model_dtypes(ema: dict[str, Tensor], model: nn.Module) -> dict[str, T
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write a resume checkpoint whole or not at all."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, tmp)
+    save_tagged(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, state)
 
 
 def load_checkpoint(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise ValueError(f"{path}: not a readable training checkpoint: {exc}") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a pgolf training checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {state.get('version')!r}, this pgolf reads {CHECKPOINT_VERSION}")
-    return state
+    return load_tagged(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "training checkpoint")
 
 
 def check_resumable(state: dict, model: GPT, cfg: TrainConfig, path: Path) -> None:

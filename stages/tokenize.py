@@ -11,207 +11,35 @@ temporary places and renamed only when everything succeeded:
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
-import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from tqdm import tqdm
-
 from pgolf.atomic import atomic_path, write_json
 from pgolf.cli import run_stage
-from pgolf.config import ConfigError, TokenizeConfig, section, to_dict
-from pgolf.corpus import CorpusError, iter_documents, write_embedded_corpus
+from pgolf.config import TokenizeConfig, section, to_dict
+from pgolf.dataset import build_dataset
 from pgolf.provenance import log_provenance
-from pgolf.shards import (
-    HEADER_INTS, MAGIC, SPLITS, TOKEN_DTYPE, VERSION, ShardWriter, dataset_path, read_shard, shard_files,
-    split_documents, validate_dataset,
-)
-from pgolf.tokenizer import (
-    ByteCheck, byte_tables, load_tokenizer, model_settings, tokenizer_file, train_tokenizer, training_texts,
-)
+from pgolf.shards import SPLITS, dataset_path
+from pgolf.tokenizer import tokenizer_file
 
-ENCODE_BATCH_DOCS = 1024  # documents per SentencePiece call: amortises threads, bounds memory
 MANIFEST_NAME = "manifest.json"
 METRICS_PATH = Path("out/tokenize/metrics.json")  # flat figures for `dvc metrics`; the manifest has the rest
-TRAINED = "the tokenizer trained on the documents"
 
 
 def run(params: dict) -> None:
     cfg = section(params, "tokenize", TokenizeConfig)
     log_provenance("tokenize", to_dict(cfg))
-    check_config(cfg)
     dataset_dir = dataset_path(cfg.data_dir, cfg.vocab_size)
     model_path = tokenizer_file(cfg.data_dir, cfg.vocab_size)
     with atomic_path(model_path) as model_tmp, atomic_path(dataset_dir) as dataset_tmp:
         dataset_tmp.mkdir()
-        if cfg.shards_path:
-            manifest = import_shards(cfg, model_tmp, dataset_tmp)
-        else:
-            manifest = tokenize_documents(cfg, model_tmp, dataset_tmp)
+        manifest = build_dataset(cfg, model_tmp, dataset_tmp)
         manifest["tokenizer"]["path"] = str(model_path)
         (dataset_tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     write_json(METRICS_PATH, metrics(manifest))
     print(f"[pgolf tokenize] wrote {dataset_dir} and {model_path}: " + json.dumps(manifest["splits"]), flush=True)
-
-
-def check_config(cfg: TokenizeConfig) -> None:
-    where = "params.yaml: tokenize"
-    if not 0 < cfg.vocab_size <= 2**16:
-        raise ConfigError(f"{where}.vocab_size: must be in 1..65536 (ids are stored as uint16), got {cfg.vocab_size}")
-    if cfg.num_val_docs < 1:
-        raise ConfigError(f"{where}.num_val_docs: must be at least 1, got {cfg.num_val_docs}")
-    if cfg.shard_size < 1:
-        raise ConfigError(f"{where}.shard_size: must be positive, got {cfg.shard_size}")
-    if cfg.tokenizer_train_docs < 1:
-        raise ConfigError(f"{where}.tokenizer_train_docs: must be positive, got {cfg.tokenizer_train_docs}")
-    if cfg.num_workers < 0 or cfg.embedded_max_docs < 0:
-        raise ConfigError(f"{where}: num_workers and embedded_max_docs must be >= 0")
-    if cfg.shards_path and not cfg.tokenizer_path:
-        raise ConfigError(f"{where}.shards_path: needs tokenizer_path, the .model the shards were made with")
-
-
-def encode_threads(cfg: TokenizeConfig) -> int:
-    return cfg.num_workers or os.cpu_count() or 1
-
-
-def tokenize_documents(cfg: TokenizeConfig, model_tmp: Path, dataset_tmp: Path) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="pgolf-tokenize-") as work:
-        docs_path, embedded = documents_file(cfg, Path(work))
-        label = cfg.docs_path or "the embedded corpus (Python standard library docs)"
-        check_document_count(docs_path, label, cfg.num_val_docs)
-        tokenizer = obtain_tokenizer(cfg, docs_path, model_tmp)
-        sp = load_tokenizer(model_tmp, cfg.vocab_size)
-        check = ByteCheck(sp, byte_tables(sp, cfg.vocab_size), tokenizer["source"], encode_threads(cfg))
-        splits, source = encode_documents(cfg, docs_path, sp, check, dataset_tmp)
-    source["embedded"] = embedded
-    source["docs_path"] = cfg.docs_path or None
-    return build_manifest(cfg, source, tokenizer, model_tmp, splits, check, shard_size=cfg.shard_size)
-
-
-def documents_file(cfg: TokenizeConfig, work: Path) -> tuple[Path, dict[str, Any] | None]:
-    """The configured documents file, or the embedded corpus written into ``work``."""
-    if cfg.docs_path:
-        path = Path(cfg.docs_path)
-        if not path.is_file():
-            raise CorpusError(f"params.yaml: tokenize.docs_path: {path}: documents file not found")
-        return path, None
-    path = work / "embedded_docs.jsonl"
-    print("[pgolf tokenize] no docs_path: building the embedded corpus (Python standard library docs)", flush=True)
-    return path, write_embedded_corpus(path, cfg.embedded_max_docs)
-
-
-def check_document_count(docs_path: Path, label: str, num_val_docs: int) -> None:
-    """Refuse a documents file that leaves no training split, before any training.
-
-    It reads at most ``num_val_docs + 1`` lines, however large the file.
-    """
-    documents = sum(1 for _ in itertools.islice(iter_documents(docs_path), num_val_docs + 1))
-    if documents <= num_val_docs:
-        raise CorpusError(
-            f"{label}: {documents} documents, but num_val_docs is {num_val_docs}: the first num_val_docs documents "
-            "are the validation split and at least one more is needed for training"
-        )
-
-
-def obtain_tokenizer(cfg: TokenizeConfig, docs_path: Path, model_tmp: Path) -> dict[str, Any]:
-    """Train a tokenizer into ``model_tmp``, or copy the configured one there."""
-    if cfg.tokenizer_path:
-        load_tokenizer(cfg.tokenizer_path, cfg.vocab_size)  # refuse a wrong one before any copying
-        shutil.copyfile(cfg.tokenizer_path, model_tmp)
-        return {"source": cfg.tokenizer_path, "trained": False, "train_documents": None}
-    print(f"[pgolf tokenize] training a {cfg.vocab_size}-piece BPE tokenizer", flush=True)
-    texts = training_texts(iter_documents(docs_path), cfg.tokenizer_train_docs)
-    with tqdm(desc="tokenizer text", unit=" docs", file=sys.stderr) as progress:
-        model_tmp.write_bytes(train_tokenizer(counting(texts, progress), cfg.vocab_size))
-    return {"source": TRAINED, "trained": True, "train_documents": progress.n}
-
-
-def counting(texts: Iterator[str], progress: tqdm) -> Iterator[str]:
-    for text in texts:
-        progress.update()
-        yield text
-
-
-def encode_documents(
-    cfg: TokenizeConfig, docs_path: Path, sp: Any, check: ByteCheck, dataset_tmp: Path
-) -> tuple[dict[str, dict], dict[str, Any]]:
-    """Stream documents -> ``[bos] + ids`` shards; validation documents also go through ``check``."""
-    digest = hashlib.sha256()
-    threads = encode_threads(cfg)
-    progress = tqdm(total=docs_path.stat().st_size, desc="encode", unit="B", unit_scale=True, file=sys.stderr)
-
-    def on_line(line: bytes) -> None:
-        digest.update(line)
-        progress.update(len(line))
-
-    index = 0
-    with progress, ShardWriter(dataset_tmp, cfg.shard_size) as writer:
-        for texts in batched(iter_documents(docs_path, on_line), ENCODE_BATCH_DOCS):
-            encoded = sp.encode(texts, out_type=int, num_threads=threads)
-            val_count = max(0, min(len(encoded), cfg.num_val_docs - index))
-            check.add(encoded[:val_count])
-            for offset, ids in enumerate(encoded):
-                document = np.empty(len(ids) + 1, dtype=TOKEN_DTYPE)  # [1 + n]
-                document[0] = sp.bos_id()
-                document[1:] = ids
-                writer.add_document("val" if offset < val_count else "train", document)
-            index += len(encoded)
-    return writer.stats, {"sha256": digest.hexdigest(), "bytes": progress.n, "documents": index}
-
-
-def batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
-    while batch := list(itertools.islice(items, size)):
-        yield batch
-
-
-def import_shards(cfg: TokenizeConfig, model_tmp: Path, dataset_tmp: Path) -> dict[str, Any]:
-    """Validate published shards and their tokenizer, then link both into the output layout."""
-    source_dir = Path(cfg.shards_path)
-    sp = load_tokenizer(cfg.tokenizer_path, cfg.vocab_size)
-    splits = validate_dataset(source_dir, cfg.vocab_size, sp.bos_id())
-    check = ByteCheck(sp, byte_tables(sp, cfg.vocab_size), cfg.tokenizer_path, encode_threads(cfg))
-    val_tokens = np.concatenate([read_shard(path) for path in shard_files(source_dir, "val")])  # [n]
-    documents = split_documents(val_tokens, sp.bos_id(), source_dir)
-    for start in tqdm(range(0, len(documents), ENCODE_BATCH_DOCS), desc="byte check", unit=" batches", file=sys.stderr):
-        check.add([doc.tolist() for doc in documents[start : start + ENCODE_BATCH_DOCS]])
-    hashes = {}
-    for name in tqdm([name for split in SPLITS for name in splits[split]["files"]], desc="link", file=sys.stderr):
-        hashes[name] = file_sha256(source_dir / name)
-        link_or_copy(source_dir / name, dataset_tmp / name)
-    shutil.copyfile(cfg.tokenizer_path, model_tmp)
-    tokenizer = {"source": cfg.tokenizer_path, "trained": False, "train_documents": None}
-    source = {"shards_path": str(source_dir), "sha256": hashes}
-    return build_manifest(cfg, source, tokenizer, model_tmp, splits, check, shard_size=None)
-
-
-def build_manifest(
-    cfg: TokenizeConfig,
-    source: dict[str, Any],
-    tokenizer: dict[str, Any],
-    model_file: Path,
-    splits: dict[str, dict],
-    check: ByteCheck,
-    shard_size: int | None,
-) -> dict[str, Any]:
-    return {
-        "dataset": dataset_path(cfg.data_dir, cfg.vocab_size).name,
-        "vocab_size": cfg.vocab_size,
-        "num_val_docs": splits["val"]["documents"],
-        "shard_size": shard_size,
-        "format": {"magic": MAGIC, "version": VERSION, "header_int32s": HEADER_INTS, "token_dtype": "<u2"},
-        "input": source,
-        "tokenizer": {**tokenizer, "sha256": file_sha256(model_file), "settings": model_settings(model_file)},
-        "splits": splits,
-        "byte_check": check.summary(),
-    }
 
 
 def metrics(manifest: dict[str, Any]) -> dict[str, int]:
@@ -219,22 +47,6 @@ def metrics(manifest: dict[str, Any]) -> dict[str, int]:
     figures.update({f"{split}_files": len(manifest["splits"][split]["files"]) for split in SPLITS})
     check = manifest["byte_check"]
     return {**figures, "val_table_bytes": check["table_bytes"], "val_decoded_bytes": check["decoded_bytes"]}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def link_or_copy(source: Path, destination: Path) -> None:
-    """Hard-link ``source`` (no extra space, no copy time); copy across file systems."""
-    try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copy2(source, destination)
 
 
 def main(argv: list[str] | None = None) -> int:

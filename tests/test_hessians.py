@@ -49,6 +49,10 @@ def test_file_round_trip_and_bad_files(tmp_path):
     with pytest.raises(ValueError, match="code.pt: not a readable Hessians file"):
         load_hessians(code)
     not_square = tmp_path / "not_square.pt"
-    torch.save({"tok_emb.weight": torch.zeros(3, 4)}, not_square)
+    torch.save({"format": "pgolf-hessians", "version": 1, "hessians": {"tok_emb.weight": torch.zeros(3, 4)}}, not_square)
     with pytest.raises(ValueError, match="not_square.pt: not a Hessians file"):
         load_hessians(not_square)
+    untagged = tmp_path / "untagged.pt"
+    torch.save({"tok_emb.weight": torch.eye(4)}, untagged)
+    with pytest.raises(ValueError, match="untagged.pt: not a Hessians file"):
+        load_hessians(untagged)
