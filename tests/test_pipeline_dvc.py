@@ -77,6 +77,9 @@ def test_repro_then_retune_quantization_reruns_only_what_follows(micro_repo):
 
     diff = run(["dvc", "metrics", "diff"], micro_repo)
     assert "total_bytes" in diff
+    # experiments keep their metrics in git: `dvc exp show` has both runs' sizes side by side
+    table = run(["dvc", "exp", "show", "--csv", "--keep", "total_bytes$|matrix_clip_sigmas", "--drop", ".*"], micro_repo)
+    assert str(size_before) in table and str(total_bytes(micro_repo)) in table
 
 
 def test_compressor_change_leaves_quantize_cached(micro_repo):
