@@ -32,3 +32,9 @@ def use_compile(setting: bool | str, device: torch.device, key: str) -> bool:
     if isinstance(setting, bool):
         return setting
     raise ValueError(f"{key} must be auto, true or false (on/off), got {setting!r}")
+
+
+def enable_tf32() -> None:
+    """TF32 for the float32 matmuls left outside autocast on the GPU, as the record ran."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True

@@ -61,26 +61,28 @@ def validation_data(data_dir: str, model_config: ModelConfig, cfg: EvaluateConfi
     return tokens, tables
 
 
-def score(model: GPT, tokens: torch.Tensor, tables: ByteTables, cfg: EvaluateConfig, device: torch.device) -> dict:
+def score(
+    name: str, model: GPT, tokens: torch.Tensor, tables: ByteTables, cfg: EvaluateConfig, device: torch.device
+) -> dict:
     """Plain and sliding scores (those switched on) of ``model`` with looping on."""
     model.looping_active = True
     compiled = use_compile(cfg.compile, device, "evaluate.compile")
     results: dict[str, float] = {}
     if cfg.eval_plain:
-        results |= timed("", lambda: eval_plain(
+        results |= timed(name, "", lambda: eval_plain(
             model, tokens, tables, cfg.eval_seq_len, cfg.eval_batch_seqs, device, compiled))
     if cfg.eval_sliding:
-        results |= timed("sliding_", lambda: eval_sliding(
+        results |= timed(name, "sliding_", lambda: eval_sliding(
             model, tokens, tables, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, device, compiled))
     return results
 
 
-def timed(prefix: str, evaluate: Callable[[], EvalScore]) -> dict[str, float]:
+def timed(name: str, prefix: str, evaluate: Callable[[], EvalScore]) -> dict[str, float]:
     start = time.perf_counter()
     result = evaluate()
     seconds = time.perf_counter() - start
     label = prefix.rstrip("_") or "plain"
-    print(f"[pgolf evaluate] {label}: val_loss {result.loss:.8f} val_bpb {result.bpb:.8f} ({seconds:.1f} s)",
+    print(f"[pgolf evaluate] {name} {label}: val_loss {result.loss:.8f} val_bpb {result.bpb:.8f} ({seconds:.1f} s)",
           flush=True)
     # seconds stay out of the metrics: they would differ in every `dvc metrics diff`
     return {f"{prefix}val_loss": result.loss, f"{prefix}val_bpb": result.bpb}
@@ -103,12 +105,12 @@ def run(params: dict) -> None:
     tokens, tables = validation_data(data_dir, model.config, cfg)
     print(f"[pgolf evaluate] {tokens.numel() - 1:,} validation targets on {device}", flush=True)
     metrics = {"artifact_bytes": ARTIFACT_PATH.stat().st_size, "val_tokens": tokens.numel() - 1,
-               "quantized": score(model, tokens, tables, cfg, device)}
+               "quantized": score("quantized", model, tokens, tables, cfg, device)}
     if cfg.eval_unquantized:
         unquantized = build_model(TRAINED_MODEL_PATH, device)
         if unquantized.config != model.config:
             raise ValueError(f"{TRAINED_MODEL_PATH} and {ARTIFACT_PATH} hold different model configs")
-        metrics["unquantized"] = score(unquantized, tokens, tables, cfg, device)
+        metrics["unquantized"] = score("unquantized", unquantized, tokens, tables, cfg, device)
         metrics["quantization_tax"] = quantization_tax(metrics["quantized"], metrics["unquantized"])
     write_json(METRICS_PATH, metrics)
     print(f"[pgolf evaluate] metrics in {METRICS_PATH} (sizes in out/compress/metrics.json, training in "

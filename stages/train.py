@@ -29,7 +29,7 @@ from pgolf.loader import TrainLoader
 from pgolf.model import GPT, count_parameters
 from pgolf.plots import line_plot, write_csv
 from pgolf.provenance import log_provenance
-from pgolf.runtime import seed_everything
+from pgolf.runtime import enable_tf32, seed_everything
 from pgolf.shards import dataset_path, load_validation_tokens, shard_files, validate_dataset
 from pgolf.tokenizer import byte_tables, tokenizer_file
 from pgolf.train import CHECKPOINT_NAME, TrainResult, Validator, train
@@ -116,6 +116,8 @@ def run(params: dict) -> None:
         relaunch_under_torchrun(params, train_cfg.nproc_per_node)
         return
     ctx = init_distributed(train_cfg.device)
+    if ctx.device.type == "cuda":
+        enable_tf32()
     try:
         if ctx.is_main:
             log_provenance("train", {"model": to_dict(model_cfg), "train": to_dict(train_cfg),
