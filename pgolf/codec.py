@@ -354,12 +354,19 @@ def compressed_tensor_sizes(qm: QuantizedModel, cfg: CompressConfig) -> dict[str
     return {name: len(compress(tensor_raw_bytes(tensor), cfg)) for name, tensor in qm.tensors.items()}
 
 
-def code_bytes(code_files: list[str], root: Path = REPO_ROOT) -> int:
-    """Total size of the source files a submission ships (paths relative to the repository root)."""
+def code_bytes(code_files: list[str], compressed: bool = False, root: Path = REPO_ROOT) -> int:
+    """Size of the source files a submission ships (paths relative to the repository root).
+
+    ``compressed`` counts them as the records ship their script: one brotli-11 stream of
+    the files, each behind a line naming it (what a self-extracting wrapper unpacks).
+    """
     missing = [name for name in code_files if not (root / name).is_file()]
     if missing:
         raise FileNotFoundError(f"compress.code_files: not found under {root}: {', '.join(missing)}")
-    return sum((root / name).stat().st_size for name in code_files)
+    if not compressed:
+        return sum((root / name).stat().st_size for name in code_files)
+    bundle = b"".join(f"# {name}\n".encode() + (root / name).read_bytes() for name in code_files)
+    return len(brotli.compress(bundle, quality=11))
 
 
 def load_artifact(blob: bytes) -> QuantizedModel:

@@ -153,6 +153,7 @@ class CompressConfig:
     lzma_preset: int = 6
     shuffle_stride: int = 2
     size_limit_bytes: int = 16_000_000
+    compress_code: bool = True  # count code as one brotli stream, as the records' self-extracting scripts
     code_files: list[str] = field(
         default_factory=lambda: [
             "pgolf/model.py",

@@ -256,8 +256,10 @@ def report_totals(rows: list[dict]) -> dict:
 # ---------------------------------------------------------------- model
 
 
-def check_hessians(state_dict: dict[str, Tensor], hessians: dict[str, Tensor], cfg: QuantizeConfig) -> None:
-    """A clear error for every tensor to quantize whose Hessian is missing, misshapen or not finite."""
+def check_hessians(
+    state_dict: dict[str, Tensor], hessians: dict[str, Tensor], cfg: QuantizeConfig, source: str = "quantize"
+) -> None:
+    """A clear error, naming ``source``, for every tensor to quantize whose Hessian is missing, misshapen or not finite."""
     problems = []
     for name, tensor in state_dict.items():
         if not tensor_plan(name, tensor, cfg).bits:
@@ -270,7 +272,7 @@ def check_hessians(state_dict: dict[str, Tensor], hessians: dict[str, Tensor], c
         elif not bool(torch.isfinite(hessians[name]).all()):
             problems.append(f"{name}: Hessian has non-finite entries")
     if problems:
-        raise ValueError("quantize: Hessians do not fit the model: " + "; ".join(problems[:10]))
+        raise ValueError(f"{source}: Hessians do not fit the model: " + "; ".join(problems[:10]))
 
 
 def shape_batches(names: list[str], state_dict: dict[str, Tensor]) -> list[list[str]]:

@@ -49,7 +49,7 @@ def run(params: dict) -> None:
     log_provenance("compress", to_dict(cfg))
     if not QUANTIZED_PATH.is_file():
         raise FileNotFoundError(f"{QUANTIZED_PATH}: not found (run the quantize stage first)")
-    code = code_bytes(cfg.code_files)
+    code = code_bytes(cfg.code_files, cfg.compress_code)
     raw = QUANTIZED_PATH.read_bytes()
     qm = deserialize(raw)  # validates the input before spending a minute on brotli
     blob = compress(raw, cfg)

@@ -21,7 +21,7 @@ from pgolf.atomic import atomic_path, write_bytes, write_json
 from pgolf.checkpoint import load_model
 from pgolf.cli import run_stage
 from pgolf.codec import QuantizedModel, code_bytes, compress, serialize
-from pgolf.config import CompressConfig, ConfigError, ModelConfig, QuantizeConfig, section, to_dict
+from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig, section, to_dict
 from pgolf.gptq import FitResult, check_hessians, fit_quantize, quantize_model, report_totals
 from pgolf.hessians import load_hessians
 from pgolf.plots import bar_plot, line_plot, write_csv
@@ -48,7 +48,7 @@ def quantize(
     device = resolve_device(cfg.device)
     if compress_cfg is None:
         return (*quantize_model(model_config, state_dict, hessians, cfg, device), None)
-    code = code_bytes(compress_cfg.code_files)
+    code = code_bytes(compress_cfg.code_files, compress_cfg.compress_code)
     return fit_quantize(
         model_config, state_dict, hessians, cfg,
         lambda qm: submission_size(qm, compress_cfg, code), compress_cfg.size_limit_bytes, device,
@@ -92,12 +92,7 @@ def run(params: dict) -> None:
     log_provenance("quantize", {"quantize": to_dict(cfg), "compress": compress_cfg and to_dict(compress_cfg)})
     model_config, state_dict = load_model(MODEL_PATH)
     hessians = load_hessians(HESSIANS_PATH)
-    try:
-        check_hessians(state_dict, hessians, cfg)
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        raise ValueError(f"{HESSIANS_PATH} against {MODEL_PATH}: {exc}") from exc
+    check_hessians(state_dict, hessians, cfg, source=f"{HESSIANS_PATH} against {MODEL_PATH}")
     qm, rows, fit = quantize(model_config, state_dict, hessians, cfg, compress_cfg)
     raw = serialize(qm)
     limit = compress_cfg.size_limit_bytes if compress_cfg else 0

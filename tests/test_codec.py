@@ -6,6 +6,7 @@ import json
 import pickle
 import struct
 
+import brotli
 import pytest
 import torch
 
@@ -302,3 +303,13 @@ def test_code_bytes_sums_the_listed_files_and_names_missing_ones(tmp_path):
     assert code_bytes(["a.py", "pkg/b.py"], root=tmp_path) == 17
     with pytest.raises(FileNotFoundError, match="pkg/c.py"):
         code_bytes(["a.py", "pkg/c.py"], root=tmp_path)
+
+
+def test_compressed_code_bytes_count_one_brotli_stream_of_the_files(tmp_path):
+    source = "def f(x):\n    return x + 1\n" * 200
+    (tmp_path / "a.py").write_text(source)
+    (tmp_path / "b.py").write_text(source)
+    raw = code_bytes(["a.py", "b.py"], root=tmp_path)
+    compressed = code_bytes(["a.py", "b.py"], compressed=True, root=tmp_path)
+    bundle = b"# a.py\n" + source.encode() + b"# b.py\n" + source.encode()
+    assert compressed == len(brotli.compress(bundle, quality=11)) < raw // 10

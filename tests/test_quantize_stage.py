@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pgolf.checkpoint import save_model
-from pgolf.codec import QuantizedTensor, compress, deserialize
+from pgolf.codec import QuantizedTensor, code_bytes, compress, deserialize
 from pgolf.config import CompressConfig, ModelConfig
 from pgolf.hessians import collect_hessians, save_hessians
 from pgolf.model import GPT
@@ -70,7 +70,7 @@ def small_workdir(tmp_path, monkeypatch) -> Path:
 def test_fit_to_size_picks_a_clip_that_fits_and_plots_the_search(small_workdir):
     compress_settings = {"brotli_quality": 5, "code_files": CODE_FILES}
     quantize_settings = {"passthrough_max_numel": 0, "fit_margin_bytes": 1_500, "fit_tolerance": 0.2}
-    code = sum((Path(stage.__file__).parents[1] / name).stat().st_size for name in CODE_FILES)
+    code = code_bytes(CODE_FILES, compressed=True)
     stage.run({"quantize": quantize_settings | {"matrix_clip_sigmas": 30.0}})
     limit = len(compress(stage.QUANTIZED_PATH.read_bytes(), CompressConfig(**compress_settings))) + code + 2_000
     stage.run({
