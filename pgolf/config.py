@@ -175,6 +175,7 @@ class EvaluateConfig:
     eval_sliding: bool = True
     eval_unquantized: bool = True
     max_val_tokens: int = 0  # 0: the whole validation split
+    nproc_per_node: int = 1  # processes under torchrun, each scoring a share of the windows
     device: str = "auto"
     compile: bool | str = "auto"  # torch.compile the forward pass: auto (on GPU) | true | false
 

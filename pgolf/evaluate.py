@@ -4,7 +4,9 @@ Both evaluations score windows of ``seq_len`` tokens of the validation stream. T
 cuts the stream into consecutive non-overlapping windows and scores every token; the sliding
 one starts a window every ``stride`` tokens, so each token after the first window is scored
 with ``seq_len - stride`` tokens of context. Losses, token and byte counts are summed in
-float64, and bpb follows §2: ``(nll_sum / tokens) / ln 2 * tokens / bytes``.
+float64, and bpb follows §2: ``(nll_sum / tokens) / ln 2 * tokens / bytes``. Given a
+``DistContext`` of several processes, each scores a contiguous share of the windows and the
+sums are all-reduced, so N GPUs give the one-process score in 1/N of the time.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from pgolf.distributed import DistContext
 from pgolf.model import GPT
 from pgolf.tokenizer import ByteTables, count_bytes
 
@@ -56,39 +60,56 @@ def sliding_windows(num_tokens: int, seq_len: int, stride: int) -> list[Window]:
 
 def eval_plain(
     model: GPT, val_tokens: Tensor, tables: ByteTables, seq_len: int, batch_seqs: int, device: torch.device,
-    compile_model: bool = False,
+    compile_model: bool = False, ctx: DistContext | None = None,
 ) -> EvalScore:
     """Loss and bpb over consecutive non-overlapping windows of ``seq_len``."""
     windows = plain_windows(val_tokens.numel(), seq_len)
-    return score_windows(model, val_tokens, tables, windows, seq_len, batch_seqs, device, "eval plain", compile_model)
+    return score_windows(model, val_tokens, tables, windows, seq_len, batch_seqs, device, "eval plain",
+                         compile_model, ctx)
 
 
 def eval_sliding(
     model: GPT, val_tokens: Tensor, tables: ByteTables, seq_len: int, stride: int, batch_seqs: int,
-    device: torch.device, compile_model: bool = False,
+    device: torch.device, compile_model: bool = False, ctx: DistContext | None = None,
 ) -> EvalScore:
     """Loss and bpb with a window every ``stride`` tokens, each scoring only its new tokens."""
     windows = sliding_windows(val_tokens.numel(), seq_len, stride)
-    return score_windows(model, val_tokens, tables, windows, seq_len, batch_seqs, device, "eval sliding", compile_model)
+    return score_windows(model, val_tokens, tables, windows, seq_len, batch_seqs, device, "eval sliding",
+                         compile_model, ctx)
+
+
+def rank_share(windows: list[Window], ctx: DistContext) -> list[Window]:
+    """This process's contiguous share of the windows."""
+    count = len(windows)
+    return windows[count * ctx.rank // ctx.world_size : count * (ctx.rank + 1) // ctx.world_size]
 
 
 def score_windows(
     model: GPT, val_tokens: Tensor, tables: ByteTables, windows: list[Window], seq_len: int, batch_seqs: int,
-    device: torch.device, desc: str, compile_model: bool = False,
+    device: torch.device, desc: str, compile_model: bool = False, ctx: DistContext | None = None,
 ) -> EvalScore:
-    """Sum the scored predictions of ``windows`` (batched ``batch_seqs`` at a time) into loss and bpb."""
+    """Sum the scored predictions of ``windows`` (batched ``batch_seqs`` at a time) into loss and bpb.
+
+    With ``ctx`` of several processes every process must call this; each scores its share.
+    """
     if not windows:
         raise ValueError(f"{desc}: {val_tokens.numel()} validation tokens are too few for one window of {seq_len}")
+    distributed = ctx is not None and ctx.distributed
+    if distributed:
+        windows = rank_share(windows, ctx)
     model.eval()
     forward = torch.compile(model.forward_logits, dynamic=False) if compile_model else model.forward_logits
     tokens = val_tokens.to(device=device, dtype=torch.int64)  # [N]
     tables = tables.to(device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
-    with torch.inference_mode(), tqdm(total=len(windows), desc=desc, unit="win", leave=False) as bar:
+    quiet = distributed and not ctx.is_main
+    with torch.inference_mode(), tqdm(total=len(windows), desc=desc, unit="win", leave=False, disable=quiet) as bar:
         for first in range(0, len(windows), batch_seqs):
             batch = windows[first:first + batch_seqs]
             sums += _score_batch(forward, tokens, tables, batch, seq_len, device)
             bar.update(len(batch))
+    if distributed:
+        dist.all_reduce(sums)
     nll_sum, token_count, byte_count = sums.tolist()
     loss = nll_sum / token_count
     return EvalScore(loss=loss, bpb=loss / math.log(2.0) * token_count / byte_count)

@@ -10,6 +10,7 @@ and the unquantized model can be switched off in ``evaluate:``. Writes
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -25,13 +26,15 @@ from pgolf.config import EvaluateConfig, ModelConfig, TokenizeConfig, section, t
 from pgolf.evaluate import EvalScore, eval_plain, eval_sliding
 from pgolf.model import GPT
 from pgolf.provenance import log_provenance
-from pgolf.runtime import resolve_device, use_compile
+from pgolf.distributed import DistContext, init_distributed, relaunch_under_torchrun, shutdown, under_torchrun
+from pgolf.runtime import use_compile
 from pgolf.shards import dataset_path, load_validation_tokens
 from pgolf.tokenizer import ByteTables, byte_tables, tokenizer_file
 
 ARTIFACT_PATH = Path("out/compress/artifact.ptz")
 TRAINED_MODEL_PATH = Path("out/train/model.pt")
 METRICS_PATH = Path("out/evaluate/metrics.json")
+TORCHRUN_PARAMS = Path(".pgolf/evaluate_params.yaml")  # the resolved params, for the relaunched processes
 
 
 def quantized_model(path: Path, device: torch.device) -> GPT:
@@ -62,28 +65,30 @@ def validation_data(data_dir: str, model_config: ModelConfig, cfg: EvaluateConfi
 
 
 def score(
-    name: str, model: GPT, tokens: torch.Tensor, tables: ByteTables, cfg: EvaluateConfig, device: torch.device
+    name: str, model: GPT, tokens: torch.Tensor, tables: ByteTables, cfg: EvaluateConfig, ctx: DistContext
 ) -> dict:
-    """Plain and sliding scores (those switched on) of ``model`` with looping on."""
+    """Plain and sliding scores (those switched on) of ``model`` with looping on, over all processes."""
     model.looping_active = True
+    device = ctx.device
     compiled = use_compile(cfg.compile, device, "evaluate.compile")
     results: dict[str, float] = {}
     if cfg.eval_plain:
-        results |= timed(name, "", lambda: eval_plain(
-            model, tokens, tables, cfg.eval_seq_len, cfg.eval_batch_seqs, device, compiled))
+        results |= timed(name, "", ctx, lambda: eval_plain(
+            model, tokens, tables, cfg.eval_seq_len, cfg.eval_batch_seqs, device, compiled, ctx))
     if cfg.eval_sliding:
-        results |= timed(name, "sliding_", lambda: eval_sliding(
-            model, tokens, tables, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, device, compiled))
+        results |= timed(name, "sliding_", ctx, lambda: eval_sliding(
+            model, tokens, tables, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, device, compiled, ctx))
     return results
 
 
-def timed(name: str, prefix: str, evaluate: Callable[[], EvalScore]) -> dict[str, float]:
+def timed(name: str, prefix: str, ctx: DistContext, evaluate: Callable[[], EvalScore]) -> dict[str, float]:
     start = time.perf_counter()
     result = evaluate()
     seconds = time.perf_counter() - start
     label = prefix.rstrip("_") or "plain"
-    print(f"[pgolf evaluate] {name} {label}: val_loss {result.loss:.8f} val_bpb {result.bpb:.8f} ({seconds:.1f} s)",
-          flush=True)
+    if ctx.is_main:
+        print(f"[pgolf evaluate] {name} {label}: val_loss {result.loss:.8f} val_bpb {result.bpb:.8f} ({seconds:.1f} s)",
+              flush=True)
     # seconds stay out of the metrics: they would differ in every `dvc metrics diff`
     return {f"{prefix}val_loss": result.loss, f"{prefix}val_bpb": result.bpb}
 
@@ -97,24 +102,42 @@ def quantization_tax(quantized: dict, unquantized: dict) -> dict:
 def run(params: dict) -> None:
     cfg = section(params, "evaluate", EvaluateConfig)
     data_dir = section(params, "tokenize", TokenizeConfig).data_dir
-    log_provenance("evaluate", {"evaluate": to_dict(cfg), "tokenize.data_dir": data_dir})
     if not (cfg.eval_plain or cfg.eval_sliding):
         raise ValueError("evaluate: eval_plain and eval_sliding are both false: nothing to evaluate")
-    device = resolve_device(cfg.device)
-    model = quantized_model(ARTIFACT_PATH, device)
+    if cfg.nproc_per_node > 1 and not under_torchrun(os.environ):
+        relaunch_under_torchrun("stages.evaluate", params, cfg.nproc_per_node, TORCHRUN_PARAMS)
+        return
+    ctx = init_distributed(cfg.device)
+    try:
+        if ctx.is_main:
+            log_provenance("evaluate", {"evaluate": to_dict(cfg), "tokenize.data_dir": data_dir,
+                                        "world_size": ctx.world_size})
+        metrics = evaluate_models(cfg, data_dir, ctx)
+        if ctx.is_main:
+            write_json(METRICS_PATH, metrics)
+            print(f"[pgolf evaluate] metrics in {METRICS_PATH} (sizes in out/compress/metrics.json, training in "
+                  "out/train/metrics.json); `dvc metrics show` prints them all, `dvc metrics diff` compares runs",
+                  flush=True)
+    finally:
+        shutdown(ctx)
+
+
+def evaluate_models(cfg: EvaluateConfig, data_dir: str, ctx: DistContext) -> dict:
+    """Scores of the artifact and, when switched on, of the unquantized weights (every process)."""
+    model = quantized_model(ARTIFACT_PATH, ctx.device)
     tokens, tables = validation_data(data_dir, model.config, cfg)
-    print(f"[pgolf evaluate] {tokens.numel() - 1:,} validation targets on {device}", flush=True)
+    if ctx.is_main:
+        print(f"[pgolf evaluate] {tokens.numel() - 1:,} validation targets on {ctx.world_size} x {ctx.device}",
+              flush=True)
     metrics = {"artifact_bytes": ARTIFACT_PATH.stat().st_size, "val_tokens": tokens.numel() - 1,
-               "quantized": score("quantized", model, tokens, tables, cfg, device)}
+               "quantized": score("quantized", model, tokens, tables, cfg, ctx)}
     if cfg.eval_unquantized:
-        unquantized = build_model(TRAINED_MODEL_PATH, device)
+        unquantized = build_model(TRAINED_MODEL_PATH, ctx.device)
         if unquantized.config != model.config:
             raise ValueError(f"{TRAINED_MODEL_PATH} and {ARTIFACT_PATH} hold different model configs")
-        metrics["unquantized"] = score("unquantized", unquantized, tokens, tables, cfg, device)
+        metrics["unquantized"] = score("unquantized", unquantized, tokens, tables, cfg, ctx)
         metrics["quantization_tax"] = quantization_tax(metrics["quantized"], metrics["unquantized"])
-    write_json(METRICS_PATH, metrics)
-    print(f"[pgolf evaluate] metrics in {METRICS_PATH} (sizes in out/compress/metrics.json, training in "
-          "out/train/metrics.json); `dvc metrics show` prints them all, `dvc metrics diff` compares runs", flush=True)
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

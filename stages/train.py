@@ -17,13 +17,14 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
 
-from pgolf.atomic import write_bytes, write_json
+from pgolf.atomic import write_json
 from pgolf.checkpoint import save_model
 from pgolf.cli import run_stage
 from pgolf.config import ModelConfig, TokenizeConfig, TrainConfig, section, to_dict
-from pgolf.distributed import DistContext, barrier, init_distributed, launch_torchrun, shutdown, under_torchrun
+from pgolf.distributed import (
+    DistContext, barrier, init_distributed, relaunch_under_torchrun, shutdown, under_torchrun,
+)
 from pgolf.evaluate import eval_plain
 from pgolf.loader import TrainLoader
 from pgolf.model import GPT, count_parameters
@@ -42,6 +43,7 @@ CSV_PATH = PLOTS_DIR / "train.csv"
 LOSS_PNG_PATH = PLOTS_DIR / "train_loss.png"
 VAL_CSV_PATH = PLOTS_DIR / "val.csv"
 CHECKPOINT_DIR = Path("checkpoints/train")
+TORCHRUN_PARAMS = Path(".pgolf/train_params.yaml")  # the resolved params, for the relaunched processes
 MANIFEST_NAME = "manifest.json"
 
 
@@ -54,15 +56,6 @@ def check_vocab(dataset_dir: Path, vocab_size: int) -> None:
             raise ValueError(f"{manifest}: vocab_size {data_vocab} but params.yaml model.vocab_size is {vocab_size}")
         return
     validate_dataset(dataset_dir, vocab_size)  # no manifest: every id must be below vocab_size
-
-
-def relaunch_under_torchrun(params: dict, nproc: int) -> None:
-    """Run this stage in ``nproc`` processes with the same (resolved) params."""
-    params_file = CHECKPOINT_DIR / "torchrun_params.yaml"
-    write_bytes(params_file, yaml.safe_dump(params, sort_keys=True).encode("utf-8"))
-    code = launch_torchrun("stages.train", ["--params", str(params_file)], nproc)
-    if code != 0:
-        raise SystemExit(code)
 
 
 def validator(data_dir: str, model_cfg: ModelConfig, cfg: TrainConfig, ctx: DistContext) -> Validator:
@@ -113,7 +106,7 @@ def run(params: dict) -> None:
     train_cfg = section(params, "train", TrainConfig)
     data_dir = section(params, "tokenize", TokenizeConfig).data_dir
     if train_cfg.nproc_per_node > 1 and not under_torchrun(os.environ):
-        relaunch_under_torchrun(params, train_cfg.nproc_per_node)
+        relaunch_under_torchrun("stages.train", params, train_cfg.nproc_per_node, TORCHRUN_PARAMS)
         return
     ctx = init_distributed(train_cfg.device)
     if ctx.device.type == "cuda":

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,3 +147,19 @@ def write_params(values: dict) -> Path:
     path = Path("params.yaml")
     path.write_text(yaml.safe_dump(values))
     return path
+
+
+@pytest.mark.slow
+def test_two_processes_score_as_one(workdir):
+    stage.run(params())
+    single = json.loads(stage.METRICS_PATH.read_text())
+    stage.METRICS_PATH.unlink()
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params(nproc_per_node=2)))
+    # `pgolf evaluate` starts torchrun itself when nproc_per_node > 1 (gloo on the CPU)
+    done = subprocess.run([sys.executable, "-m", "pgolf.cli", "evaluate"], cwd=workdir, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    double = json.loads(stage.METRICS_PATH.read_text())
+    for model in ("quantized", "unquantized"):
+        for key, value in single[model].items():
+            assert double[model][key] == pytest.approx(value, rel=1e-9), f"{model}.{key}"
