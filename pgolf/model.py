@@ -7,7 +7,7 @@ and depth recurrence: a range of layers is run several times once
 ``looping_active`` is set. Parameter names are the reference's, so a state
 dict written by the record's ``train_gpt.py`` loads as is. Attention runs
 through FlashAttention-3 or flash-attn when importable on a GPU, else PyTorch's
-scaled-dot-product attention; all paths compute the same function.
+scaled-dot-product attention; all paths compute the same function (a test checks them against attention written out).
 """
 
 from __future__ import annotations
@@ -55,18 +55,6 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         v = v.repeat_interleave(group, dim=1)
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D]
     return y.transpose(1, 2)  # [B, T, H, D]
-
-
-def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention written out in matrix products: the check for the fast paths."""
-    group = q.size(2) // k.size(2)
-    k = k.repeat_interleave(group, dim=2)  # [B, T, H, D]
-    v = v.repeat_interleave(group, dim=2)
-    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.size(-1))  # [B, H, T, T]
-    t = q.size(1)
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-    return torch.einsum("bhts,bshd->bthd", weights, v)  # [B, T, H, D]
 
 
 @functools.cache

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch import Tensor
 
 from pgolf.config import ModelConfig
-from pgolf.model import GPT, count_parameters, layer_order, math_attention, sdpa_attention
+from pgolf.model import GPT, count_parameters, layer_order, sdpa_attention
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention written out in matrix products: the check for the fast paths; [B, T, H, D]."""
+    group = q.size(2) // k.size(2)
+    k = k.repeat_interleave(group, dim=2)  # [B, T, H, D]
+    v = v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.size(-1))  # [B, H, T, T]
+    t = q.size(1)
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhts,bshd->bthd", weights, v)  # [B, T, H, D]
 
 
 def golden_model(golden_tiny, cfg: ModelConfig, looping: bool) -> GPT:
