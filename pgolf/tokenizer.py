@@ -11,7 +11,6 @@ miscounts silently inflates or deflates every score.
 from __future__ import annotations
 
 import io
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 import torch
+from google.protobuf.message import DecodeError
+from sentencepiece import sentencepiece_model_pb2
 
 SPACE_PIECE = "\u2581"  # SentencePiece's visible space, "▁"
 # The challenge's trainer settings (REFERENCE.md section 1).
@@ -209,90 +210,23 @@ class ByteCheck:
         }
 
 
-# Fields of sentencepiece_model.proto that the challenge's recipe sets, with
-# their proto2 defaults (a serialised proto may omit a field at its default).
-_TRAINER_FIELDS = {
-    3: ("model_type", "enum", 1),
-    4: ("vocab_size", "int", 8000),
-    10: ("character_coverage", "float", 0.9995),
-    25: ("split_digits", "bool", False),
-    33: ("hard_vocab_limit", "bool", True),
-    35: ("byte_fallback", "bool", False),
-    40: ("unk_id", "int", 0),
-    41: ("bos_id", "int", 1),
-    42: ("eos_id", "int", 2),
-    43: ("pad_id", "int", -1),
-}
-_NORMALIZER_FIELDS = {
-    1: ("normalization_rule_name", "str", ""),
-    3: ("add_dummy_prefix", "bool", True),
-}
-_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+# Trainer fields of sentencepiece_model.proto that the challenge's recipe sets.
+_TRAINER_KEYS = ("vocab_size", "character_coverage", "byte_fallback", "split_digits", "pad_id", "bos_id",
+                 "eos_id", "unk_id", "hard_vocab_limit")
 
 
 def model_settings(path: str | Path) -> dict[str, object]:
-    """The trainer and normaliser settings stored in a ``.model`` file (keys of ``TRAINER_SETTINGS``).
-
-    Read straight from the protobuf wire format, so no protobuf package is needed.
-    """
+    """The trainer and normaliser settings stored in a ``.model`` file (keys of ``TRAINER_SETTINGS``)."""
     path = Path(path)
+    proto = sentencepiece_model_pb2.ModelProto()
     try:
-        model = _proto_fields(path.read_bytes())
-        trainer = _decode_message(model.get(2, [b""])[-1], _TRAINER_FIELDS)
-        normalizer = _decode_message(model.get(3, [b""])[-1], _NORMALIZER_FIELDS)
-    except (IndexError, struct.error, UnicodeDecodeError, TypeError) as exc:
+        proto.ParseFromString(path.read_bytes())
+    except DecodeError as exc:
         raise TokenizerError(f"{path}: cannot read the settings of this SentencePiece model ({exc})") from None
-    trainer["model_type"] = _MODEL_TYPES.get(trainer["model_type"], trainer["model_type"])
-    return {**trainer, **normalizer}
-
-
-def _decode_message(data: bytes, fields: dict[int, tuple[str, str, object]]) -> dict[str, object]:
-    raw = _proto_fields(data)
-    values = {}
-    for number, (name, kind, default) in fields.items():
-        if number not in raw:
-            values[name] = default
-            continue
-        value = raw[number][-1]  # proto semantics: the last occurrence wins
-        if kind == "float":
-            values[name] = round(struct.unpack("<f", value)[0], 6)
-        elif kind == "bool":
-            values[name] = bool(value)
-        elif kind == "str":
-            values[name] = value.decode("utf-8")
-        else:  # int32 and enums: varints, negative ones in 64-bit two's complement
-            values[name] = value - (1 << 64) if value >= 1 << 63 else value
-    return values
-
-
-def _proto_fields(data: bytes) -> dict[int, list]:
-    """Field number -> values of one protobuf message (varints as int, others as bytes)."""
-    fields: dict[int, list] = {}
-    pos = 0
-    while pos < len(data):
-        key, pos = _varint(data, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            value, pos = _varint(data, pos)
-        elif wire_type == 1:
-            value, pos = data[pos : pos + 8], pos + 8
-        elif wire_type == 2:
-            length, pos = _varint(data, pos)
-            value, pos = data[pos : pos + length], pos + length
-        elif wire_type == 5:
-            value, pos = data[pos : pos + 4], pos + 4
-        else:
-            raise TypeError(f"unsupported protobuf wire type {wire_type}")
-        fields.setdefault(number, []).append(value)
-    return fields
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, pos
+    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
+    settings: dict[str, object] = {key: getattr(trainer, key) for key in _TRAINER_KEYS}
+    settings["character_coverage"] = round(trainer.character_coverage, 6)  # stored as float32
+    settings["model_type"] = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(trainer.model_type).lower()
+    settings["normalization_rule_name"] = normalizer.name
+    settings["add_dummy_prefix"] = normalizer.add_dummy_prefix
+    return settings

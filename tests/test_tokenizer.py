@@ -116,16 +116,6 @@ def test_model_settings_read_the_published_tokenizers(shared_dir):
     assert model_settings(shared_dir / "tokenizers" / "fineweb_1024_bpe.model")["byte_fallback"] is False
 
 
-def test_model_settings_match_protobuf_when_installed(trained_512):
-    model_pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2", exc_type=ImportError)
-    proto = model_pb2.ModelProto()
-    proto.ParseFromString(trained_512.read_bytes())
-    settings = model_settings(trained_512)
-    for key in ("vocab_size", "byte_fallback", "split_digits", "hard_vocab_limit", "pad_id", "bos_id", "unk_id"):
-        assert settings[key] == getattr(proto.trainer_spec, key)
-    assert settings["add_dummy_prefix"] == proto.normalizer_spec.add_dummy_prefix
-
-
 def test_load_tokenizer_refuses_a_wrong_vocab_size(shared_dir):
     message = "fineweb_8192_bpe.model: tokenizer has 8192 pieces but vocab_size is 1024"
     with pytest.raises(TokenizerError, match=message):
