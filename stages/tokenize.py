@@ -21,10 +21,9 @@ from pgolf.cli import run_stage
 from pgolf.config import TokenizeConfig, section, to_dict
 from pgolf.dataset import build_dataset
 from pgolf.provenance import log_provenance
-from pgolf.shards import SPLITS, dataset_path
+from pgolf.shards import MANIFEST_NAME, SPLITS, dataset_path
 from pgolf.tokenizer import tokenizer_file
 
-MANIFEST_NAME = "manifest.json"
 METRICS_PATH = Path("out/tokenize/metrics.json")  # flat figures for `dvc metrics`; the manifest has the rest
 
 

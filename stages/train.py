@@ -31,7 +31,7 @@ from pgolf.model import GPT, count_parameters
 from pgolf.plots import line_plot, write_csv
 from pgolf.provenance import log_provenance
 from pgolf.runtime import enable_tf32, seed_everything
-from pgolf.shards import dataset_path, load_validation_tokens, shard_files, validate_dataset
+from pgolf.shards import MANIFEST_NAME, dataset_path, load_validation_tokens, shard_files, validate_dataset
 from pgolf.tokenizer import byte_tables, tokenizer_file
 from pgolf.train import CHECKPOINT_NAME, TrainResult, Validator, train
 
@@ -44,7 +44,6 @@ LOSS_PNG_PATH = PLOTS_DIR / "train_loss.png"
 VAL_CSV_PATH = PLOTS_DIR / "val.csv"
 CHECKPOINT_DIR = Path("checkpoints/train")
 TORCHRUN_PARAMS = Path(".pgolf/train_params.yaml")  # the resolved params, for the relaunched processes
-MANIFEST_NAME = "manifest.json"
 
 
 def check_vocab(dataset_dir: Path, vocab_size: int) -> None:
