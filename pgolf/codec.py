@@ -74,6 +74,10 @@ class QuantizedTensor:
         if self.q.numel() and (int(self.q.min()) < -qmax or int(self.q.max()) > qmax):
             raise ValueError(f"codes exceed ±{qmax} (the range of {self.bits}-bit codes)")
 
+    def dequantize(self) -> Tensor:
+        """``q · scale`` per row, float32 [rows, cols]."""
+        return self.q.float() * self.scale.float()[:, None]
+
 
 @dataclass(frozen=True)
 class QuantizedModel:
@@ -256,10 +260,7 @@ def dequantize(qm: QuantizedModel) -> dict[str, Tensor]:
     """The float32 state dict of ``qm``: ``q · scale`` per row, passthrough tensors as float32."""
     state = {}
     for name, tensor in qm.tensors.items():
-        if isinstance(tensor, QuantizedTensor):
-            state[name] = tensor.q.float() * tensor.scale.float()[:, None]  # [rows, cols]
-        else:
-            state[name] = tensor.float()
+        state[name] = tensor.dequantize() if isinstance(tensor, QuantizedTensor) else tensor.float()
     return state
 
 

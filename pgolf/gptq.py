@@ -193,11 +193,6 @@ def gptq_quantize(
     return codes.transpose(1, 2).to(torch.int8), scale  # [N, rows, cols], [N, rows]
 
 
-def dequantize_codes(codes: Tensor, scale: Tensor) -> Tensor:
-    """``q · s`` per row, float32: [..., rows, cols] codes, [..., rows] scales."""
-    return codes.float() * scale.float()[..., None]
-
-
 # ---------------------------------------------------------------- report
 
 
@@ -259,7 +254,7 @@ def report_totals(rows: list[dict]) -> dict:
 def check_hessians(
     state_dict: dict[str, Tensor], hessians: dict[str, Tensor], cfg: QuantizeConfig, source: str = "quantize"
 ) -> None:
-    """A clear error, naming ``source``, for every tensor to quantize whose Hessian is missing, misshapen or not finite."""
+    """A clear error, naming ``source``, for each tensor to quantize whose Hessian is missing, misshapen or not finite."""
     problems = []
     for name, tensor in state_dict.items():
         if not tensor_plan(name, tensor, cfg).bits:
@@ -316,7 +311,6 @@ def quantize_model(
     gptq_names = [name for name, plan in plans.items() if plan.bits]
     factor_cache = {} if factor_cache is None else factor_cache
     tensors: dict[str, QuantizedTensor | Tensor] = {}
-    codes_of: dict[str, Tensor] = {}
     total_columns = sum(state_dict[n].shape[1] for n in gptq_names)
     with tqdm(total=total_columns, desc="gptq columns", unit="col", disable=not show_progress) as bar:
         for names in shape_batches(gptq_names, state_dict):
@@ -335,15 +329,12 @@ def quantize_model(
             )
             for name, code, scale in zip(names, codes.cpu(), scales.cpu()):
                 tensors[name] = QuantizedTensor(code, scale, plans[name].bits, plans[name].clip_sigmas)
-                codes_of[name] = code
     rows = []
     for name, tensor in state_dict.items():
-        if name not in tensors:
-            tensors[name] = tensor.detach().to(torch.float16) if tensor.is_floating_point() else tensor
-            approx = tensors[name]
-        else:
-            approx = dequantize_codes(tensors[name].q, tensors[name].scale)
-        rows.append(tensor_report(name, tensor, plans[name], approx, hessians.get(name), codes_of.get(name)))
+        stored = tensors.setdefault(name, tensor.detach().to(torch.float16) if tensor.is_floating_point() else tensor)
+        quantized = isinstance(stored, QuantizedTensor)
+        approx, codes = (stored.dequantize(), stored.q) if quantized else (stored, None)
+        rows.append(tensor_report(name, tensor, plans[name], approx, hessians.get(name), codes))
     return QuantizedModel(model_config, {name: tensors[name] for name in state_dict}), rows
 
 
