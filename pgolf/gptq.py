@@ -254,7 +254,7 @@ def report_totals(rows: list[dict]) -> dict:
 def check_hessians(
     state_dict: dict[str, Tensor], hessians: dict[str, Tensor], cfg: QuantizeConfig, source: str = "quantize"
 ) -> None:
-    """A clear error, naming ``source``, for each tensor to quantize whose Hessian is missing, misshapen or not finite."""
+    """An error naming ``source`` for each tensor to quantize whose Hessian is missing, misshapen or not finite."""
     problems = []
     for name, tensor in state_dict.items():
         if not tensor_plan(name, tensor, cfg).bits:
