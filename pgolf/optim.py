@@ -44,8 +44,7 @@ def newton_schulz(update: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
 
 
 def muon_direction(grad: Tensor, buffer: Tensor, momentum: float, steps: int, row_normalize: bool) -> Tensor:
-    """The bf16 MuonEq-R update of one matrix; advances its momentum ``buffer`` in place."""
-    buffer.mul_(momentum).add_(grad)
+    """The bf16 MuonEq-R update of one matrix from its gradient and (advanced) momentum ``buffer``."""
     update = grad.add(buffer, alpha=momentum)  # Nesterov
     if row_normalize:
         row_norms = update.float().norm(dim=-1, keepdim=True).clamp_min(1e-7)  # [rows, 1]
@@ -92,12 +91,11 @@ class MuonEqR(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p.grad)
             buffer = state["momentum_buffer"]
+            buffer.mul_(group["momentum"]).add_(p.grad)  # on every rank: any rank's state is the whole state
             if index % world_size == rank:
                 direction = muon_direction(p.grad, buffer, group["momentum"],
                                            group["backend_steps"], group["row_normalize"])
                 updates[offset:offset + p.numel()] = direction.reshape(-1)
-            else:
-                buffer.mul_(group["momentum"]).add_(p.grad)
             offset += p.numel()
         return updates
 
