@@ -33,7 +33,7 @@ def test_golden_reference_weights_round_trip(tmp_path, monkeypatch, golden_tiny)
     model.looping_active = True
     with torch.no_grad():
         loss = model(golden_tiny["x"], golden_tiny["y"]).item()
-    assert loss == pytest.approx(golden_tiny["loss_loop"], rel=1e-4)
+    assert loss == pytest.approx(float(golden_tiny["loss_loop"]), rel=1e-4)
 
 
 def test_mismatched_weights_are_named_and_nothing_is_written(tmp_path, monkeypatch, golden_tiny, capsys):
