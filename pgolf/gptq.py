@@ -357,6 +357,17 @@ class FitResult:
     margin_met: bool  # limit - total_bytes <= margin
     points: list[FitPoint]
 
+    def summary(self, limit: int) -> dict:
+        """The search's outcome, for the quantize report."""
+        return {
+            "matrix_clip_sigmas": self.clip_sigmas,
+            "total_bytes": self.total_bytes,
+            "size_limit_bytes": limit,
+            "headroom_bytes": limit - self.total_bytes,
+            "margin_met": self.margin_met,
+            "evaluations": len(self.points),
+        }
+
 
 class SizeFitError(ValueError):
     """Even the largest allowed clip sigmas gives an artifact over the limit."""
