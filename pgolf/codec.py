@@ -54,6 +54,11 @@ class ArtifactError(ValueError):
     """Bytes that are not a valid serialized model or compressed artifact."""
 
 
+def quant_max(bits: int) -> int:
+    """The largest code of a signed, symmetric ``bits``-bit quantizer: 2^(bits-1) - 1."""
+    return 2 ** (bits - 1) - 1
+
+
 @dataclass(frozen=True)
 class QuantizedTensor:
     """A matrix as integer codes and one scale per row: ``W ≈ q · scale[:, None]``."""
@@ -72,7 +77,7 @@ class QuantizedTensor:
             )
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be in 2..8, got {self.bits}")
-        qmax = 2 ** (self.bits - 1) - 1
+        qmax = quant_max(self.bits)
         if self.q.numel() and (int(self.q.min()) < -qmax or int(self.q.max()) > qmax):
             raise ValueError(f"codes exceed ±{qmax} (the range of {self.bits}-bit codes)")
 

@@ -216,6 +216,14 @@ SECTIONS: dict[str, type] = {
 C = TypeVar("C")
 
 
+class ParamsFile(dict):
+    """The sections of a params file, remembering which file they came from (for error messages)."""
+
+    def __init__(self, sections: dict[str, dict[str, Any]], source: str):
+        super().__init__(sections)
+        self.source = source
+
+
 def load_params(path: str | Path, overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Read a params file and apply ``section.key=value`` overrides (values in YAML)."""
     path = Path(path)
@@ -232,7 +240,7 @@ def load_params(path: str | Path, overrides: list[str] | None = None) -> dict[st
             raise ConfigError(f"{path}: unknown section {name!r} (known: {', '.join(SECTIONS)})")
         if section is not None and not isinstance(section, dict):
             raise ConfigError(f"{path}: section {name!r} must be a mapping")
-    params = {name: dict(section or {}) for name, section in params.items()}
+    params = ParamsFile({name: dict(section or {}) for name, section in params.items()}, source=str(path))
     for item in overrides or []:
         _apply_override(params, item, path)
     return params
@@ -249,8 +257,8 @@ def _apply_override(params: dict[str, dict[str, Any]], item: str, path: Path) ->
 
 
 def section(params: dict[str, dict[str, Any]], name: str, cls: type[C], source: str = "params.yaml") -> C:
-    """Build the dataclass ``cls`` from ``params[name]``, strictly."""
-    return from_dict(cls, params.get(name, {}), f"{source}: {name}")
+    """Build the dataclass ``cls`` from ``params[name]``, strictly; errors name the file read."""
+    return from_dict(cls, params.get(name, {}), f"{getattr(params, 'source', source)}: {name}")
 
 
 def from_dict(cls: type[C], values: dict[str, Any], where: str) -> C:

@@ -11,6 +11,7 @@ sums are all-reduced, so N GPUs give the one-process score in 1/N of the time.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -182,6 +183,23 @@ def quantization_tax(quantized: dict[str, float], unquantized: dict[str, float])
     """How much bpb the artifact loses against the unquantized weights, per evaluation."""
     keys = [key for key in ("val_bpb", "sliding_val_bpb") if key in quantized and key in unquantized]
     return {key: quantized[key] - unquantized[key] for key in keys}
+
+
+SCORING_KEYS = ("eval_seq_len", "eval_stride", "eval_plain", "eval_sliding", "max_val_tokens")  # equal: same scores
+
+
+def tax_against_prequant(quantized: dict[str, float], metrics_path: Path, provenance_path: Path,
+                         cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
+    """``{"quantization_tax": ...}`` against the prequant stage's scores, when they were made alike."""
+    if not (metrics_path.is_file() and provenance_path.is_file()):
+        return {}
+    scored_with = json.loads(provenance_path.read_text(encoding="utf-8"))["config"]["evaluate"]
+    if any(scored_with.get(key) != getattr(cfg, key) for key in SCORING_KEYS):
+        print(f"[pgolf evaluate] {metrics_path} was scored with other evaluate settings: no quantization tax",
+              flush=True)
+        return {}
+    unquantized = json.loads(metrics_path.read_text(encoding="utf-8"))["unquantized"]
+    return {"quantization_tax": quantization_tax(quantized, unquantized)}
 
 
 def validation_set(dataset_dir: Path, tokenizer_path: Path, vocab_size: int, cfg: EvaluateConfig

@@ -11,7 +11,6 @@ switches on, on one process or N under torchrun.
 
 from __future__ import annotations
 
-import json
 import sys
 
 from pgolf import layout
@@ -20,13 +19,12 @@ from pgolf.checkpoint import build_model
 from pgolf.codec import artifact_model
 from pgolf.config import EvaluateConfig, TokenizeConfig, section, to_dict
 from pgolf.distributed import init_distributed, shutdown
-from pgolf.evaluate import evaluate_model, quantization_tax, validation_set
+from pgolf.evaluate import evaluate_model, tax_against_prequant, validation_set
 from pgolf.provenance import log_provenance
 from pgolf.shards import check_vocab, dataset_path
 from pgolf.stage import Workspace, run_stage, stage_parser
 from pgolf.tokenizer import tokenizer_file
 
-SCORING_KEYS = ("eval_seq_len", "eval_stride", "eval_plain", "eval_sliding", "max_val_tokens")  # same scores if equal
 # --weights: (model file, how to build it, metrics key, metrics file, provenance file)
 WEIGHTS = {
     "artifact": (layout.COMPRESS_ARTIFACT, artifact_model, "quantized",
@@ -52,26 +50,14 @@ def run(params: dict, ws: Workspace, weights: str = "artifact") -> None:
             print(f"[pgolf evaluate] {ws.input(model_file)}: {tokens.numel() - 1:,} validation targets on "
                   f"{ctx.world_size} x {ctx.device}", flush=True)
         metrics = {"val_tokens": tokens.numel() - 1, key: evaluate_model(key, model, tokens, tables, cfg, ctx)}
+        if weights == "artifact":
+            metrics["artifact_bytes"] = ws.input(model_file).stat().st_size
+            metrics |= tax_against_prequant(metrics["quantized"], ws.input(layout.PREQUANT_METRICS),
+                                            ws.input(layout.PREQUANT_PROVENANCE), cfg)
         if ctx.is_main:
-            commit(ws, metrics | with_tax(ws, weights, metrics, cfg), metrics_file, provenance_file, record)
+            commit(ws, metrics, metrics_file, provenance_file, record)
     finally:
         shutdown(ctx)
-
-
-def with_tax(ws: Workspace, weights: str, metrics: dict, cfg: EvaluateConfig) -> dict:
-    """For the artifact: its size, and its loss against prequant's scores when those were made alike."""
-    if weights != "artifact":
-        return {}
-    extra = {"artifact_bytes": ws.input(layout.COMPRESS_ARTIFACT).stat().st_size}
-    prequant, provenance = ws.input(layout.PREQUANT_METRICS), ws.input(layout.PREQUANT_PROVENANCE)
-    if not (prequant.is_file() and provenance.is_file()):
-        return extra
-    scored_with = json.loads(provenance.read_text(encoding="utf-8"))["config"]["evaluate"]
-    if any(scored_with.get(key) != value for key, value in to_dict(cfg).items() if key in SCORING_KEYS):
-        print(f"[pgolf evaluate] {prequant} was scored with other evaluate settings: no quantization tax", flush=True)
-        return extra
-    unquantized = json.loads(prequant.read_text(encoding="utf-8"))["unquantized"]
-    return extra | {"quantization_tax": quantization_tax(metrics["quantized"], unquantized)}
 
 
 def commit(ws: Workspace, metrics: dict, metrics_file: str, provenance_file: str, record: dict) -> None:
