@@ -59,9 +59,9 @@ def entry(header: dict, name: str) -> dict:
 # ------------------------------------------------------------------------------ shuffle
 
 
-def test_byte_shuffle_matches_reference(golden_tiny):
-    assert byte_shuffle(golden_tiny["shuffle_in"], 2) == golden_tiny["shuffle_out"]
-    assert byte_unshuffle(golden_tiny["shuffle_out"]) == golden_tiny["shuffle_in"]
+def test_byte_shuffle_matches_reference(golden):
+    assert byte_shuffle(golden["shuffle_in"], 2) == golden["shuffle_out"]
+    assert byte_unshuffle(golden["shuffle_out"]) == golden["shuffle_in"]
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3, 4])

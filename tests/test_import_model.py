@@ -19,22 +19,22 @@ def write_params(path, model_config) -> None:
     path.write_text(yaml.safe_dump({"model": dataclasses.asdict(model_config)}))
 
 
-def test_golden_reference_weights_round_trip(tmp_path, monkeypatch, golden_tiny):
-    cfg = model_config_from_reference(golden_tiny["config"])
+def test_golden_reference_weights_round_trip(tmp_path, monkeypatch, golden):
+    cfg = model_config_from_reference(golden["config"])
     reference = tmp_path / "final_model.pt"
-    torch.save(golden_tiny["state_dict"], reference)
+    torch.save(golden["state_dict"], reference)
     write_params(tmp_path / "params.yaml", cfg)
     monkeypatch.chdir(tmp_path)
     assert import_model.main([str(reference)]) == 0
     saved_cfg, state = load_model(pathlib.Path(layout.TRAIN_MODEL))
     assert saved_cfg == cfg
-    assert state.keys() == golden_tiny["state_dict"].keys()
-    assert all(torch.equal(state[n], t) for n, t in golden_tiny["state_dict"].items())
+    assert state.keys() == golden["state_dict"].keys()
+    assert all(torch.equal(state[n], t) for n, t in golden["state_dict"].items())
     model = build_model(pathlib.Path(layout.TRAIN_MODEL))  # the file later stages read
     model.looping_active = True
     with torch.no_grad():
-        loss = model(golden_tiny["x"], golden_tiny["y"]).item()
-    assert loss == pytest.approx(float(golden_tiny["loss_loop"]), rel=1e-4)
+        loss = model(golden["x"], golden["y"]).item()
+    assert loss == pytest.approx(float(golden["loss_loop"]), rel=1e-4)
 
 
 def test_mismatched_weights_are_named_and_nothing_is_written(tmp_path, monkeypatch, golden_tiny, capsys):
