@@ -138,19 +138,13 @@ def download_dataset(
     dest.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(hub.staging, ignore_errors=True)  # a killed run's partial files cannot be reused
 
-    manifest_file = RemoteFile(f"{remote_root}/{HUB_MANIFEST}".lstrip("/"), dest / HUB_MANIFEST)
-    commit = hub.metadata(manifest_file.remote, revision).commit_hash
-    place(hub.fetch(manifest_file.remote, commit), manifest_file.local)
-    manifest = read_hub_manifest(manifest_file.local)
+    commit, manifest = fetch_hub_manifest(hub, remote_root, revision, dest)
     files = [with_metadata(hub, f, commit) for f in planned_files(manifest, variant, train_shards, remote_root, dest)]
-
     missing = [f for f in files if not f.is_complete()]
     check_disk_space(files, missing, dest, log)
     for number, remote_file in enumerate(missing, 1):
         log(f"[pgolf download] {number}/{len(missing)} {remote_file.remote} ({remote_file.size / 1e6:,.1f} MB)")
-        fetched = hub.fetch(remote_file.remote, commit)
-        verify_file(fetched, remote_file)
-        place(fetched, remote_file.local)
+        fetch_checked(hub, remote_file, commit)
     shutil.rmtree(hub.staging, ignore_errors=True)
 
     shards_dir, model_file = dataset_path(dest, vocab_size), tokenizer_file(dest, vocab_size)
@@ -161,6 +155,21 @@ def download_dataset(
         "files": len(files), "fetched": len(missing), "kept": len(files) - len(missing),
         "bytes": sum(f.size for f in files),
     }
+
+
+def fetch_hub_manifest(hub: Hub, remote_root: str, revision: str, dest: Path) -> tuple[str, dict[str, Any]]:
+    """The commit ``revision`` names now (every file is then fetched at it) and the repository's manifest."""
+    remote = f"{remote_root}/{HUB_MANIFEST}" if remote_root else HUB_MANIFEST
+    meta = hub.metadata(remote, revision)
+    manifest_file = with_metadata(hub, RemoteFile(remote, dest / HUB_MANIFEST), revision, meta)
+    fetch_checked(hub, manifest_file, meta.commit_hash)
+    return meta.commit_hash, read_hub_manifest(manifest_file.local)
+
+
+def fetch_checked(hub: Hub, remote_file: RemoteFile, commit: str) -> None:
+    fetched = hub.fetch(remote_file.remote, commit)
+    verify_file(fetched, remote_file)
+    place(fetched, remote_file.local)
 
 
 def read_hub_manifest(path: Path) -> dict[str, Any]:
@@ -208,14 +217,17 @@ def find_entry(manifest: dict[str, Any], key: str, name: Any, what: str) -> dict
     raise DownloadError(f"{what}: no entry {name!r} in the repository manifest's {key} (it lists: {listed or 'none'})")
 
 
-def with_metadata(hub: Hub, remote_file: RemoteFile, commit: str) -> RemoteFile:
-    meta = hub.metadata(remote_file.remote, commit)
+def with_metadata(hub: Hub, remote_file: RemoteFile, revision: str, meta: Any = None) -> RemoteFile:
+    """``remote_file`` with the size and etag the hub gives (``meta``: already asked for)."""
+    meta = meta or hub.metadata(remote_file.remote, revision)
     if meta.size is None:
         raise DownloadError(f"{hub.where(remote_file.remote)}: the hub gave no size")
     return RemoteFile(remote_file.remote, remote_file.local, int(meta.size), meta.etag or "")
 
 
-def check_disk_space(files: list[RemoteFile], missing: list[RemoteFile], dest: Path, log: Callable[[str], None]) -> None:
+def check_disk_space(
+    files: list[RemoteFile], missing: list[RemoteFile], dest: Path, log: Callable[[str], None]
+) -> None:
     """Say what the missing files need against what is free; refuse when it does not fit."""
     needed = sum(f.size for f in missing)
     free = shutil.disk_usage(dest).free
@@ -234,7 +246,10 @@ def check_disk_space(files: list[RemoteFile], missing: list[RemoteFile], dest: P
 def verify_file(path: Path, expected: RemoteFile) -> None:
     """Size and, where the hub's etag is one, content hash; a bad file is removed."""
     actual = path.stat().st_size
-    problem = f"{actual} bytes, the hub says {expected.size}" if actual != expected.size else content_mismatch(path, expected.etag)
+    if actual != expected.size:
+        problem = f"{actual} bytes, the hub says {expected.size}"
+    else:
+        problem = content_mismatch(path, expected.etag)
     if problem:
         path.unlink()
         raise DownloadError(f"{expected.remote}: downloaded file is wrong ({problem}); run the command again")

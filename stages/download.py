@@ -43,11 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("download")
     parser.add_argument("--variant", default=None, help="sp1024, sp4096 or sp8192 (default: sp{tokenize.vocab_size})")
     parser.add_argument("--train-shards", type=int, default=128, help="train shards to fetch (default: 128)")
-    parser.add_argument("--repo-id", default=DEFAULT_REPO_ID, help=f"hub dataset repository (default: {DEFAULT_REPO_ID})")
+    parser.add_argument("--repo-id", default=DEFAULT_REPO_ID,
+                        help=f"hub dataset repository (default: {DEFAULT_REPO_ID})")
     parser.add_argument("--endpoint", default=None, help="hub address (default: HF_ENDPOINT or huggingface.co)")
     parser.add_argument("--dest", default="downloads", help="destination folder (default: downloads)")
-    parser.add_argument("--remote-root", default=REMOTE_ROOT, help=f"the export's folder in the repository "
-                        f"(default: {REMOTE_ROOT})")
+    parser.add_argument("--remote-root", default=REMOTE_ROOT,
+                        help=f"the export's folder in the repository (default: {REMOTE_ROOT})")
     return run_stage("download", run, argv, parser)
 
 
