@@ -85,7 +85,7 @@ class StandInHub:
         self.stall: dict[str, int] = {}  # path -> bytes sent before the GET hangs until `release`
         self.stalled = threading.Event()
         self.release = threading.Event()
-        self.corrupt: set[str] = set()  # paths served with one byte changed
+        self.corrupt: set[str] = set()  # paths served with one byte of the body changed
         self.servers = [ThreadingHTTPServer(("127.0.0.1", 0), HubHandler) for _ in ("hub", "cdn")]
         for server in self.servers:
             server.daemon_threads = True
@@ -108,6 +108,7 @@ class StandInHub:
 
 class HubHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+
     def log_message(self, *args: object) -> None:  # quiet: the test reads `requests` instead
         pass
 
@@ -119,13 +120,8 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def answer(self, send_body: bool) -> None:
         hub, url_path = self.server.hub, unquote(urlsplit(self.path).path)
-        if self.server is hub.servers[1]:  # the CDN: content addresses only
-            content = re.fullmatch(r"/lfs/([0-9a-f]{64})", url_path)
-            if content is None or content[1] not in hub.path_of_sha256:
-                return self.refuse(404, "EntryNotFound")
-            path = hub.path_of_sha256[content[1]]
-            hub.requests.append((self.command, path, self.headers.get("Range")))
-            return self.send_content(path, send_body)
+        if self.server is hub.servers[1]:
+            return self.answer_cdn(url_path, send_body)
         match = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", url_path)
         if match is None or match[1] != REPO_ID:
             return self.refuse(404, "RepoNotFound")
@@ -145,6 +141,16 @@ class HubHandler(BaseHTTPRequestHandler):
             return self.end_headers()
         self.send_content(path, send_body)
 
+    def answer_cdn(self, url_path: str, send_body: bool) -> None:
+        """The CDN serves content addresses only."""
+        hub = self.server.hub
+        content = re.fullmatch(r"/lfs/([0-9a-f]{64})", url_path)
+        if content is None or content[1] not in hub.path_of_sha256:
+            return self.refuse(404, "EntryNotFound")
+        path = hub.path_of_sha256[content[1]]
+        hub.requests.append((self.command, path, self.headers.get("Range")))
+        self.send_content(path, send_body)
+
     def send_common_headers(self, length: int) -> None:
         self.send_header("X-Repo-Commit", COMMIT)
         self.send_header("Content-Length", str(length))
@@ -160,7 +166,7 @@ class HubHandler(BaseHTTPRequestHandler):
         data = hub.files[path]
         etag = hashlib.sha256(data).hexdigest() if hub.is_large(path) else git_hash(data)  # of what is stored
         if path in hub.corrupt:  # damaged on the way
-            data = bytes([data[0] ^ 1]) + data[1:]
+            data = data[:100] + bytes([data[100] ^ 1]) + data[101:]
         start = int(re.fullmatch(r"bytes=(\d+)-", self.headers["Range"])[1]) if self.headers.get("Range") else 0
         self.send_response(206 if start else 200)
         self.send_header("ETag", f'"{etag}"')
