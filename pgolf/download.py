@@ -232,15 +232,19 @@ def check_disk_space(
     needed = sum(f.size for f in missing)
     free = shutil.disk_usage(dest).free
     log(
-        f"[pgolf download] {len(files)} files, {sum(f.size for f in files) / 1e9:,.2f} GB in all; "
-        f"{len(files) - len(missing)} already complete; {len(missing)} to fetch need {needed / 1e9:,.2f} GB, "
-        f"{free / 1e9:,.2f} GB free on {dest}"
+        f"[pgolf download] {len(files)} files, {size_text(sum(f.size for f in files))} in all; "
+        f"{len(files) - len(missing)} already complete; {len(missing)} to fetch need {size_text(needed)}; "
+        f"{size_text(free)} free on {dest}"
     )
     if needed > free:
         raise DownloadError(
-            f"{dest}: {needed / 1e9:,.2f} GB needed for {len(missing)} files but only {free / 1e9:,.2f} GB free; "
+            f"{dest}: {size_text(needed)} needed for {len(missing)} files but only {size_text(free)} free; "
             "free some space or choose another --dest (or fewer --train-shards)"
         )
+
+
+def size_text(num_bytes: int) -> str:
+    return f"{num_bytes / 1e9:,.2f} GB ({num_bytes:,} bytes)"
 
 
 def verify_file(path: Path, expected: RemoteFile) -> None:

@@ -316,7 +316,7 @@ def test_a_corrupt_file_is_refused_and_not_kept(hub, published, tmp_path):
 def test_not_enough_disk_is_refused_before_any_shard_is_fetched(hub, tmp_path, monkeypatch):
     real = shutil.disk_usage
     monkeypatch.setattr(download.shutil, "disk_usage", lambda path: real(path)._replace(free=10_000))
-    with pytest.raises(download.DownloadError, match=r"GB needed for 7 files but only 0.00 GB free"):
+    with pytest.raises(download.DownloadError, match=r"bytes\) needed for 7 files but only 0.00 GB \(10,000 bytes\) free"):
         fetch(hub, tmp_path)
     assert hub.gets() == ["datasets/manifest.json"]
 
