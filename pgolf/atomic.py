@@ -60,3 +60,51 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+class StageOutputs:
+    """The outputs of one stage run, written to temporary paths and committed together."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Path, Path]] = []  # (temporary, destination), in commit order
+
+    def path(self, destination: str | Path) -> Path:
+        """A temporary path (file or directory) that replaces ``destination`` at commit."""
+        destination = Path(destination)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary_name(destination)
+        _remove(tmp)
+        self._pending.append((tmp, destination))
+        return tmp
+
+    def write_bytes(self, destination: str | Path, data: bytes) -> None:
+        self.path(destination).write_bytes(data)
+
+    def write_text(self, destination: str | Path, text: str) -> None:
+        self.path(destination).write_text(text, encoding="utf-8")
+
+    def write_json(self, destination: str | Path, obj: Any) -> None:
+        self.write_text(destination, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+    def commit(self) -> None:
+        for tmp, destination in self._pending:
+            if destination.is_dir() and not destination.is_symlink():
+                shutil.rmtree(destination)
+            os.replace(tmp, destination)
+        self._pending.clear()
+
+    def discard(self) -> None:
+        for tmp, _ in self._pending:
+            _remove(tmp)
+        self._pending.clear()
+
+
+@contextlib.contextmanager
+def stage_outputs() -> Iterator[StageOutputs]:
+    """Outputs that appear together when the block succeeds, and not at all when it fails."""
+    outputs = StageOutputs()
+    try:
+        yield outputs
+        outputs.commit()
+    finally:
+        outputs.discard()

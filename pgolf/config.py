@@ -25,6 +25,19 @@ class ConfigError(ValueError):
     """A params file, section, key or value that cannot be used."""
 
 
+def run_setting(default: Any) -> Any:
+    """A field that changes how a run goes (logging, checkpoints, workers), not what it produces.
+
+    ``dvc.yaml`` does not list such keys, so changing one re-runs nothing (tests/test_dvc_yaml.py).
+    """
+    return field(default=default, metadata={"affects_outputs": False})
+
+
+def output_keys(cls: type) -> list[str]:
+    """The fields of a config section that the outputs of the stages reading it depend on."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("affects_outputs", True)]
+
+
 @dataclass(frozen=True)
 class TokenizeConfig:
     """Documents -> SentencePiece tokenizer -> challenge-format shards."""
@@ -37,7 +50,7 @@ class TokenizeConfig:
     tokenizer_train_docs: int = 5_000_000
     num_val_docs: int = 50_000
     shard_size: int = 100_000_000
-    num_workers: int = 0  # encoding processes; 0: every core
+    num_workers: int = run_setting(0)  # encoding processes; 0: every core
     embedded_max_docs: int = 0  # embedded corpus: keep this many documents (0: all)
 
 
@@ -103,10 +116,10 @@ class TrainConfig:
     nproc_per_node: int = 1
     device: str = "auto"  # auto | cpu | cuda
     compile: bool | str = "auto"  # auto (on GPU) | true | false
-    train_log_every: int = 50
-    checkpoint_every: int = 0  # 0: no intermediate checkpoints
-    val_loss_every: int = 0  # 0: no validation during training
-    val_max_tokens: int = 0  # validation during training on this many tokens (0: the whole split)
+    train_log_every: int = run_setting(50)
+    checkpoint_every: int = run_setting(0)  # 0: no intermediate checkpoints
+    val_loss_every: int = run_setting(0)  # 0: no validation during training
+    val_max_tokens: int = run_setting(0)  # validation during training on this many tokens (0: the whole split)
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,13 @@ class CalibrateConfig:
     seq_len: int = 2048
     seed: int = 1337
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.calibration_batches < 1:
+            raise ConfigError(f"calibrate.calibration_batches must be at least 1, got {self.calibration_batches}")
+        if self.seq_len < 1 or self.calibration_batch_tokens < self.seq_len or self.calibration_batch_tokens % self.seq_len:
+            raise ConfigError(f"calibrate.calibration_batch_tokens={self.calibration_batch_tokens} must be a positive "
+                              f"multiple of calibrate.seq_len={self.seq_len}")
 
 
 @dataclass(frozen=True)
@@ -166,18 +186,21 @@ class CompressConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Plain and sliding-window bpb of the artifact and the unquantized weights."""
+    """Plain and sliding-window bpb of the artifact (stage evaluate) and the trained weights (prequant)."""
 
     eval_seq_len: int = 2048
     eval_stride: int = 64
     eval_batch_seqs: int = 32
     eval_plain: bool = True
     eval_sliding: bool = True
-    eval_unquantized: bool = True
     max_val_tokens: int = 0  # 0: the whole validation split
     nproc_per_node: int = 1  # processes under torchrun, each scoring a share of the windows
     device: str = "auto"
     compile: bool | str = "auto"  # torch.compile the forward pass: auto (on GPU) | true | false
+
+    def __post_init__(self) -> None:
+        if not (self.eval_plain or self.eval_sliding):
+            raise ConfigError("evaluate: eval_plain and eval_sliding are both false: nothing to evaluate")
 
 
 SECTIONS: dict[str, type] = {
@@ -191,6 +214,14 @@ SECTIONS: dict[str, type] = {
 }
 
 C = TypeVar("C")
+
+
+class ParamsFile(dict):
+    """The sections of a params file, remembering which file they came from (for error messages)."""
+
+    def __init__(self, sections: dict[str, dict[str, Any]], source: str):
+        super().__init__(sections)
+        self.source = source
 
 
 def load_params(path: str | Path, overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -209,7 +240,7 @@ def load_params(path: str | Path, overrides: list[str] | None = None) -> dict[st
             raise ConfigError(f"{path}: unknown section {name!r} (known: {', '.join(SECTIONS)})")
         if section is not None and not isinstance(section, dict):
             raise ConfigError(f"{path}: section {name!r} must be a mapping")
-    params = {name: dict(section or {}) for name, section in params.items()}
+    params = ParamsFile({name: dict(section or {}) for name, section in params.items()}, source=str(path))
     for item in overrides or []:
         _apply_override(params, item, path)
     return params
@@ -226,8 +257,8 @@ def _apply_override(params: dict[str, dict[str, Any]], item: str, path: Path) ->
 
 
 def section(params: dict[str, dict[str, Any]], name: str, cls: type[C], source: str = "params.yaml") -> C:
-    """Build the dataclass ``cls`` from ``params[name]``, strictly."""
-    return from_dict(cls, params.get(name, {}), f"{source}: {name}")
+    """Build the dataclass ``cls`` from ``params[name]``, strictly; errors name the file read."""
+    return from_dict(cls, params.get(name, {}), f"{getattr(params, 'source', source)}: {name}")
 
 
 def from_dict(cls: type[C], values: dict[str, Any], where: str) -> C:

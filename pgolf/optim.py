@@ -11,7 +11,6 @@ Adam. ``build_optimizers`` splits a ``GPT``'s parameters into these groups and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -116,9 +115,6 @@ class Optimizers:
     def __init__(self, optimizers: list[torch.optim.Optimizer], muon: MuonEqR):
         self.all = optimizers
         self.muon = muon
-
-    def __iter__(self) -> Iterator[torch.optim.Optimizer]:
-        return iter(self.all)
 
     def zero_grad(self) -> None:
         for opt in self.all:

@@ -33,6 +33,15 @@ _TRAIN_KEYS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def as_dvc_stage(monkeypatch):
+    """Stages run as under ``dvc repro`` (which sets ``DVC_STAGE``): they read and write the pipeline's paths.
+
+    A test of a hand run (``pgolf STAGE`` outside DVC) removes the variable.
+    """
+    monkeypatch.setenv("DVC_STAGE", "pytest")
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: this test needs ../shared beside the checkout (CI has it)")
