@@ -15,16 +15,18 @@ from __future__ import annotations
 import json
 import sys
 
-from pgolf.cli import run_stage, stage_parser
 from pgolf.config import TokenizeConfig, section
 from pgolf.download import DEFAULT_REPO_ID, REMOTE_ROOT, download_dataset
 from pgolf.provenance import log_provenance
+from pgolf.stage import Workspace, run_stage, stage_parser
 
 
 def run(
-    params: dict, variant: str | None, train_shards: int, repo_id: str, endpoint: str | None,
-    dest: str, remote_root: str,
+    params: dict, _workspace: Workspace, variant: str | None, train_shards: int, repo_id: str,
+    endpoint: str | None, dest: str, remote_root: str,
 ) -> None:
+    # The data is no stage output: it goes to --dest (where the presets' tokenize.shards_path
+    # points), in no workspace, so that hand runs and DVC runs read the same download.
     cfg = section(params, "tokenize", TokenizeConfig)
     request = {
         "repo_id": repo_id, "variant": variant or f"sp{cfg.vocab_size}", "train_shards": train_shards,
