@@ -17,7 +17,7 @@ from pgolf.stage import one_line, stage_parser
 
 # command -> module under stages/ ("import" is a keyword, so its module has another name)
 STAGE_MODULES = {"tokenize": "tokenize", "train": "train", "calibrate": "calibrate", "quantize": "quantize",
-                 "compress": "compress", "evaluate": "evaluate", "import": "import_model"}
+                 "compress": "compress", "evaluate": "evaluate", "import": "import_model", "download": "download"}
 
 
 def print_params(argv: list[str]) -> int:
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
               "[--out DIR]")
         print("  pgolf params ...  prints the complete params (every key, defaults filled in)")
         print("  pgolf evaluate --weights trained  scores the trained weights (the prequant stage)")
+        print("  pgolf download --variant sp8192 --train-shards 128  fetches the challenge's published data")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(f"stages.{STAGE_MODULES[argv[0]]}")
     return module.main(argv[1:])

@@ -3,7 +3,7 @@
 GPTQ produces a :class:`QuantizedModel` (int codes with one fp16 scale per row, and small
 fp16 tensors kept as they are). :func:`serialize` turns it into plain bytes that only
 describe arrays, so reading an artifact can never run code; :func:`compress` byte-shuffles
-those bytes (REFERENCE.md section 6) and entropy-codes them with brotli or lzma inside a
+those bytes (docs/DESIGN.md §6) and entropy-codes them with brotli or lzma inside a
 small container that names the compressor, so :func:`decompress` needs no parameters.
 Anything wrong with a file is an :class:`ArtifactError` that says what and where.
 

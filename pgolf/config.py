@@ -56,7 +56,7 @@ class TokenizeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The recurrent GPT of REFERENCE.md section 3 (35,943,512 parameters as is)."""
+    """The recurrent GPT of docs/DESIGN.md §3 (35,943,512 parameters as is)."""
 
     vocab_size: int = 8192
     num_layers: int = 11
@@ -124,7 +124,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CalibrateConfig:
-    """Hessians of the layer inputs for GPTQ (REFERENCE.md section 4)."""
+    """Hessians of the layer inputs for GPTQ (docs/DESIGN.md §4)."""
 
     calibration_batches: int = 64
     calibration_batch_tokens: int = 98_304  # tokens per batch (48 sequences of 2048)
@@ -142,7 +142,7 @@ class CalibrateConfig:
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """GPTQ with SDClip (REFERENCE.md section 5) and per-group overrides."""
+    """GPTQ with SDClip (docs/DESIGN.md §5) and per-group overrides."""
 
     matrix_bits: int = 6
     matrix_clip_sigmas: float = 12.85

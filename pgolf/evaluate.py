@@ -1,4 +1,4 @@
-"""Validation loss and bits per byte of a model, in plain and sliding windows (REFERENCE.md §7).
+"""Validation loss and bits per byte of a model, in plain and sliding windows (docs/DESIGN.md §7).
 
 Both evaluations score windows of ``seq_len`` tokens of the validation stream. The plain one
 cuts the stream into consecutive non-overlapping windows and scores every token; the sliding

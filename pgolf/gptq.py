@@ -1,4 +1,4 @@
-"""GPTQ with SDClip: the quantizer of REFERENCE.md section 5, per tensor and per model.
+"""GPTQ with SDClip: the quantizer of docs/DESIGN.md §5, per tensor and per model.
 
 Each weight matrix is quantized row-wise to signed ``bits``-bit codes with one
 fp16 scale per row, ``scale = clip_sigmas * std(row) / qmax``, column by column

@@ -1,4 +1,4 @@
-"""Calibration Hessians for GPTQ (REFERENCE.md section 4).
+"""Calibration Hessians for GPTQ (docs/DESIGN.md §4).
 
 For every linear layer of the model, ``H = Σ XᵀX`` over the rows X of its
 inputs (every token of every batch, and every pass through a looped layer),

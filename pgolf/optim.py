@@ -1,6 +1,6 @@
 """The optimisers of the train stage: MuonEq-R for block matrices, AdamW for the rest.
 
-REFERENCE.md section 3: the 2-D weights inside the blocks are updated by
+docs/DESIGN.md §3: the 2-D weights inside the blocks are updated by
 MuonEq-R (Nesterov momentum, rows normalised, orthogonalised by a bf16
 Newton-Schulz iteration, decoupled weight decay); the tied embedding and the
 small control tensors (gains, scales, mixes, skip weights and gates) by AdamW

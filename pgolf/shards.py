@@ -24,7 +24,7 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 MAX_TOKENS = 2**31 - 1  # the header stores the count as int32
-BOS_ID = 1  # the challenge tokenizers' bos id (REFERENCE.md section 1)
+BOS_ID = 1  # the challenge tokenizers' bos id (docs/DESIGN.md §1)
 MANIFEST_NAME = "manifest.json"  # beside the shards: what went in and what came out (the tokenize stage)
 SPLITS = ("val", "train")  # file order of a dataset: validation documents come first
 # Ids are checked against the vocabulary this many tokens at a time (bounded memory).

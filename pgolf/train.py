@@ -1,4 +1,4 @@
-"""The training loop of REFERENCE.md section 3, from one CPU core to N GPUs.
+"""The training loop of docs/DESIGN.md §3, from one CPU core to N GPUs.
 
 ``train`` runs the reference's loop on a ``GPT``: per step it zeroes the
 gradients, back-propagates every micro-batch (``loss / accumulation``), sets

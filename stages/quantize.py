@@ -1,7 +1,7 @@
 """DVC stage ``quantize``: trained weights + Hessians -> GPTQ-quantized model and its report.
 
 Reads ``out/train/model.pt`` and ``out/calibrate/hessians.pt``, quantizes as
-``quantize:`` in ``params.yaml`` says (REFERENCE.md section 5) and commits
+``quantize:`` in ``params.yaml`` says (docs/DESIGN.md §5) and commits
 ``out/quantize/quantized.bin`` (the pickle-free serialized model),
 ``out/quantize/report.json`` (per-tensor report and totals; DVC reads the totals
 as metrics) and ``out/quantize/plots/``. With ``fit_to_size`` it also reads

@@ -258,7 +258,7 @@ def evaluations(ref, h, state: dict) -> dict:
     val_data = ref.ValidationData(h, device)
     tokens = val_data.val_tokens.long()  # [N]
     prev, target = tokens[:-1], tokens[1:]
-    per_token = val_data.base_bytes_lut[target].long() + (  # REFERENCE.md §2, as in the record's eval_val
+    per_token = val_data.base_bytes_lut[target].long() + (  # docs/DESIGN.md §2, as in the record's eval_val
         val_data.has_leading_space_lut[target] & ~val_data.is_boundary_token_lut[prev]).long()
     model = load_model(ref, h, state, looping=True)
     return {"val_tokens": tokens, "val_byte_count": int(per_token.sum()),
