@@ -10,10 +10,15 @@ small enough to compile in seconds. The ``gpu`` variants run on CUDA only
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import REPO_ROOT
 from pgolf.config import ModelConfig, TrainConfig
 from pgolf.distributed import DistContext
 from pgolf.evaluate import eval_sliding
@@ -157,3 +162,18 @@ def test_bf16_training_on_the_cpu_follows_the_gpu_dtype_policy():
     # bf16 rounding, not another computation: within a bf16 tolerance of float32 at every step (1.2e-3 measured)
     assert result.losses == pytest.approx(reference.losses, rel=1e-2)
     assert result.losses[-1] < 0.75 * result.losses[0]  # and it learns (the same batch every step: 4.23 -> 2.26)
+
+
+# ---------------------------------------------------------------- gpu_check
+
+
+def test_gpu_check_without_cuda_says_so_and_reports_every_check_skipped(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--fineweb", str(tmp_path / "fineweb"),
+                           "--out", str(tmp_path / "report")], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device: skipping GPU checks" in proc.stdout.splitlines()
+    report = json.loads((tmp_path / "report" / "gpu_check.json").read_text())
+    assert [(c["name"], c["status"]) for c in report["checks"]] == [
+        ("tests", "skipped"), ("attention", "skipped"), ("throughput", "skipped"), ("pipeline", "skipped")]
+    assert "| pipeline | skipped |" in (tmp_path / "report" / "gpu_check.md").read_text()
