@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from test_train import one_thread  # noqa: F401  (autouse: one thread, as for the other tiny models)
 from pgolf.config import ModelConfig, TrainConfig
 from pgolf.distributed import DistContext
 from pgolf.evaluate import eval_sliding
@@ -30,21 +31,13 @@ from pgolf.train import RecordedBatches, Trainer, train
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
 
-# The micro preset's architecture (every feature on: XSA, skip gates, looping), 3 layers deep.
+# A micro config with every feature of the record's (XSA on all layers, skip gates, looping), 3 layers of
+# width 32 and a vocabulary of 64: inductor builds its graphs in seconds.
 MICRO_MODEL = ModelConfig(vocab_size=64, num_layers=3, model_dim=32, embedding_dim=32, num_heads=2, num_kv_heads=1,
                           rope_dims=8, rope_train_seq_len=16, xsa_last_n=3, num_loops=1, loop_start=1, loop_end=1)
 MICRO_TRAIN = TrainConfig(iterations=4, max_wallclock_seconds=0, warmup_steps=1, enable_looping_at=0.5,
                           train_batch_tokens=2 * 4 * 16, train_seq_len=16, grad_accum_steps=2,
                           muon_momentum_warmup_steps=3, ema_decay=0.9, train_log_every=1)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def context(device: str) -> DistContext:
@@ -95,7 +88,8 @@ def test_compiled_training_step_matches_eager_with_looping_off_and_on():
         compiled_loss, compiled_grads = loss_and_grads(model, compiled, inputs, targets)
         assert compiled_loss == pytest.approx(eager_loss, rel=1e-5), f"looping {looping}"
         for name, grad in eager_grads[looping].items():
-            torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"looping {looping}: {name}")
+            torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6,
+                                       msg=f"looping {looping}: {name}")
     # the two graphs compute different things: the looped layer runs twice
     looped = "blocks.1.mlp.fc.weight"
     assert not torch.allclose(eager_grads[True][looped], eager_grads[False][looped], rtol=0.1)
