@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pgolf.config import EvaluateConfig
 from pgolf.distributed import DistContext
 from pgolf.model import GPT
-from pgolf.runtime import use_compile
+from pgolf.runtime import autocast, use_compile
 from pgolf.shards import load_validation_tokens
 from pgolf.tokenizer import ByteTables, byte_tables, count_bytes
 
@@ -104,7 +104,9 @@ def score_windows(
     if distributed:
         windows = rank_share(windows, ctx)
     model.eval()
-    forward = torch.compile(model.forward_logits, dynamic=False) if compile_model else model.forward_logits
+    forward = model.forward_logits
+    if compile_model:  # fullgraph, as the record: a graph break is an error, not a silent slowdown
+        forward = torch.compile(forward, dynamic=False, fullgraph=True)
     tokens = val_tokens.to(device=device, dtype=torch.int64)  # [N]
     tables = tables.to(device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
@@ -139,7 +141,7 @@ def _score_batch(
     # past the end inputs and targets are 0 (as in the reference); causal attention keeps them from scored positions
     inputs = torch.where(valid, tokens[positions.clamp(max=targets - 1)], 0)  # [B, T]
     labels = torch.where(valid, tokens[(positions + 1).clamp(max=targets)], 0)  # [B, T]
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         logits = forward(inputs, keep_from)  # [B, T - keep_from, V]
     inputs, labels, valid = inputs[:, keep_from:], labels[:, keep_from:], valid[:, keep_from:]  # [B, T - keep_from]
     nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")  # [B*(T - keep_from)]

@@ -21,6 +21,7 @@ from pgolf.checkpoint import load_tagged, save_tagged
 from pgolf.config import CalibrateConfig
 from pgolf.loader import TrainLoader
 from pgolf.model import GPT, CastedLinear
+from pgolf.runtime import autocast
 
 FORMAT = "pgolf-hessians"
 VERSION = 1
@@ -73,7 +74,7 @@ def collect_hessians(
     try:
         for ids in tqdm(batches, desc="calibrate", unit="batch", disable=not show_progress):
             # bf16 on the GPU as in training and evaluation; the hooks accumulate in float32
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 model.forward_logits(ids.to(device, non_blocking=True))  # [B, T, V], discarded
             count += 1
     finally:

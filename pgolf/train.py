@@ -7,7 +7,8 @@ or by step without a time budget), switches layer looping on at
 ``enable_looping_at``, clips, steps every optimiser and updates the EMA whose
 weights are the result. Before the clock starts, compile warm-up steps run and
 are undone. On the GPU the model is cast to bf16 except for the linear weights
-and control tensors and runs under bf16 autocast; on the CPU it runs in float32.
+and control tensors and runs under bf16 autocast; on the CPU it runs in float32
+(or, asked to, in the GPU's bf16 precision).
 Batches come from any ``BatchSource`` (the shard loader, or recorded batches).
 Checkpoints hold everything a resumed run needs to finish with the same weights.
 """
@@ -34,7 +35,7 @@ from pgolf.distributed import DistContext, any_rank, barrier
 from pgolf.evaluate import eval_plain
 from pgolf.model import CastedLinear, GPT
 from pgolf.optim import Optimizers, build_optimizers, is_control_tensor, muon_momentum_at
-from pgolf.runtime import use_compile
+from pgolf.runtime import autocast, mixed_precision, use_compile
 from pgolf.tokenizer import ByteTables
 
 MicroBatch = tuple[Tensor, Tensor]  # inputs [B, T], targets [B, T]
@@ -100,10 +101,10 @@ def lr_scale(fraction: float, cfg: TrainConfig) -> float:
 # ---------------------------------------------------------------- model set-up
 
 
-def apply_dtype_policy(model: GPT, device: torch.device) -> GPT:
-    """Move ``model`` to ``device``: float32 on the CPU, the reference's mixed policy on the GPU."""
+def apply_dtype_policy(model: GPT, device: torch.device, bf16: bool) -> GPT:
+    """Move ``model`` to ``device``: the reference's mixed policy for bf16, else float32."""
     model = model.to(device)
-    return cast_mixed_precision(model) if device.type == "cuda" else model.float()
+    return cast_mixed_precision(model) if bf16 else model.float()
 
 
 def cast_mixed_precision(model: GPT) -> GPT:
@@ -116,13 +117,6 @@ def cast_mixed_precision(model: GPT) -> GPT:
         if param.ndim < 2 or is_control_tensor(name):
             param.data = param.data.float()
     return model
-
-
-
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- EMA
@@ -184,13 +178,15 @@ class Trainer:
     """One training run of ``model`` on ``batches`` (this process's share of it)."""
 
     def __init__(self, model: GPT, cfg: TrainConfig, batches: BatchSource, ctx: DistContext,
-                 checkpoint_dir: Path | None = None, progress: bool = True, validate: Validator | None = None):
+                 checkpoint_dir: Path | None = None, progress: bool = True, validate: Validator | None = None,
+                 bf16: bool | None = None):
         if cfg.val_loss_every > 0 and validate is None:
             raise ValueError("train.val_loss_every is set but no validation data was given")
         self.cfg, self.batches, self.ctx, self.validate = cfg, batches, ctx, validate
         self.checkpoint_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
         self.progress = progress and ctx.is_main
-        self.model = apply_dtype_policy(model, ctx.device)
+        self.bf16 = mixed_precision(ctx.device) if bf16 is None else bf16
+        self.model = apply_dtype_policy(model, ctx.device, self.bf16)
         self.optimizers: Optimizers = build_optimizers(self.model, cfg)
         runner: nn.Module = self.model
         if use_compile(cfg.compile, ctx.device, "train.compile"):
@@ -218,7 +214,7 @@ class Trainer:
         for index, (inputs, targets) in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with self._grad_sync(last):
-                with autocast(self.ctx.device):
+                with autocast(self.ctx.device, self.bf16):
                     loss = self.runner(inputs.to(self.ctx.device), targets.to(self.ctx.device))
                 (loss / len(micro_batches)).backward()
             total += loss.detach()
@@ -386,13 +382,15 @@ class Trainer:
 
 def train(model: GPT, cfg: TrainConfig, batches: BatchSource, ctx: DistContext,
           checkpoint_dir: Path | None = None, progress: bool = True,
-          on_step: Callable[[int], None] | None = None, validate: Validator | None = None) -> TrainResult:
+          on_step: Callable[[int], None] | None = None, validate: Validator | None = None,
+          bf16: bool | None = None) -> TrainResult:
     """Train ``model`` in place on ``batches``; resumes from ``checkpoint_dir`` when it holds one.
 
     ``on_step(step)`` is called after every step (before its checkpoint); ``validate``
-    scores the live model every ``val_loss_every`` steps.
+    scores the live model every ``val_loss_every`` steps. ``bf16`` (None: on the GPU only)
+    applies the record's mixed precision: the dtype policy and bf16 autocast.
     """
-    return Trainer(model, cfg, batches, ctx, checkpoint_dir, progress, validate).run(on_step)
+    return Trainer(model, cfg, batches, ctx, checkpoint_dir, progress, validate, bf16).run(on_step)
 
 
 def plain_validator(tokens: Tensor, tables: ByteTables, cfg: TrainConfig, device: torch.device) -> Validator:
