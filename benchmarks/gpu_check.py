@@ -49,7 +49,7 @@ CHECKS = ("tests", "attention", "throughput", "pipeline")
 GPU_ONLY = ("tests", "attention")
 STAGES = ("tokenize", "train", "calibrate", "quantize", "compress", "evaluate")
 RUNTIME_IMPORTS = ("brotli", "sentencepiece", "yaml", "tqdm", "matplotlib", "google.protobuf", "pytest")
-RECORD_TOKENS_PER_S_PER_H100 = 0.97e6  # 7.73 M tokens/s on 8xH100 (REFERENCE.md section 3)
+RECORD_TOKENS_PER_S_PER_H100 = 0.97e6  # 7.73 M tokens/s on 8xH100 (docs/DESIGN.md §3)
 NO_CUDA = "no CUDA device: skipping GPU checks"
 
 
