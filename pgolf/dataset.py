@@ -26,8 +26,8 @@ from tqdm import tqdm
 from pgolf.config import TokenizeConfig
 from pgolf.corpus import CorpusError, iter_documents, write_embedded_corpus
 from pgolf.shards import (
-    HEADER_INTS, MAGIC, SPLITS, TOKEN_DTYPE, VERSION, ShardWriter, dataset_path, read_shard, shard_files,
-    split_documents, validate_dataset,
+    HEADER_INTS, MAGIC, SPLITS, TOKEN_DTYPE, VERSION, ShardWriter, dataset_path, file_sha256, read_shard,
+    shard_files, split_documents, validate_dataset,
 )
 from pgolf.tokenizer import (
     ByteCheck, byte_tables, load_tokenizer, model_settings, train_tokenizer, training_texts,
@@ -181,14 +181,6 @@ def build_manifest(
         "splits": splits,
         "byte_check": check.summary(),
     }
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def link_or_copy(source: Path, destination: Path) -> None:
