@@ -216,22 +216,22 @@ def test_recover_deletes_the_old_copy_and_dead_temporaries_once_the_new_one_is_i
 
 KILLER = textwrap.dedent(
     """
-    import os, shutil, signal, sys
-    operation, index = sys.argv[1], int(sys.argv[2])
-    seen = [0]
-    def kill_at(real):
+    import json, os, shutil, signal, sys
+    target, index = sys.argv[1], int(sys.argv[2])  # index 0: count the calls only
+    seen = {}
+    def kill_at(name, real):
         def wrapped(*args, **kwargs):
-            seen[0] += 1
-            if seen[0] == index:
+            seen[name] = seen.get(name, 0) + 1
+            if name == target and seen[name] == index:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(*args, **kwargs)
         return wrapped
-    if operation == "rmtree":
-        shutil.rmtree = kill_at(shutil.rmtree)
-    else:
-        setattr(os, operation, kill_at(getattr(os, operation)))
+    for name in ("rename", "replace", "fsync", "unlink", "link"):
+        setattr(os, name, kill_at(name, getattr(os, name)))
+    shutil.rmtree = kill_at("rmtree", shutil.rmtree)
     """
 )
+COUNTS = "\nprint('calls', json.dumps(seen))\n"
 
 REPLACE_DIRECTORY = KILLER + textwrap.dedent(
     """
@@ -241,52 +241,98 @@ REPLACE_DIRECTORY = KILLER + textwrap.dedent(
         tmp.mkdir()
         for i in range(4):
             (tmp / f"shard_{i}.bin").write_bytes(b"new" * 1000)
-    print("done")
     """
 )
-
-
-def kill_points(script: str, operations: list[str], args: list[str], cwd: Path) -> list[tuple[str, int]]:
-    """Every (operation, call index) the script reaches, counted in an unkilled run (in ``cwd``, prepared)."""
-    counter = script.replace("os.kill(os.getpid(), signal.SIGKILL)", "pass") + textwrap.dedent(
-        """
-        print("calls", seen[0])
-        """
-    )
-    points = []
-    for operation in operations:
-        done = subprocess.run([sys.executable, "-c", counter, operation, "0", *args], cwd=cwd,
-                              env=child_env(), capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr
-        calls = int(done.stdout.split("calls")[-1])
-        points += [(operation, index) for index in range(1, calls + 1)]
-    return points
 
 
 def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
 
 
+def call_counts(script: str, args: list[str], cwd: Path) -> dict[str, int]:
+    """How often an unkilled run of ``script`` calls each patched operation."""
+    done = subprocess.run([sys.executable, "-c", script + COUNTS, "none", "0", *args], cwd=cwd, env=child_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.split("calls ")[-1])
+
+
+def killed_run(script: str, operation: str, index: int, args: list[str], cwd: Path) -> None:
+    child = subprocess.run([sys.executable, "-c", script, operation, str(index), *args], cwd=cwd, env=child_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == -signal.SIGKILL, f"os.{operation} call {index} was not reached: {child.stderr[-2000:]}"
+
+
 def test_sigkill_at_every_step_of_a_directory_replacement_leaves_a_complete_directory(tmp_path):
     old = {f"shard_{i}.bin": b"old" * 500 for i in range(3)}
     new = {f"shard_{i}.bin": b"new" * 1000 for i in range(4)}
 
-    def prepare(root: Path) -> None:
+    def prepare(root: Path) -> Path:
         (root / "dataset").mkdir(parents=True)
         for name, data in old.items():
             (root / "dataset" / name).write_bytes(data)
+        return root / "dataset"
 
-    prepare(tmp_path / "count")
-    points = kill_points(REPLACE_DIRECTORY, ["rename", "replace", "fsync", "rmtree", "unlink"],
-                         [str(tmp_path / "count" / "dataset")], tmp_path)
-    assert [index for operation, index in points if operation == "rename"] == [1, 2]  # old aside, new in
+    counts = call_counts(REPLACE_DIRECTORY, [str(prepare(tmp_path / "count"))], tmp_path)
+    assert counts["rename"] == 2 and counts["fsync"] >= 5 and counts["rmtree"] >= 1  # old aside, new in
+    points = [(operation, index) for operation, calls in counts.items() for index in range(1, calls + 1)]
     for operation, index in points:
-        root = tmp_path / f"{operation}-{index}"
-        prepare(root)
-        child = subprocess.run([sys.executable, "-c", REPLACE_DIRECTORY, operation, str(index),
-                                str(root / "dataset")], env=child_env(), capture_output=True, text=True)
-        assert child.returncode in (0, -signal.SIGKILL), child.stderr
-        recover(root / "dataset")
-        found = {p.name: p.read_bytes() for p in (root / "dataset").iterdir()}
+        dataset = prepare(tmp_path / f"{operation}-{index}")
+        killed_run(REPLACE_DIRECTORY, operation, index, [str(dataset)], tmp_path)
+        recover(dataset)
+        found = {p.name: p.read_bytes() for p in dataset.iterdir()}
         assert found in (old, new), f"SIGKILL at os.{operation} call {index}: {sorted(found)}"
-        assert [p.name for p in root.iterdir()] == ["dataset"], f"leftovers after os.{operation} call {index}"
+        assert [p.name for p in dataset.parent.iterdir()] == ["dataset"], f"leftovers after os.{operation} {index}"
+
+
+TOKENIZE = KILLER + textwrap.dedent(
+    """
+    from stages.tokenize import main
+    code = main(["--params", sys.argv[3]])
+    assert code == 0, code
+    """
+)
+
+
+def tokenize_params(path: Path, shared: Path, num_val_docs: int, shard_size: int) -> Path:
+    path.write_text(json.dumps({"tokenize": {
+        "docs_path": str(shared / "fineweb" / "docs_sample.jsonl"),
+        "tokenizer_path": str(shared / "tokenizers" / "fineweb_8192_bpe.model"),
+        "vocab_size": 8192, "num_val_docs": num_val_docs, "shard_size": shard_size, "num_workers": 1}}))
+    return path
+
+
+def test_sigkill_of_the_tokenize_stage_replacing_a_dataset_always_leaves_a_complete_one(tmp_path, shared_dir):
+    """Kill ``stages.tokenize`` at each rename, in the deletion of the old dataset and in its fsyncs."""
+    from pgolf.shards import check_dataset, dataset_path
+    from pgolf.tokenizer import tokenizer_file
+
+    old_params = tokenize_params(tmp_path / "old.yaml", shared_dir, num_val_docs=50, shard_size=40_000)
+    new_params = tokenize_params(tmp_path / "new.yaml", shared_dir, num_val_docs=60, shard_size=30_000)
+    built = {}
+    for name, params in (("old", old_params), ("new", new_params)):
+        done = subprocess.run([sys.executable, "-m", "stages.tokenize", "--params", str(params)], cwd=tmp_path / ".",
+                              env=child_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        built[name] = snapshot(tmp_path / "data" / "datasets")
+        shutil.move(tmp_path / "data", tmp_path / f"data-{name}")
+    assert built["old"] != built["new"]
+
+    def prepare(root: Path) -> Path:
+        shutil.copytree(tmp_path / "data-old", root / "data")
+        return root
+
+    counts = call_counts(TOKENIZE, [str(new_params)], prepare(tmp_path / "count"))
+    points = [("rename", i) for i in range(1, counts["rename"] + 1)]
+    points += [("replace", i) for i in range(1, counts.get("replace", 0) + 1)]
+    points += [("rmtree", i) for i in range(1, counts["rmtree"] + 1)]
+    points += [("fsync", i) for i in sorted({1, counts["fsync"] // 2, counts["fsync"]})]
+    points += [("unlink", i) for i in sorted({1, counts["unlink"]})]
+    assert counts["rename"] >= 2 and len(points) >= 8
+    for operation, index in points:
+        root = prepare(tmp_path / f"{operation}-{index}")
+        killed_run(TOKENIZE, operation, index, [str(new_params)], root)
+        dataset = dataset_path(root / "data", 8192)
+        check_dataset(dataset, tokenizer_file(root / "data", 8192), 8192)  # recovers, then holds it to its manifest
+        found = snapshot(root / "data" / "datasets")
+        assert found in (built["old"], built["new"]), f"SIGKILL at os.{operation} call {index}: {sorted(found)}"
