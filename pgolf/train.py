@@ -352,7 +352,11 @@ class Trainer:
             finished = stopped_by_wallclock or self.step == self.cfg.iterations
             bar.update(1)
             if finished or self._due(self.cfg.train_log_every) or self._due(self.cfg.checkpoint_every):
-                self.check_losses_finite()
+                try:
+                    self.check_losses_finite()
+                except TrainingDiverged:
+                    bar.close()  # the error line comes after the bar, not inside it
+                    raise
             if finished or self._due(self.cfg.train_log_every):
                 self._log(scale, bar)
             if on_step is not None:
