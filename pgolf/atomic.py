@@ -55,8 +55,6 @@ def _side_paths(path: Path, tag: str) -> list[tuple[int, Path]]:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -74,22 +72,25 @@ def recover(path: str | Path) -> None:
     """Finish or undo an interrupted replacement of ``path``.
 
     A stranded old copy (``.NAME.old-PID``) is renamed back when ``path`` is
-    absent (the new one never arrived) and deleted when ``path`` is present (the
-    new one is complete: it is only ever renamed in whole). Temporary copies of
-    processes that no longer run are deleted. Copies of live processes are left.
+    absent: the new one never arrived (whoever made it, since a PID may have been
+    reused after a restart and one replacement of a path runs at a time). Old
+    copies are deleted when ``path`` is present (the new one is complete: it is
+    only ever renamed in whole) and their process is gone or is this one, and
+    so are temporaries of processes that no longer run.
     """
     path = Path(path)
     try:
-        olds = [p for pid, p in _side_paths(path, OLD_TAG) if not _alive(pid) or pid == os.getpid()]
+        olds = _side_paths(path, OLD_TAG)
         if olds and not _exists(path):
-            newest = max(olds, key=lambda p: p.lstat().st_ctime_ns)  # a rename updates ctime
-            _rename(newest, path, "restore the previous version of")
+            newest = max(olds, key=lambda item: item[1].lstat().st_ctime_ns)  # a rename updates ctime
+            _rename(newest[1], path, "restore the previous version of")
             _fsync_dir(path.parent)
             olds.remove(newest)
-        for old in olds:
-            _remove(old)
+        for pid, old in olds:
+            if pid == os.getpid() or not _alive(pid):
+                _remove(old)
         for pid, tmp in _side_paths(path, TMP_TAG):
-            if not _alive(pid):
+            if pid != os.getpid() and not _alive(pid):
                 _remove(tmp)
     except OutputError:
         raise

@@ -199,6 +199,13 @@ def test_recover_restores_a_stranded_old_directory_when_the_new_one_never_arrive
     assert snapshot(tmp_path) == {"dataset": None, "dataset/shard.bin": b"old"}
 
 
+def test_recover_restores_an_old_directory_even_under_a_reused_pid(tmp_path):
+    old = tmp_path / f".dataset.old-{os.getppid()}"  # a live process: the PID was reused after a restart
+    old.mkdir()
+    recover(tmp_path / "dataset")
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset"]
+
+
 def test_recover_deletes_the_old_copy_and_dead_temporaries_once_the_new_one_is_in(tmp_path):
     pid = dead_pid()
     (tmp_path / "dataset").mkdir()

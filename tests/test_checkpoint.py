@@ -110,3 +110,18 @@ def test_check_finite_ignores_integer_tensors_and_names_at_most_five():
     many = {f"t{i}": torch.full((2,), float("nan")) for i in range(7)}
     with pytest.raises(ValueError, match=r"^artifact: non-finite weights .* t4 \(2 of 2\) and 2 more tensors$"):
         check_finite(many, "artifact")
+
+
+class RunsCode:
+    """An object whose unpickling would call a function: what a hostile model file holds."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_file_that_would_run_code_is_refused_unread(tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    torch.save({"format": FORMAT, "version": VERSION, "model_config": RunsCode(), "state_dict": {}}, path)
+    with pytest.raises(ValueError, match=rf"^{path}: not a readable model file: "):
+        load_model(path)
+    assert "this must never run" not in capsys.readouterr().out
