@@ -25,6 +25,7 @@ line naming the operation and the path; it is both an ``OSError`` and a
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -117,7 +118,7 @@ def _fsync_dir(path: Path) -> None:
     try:
         os.fsync(fd)
     except OSError as exc:  # EINVAL: a file system without directory fsync
-        if exc.errno != 22:
+        if exc.errno != errno.EINVAL:
             raise
     finally:
         os.close(fd)
@@ -223,14 +224,20 @@ def _commit(pairs: list[tuple[Path, Path]]) -> None:
     replacements = [_Replacement(tmp, dest) for tmp, dest in pairs]
     try:
         for replacement in replacements:
-            replacement.apply()
+            try:
+                replacement.apply()
+            except OutputError:
+                raise
+            except OSError as exc:
+                raise _error("replace", replacement.dest, exc) from exc
         for parent in dict.fromkeys(dest.parent for _, dest in pairs):
-            _fsync_dir(parent)
-    except BaseException as exc:
+            try:
+                _fsync_dir(parent)
+            except OSError as exc:
+                raise _error("flush to disk the directory", parent, exc) from exc
+    except BaseException:
         for replacement in reversed(replacements):
             replacement.undo()
-        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
-            raise _error("commit", pairs[0][1], exc) from exc
         raise
     for replacement in replacements:
         try:
