@@ -309,6 +309,7 @@ def tokenize_params(path: Path, shared: Path, num_val_docs: int, shard_size: int
     return path
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_tokenize_stage_replacing_a_dataset_always_leaves_a_complete_one(tmp_path, shared_dir):
     """Kill ``stages.tokenize`` at each rename, in the deletion of the old dataset and in its fsyncs."""
     from pgolf.shards import check_dataset, dataset_path

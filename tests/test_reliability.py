@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_checkpoint import CONFIG, flip_bit_in_tensor_data
 
 from pgolf import cli
 from pgolf.config import TrainConfig
@@ -159,15 +160,9 @@ def test_a_different_tokenizer_of_the_same_size_is_named(work, capsys):
 # ---------------------------------------------------------------- model files: checksum and finite weights
 
 
-def flip_a_tensor_bit(path: Path) -> None:
-    from tests.test_checkpoint import flip_bit_in_tensor_data
-
-    flip_bit_in_tensor_data(path)
-
-
 @pytest.mark.parametrize("stage", ["calibrate", "evaluate"])
 def test_a_flipped_bit_in_the_model_file_is_named(work, capsys, stage):
-    flip_a_tensor_bit(work / "out" / "train" / "model.pt")
+    flip_bit_in_tensor_data(work / "out" / "train" / "model.pt")
     fails_cleanly(work, capsys, [stage], "out/train/model.pt: model file is corrupt")
 
 
@@ -196,8 +191,6 @@ def test_a_diverging_training_run_stops_naming_the_step(work, capsys, monkeypatc
 
 def test_the_divergence_check_names_the_first_bad_step_between_log_steps(monkeypatch):
     """The loss turns NaN at step 3 and is noticed at the step-5 log, before anything is written."""
-    from tests.test_checkpoint import CONFIG
-
     cfg = TrainConfig(iterations=8, max_wallclock_seconds=0, warmup_steps=0, train_batch_tokens=64,
                       train_seq_len=16, grad_accum_steps=1, train_log_every=5, device="cpu", compile=False)
     generator = torch.Generator().manual_seed(0)
