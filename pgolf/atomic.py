@@ -336,3 +336,4 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif _exists(path):
         path.unlink()
+

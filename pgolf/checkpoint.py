@@ -140,3 +140,4 @@ def build_model(path: str | Path, device: torch.device | str = "cpu") -> GPT:
     check_state_dict(model, state_dict, str(path))
     model.load_state_dict({name: t.float() for name, t in state_dict.items()})
     return model.to(device)
+

@@ -33,6 +33,19 @@ class ConfigError(ValueError):
     """A params file, section, key or value that cannot be used."""
 
 
+def run_setting(default: Any) -> Any:
+    """A field that changes how a run goes (logging, checkpoints, workers), not what it produces.
+
+    ``dvc.yaml`` does not list such keys, so changing one re-runs nothing (tests/test_dvc_yaml.py).
+    """
+    return field(default=default, metadata={"affects_outputs": False})
+
+
+def output_keys(cls: type) -> list[str]:
+    """The fields of a config section that the outputs of the stages reading it depend on."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("affects_outputs", True)]
+
+
 # ---------------------------------------------------------------- declared ranges and choices
 #
 # A field's type says everything that is allowed: ``Literal[...]`` lists the
@@ -107,7 +120,7 @@ class TokenizeConfig(Section):
     tokenizer_train_docs: Positive = 5_000_000
     num_val_docs: Positive = 50_000
     shard_size: Annotated[int, Range(ge=1, le=2**31 - 1)] = 100_000_000  # the header's int32 count
-    num_workers: Count = 0  # encoding processes; 0: every core
+    num_workers: Count = run_setting(0)  # encoding processes; 0: every core
     embedded_max_docs: Count = 0  # embedded corpus: keep this many documents (0: all)
 
     def check(self) -> None:
@@ -121,7 +134,7 @@ class TokenizeConfig(Section):
 
 @dataclass(frozen=True)
 class ModelConfig(Section):
-    """The recurrent GPT of REFERENCE.md section 3 (35,943,512 parameters as is)."""
+    """The recurrent GPT of docs/DESIGN.md §3 (35,943,512 parameters as is)."""
 
     vocab_size: VocabSize = 8192
     num_layers: Positive = 11
@@ -195,10 +208,10 @@ class TrainConfig(Section):
     nproc_per_node: Positive = 1
     device: Device = "auto"
     compile: Compile = "auto"
-    train_log_every: Count = 50
-    checkpoint_every: Count = 0  # 0: no intermediate checkpoints
-    val_loss_every: Count = 0  # 0: no validation during training
-    val_max_tokens: Count = 0  # validation during training on this many tokens (0: the whole split)
+    train_log_every: Count = run_setting(50)
+    checkpoint_every: Count = run_setting(0)  # 0: no intermediate checkpoints
+    val_loss_every: Count = run_setting(0)  # 0: no validation during training
+    val_max_tokens: Count = run_setting(0)  # validation during training on this many tokens (0: the whole split)
 
     def check(self) -> None:
         step = self.grad_accum_steps * self.train_seq_len
@@ -216,7 +229,7 @@ class TrainConfig(Section):
 
 @dataclass(frozen=True)
 class CalibrateConfig(Section):
-    """Hessians of the layer inputs for GPTQ (REFERENCE.md section 4)."""
+    """Hessians of the layer inputs for GPTQ (docs/DESIGN.md §4)."""
 
     calibration_batches: Positive = 64
     calibration_batch_tokens: Positive = 98_304  # tokens per batch (48 sequences of 2048)
@@ -231,7 +244,7 @@ class CalibrateConfig(Section):
 
 @dataclass(frozen=True)
 class QuantizeConfig(Section):
-    """GPTQ with SDClip (REFERENCE.md section 5) and per-group overrides."""
+    """GPTQ with SDClip (docs/DESIGN.md §5) and per-group overrides."""
 
     matrix_bits: Bits = 6
     matrix_clip_sigmas: PositiveFloat = 12.85
@@ -279,14 +292,13 @@ class CompressConfig(Section):
 
 @dataclass(frozen=True)
 class EvaluateConfig(Section):
-    """Plain and sliding-window bpb of the artifact and the unquantized weights."""
+    """Plain and sliding-window bpb of the artifact (stage evaluate) and the trained weights (prequant)."""
 
     eval_seq_len: Positive = 2048
     eval_stride: Positive = 64  # at most eval_seq_len
     eval_batch_seqs: Positive = 32
     eval_plain: bool = True
     eval_sliding: bool = True
-    eval_unquantized: bool = True
     max_val_tokens: Count = 0  # 0: the whole validation split
     nproc_per_node: Positive = 1  # processes under torchrun, each scoring a share of the windows
     device: Device = "auto"
@@ -314,6 +326,14 @@ SECTIONS: dict[str, type] = {
 C = TypeVar("C")
 
 
+class ParamsFile(dict):
+    """The sections of a params file, remembering which file they came from (for error messages)."""
+
+    def __init__(self, sections: dict[str, dict[str, Any]], source: str):
+        super().__init__(sections)
+        self.source = source
+
+
 def load_params(
     path: str | Path, overrides: list[str] | None = None, required: Iterable[str] = ()
 ) -> dict[str, dict[str, Any]]:
@@ -324,7 +344,7 @@ def load_params(
     (``require_sections``).
     """
     path = Path(path)
-    params = _parse_sections(path, _read_text(path))
+    params = ParamsFile(_parse_sections(path, _read_text(path)), source=str(path))
     for item in overrides or []:
         _apply_override(params, item)
     for name, values in params.items():
@@ -388,8 +408,8 @@ def _apply_override(params: dict[str, dict[str, Any]], item: str) -> None:
 
 
 def section(params: dict[str, dict[str, Any]], name: str, cls: type[C], source: str = "params.yaml") -> C:
-    """Build the dataclass ``cls`` from ``params[name]``, strictly (absent: the defaults)."""
-    return from_dict(cls, params.get(name, {}), f"{source}: {name}")
+    """Build the dataclass ``cls`` from ``params[name]``, strictly (absent: the defaults); errors name the file read."""
+    return from_dict(cls, params.get(name, {}), f"{getattr(params, 'source', source)}: {name}")
 
 
 def from_dict(cls: type[C], values: dict[str, Any], where: str) -> C:

@@ -1,4 +1,4 @@
-"""The recurrent GPT of the record (REFERENCE.md section 3), top to bottom.
+"""The recurrent GPT of the record (docs/DESIGN.md §3), top to bottom.
 
 A tied-embedding transformer with grouped-query attention, partial rotary
 embeddings, per-head query gain, XSA (each head's output minus its projection
@@ -239,7 +239,7 @@ class GPT(nn.Module):
         return layer_order(self.config, self.looping_active)[1]
 
     def reset_parameters(self) -> None:
-        """The reference's initialisation: see REFERENCE.md section 3."""
+        """The reference's initialisation: see docs/DESIGN.md §3."""
         if self.config.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=self.config.tied_embed_init_std)
         zero_init = {block.attn.proj for block in self.blocks} | {block.mlp.proj for block in self.blocks}

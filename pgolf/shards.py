@@ -30,7 +30,7 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 MAX_TOKENS = 2**31 - 1  # the header stores the count as int32
-BOS_ID = 1  # the challenge tokenizers' bos id (REFERENCE.md section 1)
+BOS_ID = 1  # the challenge tokenizers' bos id (docs/DESIGN.md §1)
 MANIFEST_NAME = "manifest.json"  # beside the shards: what went in and what came out (the tokenize stage)
 SPLITS = ("val", "train")  # file order of a dataset: validation documents come first
 # Ids are checked against the vocabulary this many tokens at a time (bounded memory).
@@ -123,16 +123,32 @@ def shard_files(dataset_dir: str | Path, split: str) -> list[Path]:
     return files
 
 
-def load_validation_tokens(dataset_dir: str | Path, seq_len: int) -> torch.Tensor:
-    """All validation tokens, cut to ``((n - 1) // seq_len) * seq_len + 1`` (int64)."""
+def load_validation_tokens(dataset_dir: str | Path, seq_len: int, max_tokens: int = 0) -> torch.Tensor:
+    """Validation tokens cut to whole windows: ``((n - 1) // seq_len) * seq_len + 1`` (int64).
+
+    ``max_tokens`` (0: all) first keeps only that many tokens, for quick evaluations.
+    """
     files = shard_files(dataset_dir, "val")
     if not files:
         raise ShardError(f"{dataset_dir}: no fineweb_val_*.bin shards")
     tokens = np.concatenate([read_shard(path) for path in files])  # [n]
+    if max_tokens:
+        tokens = tokens[:max_tokens]
     usable = ((tokens.size - 1) // seq_len) * seq_len
     if usable <= 0:
         raise ShardError(f"{dataset_dir}: {tokens.size} validation tokens are too few for seq_len {seq_len}")
     return torch.from_numpy(tokens[: usable + 1].astype(np.int64))  # [usable + 1]
+
+
+def check_vocab(dataset_dir: str | Path, vocab_size: int) -> None:
+    """The dataset must be tokenized with the model's vocabulary (manifest, else every id)."""
+    manifest = Path(dataset_dir) / MANIFEST_NAME
+    if not manifest.is_file():
+        validate_dataset(dataset_dir, vocab_size)  # no manifest: every id must be below vocab_size
+        return
+    data_vocab = json.loads(manifest.read_text(encoding="utf-8")).get("vocab_size")
+    if data_vocab != vocab_size:
+        raise ShardError(f"{manifest}: vocab_size {data_vocab} but the model's vocab_size is {vocab_size}")
 
 
 def split_documents(tokens: np.ndarray, bos_id: int, source: str | Path) -> list[np.ndarray]:

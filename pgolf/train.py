@@ -1,4 +1,4 @@
-"""The training loop of REFERENCE.md section 3, from one CPU core to N GPUs.
+"""The training loop of docs/DESIGN.md §3, from one CPU core to N GPUs.
 
 ``train`` runs the reference's loop on a ``GPT``: per step it zeroes the
 gradients, back-propagates every micro-batch (``loss / accumulation``), sets
@@ -31,9 +31,11 @@ from tqdm import tqdm
 from pgolf.checkpoint import load_tagged, save_tagged
 from pgolf.config import TrainConfig, to_dict
 from pgolf.distributed import DistContext, any_rank, barrier
+from pgolf.evaluate import eval_plain
 from pgolf.model import CastedLinear, GPT
 from pgolf.optim import Optimizers, build_optimizers, is_control_tensor, muon_momentum_at
 from pgolf.runtime import use_compile
+from pgolf.tokenizer import ByteTables
 
 MicroBatch = tuple[Tensor, Tensor]  # inputs [B, T], targets [B, T]
 Validator = Callable[[GPT], tuple[float, float]]  # model -> (val_loss, val_bpb)
@@ -55,27 +57,6 @@ class BatchSource(Protocol):
 
     def check_state(self, state: dict, source: str) -> None: ...
 
-
-class RecordedBatches:
-    """Micro-batches recorded elsewhere (e.g. the golden trajectory), ``per_step`` a step."""
-
-    def __init__(self, batches: Sequence[MicroBatch], per_step: int):
-        if per_step <= 0 or len(batches) % per_step:
-            raise ValueError(f"{len(batches)} recorded micro-batches do not split into steps of {per_step}")
-        self.batches, self.per_step = list(batches), per_step
-
-    def micro_batches(self, step: int) -> Sequence[MicroBatch]:
-        first = step * self.per_step
-        if first + self.per_step > len(self.batches):
-            raise ValueError(f"step {step} needs micro-batches beyond the {len(self.batches)} recorded")
-        return self.batches[first:first + self.per_step]
-
-    def state_dict(self) -> dict:
-        return {"recorded": len(self.batches), "per_step": self.per_step}
-
-    def check_state(self, state: dict, source: str) -> None:
-        if state != self.state_dict():
-            raise ValueError(f"{source}: recorded batches differ from the checkpoint's ({state})")
 
 
 class TrainingDiverged(ValueError):
@@ -441,3 +422,32 @@ def train(model: GPT, cfg: TrainConfig, batches: BatchSource, ctx: DistContext,
     scores the live model every ``val_loss_every`` steps.
     """
     return Trainer(model, cfg, batches, ctx, checkpoint_dir, progress, validate).run(on_step)
+
+
+def plain_validator(tokens: Tensor, tables: ByteTables, cfg: TrainConfig, device: torch.device) -> Validator:
+    """Plain validation loss and bpb of the live model in training-length windows."""
+    batch_seqs = cfg.train_batch_tokens // (cfg.grad_accum_steps * cfg.train_seq_len)  # a training micro-batch
+
+    def validate(model: GPT) -> tuple[float, float]:
+        score = eval_plain(model, tokens, tables, cfg.train_seq_len, batch_seqs, device)
+        return score.loss, score.bpb
+
+    return validate
+
+
+def run_metrics(result: TrainResult, num_params: int, ctx: DistContext) -> dict:
+    """The figures of a finished run, for ``out/train/metrics.json``."""
+    metrics = {
+        "train_loss": result.losses[-1],
+        "steps": result.steps,
+        "train_time_s": result.elapsed_s,
+        "tokens": result.steps * result.tokens_per_step,
+        "tokens_per_s": result.steps * result.tokens_per_step / max(result.elapsed_s, 1e-9),
+        "stopped_by_wallclock": result.stopped_by_wallclock,
+        "model_params": num_params,
+        "world_size": ctx.world_size,
+        "device": ctx.device.type,
+    }
+    if result.val_history:
+        metrics |= {"val_loss": result.val_history[-1]["val_loss"], "val_bpb": result.val_history[-1]["val_bpb"]}
+    return metrics

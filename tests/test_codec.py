@@ -16,7 +16,6 @@ from pgolf.codec import (
     QuantizedTensor,
     byte_shuffle,
     byte_unshuffle,
-    code_bytes,
     compress,
     compressed_tensor_sizes,
     decompress,
@@ -60,9 +59,9 @@ def entry(header: dict, name: str) -> dict:
 # ------------------------------------------------------------------------------ shuffle
 
 
-def test_byte_shuffle_matches_reference(golden_tiny):
-    assert byte_shuffle(golden_tiny["shuffle_in"], 2) == golden_tiny["shuffle_out"]
-    assert byte_unshuffle(golden_tiny["shuffle_out"]) == golden_tiny["shuffle_in"]
+def test_byte_shuffle_matches_reference(golden):
+    assert byte_shuffle(golden["shuffle_in"], 2) == golden["shuffle_out"]
+    assert byte_unshuffle(golden["shuffle_out"]) == golden["shuffle_in"]
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3, 4])
@@ -294,22 +293,3 @@ def test_header_not_json():
     broken = raw[:12] + b"{" * header_len + raw[12 + header_len:]
     with pytest.raises(ArtifactError, match="header is not JSON"):
         deserialize(broken)
-
-
-def test_code_bytes_sums_the_listed_files_and_names_missing_ones(tmp_path):
-    (tmp_path / "a.py").write_text("x" * 10)
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "b.py").write_text("y" * 7)
-    assert code_bytes(["a.py", "pkg/b.py"], root=tmp_path) == 17
-    with pytest.raises(FileNotFoundError, match="pkg/c.py"):
-        code_bytes(["a.py", "pkg/c.py"], root=tmp_path)
-
-
-def test_compressed_code_bytes_count_one_brotli_stream_of_the_files(tmp_path):
-    source = "def f(x):\n    return x + 1\n" * 200
-    (tmp_path / "a.py").write_text(source)
-    (tmp_path / "b.py").write_text(source)
-    raw = code_bytes(["a.py", "b.py"], root=tmp_path)
-    compressed = code_bytes(["a.py", "b.py"], compressed=True, root=tmp_path)
-    bundle = b"# a.py\n" + source.encode() + b"# b.py\n" + source.encode()
-    assert compressed == len(brotli.compress(bundle, quality=11)) < raw // 10

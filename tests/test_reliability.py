@@ -3,7 +3,7 @@ and the previous outputs byte-identical afterwards.
 
 The micro pipeline (presets/micro.yaml) is built once; every test works on a copy of it and runs a stage
 through ``pgolf.cli.main`` as a user would. Tests marked ``needs_wiring`` rely on the stages calling
-``pgolf.atomic.stage_outputs``, ``pgolf.config.require_sections`` and ``pgolf.shards.check_dataset``; they
+``pgolf.config.require_sections`` (or ``load_params(..., required=...)``) and ``pgolf.shards.check_dataset``; they
 are strict xfails until then, so wiring a stage turns them into failures that ask for the mark to go.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from recorded_batches import RecordedBatches
 from test_checkpoint import CONFIG, flip_bit_in_tensor_data
 
 from pgolf import cli
@@ -26,15 +27,17 @@ from pgolf.config import TrainConfig
 from pgolf.distributed import init_distributed
 from pgolf.model import GPT
 from pgolf.shards import read_shard, write_shard
-from pgolf.train import RecordedBatches, Trainer, TrainingDiverged, train
+from pgolf.train import Trainer, TrainingDiverged, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["tokenize", "train", "calibrate", "quantize", "compress", "evaluate"]
+# Every stage of dvc.yaml, in order, as `pgolf` arguments; `--out .` writes the pipeline's own tree.
+STAGES = [["tokenize"], ["train"], ["evaluate", "--weights", "trained"], ["calibrate"], ["quantize"], ["compress"],
+          ["evaluate"]]
 DATASET = Path("data/datasets/fineweb10B_sp1024")
 TOKENIZER = Path("data/tokenizers/fineweb_1024_bpe.model")
 
-needs_wiring = pytest.mark.xfail(strict=True, reason="needs the stage wiring of issue #9 (stage_outputs, "
-                                                     "require_sections, check_dataset)")
+needs_wiring = pytest.mark.xfail(strict=True, reason="needs the stage wiring of issue #9 (require_sections, "
+                                                     "check_dataset)")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def pipeline(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         for stage in STAGES:
-            assert cli.main([stage]) == 0, stage
+            assert cli.main([*stage, "--out", "."]) == 0, stage
     return root
 
 
@@ -82,7 +85,7 @@ def fails_cleanly(root: Path, capsys, argv: list[str], *expected: str) -> str:
     """Run ``pgolf ARGV``: exit 2, one error line holding every ``expected`` text, no traceback, outputs as before."""
     before = outputs(root)
     capsys.readouterr()
-    assert cli.main(argv) == 2
+    assert cli.main([*argv, "--out", "."]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]  # progress bars redraw with \r
@@ -160,20 +163,21 @@ def test_a_different_tokenizer_of_the_same_size_is_named(work, capsys):
 # ---------------------------------------------------------------- model files: checksum and finite weights
 
 
-@pytest.mark.parametrize("stage", ["calibrate", "evaluate"])
+@pytest.mark.parametrize("stage", [["calibrate"], ["evaluate", "--weights", "trained"]], ids=["calibrate", "prequant"])
 def test_a_flipped_bit_in_the_model_file_is_named(work, capsys, stage):
     flip_bit_in_tensor_data(work / "out" / "train" / "model.pt")
-    fails_cleanly(work, capsys, [stage], "out/train/model.pt: model file is corrupt")
+    fails_cleanly(work, capsys, stage, "out/train/model.pt: model file is corrupt")
 
 
-def test_evaluate_refuses_non_finite_weights(work, capsys):
+def test_prequant_evaluation_refuses_non_finite_weights(work, capsys):
     from pgolf.checkpoint import FORMAT, VERSION, save_tagged
 
     payload = torch.load(work / "out" / "train" / "model.pt", weights_only=True)
     payload["state_dict"]["tok_emb.weight"][0, 0] = float("nan")
     save_tagged(work / "out" / "train" / "model.pt", FORMAT, VERSION,
                 {"model_config": payload["model_config"], "state_dict": payload["state_dict"]})
-    fails_cleanly(work, capsys, ["evaluate"], "out/train/model.pt: non-finite weights (NaN or inf) in tok_emb.weight")
+    fails_cleanly(work, capsys, ["evaluate", "--weights", "trained"],
+                  "out/train/model.pt: non-finite weights (NaN or inf) in tok_emb.weight")
 
 
 def test_a_diverging_training_run_stops_naming_the_step(work, capsys, monkeypatch):
@@ -233,13 +237,11 @@ def test_a_failed_commit_of_the_first_output_is_one_line_naming_path_and_operati
     fails_cleanly(work, capsys, ["train"], f"cannot rename the new version into out/train/model.pt: {os.strerror(err)}")
 
 
-@needs_wiring
 def test_a_failed_commit_of_the_metrics_leaves_the_previous_model_too(work, capsys, monkeypatch):
     fail_replace_of(monkeypatch, "metrics.json", errno.EROFS)
     fails_cleanly(work, capsys, ["train"], "out/train/metrics.json")
 
 
-@needs_wiring
 def test_compress_that_cannot_write_its_artifact_keeps_the_previous_metrics(work, capsys, monkeypatch):
     fail_replace_of(monkeypatch, "artifact.ptz", errno.ENOSPC)
     fails_cleanly(work, capsys, ["compress", "--set", "compress.brotli_quality=5"], "out/compress/artifact.ptz")
@@ -248,6 +250,6 @@ def test_compress_that_cannot_write_its_artifact_keeps_the_previous_metrics(work
 def test_the_checks_refuse_only_what_is_wrong(work):
     """The untouched pipeline passes every check: the stages run again on the same data, to the same scores."""
     before = json.loads((work / "out" / "evaluate" / "metrics.json").read_text())
-    assert cli.main(["train"]) == 0 and cli.main(["evaluate"]) == 0
+    assert cli.main(["train", "--out", "."]) == 0 and cli.main(["evaluate", "--out", "."]) == 0
     after = json.loads((work / "out" / "evaluate" / "metrics.json").read_text())
     assert np.isfinite(after["quantized"]["val_bpb"]) and after["quantized"] == before["quantized"]
