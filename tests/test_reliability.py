@@ -253,3 +253,16 @@ def test_the_checks_refuse_only_what_is_wrong(work):
     assert cli.main(["train", "--out", "."]) == 0 and cli.main(["evaluate", "--out", "."]) == 0
     after = json.loads((work / "out" / "evaluate" / "metrics.json").read_text())
     assert np.isfinite(after["quantized"]["val_bpb"]) and after["quantized"] == before["quantized"]
+
+
+@needs_wiring
+def test_evaluate_refuses_an_artifact_with_non_finite_weights(work, capsys):
+    from pgolf.codec import compress, load_artifact, serialize
+    from pgolf.config import CompressConfig
+
+    path = work / "out" / "compress" / "artifact.ptz"
+    qm = load_artifact(path.read_bytes())
+    name = next(n for n, t in qm.tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point())
+    qm.tensors[name].view(-1)[0] = float("inf")  # a passthrough tensor of the artifact
+    path.write_bytes(compress(serialize(qm), CompressConfig(brotli_quality=1)))
+    fails_cleanly(work, capsys, ["evaluate"], f"out/compress/artifact.ptz: non-finite weights (NaN or inf) in {name}")
