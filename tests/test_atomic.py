@@ -283,19 +283,23 @@ def test_sigkill_at_every_step_of_a_directory_replacement_leaves_a_complete_dire
     counts = call_counts(REPLACE_DIRECTORY, [str(prepare(tmp_path / "count"))], tmp_path)
     assert counts["rename"] == 2 and counts["fsync"] >= 5 and counts["rmtree"] >= 1  # old aside, new in
     points = [(operation, index) for operation, calls in counts.items() for index in range(1, calls + 1)]
+    outcomes = set()
     for operation, index in points:
         dataset = prepare(tmp_path / f"{operation}-{index}")
         killed_run(REPLACE_DIRECTORY, operation, index, [str(dataset)], tmp_path)
+        outcomes.add("stranded" if not dataset.exists() else "in place")
         recover(dataset)
         found = {p.name: p.read_bytes() for p in dataset.iterdir()}
         assert found in (old, new), f"SIGKILL at os.{operation} call {index}: {sorted(found)}"
         assert [p.name for p in dataset.parent.iterdir()] == ["dataset"], f"leftovers after os.{operation} {index}"
+        outcomes.add("new" if found == new else "old")
+    assert outcomes == {"old", "new", "stranded", "in place"}
 
 
 TOKENIZE = KILLER + textwrap.dedent(
     """
     from stages.tokenize import main
-    code = main(["--params", sys.argv[3]])
+    code = main(["--params", sys.argv[3], "--out", "."])  # by hand, into the pipeline's own tree
     assert code == 0, code
     """
 )
@@ -319,12 +323,12 @@ def test_sigkill_of_the_tokenize_stage_replacing_a_dataset_always_leaves_a_compl
     new_params = tokenize_params(tmp_path / "new.yaml", shared_dir, num_val_docs=60, shard_size=30_000)
     built = {}
     for name, params in (("old", old_params), ("new", new_params)):
-        done = subprocess.run([sys.executable, "-m", "stages.tokenize", "--params", str(params)], cwd=tmp_path / ".",
-                              env=child_env(), capture_output=True, text=True, timeout=600)
+        done = subprocess.run([sys.executable, "-m", "stages.tokenize", "--params", str(params), "--out", "."],
+                              cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
         built[name] = snapshot(tmp_path / "data" / "datasets")
         shutil.move(tmp_path / "data", tmp_path / f"data-{name}")
-    assert built["old"] != built["new"]
+    assert built["old"] and built["new"] and built["old"] != built["new"]
 
     def prepare(root: Path) -> Path:
         shutil.copytree(tmp_path / "data-old", root / "data")
@@ -337,10 +341,14 @@ def test_sigkill_of_the_tokenize_stage_replacing_a_dataset_always_leaves_a_compl
     points += [("fsync", i) for i in sorted({1, counts["fsync"] // 2, counts["fsync"]})]
     points += [("unlink", i) for i in sorted({1, counts["unlink"]})]
     assert counts["rename"] >= 2 and len(points) >= 8
+    outcomes = set()
     for operation, index in points:
         root = prepare(tmp_path / f"{operation}-{index}")
         killed_run(TOKENIZE, operation, index, [str(new_params)], root)
         dataset = dataset_path(root / "data", 8192)
+        outcomes.add("stranded" if not dataset.exists() else "in place")  # killed between the two renames?
         check_dataset(dataset, tokenizer_file(root / "data", 8192), 8192)  # recovers, then holds it to its manifest
         found = snapshot(root / "data" / "datasets")
         assert found in (built["old"], built["new"]), f"SIGKILL at os.{operation} call {index}: {sorted(found)}"
+        outcomes.add("new" if found == built["new"] else "old")
+    assert outcomes == {"old", "new", "stranded", "in place"}  # before, inside and after the dataset's commit
