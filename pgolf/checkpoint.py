@@ -41,7 +41,7 @@ def _digest_value(digest: Any, where: str, value: Any) -> None:
     if isinstance(value, Tensor):
         tensor = value.detach().cpu().contiguous()
         digest.update(f"{where}:tensor:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the bytes in place, no copy
     elif isinstance(value, dict):
         for key in sorted(value, key=repr):
             _digest_value(digest, f"{where}/{key!r}", value[key])
