@@ -60,6 +60,10 @@ class BatchSource(Protocol):
 
 
 
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite (names the first such step)."""
+
+
 @dataclass
 class TrainResult:
     """What a run produced: EMA weights (in the model's dtypes) and its history."""
@@ -202,6 +206,7 @@ class Trainer:
         self.val_history: list[dict] = []
         self.ema: dict[str, Tensor] = {}
         self.tokens_per_step = 0
+        self.losses_checked = 0  # losses before this index are known to be finite
 
     # one optimisation step -------------------------------------------------
 
@@ -323,6 +328,12 @@ class Trainer:
             stopped_by_wallclock = budget is not None and any_rank(self.elapsed_s >= budget, self.ctx)
             finished = stopped_by_wallclock or self.step == self.cfg.iterations
             bar.update(1)
+            if finished or self._due(self.cfg.train_log_every) or self._due(self.cfg.checkpoint_every):
+                try:
+                    self.check_losses_finite()
+                except TrainingDiverged:
+                    bar.close()  # the error line comes after the bar, not inside it
+                    raise
             if finished or self._due(self.cfg.train_log_every):
                 self._log(scale, bar)
             if on_step is not None:
@@ -339,6 +350,24 @@ class Trainer:
             stopped_by_wallclock=stopped_by_wallclock, tokens_per_step=self.tokens_per_step,
             val_history=list(self.val_history),
         )
+
+    def check_losses_finite(self) -> None:
+        """Stop a diverged run, naming the first step whose loss is NaN or infinite.
+
+        Losses stay on the device between log and checkpoint steps (no sync per
+        step), so they are checked there: before anything is logged or saved.
+        """
+        recent = self.losses[self.losses_checked:]
+        if not recent:
+            return
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.ctx.device) for v in recent]).cpu()
+        bad = torch.nonzero(~torch.isfinite(values)).flatten()  # [K]
+        if bad.numel():
+            step = self.losses_checked + int(bad[0]) + 1
+            raise TrainingDiverged(
+                f"train: the training loss is {float(values[bad[0]])} at step {step} of {self.cfg.iterations}: "
+                "the run diverged (try lower learning rates or grad_clip_norm); no model was written")
+        self.losses_checked = len(self.losses)
 
     def loss_values(self) -> list[float]:
         return [float(loss) for loss in self.losses]
