@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pgolf.checkpoint import check_state_dict
+from pgolf.checkpoint import check_finite, check_state_dict
 from pgolf.config import CompressConfig, ConfigError, ModelConfig, from_dict, to_dict
 from pgolf.model import GPT
 
@@ -375,5 +375,6 @@ def artifact_model(path: str | Path, device: torch.device | str = "cpu") -> GPT:
     model = GPT(qm.model_config)
     state = dequantize(qm)
     check_state_dict(model, state, str(path))
+    check_finite(state, str(path))
     model.load_state_dict(state)
     return model.to(device)

@@ -36,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pgolf.dataset import file_sha256
+from pgolf.shards import file_sha256
 from pgolf.shards import SPLITS, ShardError, dataset_path, read_header, shard_name
 from pgolf.tokenizer import load_tokenizer, tokenizer_file
 

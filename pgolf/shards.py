@@ -140,17 +140,6 @@ def load_validation_tokens(dataset_dir: str | Path, seq_len: int, max_tokens: in
     return torch.from_numpy(tokens[: usable + 1].astype(np.int64))  # [usable + 1]
 
 
-def check_vocab(dataset_dir: str | Path, vocab_size: int) -> None:
-    """The dataset must be tokenized with the model's vocabulary (manifest, else every id)."""
-    manifest = Path(dataset_dir) / MANIFEST_NAME
-    if not manifest.is_file():
-        validate_dataset(dataset_dir, vocab_size)  # no manifest: every id must be below vocab_size
-        return
-    data_vocab = json.loads(manifest.read_text(encoding="utf-8")).get("vocab_size")
-    if data_vocab != vocab_size:
-        raise ShardError(f"{manifest}: vocab_size {data_vocab} but the model's vocab_size is {vocab_size}")
-
-
 def split_documents(tokens: np.ndarray, bos_id: int, source: str | Path) -> list[np.ndarray]:
     """Cut a split's tokens into documents at each BOS (each returned without its BOS)."""
     starts = np.flatnonzero(tokens == bos_id)  # [D]

@@ -24,6 +24,11 @@ from pgolf.config import ConfigError, load_params
 from pgolf.distributed import launch_torchrun, under_torchrun
 
 Params = dict[str, dict[str, Any]]
+# The params sections each stage reads: a params file without one is an error naming it, never the record's
+# defaults (quantize reads compress: too, when fit_to_size is on, and checks that itself).
+STAGE_SECTIONS = {"tokenize": ("tokenize",), "download": ("tokenize",), "train": ("tokenize", "model", "train"),
+                  "calibrate": ("tokenize", "calibrate"), "quantize": ("quantize",), "compress": ("compress",),
+                  "evaluate": ("tokenize", "evaluate"), "import": ("model",)}
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,7 @@ def run_stage(
     extra = {k: v for k, v in vars(args).items() if k not in ("params", "overrides", "out")}
     ws = workspace(args.out, os.environ)
     try:
-        params = load_params(args.params, args.overrides)
+        params = load_params(args.params, args.overrides, required=STAGE_SECTIONS.get(stage, ()))
         nproc = processes(params) if processes else 1
         if nproc > 1 and not under_torchrun(os.environ):
             return relaunch(stage, params, nproc, ws, extra)

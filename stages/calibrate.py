@@ -19,7 +19,8 @@ from pgolf.config import CalibrateConfig, TokenizeConfig, section, to_dict
 from pgolf.hessians import calibration_batches, collect_hessians, save_hessians
 from pgolf.provenance import log_provenance
 from pgolf.runtime import resolve_device, seed_everything
-from pgolf.shards import check_vocab, dataset_path, shard_files
+from pgolf.shards import check_dataset, dataset_path, shard_files
+from pgolf.tokenizer import tokenizer_file
 from pgolf.stage import Workspace, run_stage
 
 
@@ -31,7 +32,8 @@ def run(params: dict, ws: Workspace) -> None:
     device = resolve_device(cfg.device)
     model = build_model(ws.input(layout.TRAIN_MODEL), device)
     dataset_dir = ws.input(dataset_path(data_dir, model.config.vocab_size))
-    check_vocab(dataset_dir, model.config.vocab_size)
+    vocab = model.config.vocab_size
+    check_dataset(dataset_dir, ws.input(tokenizer_file(data_dir, vocab)), vocab, scan=("train",))
     hessians = collect_hessians(model, calibration_batches(shard_files(dataset_dir, "train"), cfg), device)
     destination = ws.output(layout.CALIBRATE_HESSIANS)
     with stage_outputs() as out:

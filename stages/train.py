@@ -24,7 +24,7 @@ from pgolf.model import GPT, count_parameters
 from pgolf.plots import training_plot, write_csv
 from pgolf.provenance import log_provenance
 from pgolf.runtime import enable_tf32, seed_everything
-from pgolf.shards import check_vocab, dataset_path, load_validation_tokens, shard_files
+from pgolf.shards import check_dataset, dataset_path, load_validation_tokens, shard_files
 from pgolf.stage import Workspace, run_stage
 from pgolf.tokenizer import byte_tables, tokenizer_file
 from pgolf.train import CHECKPOINT_NAME, TrainResult, plain_validator, run_metrics, train
@@ -40,7 +40,7 @@ def run(params: dict, ws: Workspace) -> None:
         record = log_provenance("train", {"model": to_dict(model_cfg), "train": to_dict(cfg), "data_dir": data_dir,
                                           "world_size": ctx.world_size}) if ctx.is_main else {}
         dataset_dir = ws.input(dataset_path(data_dir, model_cfg.vocab_size))
-        check_vocab(dataset_dir, model_cfg.vocab_size)
+        check_dataset(dataset_dir, ws.input(tokenizer_file(data_dir, model_cfg.vocab_size)), model_cfg.vocab_size)
         loader = TrainLoader(shard_files(dataset_dir, "train"), cfg.train_seq_len, cfg.seed,
                              cfg.train_batch_tokens, cfg.grad_accum_steps, ctx.rank, ctx.world_size)
         validate = None

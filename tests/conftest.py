@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from pgolf.config import ModelConfig, TrainConfig
+from pgolf.shards import MANIFEST_NAME, file_sha256, validate_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
@@ -139,3 +141,13 @@ def train_config_from_reference(env: dict, **overrides) -> TrainConfig:
 @pytest.fixture(scope="session")
 def golden_model_config(golden_tiny) -> ModelConfig:
     return model_config_from_reference(golden_tiny["config"])
+
+
+def write_manifest(dataset_dir: Path, vocab_size: int, tokenizer: Path, manifest_vocab: int | None = None) -> None:
+    """The manifest the tokenize stage would write for shards made by hand (what stages check them against).
+
+    ``tokenizer`` is the file whose sha256 the manifest records (the stages compare it byte for byte).
+    """
+    manifest = {"vocab_size": manifest_vocab or vocab_size, "splits": validate_dataset(dataset_dir, vocab_size),
+                "tokenizer": {"sha256": file_sha256(tokenizer)}}
+    (dataset_dir / MANIFEST_NAME).write_text(json.dumps(manifest))

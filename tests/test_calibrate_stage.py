@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import write_manifest
 from pgolf import layout
 from pgolf.checkpoint import build_model, save_model
 from pgolf.config import CalibrateConfig, ModelConfig, section
 from pgolf.hessians import calibration_batches, collect_hessians, load_hessians
 from pgolf.model import GPT
-from pgolf.shards import MANIFEST_NAME, dataset_path, shard_name, write_shard
+from pgolf.shards import dataset_path, shard_name, write_shard
 from pgolf.stage import Workspace
+from pgolf.tokenizer import tokenizer_file
 from stages import calibrate as stage
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
@@ -38,7 +39,11 @@ def workdir(tmp_path, monkeypatch) -> Path:
     rng = np.random.default_rng(0)
     for index in range(2):
         write_shard(shards / shard_name("train", index), rng.integers(0, CONFIG.vocab_size, 1_000, dtype=np.uint16))
-    (shards / MANIFEST_NAME).write_text(json.dumps({"vocab_size": CONFIG.vocab_size}))
+    write_shard(shards / shard_name("val", 0), rng.integers(0, CONFIG.vocab_size, 100, dtype=np.uint16))
+    tokenizer = tokenizer_file("data", CONFIG.vocab_size)
+    tokenizer.parent.mkdir(parents=True)
+    tokenizer.write_bytes(b"stands in for the tokenizer: calibration reads only its hash from the manifest")
+    write_manifest(shards, CONFIG.vocab_size, tokenizer)
     return tmp_path
 
 
@@ -58,12 +63,12 @@ def test_writes_the_hessians_of_the_drawn_batches(workdir):
 
 
 def test_bad_settings_and_missing_inputs_are_named(workdir, capsys):
-    (workdir / "params.yaml").write_text("calibrate: {calibration_batch_tokens: 100, seq_len: 32, device: cpu}\n")
+    (workdir / "params.yaml").write_text("tokenize: {}\ncalibrate: {calibration_batch_tokens: 100, seq_len: 32, device: cpu}\n")
     assert stage.main([]) == 2
-    assert "calibrate.calibration_batch_tokens=100 must be a positive multiple of calibrate.seq_len=32" in (
+    assert "calibrate.calibration_batch_tokens: 100 is not allowed: must be a multiple of seq_len (32)" in (
         capsys.readouterr().err
     )
-    (workdir / "params.yaml").write_text("calibrate: {calibration_batch_tokens: 96, seq_len: 32, device: cpu}\n")
+    (workdir / "params.yaml").write_text("tokenize: {}\ncalibrate: {calibration_batch_tokens: 96, seq_len: 32, device: cpu}\n")
     Path(layout.TRAIN_MODEL).unlink()
     assert stage.main([]) == 2
     assert "out/train/model.pt: model file not found" in capsys.readouterr().err

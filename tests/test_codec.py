@@ -32,7 +32,8 @@ def small_model(seed: int = 0) -> QuantizedModel:
     q6 = torch.randint(-31, 32, (12, 20), generator=generator, dtype=torch.int8)
     q8 = torch.randint(-127, 128, (9, 7), generator=generator, dtype=torch.int8)
     return QuantizedModel(
-        model_config=ModelConfig(vocab_size=9, num_layers=2, model_dim=7),
+        model_config=ModelConfig(vocab_size=9, num_layers=2, model_dim=7, embedding_dim=7, num_heads=1, num_kv_heads=1,
+                                 rope_dims=6, num_loops=0),
         tensors={
             "blocks.0.mlp.fc.weight": QuantizedTensor(q6, torch.rand(12, generator=generator).half(), 6, 12.85),
             "tok_emb.weight": QuantizedTensor(q8, torch.rand(9, generator=generator).half(), 8, 20.0),

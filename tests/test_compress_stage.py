@@ -29,7 +29,7 @@ def quantized_model() -> QuantizedModel:
     generator = torch.Generator().manual_seed(0)
     q = (torch.randn(64, 48, generator=generator) * 2.4).round().clamp(-31, 31).to(torch.int8)
     return QuantizedModel(
-        model_config=ModelConfig(vocab_size=64, num_layers=1, model_dim=48),
+        model_config=ModelConfig(vocab_size=64, num_layers=1, model_dim=48, rope_dims=6, num_loops=0),
         tensors={
             "blocks.0.mlp.fc.weight": QuantizedTensor(q, torch.rand(64, generator=generator).half(), 6, 12.85),
             "blocks.0.attn_scale": torch.ones(48, dtype=torch.float16),

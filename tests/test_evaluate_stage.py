@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import write_manifest
 from pgolf import layout
 from pgolf.atomic import write_bytes
 from pgolf.checkpoint import build_model, save_model
@@ -67,7 +68,9 @@ def workdir(tmp_path, monkeypatch, shared_dir) -> Path:
     shutil.copy(shared_dir / "fineweb" / "fineweb10B_sp8192" / "fineweb_val_000000.bin",
                 data / "datasets" / "fineweb10B_sp8192")
     shutil.copy(shared_dir / "tokenizers" / "fineweb_8192_bpe.model", data / "tokenizers")
-    (data / "datasets" / "fineweb10B_sp8192" / "manifest.json").write_text(json.dumps({"vocab_size": 8192}))
+    shutil.copy(shared_dir / "fineweb" / "fineweb10B_sp8192" / "fineweb_train_000000.bin",
+                data / "datasets" / "fineweb10B_sp8192")
+    write_manifest(data / "datasets" / "fineweb10B_sp8192", 8192, data / "tokenizers" / "fineweb_8192_bpe.model")
     monkeypatch.chdir(tmp_path)
     state = trained_weights()
     save_model(Path(layout.TRAIN_MODEL), MODEL, state)
@@ -78,7 +81,7 @@ def workdir(tmp_path, monkeypatch, shared_dir) -> Path:
 def params(**evaluate) -> dict:
     base = {"eval_seq_len": SEQ_LEN, "eval_stride": STRIDE, "eval_batch_seqs": BATCH,
             "max_val_tokens": MAX_TOKENS, "device": "cpu"}
-    return {"evaluate": base | evaluate}
+    return {"tokenize": {}, "evaluate": base | evaluate}
 
 
 def scores_of(model: GPT) -> dict[str, float]:

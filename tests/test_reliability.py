@@ -2,9 +2,7 @@
 and the previous outputs byte-identical afterwards.
 
 The micro pipeline (presets/micro.yaml) is built once; every test works on a copy of it and runs a stage
-through ``pgolf.cli.main`` as a user would. Tests marked ``needs_wiring`` rely on the stages calling
-``pgolf.config.require_sections`` (or ``load_params(..., required=...)``) and ``pgolf.shards.check_dataset``; they
-are strict xfails until then, so wiring a stage turns them into failures that ask for the mark to go.
+through ``pgolf.cli.main`` as a user would.
 """
 
 from __future__ import annotations
@@ -35,10 +33,6 @@ STAGES = [["tokenize"], ["train"], ["evaluate", "--weights", "trained"], ["calib
           ["evaluate"]]
 DATASET = Path("data/datasets/fineweb10B_sp1024")
 TOKENIZER = Path("data/tokenizers/fineweb_1024_bpe.model")
-
-needs_wiring = pytest.mark.xfail(strict=True, reason="needs the stage wiring of issue #9 (require_sections, "
-                                                     "check_dataset)")
-
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> Path:
@@ -125,7 +119,6 @@ def test_a_params_file_that_is_not_utf8_is_named(work, capsys):
     fails_cleanly(work, capsys, ["train", "--params", "bad.yaml"], "bad.yaml: not UTF-8 text (byte 19: invalid start byte)")
 
 
-@needs_wiring
 def test_a_missing_section_is_named_not_taken_for_the_record(work, capsys):
     (work / "partial.yaml").write_text("tokenize: {vocab_size: 1024}\nmodel: {vocab_size: 1024}\n")
     fails_cleanly(work, capsys, ["train", "--params", "partial.yaml"], "partial.yaml: missing section(s) train")
@@ -134,13 +127,11 @@ def test_a_missing_section_is_named_not_taken_for_the_record(work, capsys):
 # ---------------------------------------------------------------- data checked against the manifest
 
 
-@needs_wiring
 def test_a_missing_train_shard_is_named(work, capsys):
     (work / DATASET / "fineweb_train_000001.bin").unlink()
     fails_cleanly(work, capsys, ["train"], "fineweb_train_000001.bin: listed in manifest.json but missing")
 
 
-@needs_wiring
 @pytest.mark.parametrize("stage, shard", [("train", "fineweb_train_000000.bin"),
                                           ("calibrate", "fineweb_train_000000.bin"),
                                           ("evaluate", "fineweb_val_000000.bin")])
@@ -151,7 +142,6 @@ def test_a_token_id_beyond_the_vocabulary_is_named(work, capsys, stage, shard):
     fails_cleanly(work, capsys, [stage], f"{shard}: token id 1030 at position 7 is not below vocab_size 1024")
 
 
-@needs_wiring
 def test_a_different_tokenizer_of_the_same_size_is_named(work, capsys):
     shutil.copy(work / TOKENIZER, work / "spare.model")
     data = bytearray((work / TOKENIZER).read_bytes())
@@ -255,7 +245,6 @@ def test_the_checks_refuse_only_what_is_wrong(work):
     assert np.isfinite(after["quantized"]["val_bpb"]) and after["quantized"] == before["quantized"]
 
 
-@needs_wiring
 def test_evaluate_refuses_an_artifact_with_non_finite_weights(work, capsys):
     from pgolf.codec import compress, load_artifact, serialize
     from pgolf.config import CompressConfig

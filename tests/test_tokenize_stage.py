@@ -224,4 +224,4 @@ def test_shards_with_ids_beyond_the_vocab_are_refused(workdir, sample, capsys):
 
 def test_shards_need_their_tokenizer(workdir, sample, capsys):
     assert run(workdir, shards_path=str(sample["shards"])) == 2
-    assert "tokenize.shards_path: needs tokenizer_path" in capsys.readouterr().err
+    assert f"tokenize.shards_path: '{sample['shards']}' is not allowed: needs tokenizer_path" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import model_config_from_reference, train_config_from_reference
+from conftest import model_config_from_reference, train_config_from_reference, write_manifest
 from recorded_batches import RecordedBatches
 from pgolf import layout
 from pgolf.checkpoint import build_model, load_model
@@ -186,11 +186,14 @@ def write_dataset(root, vocab_size: int, manifest_vocab: int | None = None):
     generator = torch.Generator().manual_seed(0)
     write_shard(dataset / "fineweb_train_000000.bin", torch.randint(0, vocab_size, (5000,), generator=generator))
     write_shard(dataset / "fineweb_val_000000.bin", torch.randint(0, vocab_size, (600,), generator=generator))
-    (dataset / "manifest.json").write_text(json.dumps({"vocab_size": manifest_vocab or vocab_size}))
+    tokenizer = root / "data" / "tokenizers" / f"fineweb_{vocab_size}_bpe.model"
+    tokenizer.parent.mkdir(parents=True)
+    tokenizer.write_bytes(b"stands in for the tokenizer: training reads only its hash from the manifest")
+    write_manifest(dataset, vocab_size, tokenizer, manifest_vocab)
 
 
 def stage_params() -> dict:
-    return {"model": dataclasses.asdict(TINY_MODEL),
+    return {"tokenize": {}, "model": dataclasses.asdict(TINY_MODEL),
             "train": dataclasses.asdict(dataclasses.replace(TINY_TRAIN, iterations=3, checkpoint_every=1))}
 
 
@@ -216,7 +219,7 @@ def test_train_stage_refuses_a_dataset_of_another_vocabulary(tmp_path, monkeypat
 
     monkeypatch.chdir(tmp_path)
     write_dataset(tmp_path, TINY_MODEL.vocab_size, manifest_vocab=1024)
-    with pytest.raises(ValueError, match="manifest.json: vocab_size 1024 but the model's vocab_size is 64"):
+    with pytest.raises(ValueError, match="manifest.json: vocab_size 1024, but the model's vocab_size is 64"):
         stage.run(stage_params(), PIPELINE)
     assert not Path(layout.TRAIN_MODEL).exists()
 
