@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from recorded_batches import RecordedBatches
 from test_train import one_thread  # noqa: F401  (autouse: one thread, as for the other tiny models)
 from pgolf.config import ModelConfig, TrainConfig
 from pgolf.distributed import DistContext
@@ -26,7 +27,7 @@ from pgolf.evaluate import eval_sliding
 from pgolf.model import GPT
 from pgolf.optim import is_control_tensor
 from pgolf.tokenizer import ByteTables
-from pgolf.train import RecordedBatches, Trainer, train
+from pgolf.train import Trainer, train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
@@ -150,7 +151,8 @@ def test_bf16_training_on_the_cpu_follows_the_gpu_dtype_policy():
     assert result.ema_state["tok_emb.weight"].dtype == torch.bfloat16
     assert {t.dtype for name, t in result.ema_state.items() if name != "tok_emb.weight"} == {torch.float32}
     embedding = model.tok_emb.weight  # its AdamW moments are bf16 too (the update is computed in bf16)
-    (adam,) = [opt for opt in trainer.optimizers if any(p is embedding for g in opt.param_groups for p in g["params"])]
+    (adam,) = [opt for opt in trainer.optimizers.all
+               if any(p is embedding for group in opt.param_groups for p in group["params"])]
     assert {adam.state[embedding][key].dtype for key in ("exp_avg", "exp_avg_sq")} == {torch.bfloat16}
 
     # bf16 rounding, not another computation: within a bf16 tolerance of float32 at every step (1.2e-3 measured)
