@@ -12,8 +12,9 @@ Runs, in order, and writes what each found to ``OUT/gpu_check.json`` and ``OUT/g
 3. ``throughput``: ``benchmarks.bench_train`` on the record config (compile on, bf16) on one
    GPU, looping off and on: tokens/s against the record's 0.97 M per H100 (7.73 M on 8, looping off);
 4. ``pipeline``: the record config trained for ``--train-seconds`` on the FineWeb sample in
-   ``--fineweb`` (its ``fineweb10B_sp8192/`` shards and the sp8192 tokenizer), then calibrate,
-   quantize, compress and evaluate, each by ``python -m pgolf.cli`` in a scratch directory.
+   ``--fineweb`` (its ``fineweb10B_sp8192/`` shards and the sp8192 tokenizer), then prequant,
+   calibrate, quantize, compress and evaluate, each by ``python -m pgolf.cli`` in a scratch
+   directory.
    The sample is 247 k training tokens: the run shows speed and that every stage runs on the
    GPU, not a score (the model overfits the sample).
 
@@ -42,12 +43,18 @@ from pathlib import Path
 import torch
 import yaml
 
+from pgolf import layout
 from pgolf.config import TrainConfig, load_params, section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ("tests", "attention", "throughput", "pipeline")
 GPU_ONLY = ("tests", "attention")
-STAGES = ("tokenize", "train", "calibrate", "quantize", "compress", "evaluate")
+# (name, pgolf command): the stages of dvc.yaml in its order; prequant scores the trained weights
+STAGES = (("tokenize", ["tokenize"]), ("train", ["train"]), ("prequant", ["evaluate", "--weights", "trained"]),
+          ("calibrate", ["calibrate"]), ("quantize", ["quantize"]), ("compress", ["compress"]),
+          ("evaluate", ["evaluate"]))
+METRICS = {"train": layout.TRAIN_METRICS, "prequant": layout.PREQUANT_METRICS, "compress": layout.COMPRESS_METRICS,
+           "evaluate": layout.EVALUATE_METRICS}
 RUNTIME_IMPORTS = ("brotli", "sentencepiece", "yaml", "tqdm", "matplotlib", "google.protobuf", "pytest")
 RECORD_TOKENS_PER_S_PER_H100 = 0.97e6  # 7.73 M tokens/s on 8xH100 (docs/DESIGN.md §3)
 NO_CUDA = "no CUDA device: skipping GPU checks"
@@ -236,14 +243,15 @@ def check_pipeline(opts: Options, log: Path) -> dict:
     work = Path(tempfile.mkdtemp(prefix="pgolf-gpu-check-"))
     try:
         params_file = work / "params.yaml"
-        params_file.write_text(yaml.safe_dump(pipeline_params(opts), sort_keys=False), encoding="utf-8")
+        params_file.write_text(yaml.safe_dump(dict(pipeline_params(opts)), sort_keys=False), encoding="utf-8")
+        runs = work / layout.HAND_RUNS_DIR  # where `pgolf STAGE` writes outside DVC
         stage_seconds = {}
-        for stage in STAGES:
+        for stage, command in STAGES:
             started = time.perf_counter()
-            run_logged([sys.executable, "-m", "pgolf.cli", stage, "--params", str(params_file)], log, cwd=work)
+            run_logged([sys.executable, "-m", "pgolf.cli", *command, "--params", str(params_file), "--out", str(runs)],
+                       log, cwd=work)
             stage_seconds[stage] = round(time.perf_counter() - started, 1)
-        metrics = {stage: json.loads((work / "out" / stage / "metrics.json").read_text(encoding="utf-8"))
-                   for stage in ("train", "compress", "evaluate")}
+        metrics = {stage: json.loads((runs / path).read_text(encoding="utf-8")) for stage, path in METRICS.items()}
         return {"stage_seconds": stage_seconds, "metrics": metrics}
     finally:
         if opts.keep_work_dir:
@@ -283,6 +291,10 @@ def environment(device: str) -> dict:
     return info
 
 
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 5)
+
+
 def headline(result: CheckResult) -> str:
     """The figures of one check in one Markdown cell."""
     f = result.figures
@@ -299,10 +311,11 @@ def headline(result: CheckResult) -> str:
                 f"record's 0.97 M per H100), looping on {on['tokens_per_s']:,.0f} tokens/s; {off['device']}")
     if result.name == "pipeline":
         m = f["metrics"]
-        bpb = m["evaluate"].get("quantized", {}).get("sliding_val_bpb")
+        prequant = m["prequant"].get("unquantized", {}).get("sliding_val_bpb")
+        quantized = m["evaluate"].get("quantized", {}).get("sliding_val_bpb")
         return (f"train {m['train']['steps']} steps, {m['train']['tokens_per_s']:,.0f} tokens/s, loss "
-                f"{m['train']['train_loss']:.4f}; submission {m['compress']['total_bytes']:,} bytes; quantized "
-                f"sliding bpb {bpb if bpb is None else round(bpb, 5)}; stages (s): "
+                f"{m['train']['train_loss']:.4f}; submission {m['compress']['total_bytes']:,} bytes; sliding bpb "
+                f"{rounded(prequant)} trained, {rounded(quantized)} quantized; stages (s): "
                 + ", ".join(f"{k} {v}" for k, v in f["stage_seconds"].items()))
     return ""
 

@@ -143,7 +143,7 @@ def test_bf16_training_on_the_cpu_follows_the_gpu_dtype_policy():
     result = trainer.run()
 
     assert activation_dtypes == {torch.bfloat16}  # autocast was on
-    # docs/DESIGN.md §3: tok_emb stored, updated and EMA-written in bf16; linear weights and control tensors fp32
+    # REFERENCE.md section 3: tok_emb stored, updated and EMA-written in bf16; linear weights and control tensors fp32
     dtypes = {name: p.dtype for name, p in model.named_parameters()}
     assert dtypes.pop("tok_emb.weight") == torch.bfloat16
     assert set(dtypes.values()) == {torch.float32}
@@ -151,7 +151,8 @@ def test_bf16_training_on_the_cpu_follows_the_gpu_dtype_policy():
     assert result.ema_state["tok_emb.weight"].dtype == torch.bfloat16
     assert {t.dtype for name, t in result.ema_state.items() if name != "tok_emb.weight"} == {torch.float32}
     embedding = model.tok_emb.weight  # its AdamW moments are bf16 too (the update is computed in bf16)
-    (adam,) = [opt for opt in trainer.optimizers.all if any(p is embedding for g in opt.param_groups for p in g["params"])]
+    (adam,) = [opt for opt in trainer.optimizers.all
+               if any(p is embedding for group in opt.param_groups for p in group["params"])]
     assert {adam.state[embedding][key].dtype for key in ("exp_avg", "exp_avg_sq")} == {torch.bfloat16}
 
     # bf16 rounding, not another computation: within a bf16 tolerance of float32 at every step (1.2e-3 measured)
