@@ -143,7 +143,7 @@ def test_bf16_training_on_the_cpu_follows_the_gpu_dtype_policy():
     result = trainer.run()
 
     assert activation_dtypes == {torch.bfloat16}  # autocast was on
-    # REFERENCE.md section 3: tok_emb stored, updated and EMA-written in bf16; linear weights and control tensors fp32
+    # docs/DESIGN.md §3: tok_emb stored, updated and EMA-written in bf16; linear weights and control tensors fp32
     dtypes = {name: p.dtype for name, p in model.named_parameters()}
     assert dtypes.pop("tok_emb.weight") == torch.bfloat16
     assert set(dtypes.values()) == {torch.float32}
