@@ -105,7 +105,7 @@ def relaunch(stage: str, params: Params, nproc: int, ws: Workspace, options: dic
     from pgolf.atomic import write_bytes
 
     params_file = Path(layout.TORCHRUN_PARAMS_DIR) / f"{stage}_params.yaml"
-    write_bytes(params_file, yaml.safe_dump(params, sort_keys=True).encode("utf-8"))
+    write_bytes(params_file, yaml.safe_dump(dict(params), sort_keys=True).encode("utf-8"))
     args = ["--params", str(params_file), "--out", str(ws.root)]
     args += [item for key, value in options.items() for item in (f"--{key}", str(value))]
     return launch_torchrun(f"stages.{stage}", args, nproc)
