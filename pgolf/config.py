@@ -54,6 +54,9 @@ class TokenizeConfig:
     embedded_max_docs: int = 0  # embedded corpus: keep this many documents (0: all)
 
 
+MLP_ACTIVATIONS = ("leaky_relu2", "relu2")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The recurrent GPT of docs/DESIGN.md §3 (35,943,512 parameters as is)."""
@@ -78,6 +81,26 @@ class ModelConfig:
     tie_embeddings: bool = True
     tied_embed_init_std: float = 0.005
     ln_scale: bool = True
+    # The seeds' options (PR #576, PR #1218: ../shared/SEEDS_SPEC.md §4, §6); off, the record's model.
+    mlp_activation: str = "leaky_relu2"  # leaky_relu2 (the record, #1218) | relu2 (#576)
+    mlp_leaky_slope: float = 0.5
+    bigram_vocab_size: int = 0  # BigramHash buckets (#576: 8192); 0: no BigramHash
+    bigram_dim: int = 128
+    smear_gate: bool = False  # #576's SmearGate after the embedding norm
+    ve_layers: list[int] = field(default_factory=list)  # layers given value embeddings (#576, #1218: [9, 10])
+    ve_dim: int = 128
+    scaled_proj_init: bool = False  # #576: orthogonal ".proj" weights (not zero-initialised) times 1/sqrt(2 L)
+
+    def __post_init__(self) -> None:
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ConfigError(f"model.mlp_activation must be one of {', '.join(MLP_ACTIVATIONS)}, "
+                              f"got {self.mlp_activation!r}")
+        if self.bigram_vocab_size < 0 or self.bigram_vocab_size == 1:
+            raise ConfigError(f"model.bigram_vocab_size must be 0 (off) or at least 2, got {self.bigram_vocab_size}")
+        bad_layers = [layer for layer in self.ve_layers if not 0 <= layer < self.num_layers]
+        if bad_layers or len(set(self.ve_layers)) != len(self.ve_layers):
+            raise ConfigError(f"model.ve_layers {self.ve_layers} must be distinct layer indices "
+                              f"in 0..{self.num_layers - 1}")
 
 
 @dataclass(frozen=True)
@@ -140,6 +163,9 @@ class CalibrateConfig:
                               f"multiple of calibrate.seq_len={self.seq_len}")
 
 
+SCALE_SEARCHES = ("sdclip", "row_percentiles", "matrix_percentiles")
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     """GPTQ with SDClip (docs/DESIGN.md §5) and per-group overrides."""
@@ -162,6 +188,23 @@ class QuantizeConfig:
     fit_max_clip_sigmas: float = 64.0
     fit_tolerance: float = 0.01
     device: str = "auto"  # where GPTQ runs: auto | cpu | cuda
+    # The seeds' export (SEEDS_SPEC §4.6, §5.2, §6); the defaults are the record's SDClip GPTQ.
+    scale_search: str = "sdclip"  # sdclip | row_percentiles (PR #576) | matrix_percentiles (PR #1218)
+    gptq_column_order: str = "descending"  # descending | ascending (PR #576)
+    gptq_dense_inverse: bool = False  # PR #576: spread errors through H⁻¹ itself, not its Cholesky factor
+    table_clip_quantile: float = 0.0  # > 0: int8 per-row rounding of the embedding tables at this |w| quantile
+    prune_fraction: float = 0.0  # PR #576: 0.02 of each large matrix's smallest |w| zeroed before GPTQ
+
+    def __post_init__(self) -> None:
+        if self.scale_search not in SCALE_SEARCHES:
+            raise ConfigError(f"quantize.scale_search must be one of {', '.join(SCALE_SEARCHES)}, "
+                              f"got {self.scale_search!r}")
+        if self.gptq_column_order not in ("descending", "ascending"):
+            raise ConfigError(f"quantize.gptq_column_order must be descending or ascending, "
+                              f"got {self.gptq_column_order!r}")
+        if not 0.0 <= self.table_clip_quantile <= 1.0 or not 0.0 <= self.prune_fraction < 1.0:
+            raise ConfigError(f"quantize.table_clip_quantile ({self.table_clip_quantile}) must be in [0, 1] and "
+                              f"quantize.prune_fraction ({self.prune_fraction}) in [0, 1)")
 
 
 @dataclass(frozen=True)
