@@ -136,6 +136,15 @@ class TrainConfig:
     embed_wd: float = 0.085
     grad_clip_norm: float = 0.3
     ema_decay: float = 0.997
+    # The seeds' training (SEEDS_SPEC §4.5, §5.1, §6); the defaults are the record's.
+    warmdown_iters: int = 0  # > 0: PR #576's warm-down over this many steps' worth of time (replaces warmdown_frac)
+    late_qat_threshold: float = 0.0  # > 0: QAT on once the lr multiplier drops below this (PR #576: 0.5)
+    qat_clip_range: int = 15  # the fake-quant grid: codes -r-1..r (PR #576: int5)
+    qat_quantile: float = 0.9995  # the fake-quant row clip: this quantile of |w|
+    swa_every: int = 0  # > 0: average the weights every this many steps once the lr multiplier is below swa_threshold
+    swa_threshold: float = 0.2
+    final_weights: str = "ema"  # ema | swa: the declared choice (PR #576 picked by a validation eval: not allowed)
+    loader: str = "shuffled"  # shuffled (the record) | coprime (PR #1218) | sequential (PR #576)
     nproc_per_node: int = 1
     device: str = "auto"  # auto | cpu | cuda
     compile: bool | str = "auto"  # auto (on GPU) | true | false
@@ -143,6 +152,25 @@ class TrainConfig:
     checkpoint_every: int = run_setting(0)  # 0: no intermediate checkpoints
     val_loss_every: int = run_setting(0)  # 0: no validation during training
     val_max_tokens: int = run_setting(0)  # validation during training on this many tokens (0: the whole split)
+
+    def __post_init__(self) -> None:
+        check_train_options(self)
+
+
+TRAIN_LOADERS = ("shuffled", "coprime", "sequential")
+
+
+def check_train_options(cfg: TrainConfig) -> None:
+    """The seeds' training options, checked when a TrainConfig is made."""
+    if cfg.final_weights not in ("ema", "swa"):
+        raise ConfigError(f"train.final_weights must be ema or swa, got {cfg.final_weights!r}")
+    if cfg.final_weights == "swa" and cfg.swa_every <= 0:
+        raise ConfigError("train.final_weights is swa but train.swa_every is 0: no SWA is taken")
+    if cfg.loader not in TRAIN_LOADERS:
+        raise ConfigError(f"train.loader must be one of {', '.join(TRAIN_LOADERS)}, got {cfg.loader!r}")
+    if cfg.qat_clip_range < 1 or not 0.0 < cfg.qat_quantile <= 1.0:
+        raise ConfigError(f"train.qat_clip_range ({cfg.qat_clip_range}) must be positive and "
+                          f"train.qat_quantile ({cfg.qat_quantile}) in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -29,18 +29,22 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import os
 import sys
+import tempfile
 import textwrap
 import types
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_golden import cpu_runtime, environment, flash_attn_shim  # noqa: E402  (the record's CPU shims)
+from make_golden import cpu_runtime, environment, flash_attn_shim, write_shard  # noqa: E402  (the record's CPU shims)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS_DIR = REPO_ROOT / "tests" / "assets"
@@ -54,6 +58,8 @@ HASH_VECTORS = [(1, 2), (0, 0), (5, 7), (7, 5), (1023, 1023)]  # (prev, cur): SE
 QUANT_ROWS, QUANT_COLS, QUANT_BLOCK = 24, 96, 32  # three GPTQ blocks
 TABLE_SHAPE = (40, 24)
 PRUNE_SHAPE = (260, 256)  # > 65,536 elements: pruned
+# The loaders: 10 shards of 300..700 tokens, rows of 16, 2 rows per micro-batch, 8 micro-batches per step.
+LOADER_SHARDS, LOADER_SEQ, LOADER_ROWS, LOADER_MICRO, LOADER_STEPS = 10, 16, 2, 8, 3
 
 # #576: MHA, relu², MLP 3.5x, BigramHash, SmearGate, VE on the last two layers, rotary reference 1024
 # (hard-coded in the PR): rows of 1040 tokens exercise its NTK scaling.
@@ -149,6 +155,41 @@ def tiny_quant_inputs() -> dict:
             "prune_input": torch.randn(*PRUNE_SHAPE, generator=generator)}
 
 
+@contextlib.contextmanager
+def loader_shards():
+    """A directory of small challenge-format train shards of real text; the working directory while open."""
+    x, _ = token_rows(1, 6000)
+    lengths = np.random.default_rng(5).integers(300, 700, size=LOADER_SHARDS)
+    ids = x[0].numpy()
+    saved = os.getcwd()
+    with tempfile.TemporaryDirectory() as root:
+        offset = 0
+        for index, length in enumerate(lengths):
+            write_shard(Path(root) / f"fineweb_train_{index:06d}.bin", ids[offset:offset + length])
+            offset += int(length)
+        os.chdir(root)  # #1218 seeds its generator from the paths its glob returns: here the bare names
+        try:
+            yield Path(root), [int(n) for n in lengths]
+        finally:
+            os.chdir(saved)
+
+
+def loader_golden(ref, world_size: int) -> dict:
+    """The PR's DistributedTokenLoader on the shards: every (step, rank) batch's inputs."""
+    global_tokens = LOADER_MICRO * LOADER_ROWS * LOADER_SEQ
+    accum = LOADER_MICRO // world_size
+    with loader_shards() as (root, lengths):
+        loaders = [ref.DistributedTokenLoader("fineweb_train_*.bin", rank, world_size, torch.device("cpu"))
+                 for rank in range(world_size)]
+        inputs = torch.stack([torch.stack([torch.cat([loader.next_batch(global_tokens, LOADER_SEQ, accum)[0]
+                                                      for _ in range(accum)]) for loader in loaders])
+                              for _ in range(LOADER_STEPS)])  # [steps, ranks, accum * rows, T]
+        shards = {p.name: torch.from_numpy(np.fromfile(p, dtype="<u2", offset=1024).astype(np.int64))
+                  for p in sorted(root.glob("*.bin"))}
+    return {"world_size": world_size, "grad_accum_steps": accum, "seq_len": LOADER_SEQ,
+            "batch_tokens": global_tokens, "inputs": inputs, "shards": shards, "lengths": lengths}
+
+
 def fake_quant_golden(ref, weight: torch.Tensor) -> dict:
     """#576's CastedLinear in training mode with QAT on, and off."""
     layer = ref.CastedLinear(weight.size(1), weight.size(0), bias=False)
@@ -197,6 +238,7 @@ def golden_pr576(script: Path) -> dict:
                         "pruned_mask": sd_cpu["prune.weight"] == 0, "prune_pct": args.prune_pct,
                         "row_scales": ref._find_best_row_scales(quant["weight"], 15)}
         out["fake_quant"] = fake_quant_golden(ref, quant["weight"])
+        out["loader"] = loader_golden(ref, world_size=1)  # one process, 8 micro-batches a step
     return out
 
 
@@ -217,6 +259,7 @@ def golden_pr1218(script: Path) -> dict:
         table_q, table_scale = ref.quantize_float_tensor(quant["table"])
         out["quant"] = {"weight": quant["weight"], "hessian": quant["hessian"], "table": quant["table"],
                         "q": q, "scale": scale, "table_q": table_q, "table_scale": table_scale}
+        out["loader"] = loader_golden(ref, world_size=8)  # its record's layout: 8 ranks, one micro-batch each
     return out
 
 
