@@ -354,8 +354,10 @@ def tensor_report(
 def report_totals(rows: list[dict]) -> dict:
     """Model-level figures: counts, parameter-weighted mean error, average bits per weight."""
     quantized = [r for r in rows if r["method"] != "fp16"]
+    scored = [r for r in quantized if r["h_rel_error"] is not None]  # rounded tables may have no Hessian
     numel = sum(r["numel"] for r in rows)
     q_numel = sum(r["numel"] for r in quantized)
+    scored_numel = sum(r["numel"] for r in scored)
     return {
         "tensors": len(rows),
         "quantized_tensors": len(quantized),
@@ -363,7 +365,7 @@ def report_totals(rows: list[dict]) -> dict:
         "quantized_parameters": q_numel,
         "mean_bits": sum(r["bits"] * r["numel"] for r in rows) / numel if numel else 0.0,
         "h_rel_error_weighted": (
-            sum(r["h_rel_error"] * r["numel"] for r in quantized) / q_numel if q_numel else 0.0
+            sum(r["h_rel_error"] * r["numel"] for r in scored) / scored_numel if scored_numel else 0.0
         ),
     }
 

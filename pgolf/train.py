@@ -79,6 +79,7 @@ class TrainResult:
     swa_state: dict[str, Tensor] | None = None  # the SWA average (model dtypes), when any was taken
     final_weights: str = "ema"  # which average the run declared as its result
     qat_step: int | None = None  # the step QAT turned on at
+    swa_snapshots: int = 0
 
     @property
     def final_state(self) -> dict[str, Tensor]:
@@ -408,7 +409,7 @@ class Trainer:
             history=list(self.history), steps=self.step, elapsed_s=self.elapsed_s,
             stopped_by_wallclock=stopped_by_wallclock, tokens_per_step=self.tokens_per_step,
             val_history=list(self.val_history), swa_state=self.swa_average(),
-            final_weights=self.cfg.final_weights, qat_step=self.qat_step,
+            final_weights=self.cfg.final_weights, qat_step=self.qat_step, swa_snapshots=self.swa_count,
         )
 
     def fake_quant(self) -> FakeQuant:
@@ -502,6 +503,10 @@ def run_metrics(result: TrainResult, num_params: int, ctx: DistContext) -> dict:
         "world_size": ctx.world_size,
         "device": ctx.device.type,
     }
+    if result.qat_step is not None:
+        metrics["qat_step"] = result.qat_step
+    if result.swa_snapshots:
+        metrics["swa_snapshots"] = result.swa_snapshots
     if result.val_history:
         metrics |= {"val_loss": result.val_history[-1]["val_loss"], "val_bpb": result.val_history[-1]["val_bpb"]}
     return metrics
