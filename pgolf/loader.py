@@ -233,7 +233,8 @@ class CoprimeLoader(ShardSource):
     """PR #1218's coprime-stride multi-shard sampler, one draw of a step's windows per step.
 
     Its generator is seeded from the shard names (PR #1218 hashed the paths its glob
-    returned, so its order changed with the working directory). The draws are a
+    returned, so its order changed with the working directory); ``train.seed`` does
+    not enter it, as it did not enter the PR's. The draws are a
     sequence, so asking for an earlier step than the last replays them from the start.
     """
 

@@ -10,6 +10,7 @@ import torch
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
 from pgolf.model import GPT, CastedLinear, FakeQuant
 from pgolf.train import Trainer, schedule_scale, train, warmdown_iters_scale
+from test_seeds_model import noisy
 from test_train import CPU, TINY_TRAIN, random_batches
 
 QAT_MODEL = ModelConfig(vocab_size=64, num_layers=2, model_dim=16, embedding_dim=16, num_heads=2, num_kv_heads=1,
@@ -18,12 +19,7 @@ QAT_MODEL = ModelConfig(vocab_size=64, num_layers=2, model_dim=16, embedding_dim
 
 
 def noisy_model(cfg: ModelConfig = QAT_MODEL) -> GPT:
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.train()
+    return noisy(cfg).train()
 
 
 def qat_outputs(backend: str) -> dict[str, torch.Tensor]:
