@@ -3,18 +3,21 @@
 Tolerances: logits and losses 1e-5 relative (float32 on the CPU, the same
 operations in another order); one optimiser step 1e-6 absolute on the weights
 (Muon's Newton-Schulz runs in bf16 in both, on the same inputs); quantizer
-codes, hash buckets and the pruning mask exactly; fp16 scales exactly.
+codes, hash buckets, the pruning mask, the loaders' batches and the whole tiny
+model's export (codes, fp16 scales, passthrough tensors) exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
 import torch
 
-from pgolf.config import ModelConfig, QuantizeConfig, TrainConfig
-from pgolf.gptq import TensorPlan, best_row_percentile_scales, prepare_hessians, prune_smallest, quantize_batch, round_table
+from pgolf.config import ModelConfig, QuantizeConfig, TrainConfig, section
+from pgolf.gptq import (TensorPlan, best_row_percentile_scales, prepare_hessians, prune_smallest, quantize_batch,
+                        quantize_model, round_table)
 from pgolf.model import GPT, BigramHash, CastedLinear, FakeQuant, count_parameters
 from pgolf.optim import build_optimizers, muon_momentum_at
 from tests.conftest import ASSETS_DIR
@@ -139,7 +142,7 @@ def test_int8_table_rounding_matches_the_pr(name):
 
 def test_pr576_pruning_mask():
     quant = golden("pr576")["quant"]
-    pruned = prune_smallest({"w": quant["prune_input"]}, quant["prune_pct"], 65_536)["w"]
+    pruned = prune_smallest({"w": quant["prune_input"]}, quant["prune_pct"], quant["prune_threshold"])["w"]
     assert torch.equal(pruned == 0, quant["pruned_mask"])
     assert 0.015 < float(quant["pruned_mask"].float().mean()) < 0.025
 
@@ -160,3 +163,26 @@ def test_full_size_parameter_counts_are_the_prs_logs():
 
     assert count_parameters(GPT(preset_model_config("pr576"))) == 33_580_124  # PR #576's log
     assert count_parameters(GPT(preset_model_config("pr1218"))) == 34_401_371  # PR #1218's train_seed1337.log
+
+
+@pytest.mark.parametrize("name", SETUPS)
+def test_whole_model_export_matches_the_pr(name):
+    # The PR's export of the tiny model (its Hessians, #576's pruning, its mixed quantizer) with the size
+    # threshold at 200 instead of 65,536, against quantize_model with the preset's quantize section.
+    from tests.test_seeds_presets import preset
+
+    export = golden(name)["export"]
+    cfg = dataclasses.replace(section(preset(name), "quantize", QuantizeConfig),
+                              passthrough_max_numel=export["threshold"], device="cpu")
+    state = {k: v for k, v in golden(name)["state_dict"].items() if k != TEMPERATURE_KEY}
+    quantized, _ = quantize_model(SETUPS[name][0], state, export["hessians"], cfg, show_progress=False)
+    for key, method in export["methods"].items():
+        if key == TEMPERATURE_KEY:
+            continue
+        stored = quantized.tensors[key]
+        if method == "passthrough":
+            assert torch.equal(stored, export["result"][key]), key
+        else:
+            assert (stored.bits, method) in ((5, "int6"), (6, "int6"), (8, "int8")), key  # the PRs call int5 "int6"
+            assert torch.equal(stored.q, export["result"][f"{key}.q"]), key
+            assert torch.equal(stored.scale, export["result"][f"{key}.scale"]), key

@@ -13,6 +13,12 @@ pruning (a passage of #576's ``main``), its GPTQ and its int8 table rounding on
 a tiny matrix. Token ids are real FineWeb text in the challenge's 1024-piece
 tokenizer (``../shared/fineweb/docs_sample.jsonl``).
 
+The export check quantizes the whole tiny model as each PR's export does (its
+Hessian collection on the loader shards, #576's pruning, its mixed quantizer), from
+a second import of the PR in which the size threshold 65536 (below which a tensor
+is stored as fp16 and not pruned) is 200, so that the tiny model's matrices and
+tables are quantized.
+
 What differs from a GPU run, and why: attention runs through PyTorch's
 scaled-dot-product attention (a shim stands in for ``flash_attn_interface``),
 nothing is compiled (``torch.compile`` returns its argument) and the model stays
@@ -57,7 +63,10 @@ LOGIT_POSITIONS = 4  # logits kept for the first and the last positions of each 
 HASH_VECTORS = [(1, 2), (0, 0), (5, 7), (7, 5), (1023, 1023)]  # (prev, cur): SEEDS_SPEC §4.2
 QUANT_ROWS, QUANT_COLS, QUANT_BLOCK = 24, 96, 32  # three GPTQ blocks
 TABLE_SHAPE = (40, 24)
-PRUNE_SHAPE = (260, 256)  # > 65,536 elements: pruned
+PRUNE_SHAPE = (48, 40)  # pruned by the passage with the export check's threshold (200)
+SIZE_THRESHOLD = 65536  # the PRs' passthrough and pruning threshold
+EXPORT_THRESHOLD = 200  # ... in the export check: every matrix of the tiny model above it but the projections
+CALIB_SEQ, CALIB_SAMPLES = 64, 4
 # The loaders: 10 shards of 300..700 tokens, rows of 16, 2 rows per micro-batch, 8 micro-batches per step.
 LOADER_SHARDS, LOADER_SEQ, LOADER_ROWS, LOADER_MICRO, LOADER_STEPS = 10, 16, 2, 8, 3
 
@@ -85,18 +94,28 @@ PR576_OPTIMISER_PASSAGE = ("    block_named_params = list(base_model.blocks.name
 PR576_PRUNE_PASSAGE = ("    if args.prune_pct > 0:", "        if master_process:")
 
 
-def import_pr(script: Path, env: dict) -> types.ModuleType:
+def pr_source(script: Path, threshold: int | None = None) -> str:
+    """The PR's source; with ``threshold``, its three uses of the 65,536-element size threshold changed."""
+    source = script.read_text(encoding="utf-8")
+    if threshold is None:
+        return source
+    if source.count(str(SIZE_THRESHOLD)) != 3:
+        raise SystemExit(f"{script}: expected the size threshold {SIZE_THRESHOLD} three times")
+    return source.replace(str(SIZE_THRESHOLD), str(threshold))
+
+
+def import_pr(script: Path, env: dict, threshold: int | None = None) -> types.ModuleType:
     sys.modules.setdefault("flash_attn_interface", flash_attn_shim())
     module = types.ModuleType(f"pr_{script.stem}")
     module.__file__ = str(script)
     with environment(env), cpu_runtime():
-        exec(compile(script.read_text(encoding="utf-8"), str(script), "exec"), module.__dict__)  # noqa: S102
+        exec(compile(pr_source(script, threshold), str(script), "exec"), module.__dict__)  # noqa: S102
     return module
 
 
-def main_passage(script: Path, bounds: tuple[str, str]) -> str:
+def main_passage(script: Path, bounds: tuple[str, str], threshold: int | None = None) -> str:
     """The lines of the PR's source from ``bounds[0]`` up to (not including) ``bounds[1]``, dedented."""
-    source = script.read_text(encoding="utf-8")
+    source = pr_source(script, threshold)
     start = source.index(bounds[0])
     return textwrap.dedent(source[start:source.index(bounds[1], start)])
 
@@ -190,6 +209,50 @@ def loader_golden(ref, world_size: int) -> dict:
             "batch_tokens": global_tokens, "inputs": inputs, "shards": shards, "lengths": lengths}
 
 
+def export_golden_pr576(script: Path, env: dict, model_state: dict) -> dict:
+    """#576's export of the tiny model: Hessians on its sequential stream, 2 % pruning, mixed int5/int8."""
+    ref = import_pr(script, env, EXPORT_THRESHOLD)
+    args = ref.Hyperparameters()
+    model = pr576_model(ref, args)
+    model.load_state_dict(model_state, strict=True)
+    with loader_shards():
+        hessians = ref.gptq_calibrate(model, "fineweb_train_*.bin", torch.device("cpu"), CALIB_SAMPLES, CALIB_SEQ)
+    sd_cpu = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    exec(main_passage(script, PR576_PRUNE_PASSAGE, EXPORT_THRESHOLD), {"args": args, "sd_cpu": sd_cpu, "torch": torch})  # noqa: S102
+    result, meta = ref.mixed_quantize_int6_gptq(sd_cpu, {"mlp", "attn"}, hessians)
+    return {"threshold": EXPORT_THRESHOLD, "hessians": {f"{k}.weight": v for k, v in hessians.items()},
+            "result": result, "methods": {k: v if isinstance(v, str) else v["type"] for k, v in meta.items()}}
+
+
+def export_golden_pr1218(script: Path, env: dict, model_state: dict) -> dict:
+    """#1218's export of the tiny model: Hessians on its coprime loader, GPTQ over five clips, int8 tables."""
+    ref = import_pr(script, env, EXPORT_THRESHOLD)
+    h = ref.Hyperparameters()
+    h.train_batch_tokens = h.grad_accum_steps * 2 * h.train_seq_len  # two rows a calibration batch
+    model = ref.GPT(h)
+    model.load_state_dict(model_state, strict=True)
+    with loader_shards():
+        loader = ref.DistributedTokenLoader("fineweb_train_*.bin", 0, 1, torch.device("cpu"))
+        hessians = ref.collect_hessians(model, loader, h, torch.device("cpu"), n_calibration_batches=CALIB_SAMPLES)
+    sd_cpu = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    h.logfile = None  # its log() prints, and writes no file
+    ref.set_logging_hparams(h)
+    result, meta = ref.gptq_mixed_quantize_int6(sd_cpu, {"mlp", "attn"}, hessians)
+    return {"threshold": EXPORT_THRESHOLD, "hessians": hessians, "result": result,
+            "methods": {k: v if isinstance(v, str) else v["type"] for k, v in meta.items()}}
+
+
+def pr576_model(ref, args):
+    return ref.GPT(
+        vocab_size=args.vocab_size, num_layers=args.num_layers, model_dim=args.model_dim,
+        num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, mlp_mult=args.mlp_mult,
+        tie_embeddings=args.tie_embeddings, tied_embed_init_std=args.tied_embed_init_std,
+        logit_softcap=args.logit_softcap, rope_base=args.rope_base, qk_gain_init=args.qk_gain_init,
+        bigram_vocab_size=args.bigram_vocab_size, bigram_dim=args.bigram_dim, xsa_last_n=args.xsa_last_n,
+        rope_dims=args.rope_dims, ln_scale=args.ln_scale, dtg=args.dtg_enabled,
+        ve_enabled=args.ve_enabled, ve_dim=args.ve_dim, ve_layers=args.ve_layers)
+
+
 def fake_quant_golden(ref, weight: torch.Tensor) -> dict:
     """#576's CastedLinear in training mode with QAT on, and off."""
     layer = ref.CastedLinear(weight.size(1), weight.size(0), bias=False)
@@ -208,14 +271,7 @@ def golden_pr576(script: Path) -> dict:
     args = ref.Hyperparameters()
     with cpu_runtime():
         torch.manual_seed(0)
-        model = ref.GPT(
-            vocab_size=args.vocab_size, num_layers=args.num_layers, model_dim=args.model_dim,
-            num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, mlp_mult=args.mlp_mult,
-            tie_embeddings=args.tie_embeddings, tied_embed_init_std=args.tied_embed_init_std,
-            logit_softcap=args.logit_softcap, rope_base=args.rope_base, qk_gain_init=args.qk_gain_init,
-            bigram_vocab_size=args.bigram_vocab_size, bigram_dim=args.bigram_dim, xsa_last_n=args.xsa_last_n,
-            rope_dims=args.rope_dims, ln_scale=args.ln_scale, dtg=args.dtg_enabled,
-            ve_enabled=args.ve_enabled, ve_dim=args.ve_dim, ve_layers=args.ve_layers)
+        model = pr576_model(ref, args)
         state = seeded_state(model)
         x, y = token_rows(2, PR576_SEQ)
         model.eval()
@@ -233,12 +289,15 @@ def golden_pr576(script: Path) -> dict:
         q, scale = ref.gptq_quantize_weight(quant["weight"], quant["hessian"], clip_range=15, block_size=QUANT_BLOCK)
         table_q, table_scale = ref.quantize_float_tensor(quant["table"])
         sd_cpu = {"prune.weight": quant["prune_input"].clone()}
-        exec(main_passage(script, PR576_PRUNE_PASSAGE), {"args": args, "sd_cpu": sd_cpu, "torch": torch})  # noqa: S102
+        exec(main_passage(script, PR576_PRUNE_PASSAGE, EXPORT_THRESHOLD),  # noqa: S102
+             {"args": args, "sd_cpu": sd_cpu, "torch": torch})
         out["quant"] = {**quant, "q": q, "scale": scale, "table_q": table_q, "table_scale": table_scale,
                         "pruned_mask": sd_cpu["prune.weight"] == 0, "prune_pct": args.prune_pct,
+                        "prune_threshold": EXPORT_THRESHOLD,
                         "row_scales": ref._find_best_row_scales(quant["weight"], 15)}
         out["fake_quant"] = fake_quant_golden(ref, quant["weight"])
         out["loader"] = loader_golden(ref, world_size=1)  # one process, 8 micro-batches a step
+        out["export"] = export_golden_pr576(script, PR576_ENV, state)
     return out
 
 
@@ -260,6 +319,7 @@ def golden_pr1218(script: Path) -> dict:
         out["quant"] = {"weight": quant["weight"], "hessian": quant["hessian"], "table": quant["table"],
                         "q": q, "scale": scale, "table_q": table_q, "table_scale": table_scale}
         out["loader"] = loader_golden(ref, world_size=8)  # its record's layout: 8 ranks, one micro-batch each
+        out["export"] = export_golden_pr1218(script, PR1218_ENV, state)
     return out
 
 
