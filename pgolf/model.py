@@ -5,7 +5,10 @@ embeddings, per-head query gain, XSA (each head's output minus its projection
 on its value vector), a squared leaky-ReLU MLP, U-Net skips with sigmoid gates
 and depth recurrence: a range of layers is run several times once
 ``looping_active`` is set. Parameter names are the reference's, so a state
-dict written by the record's ``train_gpt.py`` loads as is. Attention runs
+dict written by the record's ``train_gpt.py`` loads as is. The seeds' options
+(PR #576 and #1218, ``ModelConfig``; off by default) add BigramHash, SmearGate,
+value embeddings, relu² and #576's scaled projection init, under the PRs' own
+parameter names, and ``set_fake_quant`` turns #576's QAT on in every linear. Attention runs
 through FlashAttention-3 or flash-attn when importable on a GPU, else PyTorch's
 scaled-dot-product attention; all paths compute the same function (a test checks them against attention written out).
 """
