@@ -230,6 +230,9 @@ class QuantizeConfig:
         if self.gptq_column_order not in ("descending", "ascending"):
             raise ConfigError(f"quantize.gptq_column_order must be descending or ascending, "
                               f"got {self.gptq_column_order!r}")
+        if self.fit_to_size and self.scale_search != "sdclip":
+            raise ConfigError(f"quantize.fit_to_size bisects matrix_clip_sigmas, which scale_search "
+                              f"{self.scale_search!r} does not use: set scale_search to sdclip or fit_to_size false")
         if not 0.0 <= self.table_clip_quantile <= 1.0 or not 0.0 <= self.prune_fraction < 1.0:
             raise ConfigError(f"quantize.table_clip_quantile ({self.table_clip_quantile}) must be in [0, 1] and "
                               f"quantize.prune_fraction ({self.prune_fraction}) in [0, 1)")

@@ -450,7 +450,8 @@ def quantize_model(
             codes, scales = quantize_batch(torch.stack([weights[n] for n in names]).to(device), factor_cache[key],
                                            [plans[n] for n in names], cfg, bar)
             for name, code, scale in zip(names, codes.cpu(), scales.cpu()):
-                tensors[name] = QuantizedTensor(code, scale, plans[name].bits, plans[name].clip_sigmas)
+                clip_sigmas = plans[name].clip_sigmas if cfg.scale_search == "sdclip" else 0.0  # percentile scales
+                tensors[name] = QuantizedTensor(code, scale, plans[name].bits, clip_sigmas)
     rows = []
     for name, tensor in state_dict.items():
         stored = tensors.setdefault(name, weights[name].detach().to(torch.float16)

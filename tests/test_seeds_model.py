@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pgolf.config import ConfigError, ModelConfig
+from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
 from pgolf.model import GPT, SmearGate
 
 BASE = ModelConfig(vocab_size=128, num_layers=4, model_dim=32, embedding_dim=32, num_heads=2, num_kv_heads=2,
@@ -91,3 +91,14 @@ def test_relu2_and_leaky_relu2_differ_only_below_zero():
 def test_bad_seed_options_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(BASE, **change)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"scale_search": "per_group"}, "scale_search"),
+    ({"gptq_column_order": "random"}, "gptq_column_order"),
+    ({"prune_fraction": 1.0}, "prune_fraction"),
+    ({"fit_to_size": True, "scale_search": "row_percentiles"}, "fit_to_size"),
+])
+def test_bad_export_options_are_refused(change, message):
+    with pytest.raises(ConfigError, match=message):
+        QuantizeConfig(**change)
