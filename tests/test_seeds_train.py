@@ -23,25 +23,36 @@ def noisy_model(cfg: ModelConfig = QAT_MODEL) -> GPT:
 
 
 def qat_outputs(backend: str) -> dict[str, torch.Tensor]:
-    """The compiled training loss before and after QAT turns on, and the eager losses with and without it."""
+    """The compiled training loss (and a weight's gradient) before and after QAT turns on, and the eager ones."""
     model = noisy_model()
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
     compiled = torch.compile(model, backend=backend, dynamic=False, fullgraph=True)
-    out = {"compiled_off": compiled(x, y).detach()}
+    weight = model.blocks[0].mlp.fc.weight
+
+    def loss_and_grad(runner) -> tuple[torch.Tensor, torch.Tensor]:
+        weight.grad = None
+        loss = runner(x, y)
+        loss.backward()
+        return loss.detach(), weight.grad.clone()
+
+    out = {}
+    out["compiled_off"], out["grad_compiled_off"] = loss_and_grad(compiled)
     model.set_fake_quant(FakeQuant(clip_range=15, quantile=0.9995))
-    out["compiled_on"] = compiled(x, y).detach()
-    out["eager_on"] = model(x, y).detach()
+    out["compiled_on"], out["grad_compiled_on"] = loss_and_grad(compiled)
+    out["eager_on"], out["grad_eager_on"] = loss_and_grad(model)
     model.set_fake_quant(None)
-    out["eager_off"] = model(x, y).detach()
+    out["eager_off"], out["grad_eager_off"] = loss_and_grad(model)
     return out
 
 
 def check_qat_changes_the_compiled_graph(out: dict[str, torch.Tensor]) -> None:
     torch.testing.assert_close(out["compiled_off"], out["eager_off"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["compiled_on"], out["eager_on"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["grad_compiled_on"], out["grad_eager_on"], rtol=1e-4, atol=1e-6)
     # PR #576's switch, folded away at the first trace, would leave compiled_on == compiled_off.
     assert abs(float(out["compiled_on"] - out["eager_off"])) > 1e-4
+    assert not torch.allclose(out["grad_compiled_on"], out["grad_eager_off"], rtol=1e-3, atol=1e-6)
 
 
 def test_qat_switch_changes_the_compiled_graph():
