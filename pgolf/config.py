@@ -156,6 +156,15 @@ class ModelConfig(Section):
     tie_embeddings: bool = True
     tied_embed_init_std: NonNegative = 0.005
     ln_scale: bool = True
+    # The seeds' options (PR #576, PR #1218: ../shared/SEEDS_SPEC.md §4, §6); off, the record's model.
+    mlp_activation: Literal["leaky_relu2", "relu2"] = "leaky_relu2"  # the record, #1218 | #576
+    mlp_leaky_slope: NonNegative = 0.5
+    bigram_vocab_size: Count = 0  # BigramHash buckets (#576: 8192); 0: no BigramHash
+    bigram_dim: Positive = 128
+    smear_gate: bool = False  # #576's SmearGate after the embedding norm
+    ve_layers: list[Count] = field(default_factory=list)  # layers given value embeddings (#576, #1218: [9, 10])
+    ve_dim: Positive = 128
+    scaled_proj_init: bool = False  # #576: orthogonal ".proj" weights (not zero-initialised) times 1/sqrt(2 L)
 
     def check(self) -> None:
         _require(self.model_dim % self.num_heads == 0, "model_dim", self.model_dim,
@@ -170,6 +179,11 @@ class ModelConfig(Section):
         _require(self.num_loops == 0 or self.loop_start <= self.loop_end < self.num_layers, "loop_end",
                  self.loop_end, f"the loop range needs loop_start ({self.loop_start}) <= loop_end < num_layers "
                  f"({self.num_layers}), or num_loops 0")
+        _require(self.bigram_vocab_size != 1, "bigram_vocab_size", self.bigram_vocab_size,
+                 "must be 0 (off) or at least 2")
+        _require(all(layer < self.num_layers for layer in self.ve_layers)
+                 and len(set(self.ve_layers)) == len(self.ve_layers), "ve_layers", self.ve_layers,
+                 f"must be distinct layer indices in 0..{self.num_layers - 1}")
 
 
 @dataclass(frozen=True)
@@ -205,6 +219,15 @@ class TrainConfig(Section):
     embed_wd: NonNegative = 0.085
     grad_clip_norm: NonNegative = 0.3  # 0: no clipping
     ema_decay: Fraction = 0.997
+    # The seeds' training (SEEDS_SPEC §4.5, §5.1, §6); the defaults are the record's.
+    warmdown_iters: Count = 0  # > 0: PR #576's warm-down over this many steps' worth of time (replaces warmdown_frac)
+    late_qat_threshold: Fraction = 0.0  # > 0: QAT on once the lr multiplier drops below this (PR #576: 0.5)
+    qat_clip_range: Positive = 15  # the fake-quant grid: codes -r-1..r (PR #576: int5)
+    qat_quantile: Annotated[float, Range(gt=0.0, le=1.0)] = 0.9995  # the fake-quant row clip: this quantile of |w|
+    swa_every: Count = 0  # > 0: average the weights every this many steps once the lr multiplier is below swa_threshold
+    swa_threshold: Fraction = 0.2
+    final_weights: Literal["ema", "swa"] = "ema"  # the declared choice (PR #576 picked by a validation eval: not allowed)
+    loader: Literal["shuffled", "coprime", "sequential"] = "shuffled"  # the record | PR #1218 | PR #576
     nproc_per_node: Positive = 1
     device: Device = "auto"
     compile: Compile = "auto"
@@ -225,6 +248,9 @@ class TrainConfig(Section):
                  f"must be 0 (no limit) or more than gptq_reserve_seconds ({self.gptq_reserve_seconds})")
         _require(self.val_max_tokens == 0 or self.val_max_tokens > self.train_seq_len, "val_max_tokens",
                  self.val_max_tokens, f"must be 0 (all) or more than train_seq_len ({self.train_seq_len})")
+        _require(self.final_weights != "swa" or self.swa_every > 0, "final_weights", self.final_weights,
+                 "swa needs swa_every > 0 (no SWA is taken otherwise)")
+
 
 
 @dataclass(frozen=True)
@@ -264,10 +290,18 @@ class QuantizeConfig(Section):
     fit_max_clip_sigmas: PositiveFloat = 64.0
     fit_tolerance: PositiveFloat = 0.01
     device: Device = "auto"  # where GPTQ runs
+    # The seeds' export (SEEDS_SPEC §4.6, §5.2, §6); the defaults are the record's SDClip GPTQ.
+    scale_search: Literal["sdclip", "row_percentiles", "matrix_percentiles"] = "sdclip"  # record | PR #576 | PR #1218
+    gptq_column_order: Literal["descending", "ascending"] = "descending"  # ascending: PR #576
+    gptq_dense_inverse: bool = False  # PR #576: spread errors through H⁻¹ itself, not its Cholesky factor
+    table_clip_quantile: Fraction = 0.0  # > 0: int8 per-row rounding of the embedding tables at this |w| quantile
+    prune_fraction: Annotated[float, Range(ge=0.0, lt=1.0)] = 0.0  # PR #576: 0.02 of each large matrix's smallest |w|
 
     def check(self) -> None:
         _require(self.fit_min_clip_sigmas < self.fit_max_clip_sigmas, "fit_max_clip_sigmas",
                  self.fit_max_clip_sigmas, f"must exceed fit_min_clip_sigmas ({self.fit_min_clip_sigmas})")
+        _require(not self.fit_to_size or self.scale_search == "sdclip", "fit_to_size", self.fit_to_size,
+                 f"bisects matrix_clip_sigmas, which scale_search {self.scale_search!r} does not use")
 
 
 @dataclass(frozen=True)

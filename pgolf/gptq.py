@@ -8,7 +8,11 @@ Matrices of the same shape are quantized together as one batch (the
 reference's per-column loop, run once for all of them, on contiguous columns),
 which gives the reference's codes up to float rounding in the error updates. Small tensors stay fp16; the
 embedding, the MLP and the attention groups take their own bits and clip
-sigmas. ``fit_clip_sigmas`` bisects ``matrix_clip_sigmas`` so that the
+sigmas. The seeds' variants (SEEDS_SPEC §4.6, §5.2, §6) are options: PR #576's
+per-row best-of-five percentile scales with the columns in ascending Hessian order
+and its dense H⁻¹, PR #1218's five whole-matrix percentile clips each with a full GPTQ
+run, int8 per-row percentile rounding of the embedding tables, and magnitude pruning
+before any of it. ``fit_clip_sigmas`` bisects ``matrix_clip_sigmas`` so that the
 compressed artifact fits a byte budget (compressed size falls as clip sigmas
 rise: see the seed page of PR #1394).
 """
@@ -33,6 +37,9 @@ MIN_FP16_SCALE = 2.0**-24
 SUPPORTED_BITS = range(2, 9)  # codes are stored as int8
 # Columns per rank-1-update sub-block inside a GPTQ block: a speed knob only.
 SUB_BLOCK = 16
+# The row-clip quantiles PR #576 and PR #1218 try (1.0: the row's largest |w|).
+CLIP_PERCENTILES = (0.9990, 0.9995, 0.9999, 0.99999, 1.0)
+TABLE_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class TensorPlan:
     group: str  # embed | mlp | attn | matrix
     bits: int  # 0: fp16 passthrough
     clip_sigmas: float
+    table_rounding: bool = False  # int8 per-row percentile rounding, no GPTQ (the PRs' tables)
 
 
 def check_bits(bits: int) -> int:
@@ -82,6 +90,8 @@ def tensor_plan(name: str, tensor: Tensor, cfg: QuantizeConfig) -> TensorPlan:
     is_weight_matrix = name.endswith(".weight") and tensor.ndim == 2 and tensor.is_floating_point()
     if not is_weight_matrix or tensor.numel() <= cfg.passthrough_max_numel:
         return TensorPlan(group, 0, 0.0)
+    if cfg.table_clip_quantile > 0 and name in TABLE_NAMES:
+        return TensorPlan(group, check_bits(cfg.embed_bits), 0.0, table_rounding=True)
     bits, clip_sigmas = group_overrides(group, cfg)
     bits = cfg.matrix_bits if bits is None else bits
     clip_sigmas = cfg.matrix_clip_sigmas if clip_sigmas is None else clip_sigmas
@@ -106,25 +116,30 @@ class HessianFactors:
     """What GPTQ needs of N Hessians, independent of bits and clip sigmas (so reusable)."""
 
     dead: Tensor  # [N, cols] bool: columns no calibration input reached
-    perm: Tensor  # [N, cols]: columns by descending damped diagonal
-    hinv_upper: Tensor  # [N, cols, cols]: upper Cholesky factor of H⁻¹, permuted order
+    perm: Tensor  # [N, cols]: columns by descending (or ascending) damped diagonal
+    hinv_upper: Tensor  # [N, cols, cols]: upper Cholesky factor of H⁻¹ (PR #576: H⁻¹ itself), permuted order
 
 
-def prepare_hessians(hessians: Tensor, damping: float) -> HessianFactors:
-    """Dead columns, damping, ordering and the upper Cholesky factor of H⁻¹ of [N, cols, cols]."""
+def prepare_hessians(hessians: Tensor, damping: float, ascending: bool = False,
+                     dense_inverse: bool = False) -> HessianFactors:
+    """Dead columns, damping, ordering and the upper Cholesky factor of H⁻¹ of [N, cols, cols].
+
+    ``ascending`` and ``dense_inverse`` are PR #576's GPTQ: columns by ascending
+    diagonal, errors spread through the rows of H⁻¹ rather than of its Cholesky factor.
+    """
     hessians = hessians.float().clone()  # [N, cols, cols]
     diag = hessians.diagonal(dim1=-2, dim2=-1)  # [N, cols], a view
     dead = diag == 0
     diag[dead] = 1.0
     diag += damping * diag.mean(dim=-1, keepdim=True)
-    perm = torch.argsort(diag, dim=-1, descending=True)  # [N, cols]
+    perm = torch.argsort(diag, dim=-1, descending=not ascending)  # [N, cols]
     hessians = torch.take_along_dim(hessians, perm[:, :, None], dim=1)
     hessians = torch.take_along_dim(hessians, perm[:, None, :], dim=2)  # [N, cols, cols]
     factor, info = torch.linalg.cholesky_ex(hessians)
     if bool(info.any()):
         raise ValueError("quantize: a damped Hessian is not positive definite (not a Σ XᵀX matrix?)")
     hinv = torch.cholesky_inverse(factor)  # [N, cols, cols]
-    return HessianFactors(dead, perm, torch.linalg.cholesky(hinv, upper=True))
+    return HessianFactors(dead, perm, hinv if dense_inverse else torch.linalg.cholesky(hinv, upper=True))
 
 
 def quantize_block(block: Tensor, hinv_block: Tensor, scale: Tensor, bound: Tensor, codes: Tensor) -> Tensor:
@@ -160,12 +175,13 @@ def gptq_quantize(
     clip_sigmas: list[float],
     block_size: int = 128,
     progress: tqdm | None = None,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """GPTQ + SDClip of N same-shape matrices [N, rows, cols], given their Hessians' factors.
 
     ``bits`` and ``clip_sigmas`` hold one value per matrix. Runs on the weights'
     device. Returns the int8 codes [N, rows, cols] (in the original column order)
-    and fp16 row scales [N, rows].
+    and the row scales [N, rows]: fp16 SDClip scales, or ``scale`` when given.
     """
     if block_size < 1:
         raise ConfigError(f"quantize: block_size must be at least 1, got {block_size}")
@@ -173,7 +189,7 @@ def gptq_quantize(
     weights = weights.float()
     qmax = torch.tensor([quant_max(b) for b in bits], dtype=torch.float32, device=weights.device)  # [N]
     clip = torch.tensor(clip_sigmas, dtype=torch.float32, device=weights.device)  # [N]
-    scale = row_scales(weights, clip, qmax)  # [N, rows]
+    scale = row_scales(weights, clip, qmax) if scale is None else scale.to(weights.device)  # [N, rows]
     perm, hinv = factors.perm, factors.hinv_upper
     work = torch.take_along_dim(weights, perm[:, None, :], dim=2)  # [N, rows, cols]
     work.masked_fill_(torch.take_along_dim(factors.dead, perm, dim=1)[:, None, :], 0.0)
@@ -191,6 +207,110 @@ def gptq_quantize(
     inverse = torch.argsort(perm, dim=-1)  # [N, cols]
     codes = torch.take_along_dim(codes, inverse[:, :, None], dim=1)  # [N, cols, rows]
     return codes.transpose(1, 2).to(torch.int8), scale  # [N, rows, cols], [N, rows]
+
+
+# ---------------------------------------------------------------- the seeds' scales, tables and pruning
+
+
+def abs_quantile(tensor: Tensor, q: float, dim: int | None = None) -> Tensor:
+    """The ``q`` quantile of |tensor| (linear interpolation, as torch.quantile); q = 1: the maximum."""
+    magnitude = tensor.abs().float()
+    if q >= 1.0:
+        return magnitude.amax() if dim is None else magnitude.amax(dim=dim)
+    if dim is None:
+        magnitude = magnitude.flatten()
+        dim = 0
+    if magnitude.numel() <= 2**24:  # torch.quantile's limit
+        return torch.quantile(magnitude, q, dim=dim)
+    ranked = magnitude.sort(dim=dim).values
+    position = q * (ranked.size(dim) - 1)
+    low = ranked.select(dim, math.floor(position))
+    return low + (ranked.select(dim, math.ceil(position)) - low) * (position - math.floor(position))
+
+
+def percentile_scales(weights: Tensor, q: float, qmax: int) -> Tensor:
+    """fp32 row scales max(quantile(|row|, q) / qmax, 1 / qmax) of [..., rows, cols] -> [..., rows]."""
+    return (abs_quantile(weights, q, dim=-1) / qmax).clamp_min(1.0 / qmax)
+
+
+def best_row_percentile_scales(weights: Tensor, qmax: int) -> Tensor:
+    """PR #576: per row, the percentile scale whose rounding has the least squared error; [N, rows] fp32."""
+    best_scale, best_error = None, None
+    for q in CLIP_PERCENTILES:
+        scale = percentile_scales(weights, q, qmax)  # [N, rows]
+        codes = torch.clamp(torch.round(weights / scale[..., None]), -qmax, qmax)
+        error = (weights - codes * scale[..., None]).pow(2).mean(dim=-1)  # [N, rows]
+        if best_scale is None:
+            best_scale, best_error = scale, error
+        else:
+            improved = error < best_error
+            best_scale = torch.where(improved, scale, best_scale)
+            best_error = torch.where(improved, error, best_error)
+    return best_scale
+
+
+def gptq_best_matrix_percentile(
+    weights: Tensor, factors: HessianFactors, bits: list[int], block_size: int, progress: tqdm | None = None
+) -> tuple[Tensor, Tensor]:
+    """PR #1218: a full GPTQ run per percentile clip (fp16 scales), each matrix keeping its lowest-MSE run."""
+    weights = weights.float()  # [N, rows, cols]
+    qmax = torch.tensor([quant_max(b) for b in bits], dtype=torch.float32, device=weights.device)  # [N]
+    target = weights.masked_fill(factors.dead[:, None, :], 0.0)  # the PR compares with dead columns zeroed
+    best_codes, best_scale, best_error = None, None, None
+    for q in CLIP_PERCENTILES:
+        clip = abs_quantile(weights, q, dim=-1) if q < 1.0 else weights.abs().amax(dim=-1)  # [N, rows]
+        scale = (clip / qmax[:, None]).clamp_min(1.0 / qmax[:, None]).to(torch.float16)  # [N, rows]
+        codes, _ = gptq_quantize(weights, factors, bits, [0.0] * len(bits), block_size, progress, scale=scale)
+        error = (target - codes.float() * scale.float()[..., None]).pow(2).mean(dim=(1, 2))  # [N]
+        if best_codes is None:
+            best_codes, best_scale, best_error = codes, scale, error
+        else:
+            improved = error < best_error  # [N]
+            best_codes = torch.where(improved[:, None, None], codes, best_codes)
+            best_scale = torch.where(improved[:, None], scale, best_scale)
+            best_error = torch.where(improved, error, best_error)
+    return best_codes, best_scale
+
+
+def round_table(table: Tensor, bits: int, clip_quantile: float) -> QuantizedTensor:
+    """The PRs' int8 tables: each row clipped at a quantile of its |w|, then rounded to nearest."""
+    t32 = table.float()  # [rows, cols]
+    qmax = quant_max(bits)
+    clip = abs_quantile(t32, clip_quantile, dim=1)  # [rows]
+    scale = (clip / qmax).clamp_min(1.0 / qmax)  # [rows]
+    clipped = torch.maximum(torch.minimum(t32, clip[:, None]), -clip[:, None])
+    codes = torch.clamp(torch.round(clipped / scale[:, None]), -qmax, qmax).to(torch.int8)
+    return QuantizedTensor(codes, scale.to(torch.float16), bits, 0.0)
+
+
+def prune_smallest(state_dict: dict[str, Tensor], fraction: float, min_numel: int) -> dict[str, Tensor]:
+    """PR #576's pruning (SEEDS_SPEC §5.2): in each 2-D tensor of more than ``min_numel`` elements,
+    zero the weights below the ``fraction`` quantile of |w|. Returns new tensors; the input is untouched."""
+    if fraction <= 0:
+        return state_dict
+    pruned = {}
+    for name, tensor in state_dict.items():
+        if tensor.ndim == 2 and tensor.is_floating_point() and tensor.numel() > min_numel:
+            threshold = abs_quantile(tensor, fraction).to(tensor.dtype)
+            tensor = tensor.masked_fill(tensor.abs() < threshold, 0.0)
+        pruned[name] = tensor
+    return pruned
+
+
+def quantize_batch(weights: Tensor, factors: HessianFactors, plans: list[TensorPlan], cfg: QuantizeConfig,
+                   progress: tqdm | None) -> tuple[Tensor, Tensor]:
+    """Codes [N, rows, cols] and fp16 scales [N, rows] of one same-shape batch, by ``cfg.scale_search``."""
+    bits = [plan.bits for plan in plans]
+    if cfg.scale_search == "matrix_percentiles":
+        return gptq_best_matrix_percentile(weights, factors, bits, cfg.block_size, progress)
+    scale = None
+    if cfg.scale_search == "row_percentiles":
+        # PR #576 quantizes with the fp32 scales and stores them in fp16.
+        scale = torch.stack([best_row_percentile_scales(w[None].float(), quant_max(b))[0]
+                             for w, b in zip(weights, bits, strict=True)])  # [N, rows]
+    codes, used = gptq_quantize(weights, factors, bits, [plan.clip_sigmas for plan in plans],
+                                cfg.block_size, progress, scale=scale)
+    return codes, used.to(torch.float16)
 
 
 # ---------------------------------------------------------------- report
@@ -219,7 +339,7 @@ def tensor_report(
         "shape": list(weight.shape),
         "numel": weight.numel(),
         "group": plan.group,
-        "method": f"gptq int{plan.bits}" if plan.bits else "fp16",
+        "method": (f"round int{plan.bits}" if plan.table_rounding else f"gptq int{plan.bits}") if plan.bits else "fp16",
         "bits": plan.bits if plan.bits else 16,
         "clip_sigmas": plan.clip_sigmas,
         "weight_rms": float(weight.pow(2).mean().sqrt()),
@@ -234,8 +354,10 @@ def tensor_report(
 def report_totals(rows: list[dict]) -> dict:
     """Model-level figures: counts, parameter-weighted mean error, average bits per weight."""
     quantized = [r for r in rows if r["method"] != "fp16"]
+    scored = [r for r in quantized if r["h_rel_error"] is not None]  # rounded tables may have no Hessian
     numel = sum(r["numel"] for r in rows)
     q_numel = sum(r["numel"] for r in quantized)
+    scored_numel = sum(r["numel"] for r in scored)
     return {
         "tensors": len(rows),
         "quantized_tensors": len(quantized),
@@ -243,7 +365,7 @@ def report_totals(rows: list[dict]) -> dict:
         "quantized_parameters": q_numel,
         "mean_bits": sum(r["bits"] * r["numel"] for r in rows) / numel if numel else 0.0,
         "h_rel_error_weighted": (
-            sum(r["h_rel_error"] * r["numel"] for r in quantized) / q_numel if q_numel else 0.0
+            sum(r["h_rel_error"] * r["numel"] for r in scored) / scored_numel if scored_numel else 0.0
         ),
     }
 
@@ -257,7 +379,8 @@ def check_hessians(
     """An error naming ``source`` for each tensor to quantize whose Hessian is missing, misshapen or not finite."""
     problems = []
     for name, tensor in state_dict.items():
-        if not tensor_plan(name, tensor, cfg).bits:
+        plan = tensor_plan(name, tensor, cfg)
+        if not plan.bits or plan.table_rounding:
             continue
         cols = state_dict[name].shape[1]
         if name not in hessians:
@@ -308,9 +431,13 @@ def quantize_model(
     """
     plans = {name: tensor_plan(name, t, cfg) for name, t in state_dict.items()}
     check_hessians(state_dict, hessians, cfg)
-    gptq_names = [name for name, plan in plans.items() if plan.bits]
+    weights = prune_smallest(state_dict, cfg.prune_fraction, cfg.passthrough_max_numel)
+    gptq_names = [name for name, plan in plans.items() if plan.bits and not plan.table_rounding]
     factor_cache = {} if factor_cache is None else factor_cache
-    tensors: dict[str, QuantizedTensor | Tensor] = {}
+    tensors: dict[str, QuantizedTensor | Tensor] = {
+        name: round_table(weights[name], plan.bits, cfg.table_clip_quantile)
+        for name, plan in plans.items() if plan.table_rounding
+    }
     total_columns = sum(state_dict[n].shape[1] for n in gptq_names)
     with tqdm(total=total_columns, desc="gptq columns", unit="col", disable=not show_progress) as bar:
         for names in shape_batches(gptq_names, state_dict):
@@ -318,20 +445,17 @@ def quantize_model(
             if key not in factor_cache:
                 stacked = torch.stack([gptq_hessian(n, hessians, plans[n], cfg) for n in names])  # [N, cols, cols]
                 stacked = stacked.to(device)
-                factor_cache[key] = prepare_hessians(stacked, cfg.damping)
-            codes, scales = gptq_quantize(
-                torch.stack([state_dict[n] for n in names]).to(device),
-                factor_cache[key],
-                [plans[n].bits for n in names],
-                [plans[n].clip_sigmas for n in names],
-                cfg.block_size,
-                bar,
-            )
+                factor_cache[key] = prepare_hessians(stacked, cfg.damping, cfg.gptq_column_order == "ascending",
+                                                     cfg.gptq_dense_inverse)
+            codes, scales = quantize_batch(torch.stack([weights[n] for n in names]).to(device), factor_cache[key],
+                                           [plans[n] for n in names], cfg, bar)
             for name, code, scale in zip(names, codes.cpu(), scales.cpu()):
-                tensors[name] = QuantizedTensor(code, scale, plans[name].bits, plans[name].clip_sigmas)
+                clip_sigmas = plans[name].clip_sigmas if cfg.scale_search == "sdclip" else 0.0  # percentile scales
+                tensors[name] = QuantizedTensor(code, scale, plans[name].bits, clip_sigmas)
     rows = []
     for name, tensor in state_dict.items():
-        stored = tensors.setdefault(name, tensor.detach().to(torch.float16) if tensor.is_floating_point() else tensor)
+        stored = tensors.setdefault(name, weights[name].detach().to(torch.float16)
+                                    if tensor.is_floating_point() else tensor)
         quantized = isinstance(stored, QuantizedTensor)
         approx, codes = (stored.dequantize(), stored.q) if quantized else (stored, None)
         rows.append(tensor_report(name, tensor, plans[name], approx, hessians.get(name), codes))

@@ -12,10 +12,21 @@ then a pure function of ``(seed, k)``; step ``s`` takes the next
 ``grad_accum_steps`` micro-batches and rank ``r`` of ``W`` the ``r``-th
 contiguous slice of them, so the global batch is the same for any ``W`` and a
 resumed run needs nothing but the step.
+
+The seeds' loaders (``train.loader``) keep that contract. PR #576's sequential
+loader reads the shards as one stream, each micro-batch the next
+``B * T + 1`` tokens (its own order on any GPU count whose product with the
+accumulation steps is 8). PR #1218's coprime-stride loader (SEEDS_SPEC §6) draws
+one step's windows at a time from a generator; here a step's windows are drawn as
+its 8-GPU run draws them (mixing bounds for 8 ranks, one draw per step) and
+micro-batch ``m`` of the step takes windows ``m::grad_accum_steps``, which is rank
+``m``'s share in a run on ``grad_accum_steps`` GPUs (the PR's: 8 GPUs, one
+micro-batch each), so any process count sees the same data.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,33 +84,34 @@ def plan_epoch(num_tokens: np.ndarray, seq_len: int, seed: int, epoch: int) -> E
     return EpochPlan(shard=shard, start=start)
 
 
-class TrainLoader:
-    """The training micro-batches of one rank, for any step, from the train shards."""
+def micro_batch_layout(batch_tokens: int, seq_len: int, grad_accum_steps: int, world_size: int) -> tuple[int, int]:
+    """(sequences per micro-batch, micro-batches per rank), or a ValueError naming the settings."""
+    sequences_per_step, rest = divmod(batch_tokens, seq_len)
+    if rest or sequences_per_step % grad_accum_steps:
+        raise ValueError(
+            f"train_batch_tokens={batch_tokens} must be a multiple of "
+            f"grad_accum_steps * train_seq_len = {grad_accum_steps} * {seq_len}")
+    if grad_accum_steps % world_size:
+        raise ValueError(f"grad_accum_steps={grad_accum_steps} must be divisible by the "
+                         f"process count {world_size}")
+    return sequences_per_step // grad_accum_steps, grad_accum_steps // world_size
+
+
+class ShardSource:
+    """What every loader shares: the shards, the batch layout and this rank's place in it."""
 
     def __init__(self, files: list[Path], seq_len: int, seed: int, batch_tokens: int,
                  grad_accum_steps: int, rank: int = 0, world_size: int = 1):
         if not files:
             raise FileNotFoundError("no training shards given")
-        sequences_per_step, rest = divmod(batch_tokens, seq_len)
-        if rest or sequences_per_step % grad_accum_steps:
-            raise ValueError(
-                f"train_batch_tokens={batch_tokens} must be a multiple of "
-                f"grad_accum_steps * train_seq_len = {grad_accum_steps} * {seq_len}")
-        if grad_accum_steps % world_size:
-            raise ValueError(f"grad_accum_steps={grad_accum_steps} must be divisible by the "
-                             f"process count {world_size}")
+        self.micro_batch_size, self.local_micro_batches = micro_batch_layout(
+            batch_tokens, seq_len, grad_accum_steps, world_size)
         self.files = [Path(f) for f in files]
         self.tokens = [read_shard(f) for f in self.files]  # memory-mapped uint16
         self.num_tokens = np.array([len(t) for t in self.tokens], dtype=np.int64)  # [S]
         self.seq_len, self.seed = seq_len, seed
         self.grad_accum_steps = grad_accum_steps
-        self.micro_batch_size = sequences_per_step // grad_accum_steps
-        self.local_micro_batches = grad_accum_steps // world_size
         self.rank = rank
-        if epoch_length(self.num_tokens, seq_len, seed, 0) == 0:
-            raise ValueError(f"the training shards hold no sequence of {seq_len} + 1 tokens")
-        self._epoch_starts = [0]  # global index of each epoch's first sequence, grown on demand
-        self._plan_cache: tuple[int, EpochPlan] | None = None
 
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """This rank's slice of the global micro-batches of ``step``."""
@@ -107,11 +119,49 @@ class TrainLoader:
         return [self.micro_batch(first + i) for i in range(self.local_micro_batches)]
 
     def micro_batch(self, index: int) -> MicroBatch:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """What the order depends on besides the step (checked again on resume)."""
+        return {
+            "loader": type(self).__name__,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "micro_batch_size": self.micro_batch_size,
+            "grad_accum_steps": self.grad_accum_steps,
+            "shards": [f.name for f in self.files],
+            "num_tokens": self.num_tokens.tolist(),
+        }
+
+    def check_state(self, state: dict, source: str) -> None:
+        """Refuse to resume on other data or another batch layout than the checkpoint's."""
+        mine = self.state_dict()
+        changed = sorted(key for key in mine if state.get(key) != mine[key])
+        if changed:
+            raise ValueError(f"{source}: the training data or batch layout changed since this checkpoint "
+                             f"({', '.join(changed)} differ); delete it to start afresh")
+
+
+def windows_to_batch(windows: np.ndarray) -> MicroBatch:
+    windows = torch.from_numpy(windows.astype(np.int64))  # [B, T + 1]
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # [B, T], [B, T]
+
+
+class TrainLoader(ShardSource):
+    """The training micro-batches of one rank, for any step, from the train shards."""
+
+    def __init__(self, files: list[Path], seq_len: int, seed: int, batch_tokens: int,
+                 grad_accum_steps: int, rank: int = 0, world_size: int = 1):
+        super().__init__(files, seq_len, seed, batch_tokens, grad_accum_steps, rank, world_size)
+        if epoch_length(self.num_tokens, seq_len, seed, 0) == 0:
+            raise ValueError(f"the training shards hold no sequence of {seq_len} + 1 tokens")
+        self._epoch_starts = [0]  # global index of each epoch's first sequence, grown on demand
+        self._plan_cache: tuple[int, EpochPlan] | None = None
+
+    def micro_batch(self, index: int) -> MicroBatch:
         """Global micro-batch ``index``: sequences ``index * B`` to ``(index + 1) * B - 1``."""
         first = index * self.micro_batch_size
-        windows = np.stack([self._window(k) for k in range(first, first + self.micro_batch_size)])  # [B, T+1]
-        windows = torch.from_numpy(windows)
-        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # [B, T], [B, T]
+        return windows_to_batch(np.stack([self._window(k) for k in range(first, first + self.micro_batch_size)]))
 
     def _window(self, k: int) -> np.ndarray:
         epoch, offset = self._locate(k)
@@ -133,20 +183,170 @@ class TrainLoader:
         return self._plan_cache[1]
 
     def state_dict(self) -> dict:
-        """What the order depends on besides the step (checked again on resume)."""
-        return {
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "micro_batch_size": self.micro_batch_size,
-            "grad_accum_steps": self.grad_accum_steps,
-            "shards": [f.name for f in self.files],
-            "num_tokens": self.num_tokens.tolist(),
-        }
+        state = super().state_dict()
+        del state["loader"]  # the record's checkpoints predate the loader choice
+        return state
 
-    def check_state(self, state: dict, source: str) -> None:
-        """Refuse to resume on other data or another batch layout than the checkpoint's."""
-        mine = self.state_dict()
-        changed = sorted(key for key in mine if state.get(key) != mine[key])
-        if changed:
-            raise ValueError(f"{source}: the training data or batch layout changed since this checkpoint "
-                             f"({', '.join(changed)} differ); delete it to start afresh")
+
+class SequentialLoader(ShardSource):
+    """PR #576's loader: the shards as one stream (looping), micro-batch g its (g+1)-th run of B*T+1 tokens."""
+
+    def __init__(self, files: list[Path], seq_len: int, seed: int, batch_tokens: int,
+                 grad_accum_steps: int, rank: int = 0, world_size: int = 1):
+        super().__init__(files, seq_len, seed, batch_tokens, grad_accum_steps, rank, world_size)
+        self.shard_ends = np.cumsum(self.num_tokens)  # [S]: stream offset where each shard ends
+        self.span = self.micro_batch_size * seq_len + 1  # each micro-batch's tokens, inputs plus one target
+
+    def micro_batch(self, index: int) -> MicroBatch:
+        tokens = self._take(index * self.span, self.span)  # [B*T + 1]
+        return tokens[:-1].view(-1, self.seq_len).contiguous(), tokens[1:].view(-1, self.seq_len).contiguous()
+
+    def _take(self, position: int, count: int) -> Tensor:
+        """``count`` tokens of the looping stream from ``position`` on, across shard ends."""
+        total = int(self.shard_ends[-1])
+        pieces, position = [], position % total
+        while count > 0:
+            shard = int(np.searchsorted(self.shard_ends, position, side="right"))
+            offset = position - (int(self.shard_ends[shard]) - int(self.num_tokens[shard]))
+            piece = self.tokens[shard][offset:offset + count]
+            pieces.append(np.asarray(piece, dtype=np.int64))
+            count -= len(piece)
+            position = (position + len(piece)) % total
+        return torch.from_numpy(np.concatenate(pieces))
+
+
+# PR #1218's constants: 8-GPU mixing bounds, progress over 1800 draws, shard weights (remaining)^(0.9 - 0.4 p).
+COPRIME_RANKS = 8
+COPRIME_RAMP_DRAWS = 1800.0
+
+
+def fnv_seed(names: list[str]) -> int:
+    """PR #1218's generator seed: an FNV-style hash of the shard paths (here their names, see below)."""
+    seed = 0
+    for name in names:
+        for byte in name.encode():
+            seed = ((seed ^ byte) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return seed
+
+
+class CoprimeLoader(ShardSource):
+    """PR #1218's coprime-stride multi-shard sampler, one draw of a step's windows per step.
+
+    Its generator is seeded from the shard names (PR #1218 hashed the paths its glob
+    returned, so its order changed with the working directory); ``train.seed`` does
+    not enter it, as it did not enter the PR's. The draws are a
+    sequence, so asking for an earlier step than the last replays them from the start.
+    """
+
+    def __init__(self, files: list[Path], seq_len: int, seed: int, batch_tokens: int,
+                 grad_accum_steps: int, rank: int = 0, world_size: int = 1):
+        super().__init__(files, seq_len, seed, batch_tokens, grad_accum_steps, rank, world_size)
+        self.global_sequences = self.micro_batch_size * grad_accum_steps
+        block_counts = (self.num_tokens - 1) // seq_len  # [S]
+        self.eligible = np.nonzero(block_counts > 0)[0]  # [E]
+        if not len(self.eligible):
+            raise ValueError(f"the training shards hold no sequence of {seq_len} + 1 tokens")
+        self.base_blocks = block_counts[self.eligible]  # [E]
+        self._restart()
+
+    def _restart(self) -> None:
+        self.rng = np.random.Generator(np.random.PCG64(fnv_seed([f.name for f in self.files])))
+        count = len(self.files)
+        self.phase, self.blocks, self.next = (np.zeros(count, dtype=np.int64) for _ in range(3))
+        self.start, self.stride = np.zeros(count, dtype=np.int64), np.ones(count, dtype=np.int64)
+        self.ready = np.zeros(count, dtype=bool)
+        self.draws = 0
+        self.step_windows: list[tuple[int, int]] = []
+
+    def micro_batch(self, index: int) -> MicroBatch:
+        step, slot = divmod(index, self.grad_accum_steps)
+        if step < self.draws - 1:  # an earlier step than the last drawn: replay from the start
+            self._restart()
+        while self.draws <= step:
+            self.step_windows = self._draw()
+            self.draws += 1
+        chosen = self.step_windows[slot::self.grad_accum_steps]  # rank `slot`'s share in the 8-GPU run
+        return windows_to_batch(np.stack([
+            np.asarray(self.tokens[shard][start:start + self.seq_len + 1]) for shard, start in chosen]))
+
+    def _coprime_stride(self, blocks: int) -> int:
+        if blocks <= 1:
+            return 1
+        while True:
+            stride = int(self.rng.integers(1, blocks))
+            if math.gcd(stride, blocks) == 1:
+                return stride
+
+    def _reset_cursor(self, shard: int) -> None:
+        n = int(self.num_tokens[shard])
+        max_phase = min(self.seq_len - 1, max(0, n - self.seq_len - 1))
+        phase = int(self.rng.integers(max_phase + 1)) if max_phase > 0 else 0
+        blocks = (n - 1 - phase) // self.seq_len
+        self.phase[shard], self.blocks[shard], self.next[shard] = phase, blocks, 0
+        self.start[shard] = int(self.rng.integers(blocks)) if blocks > 1 else 0
+        self.stride[shard] = self._coprime_stride(blocks)
+        self.ready[shard] = True
+
+    def _take(self, shard: int, count: int) -> list[tuple[int, int]]:
+        """``count`` windows of ``shard``: block (start + j * stride) mod blocks, every block once per cursor."""
+        out = []
+        while count > 0:
+            if not self.ready[shard] or self.next[shard] >= self.blocks[shard]:
+                self._reset_cursor(shard)
+            blocks, first = int(self.blocks[shard]), int(self.next[shard])
+            take = min(count, blocks - first)
+            for j in range(first, first + take):
+                block = (int(self.start[shard]) + j * int(self.stride[shard])) % blocks
+                out.append((shard, int(self.phase[shard]) + block * self.seq_len))
+            self.next[shard] = first + take
+            count -= take
+        return out
+
+    def _draw(self) -> list[tuple[int, int]]:
+        """One step's windows (SEEDS_SPEC §6): shards drawn by remaining blocks, then interleaved at random."""
+        progress = min(self.draws / COPRIME_RAMP_DRAWS, 1.0)
+        remaining = np.array([float(max(int(self.blocks[s]) - int(self.next[s]), 1)) if self.ready[s]
+                              else float(base) for s, base in zip(self.eligible, self.base_blocks)])  # [E]
+        weights = np.power(remaining, 0.90 - 0.40 * progress)
+        total = float(weights.sum())
+        if not np.isfinite(total) or total <= 0.0:
+            weights, total = np.ones(len(self.eligible)), float(len(self.eligible))
+        probs = weights / total
+        shards, sequences = len(self.eligible), self.global_sequences
+        low = min(max(8, COPRIME_RANKS), shards, sequences)
+        high = min(max(32, COPRIME_RANKS * 8), shards, sequences)
+        mix = max(1, min(int(round(low + progress * (high - low))), shards, sequences))
+        picked = self.rng.choice(shards, size=mix, replace=False, p=probs)
+        chosen, chosen_probs = self.eligible[picked], probs[picked] / probs[picked].sum()
+        counts = np.ones(mix, dtype=np.int64)
+        if sequences > mix:
+            counts += self.rng.multinomial(sequences - mix, chosen_probs).astype(np.int64)
+        order = self.rng.permutation(mix)
+        buckets = []
+        for shard, count in zip(chosen[order].tolist(), counts[order].tolist()):
+            bucket = self._take(int(shard), int(count))
+            if len(bucket) > 1:
+                bucket = [bucket[int(k)] for k in self.rng.permutation(len(bucket)).tolist()]
+            buckets.append(bucket)
+        windows: list[tuple[int, int]] = []
+        active = [i for i, bucket in enumerate(buckets) if bucket]
+        while active:
+            still = []
+            for position in self.rng.permutation(len(active)).tolist():
+                bucket = buckets[active[position]]
+                windows.append(bucket.pop())
+                if bucket:
+                    still.append(active[position])
+            active = still
+        return windows
+
+
+LOADERS = {"shuffled": TrainLoader, "sequential": SequentialLoader, "coprime": CoprimeLoader}
+
+
+def make_loader(kind: str, files: list[Path], seq_len: int, seed: int, batch_tokens: int,
+                grad_accum_steps: int, rank: int = 0, world_size: int = 1) -> ShardSource:
+    """The ``train.loader`` named ``kind`` (shuffled | sequential | coprime)."""
+    if kind not in LOADERS:
+        raise ValueError(f"train.loader must be one of {', '.join(LOADERS)}, got {kind!r}")
+    return LOADERS[kind](files, seq_len, seed, batch_tokens, grad_accum_steps, rank, world_size)

@@ -5,7 +5,10 @@ embeddings, per-head query gain, XSA (each head's output minus its projection
 on its value vector), a squared leaky-ReLU MLP, U-Net skips with sigmoid gates
 and depth recurrence: a range of layers is run several times once
 ``looping_active`` is set. Parameter names are the reference's, so a state
-dict written by the record's ``train_gpt.py`` loads as is. Attention runs
+dict written by the record's ``train_gpt.py`` loads as is. The seeds' options
+(PR #576 and #1218, ``ModelConfig``; off by default) add BigramHash, SmearGate,
+value embeddings, relu² and #576's scaled projection init, under the PRs' own
+parameter names, and ``set_fake_quant`` turns #576's QAT on in every linear. Attention runs
 through FlashAttention-3 or flash-attn when importable on a GPU, else PyTorch's
 scaled-dot-product attention; all paths compute the same function (a test checks them against attention written out).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +39,39 @@ class RMSNorm(nn.Module):
         return rms_norm(x)
 
 
+@dataclass(frozen=True)
+class FakeQuant:
+    """PR #576's QAT grid (SEEDS_SPEC §5.1): per row, scale = max(quantile(|w|, q) / r, 1 / r), codes -r-1..r."""
+
+    clip_range: int = 15
+    quantile: float = 0.9995
+
+    def __call__(self, weight: Tensor) -> Tensor:
+        """The fake-quantized values of a [rows, cols] weight (no gradient: used through the STE)."""
+        with torch.no_grad():
+            w32 = weight.float()
+            row_clip = torch.quantile(w32.abs(), self.quantile, dim=1)  # [rows]
+            scale = (row_clip / self.clip_range).clamp_min(1.0 / self.clip_range)[:, None]  # [rows, 1]
+            codes = torch.clamp(torch.round(w32 / scale), -self.clip_range - 1, self.clip_range)
+            return codes * scale  # [rows, cols]
+
+
 class CastedLinear(nn.Linear):
-    """A linear layer whose fp32 weight is cast to the activations' dtype."""
+    """A linear layer whose fp32 weight is cast to the activations' dtype.
+
+    With ``fake_quant`` set (QAT), a module in training mode multiplies by the
+    fake-quantized weight through a straight-through estimator. ``fake_quant``
+    is an instance attribute, so torch.compile guards on it and compiles a new
+    graph when QAT turns on (PR #576's class attribute was folded away: §5.1).
+    """
+
+    fake_quant: FakeQuant | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        w = self.weight.to(x.dtype)
+        if self.fake_quant is not None and self.training:
+            w = w + (self.fake_quant(self.weight).to(x.dtype) - w).detach()  # value: fake-quantized; grad: identity
+        return F.linear(x, w)
 
 
 # ---------------------------------------------------------------- attention
@@ -140,11 +172,14 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_base, cfg.rope_train_seq_len)
         self.use_xsa = use_xsa
 
-    def forward(self, x: Tensor, attention: AttentionFn) -> Tensor:
+    def forward(self, x: Tensor, attention: AttentionFn, v_embed: Tensor | None = None) -> Tensor:
         b, t, dim = x.shape
         q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)  # [B, T, H, D]
         k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
-        v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        v = self.c_v(x)  # [B, T, Hkv * D]
+        if v_embed is not None:
+            v = v + v_embed  # value embeddings join the values before the heads split (SEEDS_SPEC §4.3)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         cos, sin = self.rotary.cos_sin(t, x.device, q.dtype)
         q = self.rotary(rms_norm(q), cos, sin)
         k = self.rotary(rms_norm(k), cos, sin)
@@ -169,9 +204,12 @@ class MLP(nn.Module):
         hidden = int(cfg.mlp_mult * cfg.model_dim)
         self.fc = CastedLinear(cfg.model_dim, hidden, bias=False)
         self.proj = CastedLinear(hidden, cfg.model_dim, bias=False)
+        self.leaky_slope = cfg.mlp_leaky_slope if cfg.mlp_activation == "leaky_relu2" else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
+        h = self.fc(x)  # [B, T, hidden]
+        h = torch.relu(h) if self.leaky_slope is None else F.leaky_relu(h, negative_slope=self.leaky_slope)
+        return self.proj(h.square())
 
 
 class Block(nn.Module):
@@ -185,11 +223,83 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
         self.norm_scale = 1.0 / math.sqrt(layer_index + 1) if cfg.ln_scale else 1.0
 
-    def forward(self, x: Tensor, x0: Tensor, attention: AttentionFn) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, attention: AttentionFn, v_embed: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)  # [2, C]
         x_in = mix[0] * x + mix[1] * x0
-        x = x_in + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x_in) * self.norm_scale, attention)
+        x = x_in + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x_in) * self.norm_scale, attention, v_embed)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+
+
+# ---------------------------------------------------------------- the seeds' embeddings (PR #576, #1218)
+
+
+class BigramHash(nn.Module):
+    """PR #576's hashed bigram embedding (SEEDS_SPEC §4.2): scale * proj(table[hash(prev, cur)]).
+
+    The table starts at zero, so at initialisation the model computes what it computes without it.
+    """
+
+    def __init__(self, buckets: int, dim: int, out_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = CastedLinear(dim, out_dim, bias=False) if dim != out_dim else None
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.embed.weight)
+        if self.proj is not None:
+            nn.init.zeros_(self.proj.weight)  # replaced by GPT's orthogonal init when both dims are >= 64
+        nn.init.constant_(self.scale, 0.05)
+
+    def bucket_ids(self, tokens: Tensor) -> Tensor:
+        """[..., T] ids -> [..., T] buckets: the last bucket at position 0, else (36313 cur ^ 27191 prev) mod (n-1)."""
+        t = tokens.to(torch.int32)
+        mod = self.buckets - 1
+        first = torch.full_like(t[..., :1], mod)
+        rest = torch.bitwise_xor(36313 * t[..., 1:], 27191 * t[..., :-1]) % mod
+        return torch.cat((first, rest), dim=-1).long()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(self.bucket_ids(tokens))  # [B, T, dim]
+        if self.proj is not None:
+            h = self.proj(h)  # [B, T, out_dim]
+        return h * self.scale.to(h.dtype)
+
+
+class SmearGate(nn.Module):
+    """PR #576's SmearGate (SEEDS_SPEC §4.4): x_t <- (1 - s) x_t + s x_{t-1}, s = sigmoid(gate), x_{-1} = 0."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))  # [C]
+        previous = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)  # [B, T, C]
+        return (1 - g) * x + g * previous
+
+
+class ValueEmbedding(nn.Module):
+    """The shared value embedding of PR #576 and #1218 (SEEDS_SPEC §4.3): scale * proj(table[ids]), kv wide."""
+
+    def __init__(self, vocab_size: int, dim: int, kv_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.proj = CastedLinear(dim, kv_dim, bias=False) if dim != kv_dim else None
+        self.scale = nn.Parameter(torch.tensor(0.1))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.embed.weight, std=0.01)
+        if self.proj is not None:
+            nn.init.zeros_(self.proj.weight)  # replaced by GPT's orthogonal init when both dims are >= 64
+        nn.init.constant_(self.scale, 0.1)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)  # [B, T, dim]
+        if self.proj is not None:
+            h = self.proj(h)  # [B, T, kv_dim]
+        return h * self.scale.to(h.dtype)
 
 
 # ---------------------------------------------------------------- the model
@@ -227,6 +337,14 @@ class GPT(nn.Module):
         num_skips = min(len(encoder), len(decoder))
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim)) if cfg.skip_gates_enabled else None
+        self.bigram = BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, cfg.embedding_dim) \
+            if cfg.bigram_vocab_size else None
+        self.smear = SmearGate(cfg.model_dim) if cfg.smear_gate else None
+        self.ve_shared = self.ve_layer_scales = None
+        if cfg.ve_layers:
+            kv_dim = cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+            self.ve_shared = ValueEmbedding(cfg.vocab_size, cfg.ve_dim, kv_dim)
+            self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in cfg.ve_layers)
         self.looping_active = False
         self.attention: AttentionFn = causal_attention
         self.reset_parameters()
@@ -243,32 +361,45 @@ class GPT(nn.Module):
         """The reference's initialisation: see docs/DESIGN.md §3."""
         if self.config.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=self.config.tied_embed_init_std)
+        for extra in (self.bigram, self.ve_shared):
+            if extra is not None:
+                extra.reset_parameters()
         zero_init = {block.attn.proj for block in self.blocks} | {block.mlp.proj for block in self.blocks}
         if self.lm_head is not None:
             zero_init.add(self.lm_head)
-        for module in self.modules():
+        proj_gain = 1.0 / math.sqrt(2 * self.config.num_layers) if self.config.scaled_proj_init else 1.0
+        for name, module in self.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
             if module in zero_init:
                 nn.init.zeros_(module.weight)
             elif min(module.weight.shape) >= 64:
                 nn.init.orthogonal_(module.weight, gain=1.0)
+                if name.endswith(".proj"):  # PR #576: bigram.proj and ve_shared.proj (the blocks' are zero)
+                    with torch.no_grad():
+                        module.weight.mul_(proj_gain)
 
     def forward_logits(self, input_ids: Tensor, keep_from: int = 0) -> Tensor:
         """Logits [B, T - keep_from, V]: positions before ``keep_from`` are context only."""
-        x = rms_norm(self.tok_emb(input_ids))  # [B, T, E]
+        x = self.tok_emb(input_ids)  # [B, T, E]
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)  # before the norm, as PR #576
+        x = rms_norm(x)
         if self.embed_proj is not None:
             x = self.embed_proj(x)  # [B, T, C]
+        if self.smear is not None:
+            x = self.smear(x)
         x0 = x
+        value_embeds = self.value_embeddings(input_ids)
         encoder, decoder = layer_order(self.config, self.looping_active)
         skips: list[Tensor] = []
         for i in encoder:
-            x = self.blocks[i](x, x0, self.attention)
+            x = self.blocks[i](x, x0, self.attention, value_embeds.get(i))
             skips.append(x)
         for step, i in enumerate(decoder):
             if step < len(self.skip_weights) and skips:
                 x = self.merge_skip(x, skips.pop(), step)
-            x = self.blocks[i](x, x0, self.attention)
+            x = self.blocks[i](x, x0, self.attention, value_embeds.get(i))
         x = self.final_norm(x[:, keep_from:])  # [B, T - keep_from, C]
         if self.head_proj is not None:
             x = self.head_proj(x)  # [B, T, E]
@@ -276,6 +407,20 @@ class GPT(nn.Module):
         logits = F.linear(x, head.to(x.dtype))  # [B, T, V]
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap)
+
+    def value_embeddings(self, input_ids: Tensor) -> dict[int, Tensor]:
+        """Layer index -> that layer's value embedding [B, T, kv_dim]; the shared table is looked up once."""
+        if self.ve_shared is None:
+            return {}
+        shared = self.ve_shared(input_ids)  # [B, T, kv_dim]
+        return {layer: shared * scale.to(shared.dtype)
+                for layer, scale in zip(self.config.ve_layers, self.ve_layer_scales, strict=True)}
+
+    def set_fake_quant(self, fake_quant: FakeQuant | None) -> None:
+        """Turn QAT on (a grid) or off (None) in every CastedLinear."""
+        for module in self.modules():
+            if isinstance(module, CastedLinear):
+                module.fake_quant = fake_quant
 
     def merge_skip(self, x: Tensor, skip: Tensor, step: int) -> Tensor:
         scaled = self.skip_weights[step].to(x.dtype) * skip

@@ -20,6 +20,10 @@ from pgolf.config import TrainConfig
 
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
 CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates")
+# PR #576 and #1218 (SEEDS_SPEC §4.2, §4.3): the BigramHash and value-embedding tables join the token
+# embedding's AdamW, their projections Muon; their scales and the SmearGate are control tensors.
+TOKEN_TABLES = ("tok_emb.", "bigram.embed.", "ve_shared.embed.")
+SEED_PROJECTIONS = ("bigram.proj.", "ve_shared.proj.")
 
 
 def is_control_tensor(name: str) -> bool:
@@ -143,14 +147,15 @@ class Optimizers:
 
 
 def split_parameters(model: nn.Module) -> dict[str, list[Tensor]]:
-    """The model's parameters by optimiser group: matrices, control, token, head."""
+    """The model's parameters by optimiser group: matrices, control, token (embedding tables), head."""
     groups: dict[str, list[Tensor]] = {"matrix": [], "control": [], "token": [], "head": []}
     for name, p in model.named_parameters():
-        if name.startswith("tok_emb."):
+        if name.startswith(TOKEN_TABLES):
             groups["token"].append(p)
         elif name.startswith("lm_head."):
             groups["head"].append(p)
-        elif name.startswith("blocks.") and p.ndim == 2 and not is_control_tensor(name):
+        elif (name.startswith("blocks.") and p.ndim == 2 and not is_control_tensor(name)) \
+                or name.startswith(SEED_PROJECTIONS):
             groups["matrix"].append(p)
         elif p.ndim < 2 or is_control_tensor(name):
             groups["control"].append(p)

@@ -10,6 +10,11 @@ are undone. On the GPU the model is cast to bf16 except for the linear weights
 and control tensors and runs under bf16 autocast; on the CPU it runs in float32
 (or, asked to, in the GPU's bf16 precision).
 Batches come from any ``BatchSource`` (the shard loader, or recorded batches).
+The seeds' options (SEEDS_SPEC §4.5, §5.1): PR #576's warm-down by iterations
+converted to wallclock, its late QAT (turned on by setting each CastedLinear's
+``fake_quant``, which the compiled graph guards on, so it recompiles) and SWA
+every ``swa_every`` steps below a learning-rate threshold, kept by a declared
+rule (``final_weights``) rather than by a validation score.
 Checkpoints hold everything a resumed run needs to finish with the same weights.
 """
 
@@ -33,7 +38,7 @@ from pgolf.checkpoint import load_tagged, save_tagged
 from pgolf.config import TrainConfig, to_dict
 from pgolf.distributed import DistContext, any_rank, barrier
 from pgolf.evaluate import eval_plain
-from pgolf.model import CastedLinear, GPT
+from pgolf.model import CastedLinear, FakeQuant, GPT
 from pgolf.optim import Optimizers, build_optimizers, is_control_tensor, muon_momentum_at
 from pgolf.runtime import autocast, mixed_precision, use_compile
 from pgolf.tokenizer import ByteTables
@@ -76,6 +81,20 @@ class TrainResult:
     stopped_by_wallclock: bool
     tokens_per_step: int  # over all ranks
     val_history: list[dict]  # step, val_loss, val_bpb every val_loss_every steps
+    swa_state: dict[str, Tensor] | None = None  # the SWA average (model dtypes), when any was taken
+    final_weights: str = "ema"  # which average the run declared as its result
+    qat_step: int | None = None  # the step QAT turned on at
+    swa_snapshots: int = 0
+
+    @property
+    def final_state(self) -> dict[str, Tensor]:
+        """The weights the run declared as its result: the EMA, or the SWA average."""
+        if self.final_weights == "swa":
+            if self.swa_state is None:
+                raise ValueError("train.final_weights is swa but no SWA snapshot was taken "
+                                 "(the lr multiplier never fell below train.swa_threshold)")
+            return self.swa_state
+        return self.ema_state
 
 
 # ---------------------------------------------------------------- schedule
@@ -100,6 +119,25 @@ def lr_scale(fraction: float, cfg: TrainConfig) -> float:
     if cfg.warmdown_frac <= 0 or fraction < 1.0 - cfg.warmdown_frac:
         return 1.0
     return max((1.0 - fraction) / cfg.warmdown_frac, cfg.min_lr)
+
+
+def warmdown_iters_scale(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
+    """PR #576's warm-down: over the last ``warmdown_iters`` steps, or with a time budget over the
+    time that many steps take at the mean step time so far (remaining / (warmdown_iters * mean step))."""
+    budget = budget_seconds(cfg)
+    if budget is None:
+        start = max(cfg.iterations - cfg.warmdown_iters, 0)
+        return max((cfg.iterations - step) / cfg.warmdown_iters, 0.0) if start <= step < cfg.iterations else 1.0
+    warmdown_s = cfg.warmdown_iters * elapsed_s / max(step, 1)
+    remaining_s = max(budget - elapsed_s, 0.0)
+    return remaining_s / max(warmdown_s, 1e-12) if remaining_s <= warmdown_s else 1.0
+
+
+def schedule_scale(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
+    """The learning-rate multiplier of ``step``: ``warmdown_iters`` when set, else ``warmdown_frac``."""
+    if cfg.warmdown_iters > 0:
+        return warmdown_iters_scale(step, elapsed_s, cfg)
+    return lr_scale(training_fraction(step, elapsed_s, cfg), cfg)
 
 
 # ---------------------------------------------------------------- model set-up
@@ -139,6 +177,16 @@ def ema_update(ema: dict[str, Tensor], model: nn.Module, decay: float) -> None:
 def ema_in_model_dtypes(ema: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     current = model.state_dict()
     return {name: t.to(dtype=current[name].dtype).cpu() for name, t in ema.items()}
+
+
+@torch.no_grad()
+def swa_add(swa: dict[str, Tensor], model: nn.Module) -> None:
+    """Add the live weights to the SWA sums (float32, initialised on the first call)."""
+    for name, t in model.state_dict().items():
+        if name in swa:
+            swa[name].add_(t.detach().float())
+        else:
+            swa[name] = t.detach().float().clone()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -205,6 +253,9 @@ class Trainer:
         self.history: list[dict] = []
         self.val_history: list[dict] = []
         self.ema: dict[str, Tensor] = {}
+        self.swa: dict[str, Tensor] = {}  # sums of swa_count snapshots
+        self.swa_count = 0
+        self.qat_step: int | None = None
         self.tokens_per_step = 0
         self.losses_checked = 0  # losses before this index are known to be finite
 
@@ -249,12 +300,16 @@ class Trainer:
             return
         model_state = {name: t.detach().cpu().clone() for name, t in self.model.state_dict().items()}
         optimizer_state = copy.deepcopy(self.optimizers.state_dict())
-        phases = [False, True] if self.model.config.num_loops > 0 else [False]
-        for looping in tqdm(phases, desc="compile warm-up", disable=not self.progress, leave=False):
+        loop_phases = [False, True] if self.model.config.num_loops > 0 else [False]
+        qat_phases = [None, self.fake_quant()] if self.cfg.late_qat_threshold > 0 else [None]
+        phases = [(looping, qat) for qat in qat_phases for looping in loop_phases]  # every graph the run compiles
+        for looping, qat in tqdm(phases, desc="compile warm-up", disable=not self.progress, leave=False):
             self.model.looping_active = looping
+            self.model.set_fake_quant(qat)
             for step in range(self.cfg.warmup_steps):
                 self.train_step(step, 1.0)
         self.model.looping_active = False
+        self.model.set_fake_quant(None)
         self.model.load_state_dict(model_state, strict=True)
         self.optimizers.load_state_dict(optimizer_state)
         self.optimizers.zero_grad()
@@ -269,6 +324,9 @@ class Trainer:
             "model": {name: t.detach().cpu() for name, t in self.model.state_dict().items()},
             "optimizers": self.optimizers.state_dict(),
             "ema": {name: t.cpu() for name, t in self.ema.items()},
+            "swa": {name: t.cpu() for name, t in self.swa.items()},
+            "swa_count": self.swa_count,
+            "qat_step": self.qat_step,
             "loader": self.batches.state_dict(),
             "rng": rng_state(),
             "losses": self.loss_values(),
@@ -288,6 +346,10 @@ class Trainer:
         self.model.load_state_dict(state["model"], strict=True)
         self.optimizers.load_state_dict(state["optimizers"])
         self.ema = {name: t.to(self.ctx.device) for name, t in state["ema"].items()}
+        self.swa = {name: t.to(self.ctx.device) for name, t in state.get("swa", {}).items()}
+        self.swa_count, self.qat_step = state.get("swa_count", 0), state.get("qat_step")
+        if self.qat_step is not None:
+            self.model.set_fake_quant(self.fake_quant())
         set_rng_state(state["rng"])
         self.step, self.elapsed_s = state["step"], state["elapsed_s"]
         self.model.looping_active = state["looping_active"]
@@ -316,14 +378,19 @@ class Trainer:
                    disable=not self.progress)
         clock = self._sync_clock()
         while self.step < self.cfg.iterations and not stopped_by_wallclock:
-            fraction = training_fraction(self.step, self.elapsed_s + time.perf_counter() - clock, self.cfg)
+            elapsed_s = self.elapsed_s + time.perf_counter() - clock
+            fraction = training_fraction(self.step, elapsed_s, self.cfg)
             if self.model.config.num_loops > 0 and not self.model.looping_active \
                     and fraction >= self.cfg.enable_looping_at:
                 self.model.looping_active = True
-            scale = lr_scale(fraction, self.cfg)
+            scale = schedule_scale(self.step, elapsed_s, self.cfg)
+            self._maybe_start_qat(scale, bar)
             self.losses.append(self.train_step(self.step, scale))
             ema_update(self.ema, self.model, self.cfg.ema_decay)
             self.step += 1
+            if self.cfg.swa_every > 0 and scale < self.cfg.swa_threshold and self.step % self.cfg.swa_every == 0:
+                swa_add(self.swa, self.model)
+                self.swa_count += 1
             self.elapsed_s += time.perf_counter() - clock
             stopped_by_wallclock = budget is not None and any_rank(self.elapsed_s >= budget, self.ctx)
             finished = stopped_by_wallclock or self.step == self.cfg.iterations
@@ -348,7 +415,8 @@ class Trainer:
             ema_state=ema_in_model_dtypes(self.ema, self.model), losses=self.loss_values(),
             history=list(self.history), steps=self.step, elapsed_s=self.elapsed_s,
             stopped_by_wallclock=stopped_by_wallclock, tokens_per_step=self.tokens_per_step,
-            val_history=list(self.val_history),
+            val_history=list(self.val_history), swa_state=self.swa_average(),
+            final_weights=self.cfg.final_weights, qat_step=self.qat_step, swa_snapshots=self.swa_count,
         )
 
     def check_losses_finite(self) -> None:
@@ -368,6 +436,22 @@ class Trainer:
                 f"train: the training loss is {float(values[bad[0]])} at step {step} of {self.cfg.iterations}: "
                 "the run diverged (try lower learning rates or grad_clip_norm); no model was written")
         self.losses_checked = len(self.losses)
+
+    def fake_quant(self) -> FakeQuant:
+        return FakeQuant(self.cfg.qat_clip_range, self.cfg.qat_quantile)
+
+    def _maybe_start_qat(self, scale: float, bar: tqdm) -> None:
+        """PR #576's late QAT: on (for good) once the lr multiplier is below ``late_qat_threshold``."""
+        if self.cfg.late_qat_threshold > 0 and self.qat_step is None and scale < self.cfg.late_qat_threshold:
+            self.model.set_fake_quant(self.fake_quant())
+            self.qat_step = self.step
+            if self.progress:
+                bar.write(f"step {self.step}: QAT on (lr scale {scale:.4f})")
+
+    def swa_average(self) -> dict[str, Tensor] | None:
+        if not self.swa_count:
+            return None
+        return ema_in_model_dtypes({name: t / self.swa_count for name, t in self.swa.items()}, self.model)
 
     def loss_values(self) -> list[float]:
         return [float(loss) for loss in self.losses]
@@ -446,6 +530,10 @@ def run_metrics(result: TrainResult, num_params: int, ctx: DistContext) -> dict:
         "world_size": ctx.world_size,
         "device": ctx.device.type,
     }
+    if result.qat_step is not None:
+        metrics["qat_step"] = result.qat_step
+    if result.swa_snapshots:
+        metrics["swa_snapshots"] = result.swa_snapshots
     if result.val_history:
         metrics |= {"val_loss": result.val_history[-1]["val_loss"], "val_bpb": result.val_history[-1]["val_bpb"]}
     return metrics

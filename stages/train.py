@@ -19,7 +19,7 @@ from pgolf.atomic import stage_outputs
 from pgolf.checkpoint import save_model
 from pgolf.config import ModelConfig, TokenizeConfig, TrainConfig, section, to_dict
 from pgolf.distributed import barrier, init_distributed, shutdown
-from pgolf.loader import TrainLoader
+from pgolf.loader import make_loader
 from pgolf.model import GPT, count_parameters
 from pgolf.plots import training_plot, write_csv
 from pgolf.provenance import log_provenance
@@ -41,7 +41,7 @@ def run(params: dict, ws: Workspace) -> None:
                                           "world_size": ctx.world_size}) if ctx.is_main else {}
         dataset_dir = ws.input(dataset_path(data_dir, model_cfg.vocab_size))
         check_dataset(dataset_dir, ws.input(tokenizer_file(data_dir, model_cfg.vocab_size)), model_cfg.vocab_size)
-        loader = TrainLoader(shard_files(dataset_dir, "train"), cfg.train_seq_len, cfg.seed,
+        loader = make_loader(cfg.loader, shard_files(dataset_dir, "train"), cfg.train_seq_len, cfg.seed,
                              cfg.train_batch_tokens, cfg.grad_accum_steps, ctx.rank, ctx.world_size)
         validate = None
         if cfg.val_loss_every > 0:
@@ -62,7 +62,7 @@ def run(params: dict, ws: Workspace) -> None:
 
 def write_outputs(ws: Workspace, model_cfg: ModelConfig, result: TrainResult, metrics: dict, record: dict) -> None:
     with stage_outputs() as out:
-        save_model(out.path(ws.output(layout.TRAIN_MODEL)), model_cfg, result.ema_state)
+        save_model(out.path(ws.output(layout.TRAIN_MODEL)), model_cfg, result.final_state)
         write_csv(out.path(ws.output(layout.TRAIN_CURVE)), result.history)
         if result.val_history:
             write_csv(out.path(ws.output(layout.TRAIN_VAL_CURVE)), result.val_history)
