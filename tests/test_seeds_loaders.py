@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf.config import ConfigError, TrainConfig
+from pgolf.config import ConfigError, TrainConfig, load_params
 from pgolf.loader import CoprimeLoader, SequentialLoader, make_loader
 from pgolf.shards import write_shard
 from tests.test_seeds_parity import golden
@@ -64,6 +64,10 @@ def test_sequential_targets_are_inputs_shifted(tmp_path):
     assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
 
 
-def test_unknown_loader_is_refused():
-    with pytest.raises(ConfigError, match="train.loader"):
+def test_unknown_loader_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="loader: 'random' is not a choice: must be one of shuffled, coprime"):
         TrainConfig(loader="random")
+    params = tmp_path / "params.yaml"
+    params.write_text("train: {loader: random}\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: train.loader: 'random' is not a choice"):
+        load_params(params)
