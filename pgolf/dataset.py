@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from pgolf.config import TokenizeConfig
 from pgolf.corpus import CorpusError, iter_documents, write_embedded_corpus
+from pgolf.runtime import progress_bar
 from pgolf.shards import (
     HEADER_INTS, MAGIC, SPLITS, TOKEN_DTYPE, VERSION, ShardWriter, dataset_path, file_sha256, read_shard,
     shard_files, split_documents, validate_dataset,
@@ -98,14 +99,16 @@ def obtain_tokenizer(cfg: TokenizeConfig, docs_path: Path, model_tmp: Path) -> d
         return {"source": cfg.tokenizer_path, "trained": False, "train_documents": None}
     print(f"[pgolf tokenize] training a {cfg.vocab_size}-piece BPE tokenizer", flush=True)
     texts = training_texts(iter_documents(docs_path), cfg.tokenizer_train_docs)
-    with tqdm(desc="tokenizer text", unit=" docs", file=sys.stderr) as progress:
-        model_tmp.write_bytes(train_tokenizer(counting(texts, progress), cfg.vocab_size))
-    return {"source": TRAINED, "trained": True, "train_documents": progress.n}
+    tally = {"documents": 0}  # the bar counts only on a terminal
+    with progress_bar(desc="tokenizer text", unit=" docs", file=sys.stderr) as bar:
+        model_tmp.write_bytes(train_tokenizer(counting(texts, bar, tally), cfg.vocab_size))
+    return {"source": TRAINED, "trained": True, "train_documents": tally["documents"]}
 
 
-def counting(texts: Iterator[str], progress: tqdm) -> Iterator[str]:
+def counting(texts: Iterator[str], bar: tqdm, tally: dict[str, int]) -> Iterator[str]:
     for text in texts:
-        progress.update()
+        tally["documents"] += 1
+        bar.update()
         yield text
 
 
@@ -115,10 +118,12 @@ def encode_documents(
     """Stream documents -> ``[bos] + ids`` shards; validation documents also go through ``check``."""
     digest = hashlib.sha256()
     threads = encode_threads(cfg)
-    progress = tqdm(total=docs_path.stat().st_size, desc="encode", unit="B", unit_scale=True, file=sys.stderr)
+    progress = progress_bar(total=docs_path.stat().st_size, desc="encode", unit="B", unit_scale=True, file=sys.stderr)
+    read = {"bytes": 0}  # the bar counts only on a terminal
 
     def on_line(line: bytes) -> None:
         digest.update(line)
+        read["bytes"] += len(line)
         progress.update(len(line))
 
     index = 0
@@ -133,7 +138,7 @@ def encode_documents(
                 document[1:] = ids
                 writer.add_document("val" if offset < val_count else "train", document)
             index += len(encoded)
-    return writer.stats, {"sha256": digest.hexdigest(), "bytes": progress.n, "documents": index}
+    return writer.stats, {"sha256": digest.hexdigest(), "bytes": read["bytes"], "documents": index}
 
 
 def batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -149,10 +154,11 @@ def import_shards(cfg: TokenizeConfig, model_tmp: Path, dataset_tmp: Path) -> di
     check = ByteCheck(sp, byte_tables(sp, cfg.vocab_size), cfg.tokenizer_path, encode_threads(cfg))
     val_tokens = np.concatenate([read_shard(path) for path in shard_files(source_dir, "val")])  # [n]
     documents = split_documents(val_tokens, sp.bos_id(), source_dir)
-    for start in tqdm(range(0, len(documents), ENCODE_BATCH_DOCS), desc="byte check", unit=" batches", file=sys.stderr):
+    batches = range(0, len(documents), ENCODE_BATCH_DOCS)
+    for start in progress_bar(batches, desc="byte check", unit=" batches", file=sys.stderr):
         check.add([doc.tolist() for doc in documents[start : start + ENCODE_BATCH_DOCS]])
     hashes = {}
-    for name in tqdm([name for split in SPLITS for name in splits[split]["files"]], desc="link", file=sys.stderr):
+    for name in progress_bar([name for split in SPLITS for name in splits[split]["files"]], desc="link", file=sys.stderr):
         hashes[name] = file_sha256(source_dir / name)
         link_or_copy(source_dir / name, dataset_tmp / name)
     shutil.copyfile(cfg.tokenizer_path, model_tmp)

@@ -22,12 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from pgolf.config import EvaluateConfig
 from pgolf.distributed import DistContext
 from pgolf.model import GPT
-from pgolf.runtime import autocast, use_compile
+from pgolf.runtime import autocast, progress_bar, use_compile
 from pgolf.shards import load_validation_tokens
 from pgolf.tokenizer import ByteTables, byte_tables, count_bytes
 
@@ -111,7 +110,8 @@ def score_windows(
     tables = tables.to(device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
     quiet = distributed and not ctx.is_main
-    with torch.inference_mode(), tqdm(total=len(windows), desc=desc, unit="win", leave=False, disable=quiet) as bar:
+    bar = progress_bar(total=len(windows), desc=desc, unit="win", leave=False, show=not quiet)
+    with torch.inference_mode(), bar:
         for first in range(0, len(windows), batch_seqs):
             batch = windows[first:first + batch_seqs]
             sums += _score_batch(forward, tokens, tables, batch, seq_len, device)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from pgolf.codec import QuantizedModel, QuantizedTensor, quant_max
 from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
+from pgolf.runtime import progress_bar
 
 MIN_SCALE = 1e-10
 # A scale of MIN_SCALE is 0 in fp16; the smallest fp16 subnormal keeps codes finite.
@@ -439,7 +440,7 @@ def quantize_model(
         for name, plan in plans.items() if plan.table_rounding
     }
     total_columns = sum(state_dict[n].shape[1] for n in gptq_names)
-    with tqdm(total=total_columns, desc="gptq columns", unit="col", disable=not show_progress) as bar:
+    with progress_bar(total=total_columns, desc="gptq columns", unit="col", show=show_progress) as bar:
         for names in shape_batches(gptq_names, state_dict):
             key = tuple(names)
             if key not in factor_cache:

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from pgolf.checkpoint import load_tagged, save_tagged
 from pgolf.config import CalibrateConfig
 from pgolf.loader import TrainLoader
 from pgolf.model import GPT, CastedLinear
-from pgolf.runtime import autocast
+from pgolf.runtime import autocast, progress_bar
 
 FORMAT = "pgolf-hessians"
 VERSION = 1
@@ -72,7 +71,7 @@ def collect_hessians(
     device = torch.device(device)
     count = 0
     try:
-        for ids in tqdm(batches, desc="calibrate", unit="batch", disable=not show_progress):
+        for ids in progress_bar(batches, desc="calibrate", unit="batch", show=show_progress):
             # bf16 on the GPU as in training and evaluation; the hooks accumulate in float32
             with autocast(device):
                 model.forward_logits(ids.to(device, non_blocking=True))  # [B, T, V], discarded

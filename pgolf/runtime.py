@@ -1,12 +1,14 @@
-"""Where and how a stage computes: device choice, seeding, compilation and the bf16 autocast rule."""
+"""Where and how a stage computes: device choice, seeding, compilation, the bf16 autocast rule, progress bars."""
 
 from __future__ import annotations
 
 import random
 from contextlib import AbstractContextManager
+from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,3 +56,8 @@ def autocast(device: torch.device, bf16: bool | None = None) -> AbstractContextM
     """
     enabled = mixed_precision(device) if bf16 is None else bf16
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def progress_bar(iterable: Any = None, *, show: bool = True, **kwargs: Any) -> tqdm:
+    """A tqdm bar on a terminal only: written into a log file (DVC's, CI's) it is kilobytes of redraws."""
+    return tqdm(iterable, disable=None if show else True, **kwargs)

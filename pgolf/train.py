@@ -40,7 +40,7 @@ from pgolf.distributed import DistContext, any_rank, barrier
 from pgolf.evaluate import eval_plain
 from pgolf.model import CastedLinear, FakeQuant, GPT
 from pgolf.optim import Optimizers, build_optimizers, is_control_tensor, muon_momentum_at
-from pgolf.runtime import autocast, mixed_precision, use_compile
+from pgolf.runtime import autocast, mixed_precision, progress_bar, use_compile
 from pgolf.tokenizer import ByteTables
 
 MicroBatch = tuple[Tensor, Tensor]  # inputs [B, T], targets [B, T]
@@ -303,7 +303,7 @@ class Trainer:
         loop_phases = [False, True] if self.model.config.num_loops > 0 else [False]
         qat_phases = [None, self.fake_quant()] if self.cfg.late_qat_threshold > 0 else [None]
         phases = [(looping, qat) for qat in qat_phases for looping in loop_phases]  # every graph the run compiles
-        for looping, qat in tqdm(phases, desc="compile warm-up", disable=not self.progress, leave=False):
+        for looping, qat in progress_bar(phases, desc="compile warm-up", show=self.progress, leave=False):
             self.model.looping_active = looping
             self.model.set_fake_quant(qat)
             for step in range(self.cfg.warmup_steps):
@@ -374,8 +374,7 @@ class Trainer:
             self.ema = ema_init(self.model)
         budget = budget_seconds(self.cfg)
         stopped_by_wallclock = False
-        bar = tqdm(total=self.cfg.iterations, initial=self.step, desc="train", unit="step",
-                   disable=not self.progress)
+        bar = progress_bar(total=self.cfg.iterations, initial=self.step, desc="train", unit="step", show=self.progress)
         clock = self._sync_clock()
         while self.step < self.cfg.iterations and not stopped_by_wallclock:
             elapsed_s = self.elapsed_s + time.perf_counter() - clock
