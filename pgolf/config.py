@@ -173,15 +173,9 @@ class CompressConfig:
     lzma_preset: int = 6
     shuffle_stride: int = 2
     size_limit_bytes: int = 16_000_000
-    compress_code: bool = True  # count code as one brotli stream, as the records' self-extracting scripts
-    code_files: list[str] = field(
-        default_factory=lambda: [
-            "pgolf/model.py",
-            "pgolf/codec.py",
-            "pgolf/evaluate.py",
-            "pgolf/tokenizer.py",
-        ]
-    )
+    compress_code: bool = True  # ship the code as one brotli stream, as the records' self-extracting scripts
+    # the exported script's entry module (first) and any others; their import closure ships
+    code_files: list[str] = field(default_factory=lambda: ["pgolf/submit.py"])
 
 
 @dataclass(frozen=True)

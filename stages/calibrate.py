@@ -14,25 +14,20 @@ import sys
 
 from pgolf import layout
 from pgolf.atomic import stage_outputs
-from pgolf.checkpoint import build_model
 from pgolf.config import CalibrateConfig, TokenizeConfig, section, to_dict
-from pgolf.hessians import calibration_batches, collect_hessians, save_hessians
+from pgolf.hessians import save_hessians
 from pgolf.provenance import log_provenance
-from pgolf.runtime import resolve_device, seed_everything
-from pgolf.shards import check_vocab, dataset_path, shard_files
+from pgolf.shards import dataset_path
 from pgolf.stage import Workspace, run_stage
+from pgolf.steps import calibration_hessians, calibration_model
 
 
 def run(params: dict, ws: Workspace) -> None:
     cfg = section(params, "calibrate", CalibrateConfig)
     data_dir = section(params, "tokenize", TokenizeConfig).data_dir
     record = log_provenance("calibrate", {"calibrate": to_dict(cfg), "tokenize.data_dir": data_dir})
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    model = build_model(ws.input(layout.TRAIN_MODEL), device)
-    dataset_dir = ws.input(dataset_path(data_dir, model.config.vocab_size))
-    check_vocab(dataset_dir, model.config.vocab_size)
-    hessians = collect_hessians(model, calibration_batches(shard_files(dataset_dir, "train"), cfg), device)
+    model = calibration_model(ws.input(layout.TRAIN_MODEL), cfg)
+    hessians = calibration_hessians(model, ws.input(dataset_path(data_dir, model.config.vocab_size)), cfg)
     destination = ws.output(layout.CALIBRATE_HESSIANS)
     with stage_outputs() as out:
         save_hessians(out.path(destination), hessians)
