@@ -2,7 +2,7 @@
 
 Each DVC stage reads one or more sections of ``params.yaml`` (``tokenize:``,
 ``model:``, ``train:``, ``calibrate:``, ``quantize:``, ``compress:``,
-``evaluate:``); each section maps onto one frozen dataclass below. Key names
+``evaluate:``, ``export:``); each section maps onto one frozen dataclass below. Key names
 are the reference script's hyperparameter names in lower case, and the
 defaults are the record's values (PR #1394), so an empty section means "the
 record". Loading is strict: an unknown key, a wrong type or a missing section
@@ -197,6 +197,18 @@ class EvaluateConfig:
             raise ConfigError("evaluate: eval_plain and eval_sliding are both false: nothing to evaluate")
 
 
+@dataclass(frozen=True)
+class ExportConfig:
+    """The records folder of ``pgolf export``: submission.json's fields and the declared hardware."""
+
+    name: str = "pgolf"  # submission.json's name; the folder is DATE_NAME
+    author: str = ""
+    github_id: str = ""
+    blurb: str = ""
+    date: str = ""  # YYYY-MM-DD; empty: the day of the export (UTC)
+    hardware: str = "8xH100 80GB SXM"  # what the submission declares (the track's hardware)
+
+
 SECTIONS: dict[str, type] = {
     "tokenize": TokenizeConfig,
     "model": ModelConfig,
@@ -205,6 +217,7 @@ SECTIONS: dict[str, type] = {
     "quantize": QuantizeConfig,
     "compress": CompressConfig,
     "evaluate": EvaluateConfig,
+    "export": ExportConfig,
 }
 
 C = TypeVar("C")

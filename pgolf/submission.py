@@ -136,6 +136,17 @@ def script_text(entry_files: list[str], params: dict[str, Any], compressed: bool
             .replace("PAYLOAD", payload, 1))
 
 
+def read_bundle(script: str) -> dict[str, Any]:
+    """The bundle (``files`` and ``params``) of a script that ``script_text`` wrote."""
+    for node in ast.walk(ast.parse(script)):
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["Z"]:
+            literal = next(n.value for n in ast.walk(node.value) if isinstance(n, ast.Constant))
+            text = literal if isinstance(node.value.args[0], ast.Constant) else (
+                brotli.decompress(base64.b85decode(literal)).decode("utf-8"))
+            return json.loads(text)
+    raise ValueError("not a script exported by pgolf: no bundle in it")
+
+
 def code_bytes(entry_files: list[str], params: dict[str, Any], compressed: bool = True,
                root: Path = REPO_ROOT) -> int:
     """The bytes of the code a submission ships: the length of its exported script."""

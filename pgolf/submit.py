@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from pgolf.checkpoint import build_model, load_model, save_model
@@ -110,7 +111,7 @@ def run(cfgs: RunConfigs, root: Path, code: int) -> dict[str, Any]:
         metrics["quantized"] = score(artifact_model(root / ARTIFACT_FILE, ctx.device), tokens, tables, cfgs.evaluate,
                                      ctx, EVAL_LABELS)
         metrics |= {"evaluation_phase_s": time.perf_counter() - start, "val_tokens": tokens.numel() - 1,
-                    "world_size": ctx.world_size, "device": ctx.device.type}
+                    "world_size": ctx.world_size, "device": ctx.device.type, "hardware": hardware(ctx)}
         if ctx.is_main:
             (root / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return metrics
@@ -154,6 +155,12 @@ def score(model: GPT, tokens: Tensor, tables: ByteTables, cfg: EvaluateConfig, c
                  f"eval_time:{(time.perf_counter() - start) * 1000:.0f}ms")
         scores |= result
     return scores
+
+
+def hardware(ctx: DistContext) -> str:
+    """Where the run ran, as ``8xNVIDIA H100 80GB HBM3`` or ``1xcpu``."""
+    name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    return f"{ctx.world_size}x{name}"
 
 
 def log(ctx: DistContext, line: str) -> None:
