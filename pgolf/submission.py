@@ -100,8 +100,8 @@ def import_closure(entry_files: list[str], root: Path = REPO_ROOT) -> list[str]:
 BOOTSTRAP = """\
 \"\"\"Parameter Golf submission exported by pgolf VERSION: the bundle holds pgolf's modules and the run's params.\"\"\"
 import base64,brotli,importlib.abc as A,importlib.util as U,json,sys
-Z=json.loads(PAYLOAD)
-F=Z["files"]
+P=json.loads(PARAMS)
+F=json.loads(PAYLOAD)
 class L(A.MetaPathFinder,A.Loader):
  def find_spec(s,n,p=None,t=None):
   k=n.replace(".","/")
@@ -112,39 +112,49 @@ class L(A.MetaPathFinder,A.Loader):
   o=m.__file__=m.__spec__.origin;exec(compile(F[o],o,"exec"),m.__dict__)
 sys.meta_path.insert(0,L())
 from ENTRY import main
-if __name__=="__main__":sys.exit(main(Z["params"],__file__))
+if __name__=="__main__":sys.exit(main(P,__file__))
 """
 
 
-def bundle(entry_files: list[str], params: dict[str, Any], root: Path = REPO_ROOT) -> str:
-    """The JSON text of the import closure of ``entry_files`` (path -> source) and the params."""
+def bundle(entry_files: list[str], root: Path = REPO_ROOT) -> str:
+    """The JSON text of the import closure of ``entry_files``: path -> source."""
     files = {name: (root / name).read_text(encoding="utf-8") for name in import_closure(entry_files, root)}
-    return json.dumps({"files": files, "params": params}, sort_keys=True, separators=(",", ":"))
+    return json.dumps(files, sort_keys=True, separators=(",", ":"))
 
 
 def script_text(entry_files: list[str], params: dict[str, Any], compressed: bool = True,
                 root: Path = REPO_ROOT) -> str:
-    """The exported ``train_gpt.py``: the bootstrap, the bundle and the run of ``entry_files[0]``."""
-    text = bundle(entry_files, params, root)
+    """The exported ``train_gpt.py``: the bootstrap, the params, the bundle and the run of ``entry_files[0]``.
+
+    The params travel as plain JSON text beside the compressed modules: readable at the top
+    of the script, and a retune that keeps every value's printed width (``eval_stride``
+    16 -> 32) keeps the script's length, so the stages that count it need not re-run.
+    """
+    text = bundle(entry_files, root)
     if compressed:
         encoded = base64.b85encode(brotli.compress(text.encode("utf-8"), quality=11)).decode("ascii")
         payload = f'brotli.decompress(base64.b85decode("{encoded}"))'
     else:
         payload = repr(text)
     entry = entry_files[0].removesuffix(".py").replace("/", ".")
+    params_text = repr(json.dumps(params, sort_keys=True, separators=(",", ":")))
     return (BOOTSTRAP.replace("VERSION", __version__).replace("ENTRY", entry, 1)
-            .replace("PAYLOAD", payload, 1))
+            .replace("PARAMS", params_text, 1).replace("PAYLOAD", payload, 1))
 
 
 def read_bundle(script: str) -> dict[str, Any]:
-    """The bundle (``files`` and ``params``) of a script that ``script_text`` wrote."""
+    """The ``params`` and ``files`` (path -> source) of a script that ``script_text`` wrote."""
+    found: dict[str, Any] = {}
     for node in ast.walk(ast.parse(script)):
-        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["Z"]:
+        names = [getattr(t, "id", None) for t in node.targets] if isinstance(node, ast.Assign) else []
+        if names in (["P"], ["F"]):
             literal = next(n.value for n in ast.walk(node.value) if isinstance(n, ast.Constant))
-            text = literal if isinstance(node.value.args[0], ast.Constant) else (
-                brotli.decompress(base64.b85decode(literal)).decode("utf-8"))
-            return json.loads(text)
-    raise ValueError("not a script exported by pgolf: no bundle in it")
+            encoded = not isinstance(node.value.args[0], ast.Constant)  # brotli.decompress(base64.b85decode(...))
+            text = brotli.decompress(base64.b85decode(literal)).decode("utf-8") if encoded else literal
+            found["params" if names == ["P"] else "files"] = json.loads(text)
+    if len(found) != 2:
+        raise ValueError("not a script exported by pgolf: no params and bundle in it")
+    return found
 
 
 def code_bytes(entry_files: list[str], params: dict[str, Any], compressed: bool = True,
