@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +76,15 @@ class RunConfigs:
 
 
 def main(params: dict[str, dict[str, Any]], script: str) -> int:
-    """Run the submission in the current folder; ``script`` is the file whose bytes count as code."""
-    cfgs = RunConfigs.from_baked(params)
-    run(cfgs, Path("."), Path(script).stat().st_size)
+    """Run the submission in the current folder; ``script`` is the file whose bytes count as code.
+
+    Bad input (missing data, a size over the limit) is one line on stderr and exit code 2.
+    """
+    try:
+        run(RunConfigs.from_baked(params), Path("."), Path(script).stat().st_size)
+    except (ValueError, OSError) as exc:  # ConfigError, SizeLimitError and FileNotFoundError among them
+        print(f"{Path(script).name}: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -92,31 +99,44 @@ def run(cfgs: RunConfigs, root: Path, code: int) -> dict[str, Any]:
     vocab = cfgs.model.vocab_size
     dataset_dir, tokenizer = root / dataset_path(DATA_DIR, vocab), root / tokenizer_file(DATA_DIR, vocab)
     try:
-        start = time.perf_counter()
-        model, result = train_model(cfgs.model, cfgs.train, dataset_dir, tokenizer, ctx, checkpoints=None)
-        log(ctx, f"model_params:{count_parameters(model)}")
-        log(ctx, f"train_time:{result.elapsed_s * 1000:.0f}ms step:{result.steps}/{cfgs.train.iterations} "
-                 f"train_loss:{result.losses[-1]:.4f}")
-        metrics: dict[str, Any] = {"train": run_metrics(result, count_parameters(model), ctx), "code_bytes": code}
-        if ctx.is_main:
-            save_model(root / MODEL_FILE, cfgs.model, result.ema_state)
-            metrics |= make_artifact(cfgs, root / MODEL_FILE, dataset_dir, root / ARTIFACT_FILE, code)
-        barrier(ctx)
-        metrics["training_phase_s"] = time.perf_counter() - start
+        metrics = training_phase(cfgs, root, dataset_dir, tokenizer, ctx, code)
         tokens, tables = validation_set(dataset_dir, tokenizer, vocab, cfgs.evaluate)
-        plain_only = dataclasses.replace(cfgs.evaluate, eval_plain=True, eval_sliding=False)
-        metrics["unquantized"] = score(build_model(root / MODEL_FILE, ctx.device), tokens, tables, plain_only, ctx,
-                                       {"plain": "pre-quantization post-ema"})
-        start = time.perf_counter()
-        metrics["quantized"] = score(artifact_model(root / ARTIFACT_FILE, ctx.device), tokens, tables, cfgs.evaluate,
-                                     ctx, EVAL_LABELS)
-        metrics |= {"evaluation_phase_s": time.perf_counter() - start, "val_tokens": tokens.numel() - 1,
-                    "world_size": ctx.world_size, "device": ctx.device.type, "hardware": hardware(ctx)}
+        metrics |= evaluation_phase(cfgs, root, tokens, tables, ctx)
         if ctx.is_main:
             (root / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return metrics
     finally:
         shutdown(ctx)
+
+
+def training_phase(cfgs: RunConfigs, root: Path, dataset_dir: Path, tokenizer: Path, ctx: DistContext, code: int
+                   ) -> dict[str, Any]:
+    """Train on every rank, then calibrate, quantize and compress on rank 0: the 600 s of the rules."""
+    start = time.perf_counter()
+    model, result = train_model(cfgs.model, cfgs.train, dataset_dir, tokenizer, ctx, checkpoints=None)
+    metrics: dict[str, Any] = {"train": run_metrics(result, count_parameters(model), ctx), "code_bytes": code}
+    log(ctx, f"model_params:{metrics['train']['model_params']}")
+    log(ctx, f"train_time:{result.elapsed_s * 1000:.0f}ms step:{result.steps}/{cfgs.train.iterations} "
+             f"train_loss:{result.losses[-1]:.4f}")
+    if ctx.is_main:
+        save_model(root / MODEL_FILE, cfgs.model, result.ema_state)
+        metrics |= make_artifact(cfgs, root / MODEL_FILE, dataset_dir, root / ARTIFACT_FILE, code)
+    barrier(ctx)
+    return metrics | {"training_phase_s": time.perf_counter() - start}
+
+
+def evaluation_phase(cfgs: RunConfigs, root: Path, tokens: Tensor, tables: ByteTables, ctx: DistContext
+                     ) -> dict[str, Any]:
+    """The trained weights' plain score (for the quantization tax), then the artifact's, timed from its load."""
+    plain_only = dataclasses.replace(cfgs.evaluate, eval_plain=True, eval_sliding=False)
+    unquantized = score(build_model(root / MODEL_FILE, ctx.device), tokens, tables, plain_only, ctx,
+                        {"plain": "pre-quantization post-ema"})
+    start = time.perf_counter()
+    quantized = score(artifact_model(root / ARTIFACT_FILE, ctx.device), tokens, tables, cfgs.evaluate, ctx,
+                      EVAL_LABELS)
+    return {"unquantized": unquantized, "quantized": quantized, "evaluation_phase_s": time.perf_counter() - start,
+            "val_tokens": tokens.numel() - 1, "world_size": ctx.world_size, "device": ctx.device.type,
+            "hardware": hardware(ctx)}
 
 
 def make_artifact(cfgs: RunConfigs, model_file: Path, dataset_dir: Path, artifact_file: Path, code: int

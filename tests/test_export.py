@@ -21,24 +21,16 @@ import pytest
 
 from pgolf.config import CompressConfig
 from pgolf.submission import SizeLimitError, import_closure, pack_artifact, read_bundle
-from test_pipeline_dvc import copy_checkout, run
+from test_pipeline_dvc import micro_repo, run  # noqa: F401 (micro_repo: a fixture)
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
-    if shutil.which("dvc") is None:
-        pytest.fail("the dvc executable is not on PATH: install the project with `pip install -e '.[test]'`")
-    repo = tmp_path_factory.mktemp("pipeline")
-    copy_checkout(repo)
-    shutil.copy(repo / "presets" / "micro.yaml", repo / "params.yaml")
-    run(["git", "init", "-q"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "micro preset"], repo)
-    output = run(["dvc", "repro"], repo)
-    assert "Running stage 'export'" in output
-    return repo
+def pipeline(micro_repo) -> Path:
+    """The micro preset run through every stage by ``dvc repro``, export included."""
+    assert "Running stage 'export'" in run(["dvc", "repro"], micro_repo)
+    return micro_repo
 
 
 @pytest.fixture(scope="module")
