@@ -16,8 +16,9 @@ from pgolf.config import ConfigError, load_params, render_params
 from pgolf.stage import one_line, stage_parser
 
 # command -> module under stages/ ("import" is a keyword, so its module has another name)
-STAGE_MODULES = {"tokenize": "tokenize", "train": "train", "calibrate": "calibrate", "quantize": "quantize",
-                 "compress": "compress", "evaluate": "evaluate", "import": "import_model", "download": "download"}
+STAGE_MODULES = {"tokenize": "tokenize", "train": "train", "calibrate": "calibrate", "bundle": "bundle",
+                 "quantize": "quantize", "compress": "compress", "evaluate": "evaluate", "export": "export",
+                 "import": "import_model", "download": "download"}
 
 
 def print_params(argv: list[str]) -> int:

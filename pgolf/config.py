@@ -2,7 +2,7 @@
 
 Each DVC stage reads one or more sections of ``params.yaml`` (``tokenize:``,
 ``model:``, ``train:``, ``calibrate:``, ``quantize:``, ``compress:``,
-``evaluate:``); each section maps onto one frozen dataclass below. Key names
+``evaluate:``, ``export:``); each section maps onto one frozen dataclass below. Key names
 are the reference script's hyperparameter names in lower case, and the
 defaults are the record's values (PR #1394), so an empty section means "the
 record". Every field declares what it allows beside it (``Literal`` choices,
@@ -313,15 +313,9 @@ class CompressConfig(Section):
     lzma_preset: Annotated[int, Range(ge=0, le=9)] = 6
     shuffle_stride: Annotated[int, Range(ge=1, le=255)] = 2
     size_limit_bytes: Positive = 16_000_000
-    compress_code: bool = True  # count code as one brotli stream, as the records' self-extracting scripts
-    code_files: list[str] = field(
-        default_factory=lambda: [
-            "pgolf/model.py",
-            "pgolf/codec.py",
-            "pgolf/evaluate.py",
-            "pgolf/tokenizer.py",
-        ]
-    )
+    compress_code: bool = True  # ship the code as one brotli stream, as the records' self-extracting scripts
+    # the exported script's entry module (first) and any others; their import closure ships
+    code_files: list[str] = field(default_factory=lambda: ["pgolf/submit.py"])
 
 
 @dataclass(frozen=True)
@@ -347,6 +341,18 @@ class EvaluateConfig(Section):
                  self.max_val_tokens, f"must be 0 (all) or more than eval_seq_len ({self.eval_seq_len})")
 
 
+@dataclass(frozen=True)
+class ExportConfig(Section):
+    """The records folder of ``pgolf export``: submission.json's fields and the declared hardware."""
+
+    name: str = "pgolf"  # submission.json's name; the folder is DATE_NAME
+    author: str = ""
+    github_id: str = ""
+    blurb: str = ""
+    date: str = ""  # YYYY-MM-DD; empty: the day of the export (UTC)
+    hardware: str = "8xH100 80GB SXM"  # what the submission declares (the track's hardware)
+
+
 SECTIONS: dict[str, type] = {
     "tokenize": TokenizeConfig,
     "model": ModelConfig,
@@ -355,6 +361,7 @@ SECTIONS: dict[str, type] = {
     "quantize": QuantizeConfig,
     "compress": CompressConfig,
     "evaluate": EvaluateConfig,
+    "export": ExportConfig,
 }
 
 C = TypeVar("C")

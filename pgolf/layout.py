@@ -32,6 +32,9 @@ QUANTIZE_REPORT = "out/quantize/report.json"
 QUANTIZE_PROVENANCE = "out/quantize/provenance.json"
 QUANTIZE_PLOTS = "out/quantize/plots"
 
+BUNDLE_SCRIPT = "out/bundle/train_gpt.py"  # the submission's script: what ships and counts as code
+BUNDLE_CODE_BYTES = "out/bundle/code_bytes.json"  # its length alone, so a same-length script re-runs nothing
+
 COMPRESS_ARTIFACT = "out/compress/artifact.ptz"
 COMPRESS_METRICS = "out/compress/metrics.json"
 COMPRESS_PROVENANCE = "out/compress/provenance.json"
@@ -40,5 +43,7 @@ COMPRESS_SIZES_PLOT = "out/compress/plots/tensor_sizes.png"
 
 EVALUATE_METRICS = "out/evaluate/metrics.json"
 EVALUATE_PROVENANCE = "out/evaluate/provenance.json"
+
+EXPORT_DIR = "out/export"  # the records folder: train_gpt.py, submission.json, README.md, logs
 
 TORCHRUN_PARAMS_DIR = ".pgolf"  # resolved params handed to processes relaunched under torchrun

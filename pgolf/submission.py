@@ -1,23 +1,32 @@
-"""What a submission counts: the compressed artifact plus the code that loads and scores it.
+"""What a submission ships and counts: the exported script, its code bytes and the size gate.
 
 The challenge's size is compressed model bytes + code bytes, at most 16,000,000 (decimal).
-The code counted is never listed by hand: it is the import closure of entry modules
-(``compress.code_files``: the modules needed to load and evaluate an artifact), every
-``pgolf`` module they import, directly or not, found by reading their import statements.
-With ``compress.compress_code`` the closure counts as one brotli-11 stream of the files
-(what the records' self-extracting scripts unpack), otherwise as their raw sizes. The size
-gate lives here, so the quantize stage's size search and the compress stage count alike.
+The code is the exported ``train_gpt.py`` (``script_text``): a short bootstrap and a bundle
+of the import closure of the entry modules (``compress.code_files``: the runner
+``pgolf/submit.py``), every ``pgolf`` module they import, directly or not, found by reading
+their import statements, with the run's params baked in. Its code bytes are the script's
+length, never a list kept by hand. With ``compress.compress_code`` the bundle travels as one
+brotli-11 stream in base 85 (as the records' self-extracting scripts), otherwise as text.
+The size gate lives here too, so the quantize stage's size search, the compress stage and
+the runner count alike.
 """
 
 from __future__ import annotations
 
 import ast
+import base64
+import json
 from pathlib import Path
+from typing import Any
 
 import brotli
+import torch
+from torch import Tensor
 
-from pgolf.codec import QuantizedModel, QuantizedTensor, compress, compressed_tensor_sizes, serialize
-from pgolf.config import CompressConfig
+from pgolf import __version__
+from pgolf.codec import QuantizedModel, QuantizedTensor, compress, compressed_tensor_sizes, decompress, serialize
+from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
+from pgolf.gptq import FitResult, fit_quantize, quantize_model
 
 PACKAGE = "pgolf"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -86,13 +95,79 @@ def import_closure(entry_files: list[str], root: Path = REPO_ROOT) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in seen)
 
 
-def code_bytes(entry_files: list[str], compressed: bool = True, root: Path = REPO_ROOT) -> int:
-    """The bytes of the code a submission ships: the import closure of ``entry_files``."""
-    files = import_closure(entry_files, root)
-    if not compressed:
-        return sum((root / name).stat().st_size for name in files)
-    bundle = b"".join(f"# {name}\n".encode() + (root / name).read_bytes() for name in files)
-    return len(brotli.compress(bundle, quality=11))
+# The exported script: it imports the bundled pgolf modules from the bundle (never from an
+# installed pgolf: a module missing from the bundle is an error) and runs the entry's main.
+BOOTSTRAP = """\
+\"\"\"Parameter Golf submission exported by pgolf VERSION: the bundle holds pgolf's modules and the run's params.\"\"\"
+import base64,brotli,importlib.abc as A,importlib.util as U,json,sys
+P=json.loads(PARAMS)
+F=json.loads(PAYLOAD)
+class L(A.MetaPathFinder,A.Loader):
+ def find_spec(s,n,p=None,t=None):
+  k=n.replace(".","/")
+  for f,g in((k+".py",0),(k+"/__init__.py",1)):
+   if f in F:return U.spec_from_loader(n,s,origin=f,is_package=g)
+  if k.split("/")[0]=="pgolf":raise ImportError(n+" is not in this submission")
+ def exec_module(s,m):
+  o=m.__file__=m.__spec__.origin;exec(compile(F[o],o,"exec"),m.__dict__)
+sys.meta_path.insert(0,L())
+from ENTRY import main
+if __name__=="__main__":sys.exit(main(P,__file__))
+"""
+
+
+def bundle(entry_files: list[str], root: Path = REPO_ROOT) -> str:
+    """The JSON text of the import closure of ``entry_files``: path -> source."""
+    files = {name: (root / name).read_text(encoding="utf-8") for name in import_closure(entry_files, root)}
+    return json.dumps(files, sort_keys=True, separators=(",", ":"))
+
+
+def script_text(entry_files: list[str], params: dict[str, Any], compressed: bool = True,
+                root: Path = REPO_ROOT) -> str:
+    """The exported ``train_gpt.py``: the bootstrap, the params, the bundle and the run of ``entry_files[0]``.
+
+    The params travel as plain JSON text beside the compressed modules: readable at the top
+    of the script, and a retune that keeps every value's printed width (``eval_stride``
+    16 -> 32) keeps the script's length, so the stages that count it need not re-run.
+    """
+    text = bundle(entry_files, root)
+    if compressed:
+        encoded = base64.b85encode(brotli.compress(text.encode("utf-8"), quality=11)).decode("ascii")
+        payload = f'brotli.decompress(base64.b85decode("{encoded}"))'
+    else:
+        payload = repr(text)
+    entry = entry_files[0].removesuffix(".py").replace("/", ".")
+    params_text = repr(json.dumps(params, sort_keys=True, separators=(",", ":")))
+    return (BOOTSTRAP.replace("VERSION", __version__).replace("ENTRY", entry, 1)
+            .replace("PARAMS", params_text, 1).replace("PAYLOAD", payload, 1))
+
+
+def read_bundle(script: str) -> dict[str, Any]:
+    """The ``params`` and ``files`` (path -> source) of a script that ``script_text`` wrote."""
+    found: dict[str, Any] = {}
+    for node in ast.walk(ast.parse(script)):
+        names = [getattr(t, "id", None) for t in node.targets] if isinstance(node, ast.Assign) else []
+        if names in (["P"], ["F"]):
+            literal = next(n.value for n in ast.walk(node.value) if isinstance(n, ast.Constant))
+            encoded = not isinstance(node.value.args[0], ast.Constant)  # brotli.decompress(base64.b85decode(...))
+            text = brotli.decompress(base64.b85decode(literal)).decode("utf-8") if encoded else literal
+            found["params" if names == ["P"] else "files"] = json.loads(text)
+    if len(found) != 2:
+        raise ValueError("not a script exported by pgolf: no params and bundle in it")
+    return found
+
+
+def code_bytes(entry_files: list[str], params: dict[str, Any], compressed: bool = True,
+               root: Path = REPO_ROOT) -> int:
+    """The bytes of the code a submission ships: the length of its exported script."""
+    return len(script_text(entry_files, params, compressed, root).encode("utf-8"))
+
+
+def read_code_bytes(path: Path) -> int:
+    """The code bytes that the bundle stage counted (``{"code_bytes": N}``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (run the bundle stage first)")
+    return int(json.loads(path.read_text(encoding="utf-8"))["code_bytes"])
 
 
 def submission_bytes(qm: QuantizedModel, cfg: CompressConfig, code: int) -> int:
@@ -108,6 +183,25 @@ def check_size(artifact_bytes: int, code: int, limit: int) -> None:
             f"submission too large: {artifact_bytes:,} artifact + {code:,} code = {total:,} bytes, "
             f"over the limit of {limit:,} by {total - limit:,} bytes (raise quantize clip sigmas or lower bits)"
         )
+
+
+def quantize_for_size(model_config: ModelConfig, state_dict: dict[str, Tensor], hessians: dict[str, Tensor],
+                      cfg: QuantizeConfig, compress_cfg: CompressConfig | None, code: int,
+                      device: torch.device | str) -> tuple[QuantizedModel, list[dict], FitResult | None]:
+    """GPTQ at ``cfg``'s clip, or (given ``compress_cfg``) at the clip that fits the submission's real size."""
+    if compress_cfg is None:
+        return (*quantize_model(model_config, state_dict, hessians, cfg, device), None)
+    return fit_quantize(model_config, state_dict, hessians, cfg, lambda trial: submission_bytes(trial, compress_cfg, code),
+                        compress_cfg.size_limit_bytes, device)
+
+
+def pack_artifact(raw: bytes, cfg: CompressConfig, code: int) -> bytes:
+    """The artifact of a serialized model, its round trip checked and the size gate passed."""
+    blob = compress(raw, cfg)
+    if decompress(blob) != raw:
+        raise ValueError(f"{cfg.compressor} round trip changed the data: artifact not written")
+    check_size(len(blob), code, cfg.size_limit_bytes)
+    return blob
 
 
 def tensor_size_rows(qm: QuantizedModel, cfg: CompressConfig) -> list[dict]:

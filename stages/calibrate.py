@@ -4,7 +4,7 @@ Rebuilds the model from ``out/train/model.pt`` (its configuration travels in the
 file), switches looping on, runs ``calibration_batches`` batches of
 ``calibration_batch_tokens`` training tokens through it, drawn from the training
 shards by the training sampler with the calibration seed, and writes the
-Hessians ``Σ XᵀX / batches`` (docs/DESIGN.md §4) to
+Hessians ``Σ XᵀX / batches`` (REFERENCE.md section 4) to
 ``out/calibrate/hessians.pt``.
 """
 
@@ -14,27 +14,24 @@ import sys
 
 from pgolf import layout
 from pgolf.atomic import stage_outputs
-from pgolf.checkpoint import build_model
 from pgolf.config import CalibrateConfig, TokenizeConfig, section, to_dict
-from pgolf.hessians import calibration_batches, collect_hessians, save_hessians
+from pgolf.hessians import save_hessians
 from pgolf.provenance import log_provenance
-from pgolf.runtime import resolve_device, seed_everything
-from pgolf.shards import check_dataset, dataset_path, shard_files
-from pgolf.tokenizer import tokenizer_file
+from pgolf.shards import check_dataset, dataset_path
 from pgolf.stage import Workspace, run_stage
+from pgolf.steps import calibration_hessians, calibration_model
+from pgolf.tokenizer import tokenizer_file
 
 
 def run(params: dict, ws: Workspace) -> None:
     cfg = section(params, "calibrate", CalibrateConfig)
     data_dir = section(params, "tokenize", TokenizeConfig).data_dir
     record = log_provenance("calibrate", {"calibrate": to_dict(cfg), "tokenize.data_dir": data_dir})
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    model = build_model(ws.input(layout.TRAIN_MODEL), device)
-    dataset_dir = ws.input(dataset_path(data_dir, model.config.vocab_size))
+    model = calibration_model(ws.input(layout.TRAIN_MODEL), cfg)
     vocab = model.config.vocab_size
+    dataset_dir = ws.input(dataset_path(data_dir, vocab))
     check_dataset(dataset_dir, ws.input(tokenizer_file(data_dir, vocab)), vocab, scan=("train",))
-    hessians = collect_hessians(model, calibration_batches(shard_files(dataset_dir, "train"), cfg), device)
+    hessians = calibration_hessians(model, dataset_dir, cfg)
     destination = ws.output(layout.CALIBRATE_HESSIANS)
     with stage_outputs() as out:
         save_hessians(out.path(destination), hessians)

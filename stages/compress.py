@@ -1,7 +1,8 @@
 """DVC stage ``compress``: quantized model -> shuffled, entropy-coded artifact, gated on size.
 
 Reads ``out/quantize/quantized.bin``, compresses it as ``compress:`` says and adds the
-code bytes a submission ships (``pgolf.submission``). Over ``size_limit_bytes`` the stage
+code bytes a submission ships: the length of the script the bundle stage wrote
+(``pgolf.submission``). Over ``size_limit_bytes`` the stage
 fails, naming size, limit and overshoot, and writes nothing. Otherwise it commits
 ``out/compress/artifact.ptz``, each tensor's compressed size (CSV and plot) and
 ``out/compress/metrics.json``.
@@ -13,12 +14,12 @@ import sys
 
 from pgolf import layout
 from pgolf.atomic import stage_outputs
-from pgolf.codec import compress, decompress, deserialize
+from pgolf.codec import deserialize
 from pgolf.config import CompressConfig, section, to_dict
 from pgolf.plots import tensor_size_plot, write_csv
 from pgolf.provenance import log_provenance
 from pgolf.stage import Workspace, run_stage
-from pgolf.submission import check_size, code_bytes, tensor_size_rows
+from pgolf.submission import pack_artifact, read_code_bytes, tensor_size_rows
 
 
 def run(params: dict, ws: Workspace) -> None:
@@ -27,14 +28,11 @@ def run(params: dict, ws: Workspace) -> None:
     quantized_path = ws.input(layout.QUANTIZE_MODEL)
     if not quantized_path.is_file():
         raise FileNotFoundError(f"{quantized_path}: not found (run the quantize stage first)")
-    code = code_bytes(cfg.code_files, cfg.compress_code)
+    code = read_code_bytes(ws.input(layout.BUNDLE_CODE_BYTES))
     raw = quantized_path.read_bytes()
     qm = deserialize(raw)  # validates the input before spending a minute on compression
-    blob = compress(raw, cfg)
-    if decompress(blob) != raw:
-        raise ValueError(f"{cfg.compressor} round trip changed the data: artifact not written")
+    blob = pack_artifact(raw, cfg, code)
     print(f"[pgolf compress] {len(raw):,} raw -> {len(blob):,} bytes ({cfg.compressor}) + {code:,} code", flush=True)
-    check_size(len(blob), code, cfg.size_limit_bytes)
     rows = tensor_size_rows(qm, cfg)
     with stage_outputs() as out:
         out.write_bytes(ws.output(layout.COMPRESS_ARTIFACT), blob)

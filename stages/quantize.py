@@ -5,7 +5,8 @@ Reads ``out/train/model.pt`` and ``out/calibrate/hessians.pt``, quantizes as
 ``out/quantize/quantized.bin`` (the pickle-free serialized model),
 ``out/quantize/report.json`` (per-tensor report and totals; DVC reads the totals
 as metrics) and ``out/quantize/plots/``. With ``fit_to_size`` it also reads
-``compress:`` to bisect ``matrix_clip_sigmas`` against the submission's real size.
+``compress:`` and the bundle stage's code bytes to bisect ``matrix_clip_sigmas``
+against the submission's real size.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from pgolf.atomic import stage_outputs
 from pgolf.checkpoint import load_model
 from pgolf.codec import serialize
 from pgolf.config import CompressConfig, QuantizeConfig, section, to_dict
-from pgolf.gptq import check_hessians, fit_quantize, quantize_model, report_totals
+from pgolf.gptq import check_hessians, report_totals
 from pgolf.hessians import load_hessians
 from pgolf.plots import quantization_plots
 from pgolf.provenance import log_provenance
 from pgolf.runtime import resolve_device
 from pgolf.stage import Workspace, run_stage
-from pgolf.submission import code_bytes, submission_bytes
+from pgolf.submission import quantize_for_size, read_code_bytes
 
 
 def run(params: dict, ws: Workspace) -> None:
@@ -34,13 +35,11 @@ def run(params: dict, ws: Workspace) -> None:
     model_config, state_dict = load_model(model_path)
     hessians = load_hessians(hessians_path)
     check_hessians(state_dict, hessians, cfg, source=f"{hessians_path} against {model_path}")
-    device, fit, limit = resolve_device(cfg.device), None, 0
-    if compress_cfg is None:
-        qm, rows = quantize_model(model_config, state_dict, hessians, cfg, device)
-    else:
-        code, limit = code_bytes(compress_cfg.code_files, compress_cfg.compress_code), compress_cfg.size_limit_bytes
-        qm, rows, fit = fit_quantize(model_config, state_dict, hessians, cfg,
-                                     lambda trial: submission_bytes(trial, compress_cfg, code), limit, device)
+    code = read_code_bytes(ws.input(layout.BUNDLE_CODE_BYTES)) if compress_cfg is not None else 0
+    qm, rows, fit = quantize_for_size(model_config, state_dict, hessians, cfg, compress_cfg, code,
+                                      resolve_device(cfg.device))
+    limit = compress_cfg.size_limit_bytes if compress_cfg is not None else 0
+    if fit is not None:
         print(f"[pgolf quantize] fit_to_size: matrix_clip_sigmas={fit.clip_sigmas:.4f} gives {fit.total_bytes:,} of "
               f"{limit:,} bytes after {len(fit.points)} tries" + ("" if fit.margin_met else
               f" (more than fit_margin_bytes={cfg.fit_margin_bytes:,} to spare: the size is not smooth enough in the clip)"),

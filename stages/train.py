@@ -19,15 +19,15 @@ from pgolf.atomic import stage_outputs
 from pgolf.checkpoint import save_model
 from pgolf.config import ModelConfig, TokenizeConfig, TrainConfig, section, to_dict
 from pgolf.distributed import barrier, init_distributed, shutdown
-from pgolf.loader import make_loader
-from pgolf.model import GPT, count_parameters
+from pgolf.model import count_parameters
 from pgolf.plots import training_plot, write_csv
 from pgolf.provenance import log_provenance
-from pgolf.runtime import enable_tf32, seed_everything
-from pgolf.shards import check_dataset, dataset_path, load_validation_tokens, shard_files
+from pgolf.runtime import enable_tf32
+from pgolf.shards import check_dataset, dataset_path
 from pgolf.stage import Workspace, run_stage
-from pgolf.tokenizer import byte_tables, tokenizer_file
-from pgolf.train import CHECKPOINT_NAME, TrainResult, plain_validator, run_metrics, train
+from pgolf.steps import train_model
+from pgolf.tokenizer import tokenizer_file
+from pgolf.train import CHECKPOINT_NAME, TrainResult, run_metrics
 
 
 def run(params: dict, ws: Workspace) -> None:
@@ -40,18 +40,10 @@ def run(params: dict, ws: Workspace) -> None:
         record = log_provenance("train", {"model": to_dict(model_cfg), "train": to_dict(cfg), "data_dir": data_dir,
                                           "world_size": ctx.world_size}) if ctx.is_main else {}
         dataset_dir = ws.input(dataset_path(data_dir, model_cfg.vocab_size))
-        check_dataset(dataset_dir, ws.input(tokenizer_file(data_dir, model_cfg.vocab_size)), model_cfg.vocab_size)
-        loader = make_loader(cfg.loader, shard_files(dataset_dir, "train"), cfg.train_seq_len, cfg.seed,
-                             cfg.train_batch_tokens, cfg.grad_accum_steps, ctx.rank, ctx.world_size)
-        validate = None
-        if cfg.val_loss_every > 0:
-            tokens = load_validation_tokens(dataset_dir, cfg.train_seq_len, cfg.val_max_tokens)  # [N]
-            tables = byte_tables(ws.input(tokenizer_file(data_dir, model_cfg.vocab_size)), model_cfg.vocab_size)
-            validate = plain_validator(tokens, tables, cfg, ctx.device)
-        seed_everything(cfg.seed)
-        model = GPT(model_cfg)
+        tokenizer = ws.input(tokenizer_file(data_dir, model_cfg.vocab_size))
+        check_dataset(dataset_dir, tokenizer, model_cfg.vocab_size)
         checkpoints = ws.output(layout.TRAIN_CHECKPOINTS)
-        result = train(model, cfg, loader, ctx, checkpoints, validate=validate)
+        model, result = train_model(model_cfg, cfg, dataset_dir, tokenizer, ctx, checkpoints)
         if ctx.is_main:
             write_outputs(ws, model_cfg, result, run_metrics(result, count_parameters(model), ctx), record)
             (checkpoints / CHECKPOINT_NAME).unlink(missing_ok=True)  # finished: nothing to resume

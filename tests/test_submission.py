@@ -1,11 +1,14 @@
-"""What a submission counts: the code closure found from imports, its bytes, and the size gate."""
+"""What a submission ships and counts: the exported script, the closure it bundles, its bytes, and the size gate."""
 
 from __future__ import annotations
 
-import brotli
+import os
+import subprocess
+import sys
+
 import pytest
 
-from pgolf.submission import SizeLimitError, check_size, code_bytes, import_closure
+from pgolf.submission import SizeLimitError, check_size, code_bytes, import_closure, read_bundle, script_text
 
 
 def write(root, name: str, text: str) -> None:
@@ -26,28 +29,50 @@ def test_the_closure_follows_every_project_import_and_nothing_else(tmp_path):
         "pgolf/__init__.py", "pgolf/a.py", "pgolf/b.py", "pgolf/c.py", "pgolf/entry.py"]
 
 
-def test_code_bytes_count_the_closure_raw_or_as_one_brotli_stream(tmp_path):
+def test_code_bytes_are_the_scripts_length_and_its_bundle_the_closure(tmp_path):
     source = "def f(x):\n    return x + 1\n" * 200
     write(tmp_path, "pgolf/__init__.py", "")
     write(tmp_path, "pgolf/a.py", "from pgolf.b import f\n" + source)
     write(tmp_path, "pgolf/b.py", source)
-    files = ["pgolf/__init__.py", "pgolf/a.py", "pgolf/b.py"]
-    raw = code_bytes(["pgolf/a.py"], compressed=False, root=tmp_path)
-    assert raw == sum((tmp_path / name).stat().st_size for name in files)
-    bundle = b"".join(f"# {name}\n".encode() + (tmp_path / name).read_bytes() for name in files)
-    assert code_bytes(["pgolf/a.py"], root=tmp_path) == len(brotli.compress(bundle, quality=11)) < raw // 10
+    params = {"train": {"seed": 7}}
+    for compressed in (True, False):
+        script = script_text(["pgolf/a.py"], params, compressed, tmp_path)
+        assert code_bytes(["pgolf/a.py"], params, compressed, tmp_path) == len(script.encode())
+        assert read_bundle(script) == {"params": params, "files": {
+            name: (tmp_path / name).read_text() for name in ["pgolf/__init__.py", "pgolf/a.py", "pgolf/b.py"]}}
+    raw = sum((tmp_path / name).stat().st_size for name in ["pgolf/a.py", "pgolf/b.py"])
+    assert code_bytes(["pgolf/a.py"], params, True, tmp_path) < raw // 5  # one brotli stream
 
 
 def test_a_missing_entry_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="pgolf/nope.py"):
-        code_bytes(["pgolf/nope.py"], root=tmp_path)
+        code_bytes(["pgolf/nope.py"], {}, root=tmp_path)
 
 
-def test_the_shipped_code_is_everything_evaluation_imports():
-    """The default entry modules pull in every project module they import (none is left uncounted)."""
-    closure = import_closure(["pgolf/model.py", "pgolf/codec.py", "pgolf/evaluate.py", "pgolf/tokenizer.py"])
-    assert {"pgolf/config.py", "pgolf/checkpoint.py", "pgolf/shards.py", "pgolf/runtime.py"} <= set(closure)
+def test_the_script_runs_its_entry_and_refuses_an_uncounted_project_module(tmp_path):
+    """A bundled module that imports a project file the closure missed fails, never loads it from elsewhere."""
+    write(tmp_path, "pgolf/__init__.py", "")
+    write(tmp_path, "pgolf/entry.py", "import importlib\nfrom pgolf.util import twice\n"
+          "def main(params, script):\n    print(twice(params['x']))\n"
+          "    importlib.import_module(params['module'])\n    return 0\n")
+    write(tmp_path, "pgolf/util.py", "def twice(x):\n    return 2 * x\n")
+    write(tmp_path, "pgolf/hidden.py", "")  # imported by name at run time: not in the closure
+    for module, expected in (("json", 0), ("pgolf.hidden", 1)):
+        script = tmp_path / "run" / "train_gpt.py"
+        script.parent.mkdir(exist_ok=True)
+        script.write_text(script_text(["pgolf/entry.py"], {"x": 21, "module": module}, root=tmp_path))
+        result = subprocess.run([sys.executable, "train_gpt.py"], cwd=script.parent, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(tmp_path)})  # an importable pgolf beside it
+        assert result.returncode == expected and result.stdout.startswith("42"), result.stderr
+    assert "pgolf.hidden is not in this submission" in result.stderr
+
+
+def test_the_shipped_code_is_everything_the_runner_imports():
+    """The runner's closure holds training, quantization, compression and evaluation, and no stage."""
+    closure = import_closure(["pgolf/submit.py"])
+    assert {"pgolf/train.py", "pgolf/gptq.py", "pgolf/codec.py", "pgolf/evaluate.py", "pgolf/steps.py"} <= set(closure)
     assert not any(name.startswith("stages/") for name in closure)
+    assert "pgolf/plots.py" not in closure and "pgolf/export.py" not in closure
 
 
 def test_the_gate_names_size_limit_and_overshoot():

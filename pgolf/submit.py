@@ -1,0 +1,189 @@
+"""The submission's runner: train, calibrate, quantize, compress and evaluate in one process group.
+
+The exported ``train_gpt.py`` (``pgolf.submission.script_text``) bundles this module's import
+closure with the run's params and calls :func:`main`, as the challenge runs it: ``torchrun
+--standalone --nproc_per_node=N train_gpt.py`` (or ``python train_gpt.py``) in a folder with
+the challenge's data layout (``./data/datasets/fineweb10B_sp{V}/``,
+``./data/tokenizers/fineweb_{V}_bpe.model``). Each step calls the library function its DVC
+stage calls, with the same seeds, so the artifact is byte for byte the pipeline's. Rank 0
+prints the records' log lines (pre-quantization, artifact and submission size, quantized
+and sliding-window ``val_bpb`` with their times) and writes ``final_model.pt``,
+``final_model.ptz`` (the artifact) and ``final_metrics.json``. The training phase, timed
+against the 600 s rule, runs from the start to the written artifact (calibration and GPTQ
+included); the evaluation phase times the artifact's load and scoring, which read only the
+validation split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pgolf.checkpoint import build_model, load_model, save_model
+from pgolf.codec import artifact_model, serialize
+from pgolf.config import (SECTIONS, CalibrateConfig, CompressConfig, EvaluateConfig, ModelConfig, QuantizeConfig,
+                          TrainConfig, from_dict, output_keys, to_dict)
+from pgolf.distributed import DistContext, barrier, init_distributed, shutdown
+from pgolf.evaluate import evaluate_model, validation_set
+from pgolf.model import GPT, count_parameters
+from pgolf.runtime import enable_tf32, resolve_device
+from pgolf.shards import check_headers, dataset_path
+from pgolf.steps import calibration_hessians, calibration_model, train_model
+from pgolf.submission import pack_artifact, quantize_for_size
+from pgolf.tokenizer import ByteTables, tokenizer_file
+from pgolf.train import run_metrics
+
+DATA_DIR = "data"  # the challenge's layout, relative to the folder the script runs in
+MODEL_FILE = "final_model.pt"
+ARTIFACT_FILE = "final_model.ptz"
+METRICS_FILE = "final_metrics.json"
+# record log line prefix of each evaluation (the records' train_gpt.py print these)
+EVAL_LABELS = {"plain": "quantized", "sliding": "quantized_sliding_window"}
+
+
+@dataclass(frozen=True)
+class RunConfigs:
+    """Every section the runner reads: the params an exported script carries."""
+
+    model: ModelConfig
+    train: TrainConfig
+    calibrate: CalibrateConfig
+    quantize: QuantizeConfig
+    compress: CompressConfig
+    evaluate: EvaluateConfig
+
+    def baked(self) -> dict[str, dict[str, Any]]:
+        """The keys that shape the outputs, by section (run settings keep their defaults)."""
+        return {name: {key: to_dict(getattr(self, name))[key] for key in output_keys(SECTIONS[name])}
+                for name in self.section_names()}
+
+    @classmethod
+    def from_baked(cls, params: dict[str, dict[str, Any]]) -> RunConfigs:
+        return cls(**{name: from_dict(SECTIONS[name], params[name], f"baked params: {name}")
+                      for name in cls.section_names()})
+
+    @classmethod
+    def section_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def main(params: dict[str, dict[str, Any]], script: str) -> int:
+    """Run the submission in the current folder; ``script`` is the file whose bytes count as code.
+
+    Bad input (missing data, a size over the limit) is one line on stderr and exit code 2.
+    """
+    try:
+        run(RunConfigs.from_baked(params), Path("."), Path(script).stat().st_size)
+    except (ValueError, OSError) as exc:  # ConfigError, SizeLimitError and FileNotFoundError among them
+        print(f"{Path(script).name}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(cfgs: RunConfigs, root: Path, code: int) -> dict[str, Any]:
+    """Train to a scored artifact under ``root``; the metrics (rank 0 writes them)."""
+    ctx = init_distributed(cfgs.train.device)
+    if cfgs.evaluate.device not in ("auto", ctx.device.type):
+        raise ValueError(f"evaluate.device={cfgs.evaluate.device} but training runs on {ctx.device.type}: "
+                         "one process group scores where it trains")
+    if ctx.device.type == "cuda":
+        enable_tf32()
+    vocab = cfgs.model.vocab_size
+    dataset_dir, tokenizer = root / dataset_path(DATA_DIR, vocab), root / tokenizer_file(DATA_DIR, vocab)
+    try:
+        check_headers(dataset_dir)  # the challenge's data has no manifest: the shard format is what can be checked
+        metrics = training_phase(cfgs, root, dataset_dir, tokenizer, ctx, code)
+        tokens, tables = validation_set(dataset_dir, tokenizer, vocab, cfgs.evaluate)
+        metrics |= evaluation_phase(cfgs, root, tokens, tables, ctx)
+        if ctx.is_main:
+            (root / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return metrics
+    finally:
+        shutdown(ctx)
+
+
+def training_phase(cfgs: RunConfigs, root: Path, dataset_dir: Path, tokenizer: Path, ctx: DistContext, code: int
+                   ) -> dict[str, Any]:
+    """Train on every rank, then calibrate, quantize and compress on rank 0: the 600 s of the rules."""
+    start = time.perf_counter()
+    model, result = train_model(cfgs.model, cfgs.train, dataset_dir, tokenizer, ctx, checkpoints=None)
+    metrics: dict[str, Any] = {"train": run_metrics(result, count_parameters(model), ctx), "code_bytes": code}
+    log(ctx, f"model_params:{metrics['train']['model_params']}")
+    log(ctx, f"train_time:{result.elapsed_s * 1000:.0f}ms step:{result.steps}/{cfgs.train.iterations} "
+             f"train_loss:{result.losses[-1]:.4f}")
+    if ctx.is_main:
+        save_model(root / MODEL_FILE, cfgs.model, result.final_state)
+        metrics |= make_artifact(cfgs, root / MODEL_FILE, dataset_dir, root / ARTIFACT_FILE, code)
+    barrier(ctx)
+    return metrics | {"training_phase_s": time.perf_counter() - start}
+
+
+def evaluation_phase(cfgs: RunConfigs, root: Path, tokens: Tensor, tables: ByteTables, ctx: DistContext
+                     ) -> dict[str, Any]:
+    """The trained weights' plain score (for the quantization tax), then the artifact's, timed from its load."""
+    plain_only = dataclasses.replace(cfgs.evaluate, eval_plain=True, eval_sliding=False)
+    unquantized = score(build_model(root / MODEL_FILE, ctx.device), tokens, tables, plain_only, ctx,
+                        {"plain": "pre-quantization post-ema"})
+    start = time.perf_counter()
+    quantized = score(artifact_model(root / ARTIFACT_FILE, ctx.device), tokens, tables, cfgs.evaluate, ctx,
+                      EVAL_LABELS)
+    return {"unquantized": unquantized, "quantized": quantized, "evaluation_phase_s": time.perf_counter() - start,
+            "val_tokens": tokens.numel() - 1, "world_size": ctx.world_size, "device": ctx.device.type,
+            "hardware": hardware(ctx)}
+
+
+def make_artifact(cfgs: RunConfigs, model_file: Path, dataset_dir: Path, artifact_file: Path, code: int
+                  ) -> dict[str, Any]:
+    """Calibrate, quantize and compress the trained model into ``artifact_file``; its sizes."""
+    start = time.perf_counter()
+    hessians = calibration_hessians(calibration_model(model_file, cfgs.calibrate), dataset_dir, cfgs.calibrate)
+    print(f"GPTQ:collected {len(hessians)} Hessians in {time.perf_counter() - start:.1f}s", flush=True)
+    model_config, state_dict = load_model(model_file)
+    fit_to = cfgs.compress if cfgs.quantize.fit_to_size else None
+    qm, _, fit = quantize_for_size(model_config, state_dict, hessians, cfgs.quantize, fit_to, code,
+                                   resolve_device(cfgs.quantize.device))
+    raw = serialize(qm)
+    blob = pack_artifact(raw, cfgs.compress, code)
+    artifact_file.write_bytes(blob)
+    print(f"Serialized model: {len(raw)} bytes", flush=True)
+    print(f"Code size: {code} bytes", flush=True)
+    print(f"Serialized model quantized+{cfgs.compress.compressor}: {len(blob)} bytes", flush=True)
+    print(f"Total submission size quantized+{cfgs.compress.compressor}: {len(blob) + code} bytes", flush=True)
+    sizes = {"artifact_bytes": len(blob), "total_bytes": len(blob) + code, "raw_bytes": len(raw)}
+    return sizes | ({"fit_clip_sigmas": fit.clip_sigmas} if fit is not None else {})
+
+
+def score(model: GPT, tokens: Tensor, tables: ByteTables, cfg: EvaluateConfig, ctx: DistContext, labels: dict[str, str]
+          ) -> dict[str, float]:
+    """The evaluations ``cfg`` switches on, one at a time so that each prints its record line and time."""
+    scores: dict[str, float] = {}
+    for kind, flag in (("plain", "eval_plain"), ("sliding", "eval_sliding")):
+        if not getattr(cfg, flag):
+            continue
+        alone = dataclasses.replace(cfg, eval_plain=kind == "plain", eval_sliding=kind == "sliding")
+        start = time.perf_counter()
+        result = evaluate_model(labels[kind], model, tokens, tables, alone, ctx)
+        prefix = "sliding_" if kind == "sliding" else ""
+        log(ctx, f"{labels[kind]} val_loss:{result[prefix + 'val_loss']:.8f} val_bpb:{result[prefix + 'val_bpb']:.8f} "
+                 f"eval_time:{(time.perf_counter() - start) * 1000:.0f}ms")
+        scores |= result
+    return scores
+
+
+def hardware(ctx: DistContext) -> str:
+    """Where the run ran, as ``8xNVIDIA H100 80GB HBM3`` or ``1xcpu``."""
+    name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    return f"{ctx.world_size}x{name}"
+
+
+def log(ctx: DistContext, line: str) -> None:
+    if ctx.is_main:
+        print(line, flush=True)

@@ -1,0 +1,139 @@
+"""From pipeline to submission: the exported train_gpt.py reproduces the pipeline's artifact and scores.
+
+Runs the micro preset through ``dvc repro`` in a copy of the checkout (the export stage
+included), then runs the exported ``train_gpt.py`` with ``python`` in an empty folder that
+holds only the challenge's data layout, and compares artifact bytes, metrics and code
+bytes with the pipeline's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from pgolf.config import CompressConfig
+from pgolf.submission import SizeLimitError, import_closure, pack_artifact, read_bundle
+from test_pipeline_dvc import micro_repo, run  # noqa: F401 (micro_repo: a fixture)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pipeline(micro_repo) -> Path:
+    """The micro preset run through every stage by ``dvc repro``, export included."""
+    assert "Running stage 'export'" in run(["dvc", "repro"], micro_repo)
+    return micro_repo
+
+
+@pytest.fixture(scope="module")
+def submission_run(pipeline, tmp_path_factory) -> tuple[Path, str]:
+    """The exported script run by ``python train_gpt.py`` in a folder with nothing but the data."""
+    folder = tmp_path_factory.mktemp("submission")
+    (folder / "data" / "tokenizers").mkdir(parents=True)
+    shutil.copytree(pipeline / "data" / "datasets" / "fineweb10B_sp1024", folder / "data" / "datasets" / "fineweb10B_sp1024")
+    shutil.copy(pipeline / "data" / "tokenizers" / "fineweb_1024_bpe.model", folder / "data" / "tokenizers")
+    shutil.copy(pipeline / "out" / "export" / "train_gpt.py", folder)
+    env = {key: value for key, value in os.environ.items() if key not in ("DVC_STAGE", "PYTHONPATH")}
+    result = subprocess.run([sys.executable, "-X", "importtime", "train_gpt.py"], cwd=folder, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return folder, result.stdout + result.stderr
+
+
+def metrics(repo: Path, stage: str) -> dict:
+    return json.loads((repo / "out" / stage / "metrics.json").read_text())
+
+
+def test_the_exported_script_makes_the_pipelines_artifact_and_scores(pipeline, submission_run):
+    folder, log = submission_run
+    assert (folder / "final_model.ptz").read_bytes() == (pipeline / "out" / "compress" / "artifact.ptz").read_bytes()
+    final = json.loads((folder / "final_metrics.json").read_text())
+    assert final["quantized"] == metrics(pipeline, "evaluate")["quantized"]
+    assert final["unquantized"]["val_bpb"] == metrics(pipeline, "prequant")["unquantized"]["val_bpb"]
+    assert final["train"]["train_loss"] == metrics(pipeline, "train")["train_loss"]
+    sliding = final["quantized"]["sliding_val_bpb"]
+    assert re.search(rf"^quantized_sliding_window val_loss:\S+ val_bpb:{sliding:.8f} eval_time:\d+ms$", log, re.M)
+    assert re.search(rf"^quantized val_loss:\S+ val_bpb:{final['quantized']['val_bpb']:.8f} ", log, re.M)
+    assert f"Total submission size quantized+brotli: {final['total_bytes']} bytes" in log
+
+
+def test_code_bytes_are_the_exported_scripts_bytes(pipeline, submission_run):
+    folder, _ = submission_run
+    script = (pipeline / "out" / "export" / "train_gpt.py").read_bytes()
+    assert script == (pipeline / "out" / "bundle" / "train_gpt.py").read_bytes()
+    counted = metrics(pipeline, "compress")
+    assert counted["code_bytes"] == len(script) == json.loads((folder / "final_metrics.json").read_text())["code_bytes"]
+    info = json.loads((pipeline / "out" / "export" / "submission.json").read_text())
+    assert info["bytes_code"] == len(script) and info["bytes_total"] == counted["total_bytes"]
+    # the bundle is exactly the runner's import closure, nothing listed by hand
+    assert sorted(read_bundle(script.decode())["files"]) == import_closure(["pgolf/submit.py"], pipeline)
+
+
+def test_the_gate_refuses_script_plus_model_over_the_limit(pipeline):
+    raw = (pipeline / "out" / "quantize" / "quantized.bin").read_bytes()
+    code = len((pipeline / "out" / "export" / "train_gpt.py").read_bytes())
+    artifact = metrics(pipeline, "compress")["artifact_bytes"]
+    assert len(pack_artifact(raw, CompressConfig(size_limit_bytes=artifact + code), code)) == artifact
+    with pytest.raises(SizeLimitError, match=f"{code:,} code = {artifact + code:,} bytes, over the limit"):
+        pack_artifact(raw, CompressConfig(size_limit_bytes=artifact + code - 1), code)
+
+
+def test_requirements_name_every_distribution_the_script_loads(pipeline, submission_run):
+    _, log = submission_run
+    folder = pipeline / "out" / "export"
+    listed = {line.split("#")[0].strip().lower() for line in (folder / "requirements.txt").read_text().splitlines()}
+    loaded = {m.group(1).split(".")[0] for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", log, re.M)}
+    bundle = read_bundle((folder / "train_gpt.py").read_text())["files"]
+    imported = {m.group(1) for source in bundle.values()
+                for m in re.finditer(r"^\s*(?:import|from) ([A-Za-z_]\w*)", source, re.M)}
+    providers = metadata.packages_distributions()
+    needed = {providers[name][0].lower() for name in loaded & imported if name in providers and name != "pgolf"}
+    assert needed == listed - {""}, f"loaded by the bundle: {sorted(needed)}; requirements.txt: {sorted(listed)}"
+
+
+def test_the_folder_has_what_merged_records_have(pipeline):
+    folder = pipeline / "out" / "export"
+    assert {"train_gpt.py", "submission.json", "README.md", "requirements.txt", "compliance.json", "logs"} <= {
+        p.name for p in folder.iterdir()}
+    info = json.loads((folder / "submission.json").read_text())
+    assert info["track"] == "10min_16mb" and info["seeds"] == [1337]
+    assert info["val_bpb"] == round(metrics(pipeline, "evaluate")["quantized"]["sliding_val_bpb"], 8)
+    report = json.loads((folder / "compliance.json").read_text())
+    assert report["rules"]["artifact_under_16mb"]["value"] == info["bytes_total"] <= 16_000_000
+    assert report["rules"]["train_under_600s"]["status"] == "not measured"  # a CPU pipeline: not the declared H100s
+    assert report["rules"]["no_network"]["status"] == "pass"
+    assert f"**{info['val_bpb']:.5f}**" in (folder / "README.md").read_text()
+    assert (folder / "logs" / "train_provenance.json").is_file()
+
+
+def test_export_with_measured_times_reads_the_scripts_run(pipeline, submission_run, tmp_path):
+    folder, _ = submission_run
+    env = {key: value for key, value in os.environ.items() if key != "DVC_STAGE"}
+    dest = tmp_path / "records" / "2026-12-01_micro"
+    subprocess.run([sys.executable, "-m", "pgolf.cli", "export", "--params", "presets/micro.yaml", "--dest", str(dest),
+                    "--measured", str(folder)], cwd=pipeline, env=env, check=True, capture_output=True, timeout=300)
+    rule = json.loads((dest / "compliance.json").read_text())["rules"]["train_under_600s"]
+    assert rule["status"] == "not measured" and "measured" in rule["how"] and "1xcpu" in rule["how"]
+    assert (dest / "logs" / "final_metrics.json").is_file()
+
+
+def test_torchrun_with_two_processes_makes_the_same_artifact(pipeline, submission_run, tmp_path):
+    """As the organisers run it (torchrun --standalone), here with 2 CPU processes over gloo."""
+    folder, _ = submission_run
+    shutil.copytree(folder / "data", tmp_path / "data")
+    shutil.copy(folder / "train_gpt.py", tmp_path)
+    env = {key: value for key, value in os.environ.items() if key not in ("DVC_STAGE", "PYTHONPATH")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train_gpt.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "final_model.ptz").read_bytes() == (pipeline / "out" / "compress" / "artifact.ptz").read_bytes()
+    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert final["world_size"] == 2 and final["quantized"] == metrics(pipeline, "evaluate")["quantized"]
