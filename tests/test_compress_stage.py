@@ -6,23 +6,20 @@ import csv
 import json
 from pathlib import Path
 
-import brotli
 import pytest
 import torch
 import yaml
 
 from pgolf import layout
-from pgolf.atomic import write_bytes
+from pgolf.atomic import write_bytes, write_json
 from pgolf.codec import QuantizedModel, QuantizedTensor, decompress, serialize
 from pgolf.config import ModelConfig
 from pgolf.stage import Workspace
-from pgolf.submission import import_closure
 from stages import compress as stage
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CODE_FILES = ["pgolf/codec.py", "pgolf/model.py"]
+CODE_BYTES = 54_321  # what the bundle stage counted: the exported train_gpt.py's length
 
 
 def quantized_model() -> QuantizedModel:
@@ -41,19 +38,17 @@ def quantized_model() -> QuantizedModel:
 def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     write_bytes(Path(layout.QUANTIZE_MODEL), serialize(quantized_model()))
+    write_json(Path(layout.BUNDLE_CODE_BYTES), {"code_bytes": CODE_BYTES})
     return tmp_path
 
 
 def params(**compress) -> dict:
-    return {"compress": {"brotli_quality": 5, "code_files": CODE_FILES} | compress}
+    return {"compress": {"brotli_quality": 5} | compress}
 
 
 def code_size() -> int:
-    """The code files and every project module they import, as one brotli-11 stream (compress_code: true)."""
-    shipped = import_closure(CODE_FILES)
-    assert {"pgolf/config.py", "pgolf/checkpoint.py"} <= set(shipped)  # imported by codec.py, so counted
-    bundle = b"".join(f"# {name}\n".encode() + (REPO_ROOT / name).read_bytes() for name in shipped)
-    return len(brotli.compress(bundle, quality=11))
+    """The code bytes the compress stage adds: the bundle stage's count, read from its output."""
+    return CODE_BYTES
 
 
 @pytest.mark.parametrize("compressor", ["brotli", "lzma"])
@@ -96,9 +91,10 @@ def test_size_gate_through_the_command_line(workdir, capsys):
     assert not Path(layout.COMPRESS_ARTIFACT).exists()
 
 
-def test_missing_code_file_is_named(workdir):
-    with pytest.raises(FileNotFoundError, match="pgolf/nope.py"):
-        stage.run(params(code_files=["pgolf/codec.py", "pgolf/nope.py"]), PIPELINE)
+def test_missing_code_bytes_are_named(workdir):
+    Path(layout.BUNDLE_CODE_BYTES).unlink()
+    with pytest.raises(FileNotFoundError, match=r"code_bytes.json: not found \(run the bundle stage first\)"):
+        stage.run(params(), PIPELINE)
 
 
 def test_missing_or_corrupt_input_is_a_clear_error(workdir):

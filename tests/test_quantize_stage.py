@@ -10,18 +10,18 @@ import pytest
 import torch
 
 from pgolf import layout
+from pgolf.atomic import write_json
 from pgolf.checkpoint import save_model
 from pgolf.codec import QuantizedTensor, compress, deserialize
 from pgolf.config import CompressConfig, ModelConfig
 from pgolf.hessians import collect_hessians, save_hessians
 from pgolf.model import GPT
 from pgolf.stage import Workspace
-from pgolf.submission import code_bytes
 from stages import quantize as stage
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
 
-CODE_FILES = ["pgolf/codec.py"]
+CODE_BYTES = 54_321  # what the bundle stage counted: the exported train_gpt.py's length
 
 
 @pytest.fixture()
@@ -69,13 +69,14 @@ def small_workdir(tmp_path, monkeypatch) -> Path:
     batches = [torch.randint(0, 512, (2, 64)) for _ in range(2)]
     save_model(Path(layout.TRAIN_MODEL), model.config, model.state_dict())
     save_hessians(Path(layout.CALIBRATE_HESSIANS), collect_hessians(model, batches, "cpu", show_progress=False))
+    write_json(Path(layout.BUNDLE_CODE_BYTES), {"code_bytes": CODE_BYTES})
     return tmp_path
 
 
 def test_fit_to_size_picks_a_clip_that_fits_and_plots_the_search(small_workdir):
-    compress_settings = {"brotli_quality": 5, "code_files": CODE_FILES}
+    compress_settings = {"brotli_quality": 5}
     quantize_settings = {"passthrough_max_numel": 0, "fit_margin_bytes": 1_500, "fit_tolerance": 0.2}
-    code = code_bytes(CODE_FILES, compressed=True)
+    code = CODE_BYTES
     stage.run({"quantize": quantize_settings | {"matrix_clip_sigmas": 30.0}}, PIPELINE)
     limit = len(compress(Path(layout.QUANTIZE_MODEL).read_bytes(), CompressConfig(**compress_settings))) + code + 2_000
     stage.run({
@@ -94,7 +95,7 @@ def test_fit_to_size_picks_a_clip_that_fits_and_plots_the_search(small_workdir):
 
 def test_fit_to_size_reports_an_impossible_limit(small_workdir, capsys):
     argv = ["--set", "quantize.fit_to_size=true", "--set", "compress.size_limit_bytes=1000",
-            "--set", "compress.brotli_quality=1", "--set", f"compress.code_files={CODE_FILES}",
+            "--set", "compress.brotli_quality=1",
             "--set", "quantize.fit_max_clip_sigmas=20"]
     (small_workdir / "params.yaml").write_text("quantize: {passthrough_max_numel: 0}\n")
     assert stage.main(argv) == 2
