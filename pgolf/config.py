@@ -2,7 +2,7 @@
 
 Each DVC stage reads one or more sections of ``params.yaml`` (``tokenize:``,
 ``model:``, ``train:``, ``calibrate:``, ``quantize:``, ``compress:``,
-``evaluate:``); each section maps onto one frozen dataclass below. Key names
+``evaluate:``, ``ttt:``); each section maps onto one frozen dataclass below. Key names
 are the reference script's hyperparameter names in lower case, and the
 defaults are the record's values (PR #1394), so an empty section means "the
 record". Loading is strict: an unknown key, a wrong type or a missing section
@@ -178,6 +178,64 @@ class EvaluateConfig:
     nproc_per_node: int = 1  # processes under torchrun, each scoring a share of the windows
     device: str = "auto"
     compile: bool | str = "auto"  # torch.compile the forward pass: auto (on GPU) | true | false
+    temperature: float = 1.0  # fixed T dividing the soft-capped logits when scoring (PR #576: 0.98)
+
+
+TTT_METHODS = ("sgd_all", "adamw_tail", "lora_doc", "phased")
+
+
+@dataclass(frozen=True)
+class TTTConfig:
+    """Score-first test-time training of the artifact (SEEDS_SPEC section 2), off by default.
+
+    Each method reads its own keys, whose defaults are that method's record settings, so
+    ``ttt.method`` alone switches between the seeds' variants: ``sgd_all`` (04-06, PR #1413)
+    and ``adamw_tail`` (PR #576) adapt one model along the sliding windows; ``lora_doc``
+    (PR #1586) adapts per-document LoRA; ``phased`` (04-22) adds global SGD phases to it.
+    """
+
+    enabled: bool = False
+    method: str = "sgd_all"  # sgd_all | adamw_tail | lora_doc | phased
+    seq_len: int = 2048  # window (sgd_all, adamw_tail) or the longest context (lora_doc, phased)
+    stride: int = 64  # sliding-window stride (sgd_all, adamw_tail)
+    temperature: float = 1.0  # fixed T dividing the soft-capped logits in the scoring pass only
+    max_val_tokens: int = 0  # 0: the whole validation split
+    seed: int = 1337  # draws the LoRA A matrices (per document)
+    # sgd_all / adamw_tail (style A): one model adapted chunk by chunk, never reset
+    lr: float = 0.005  # peak of the cosine over chunks (PR #576: 1e-4)
+    epochs: int = 3
+    chunk_tokens: int = 32_768  # PR #576: 131,072
+    momentum: float = 0.9  # SGD (sgd_all)
+    adam_beta1: float = 0.9  # AdamW (adamw_tail)
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0  # global gradient-norm clip (0: none)
+    batch_seqs: int = 256  # training sequences per step over all processes (the records' 32 per GPU x 8)
+    score_batch_seqs: int = 32  # windows per scoring batch (per process)
+    last_n_blocks: int = 2  # adamw_tail: blocks trained, besides every *norm*/*scale*/lm_head parameter
+    # lora_doc / phased (style B): per-document LoRA, reset per document
+    lora_rank: int = 96
+    lora_lr: float = 1e-4
+    lora_chunk_tokens: int = 48  # predictions per chunk of a document
+    lora_batch_docs: int = 64  # documents adapted side by side
+    lora_beta1: float = 0.0
+    lora_beta2: float = 0.999
+    lora_eps: float = 1e-10
+    lora_weight_decay: float = 0.5
+    lora_steps: int = 1  # optimiser steps per chunk
+    lora_k: bool = True  # adapters on K, O and the MLP (Q, V and the head always)
+    lora_o: bool = True
+    lora_mlp: bool = True
+    # phased: global SGD on all base weights over already-scored documents
+    phase_prefix_docs: int = 2000
+    phase_count: int = 3
+    phase_lr: float = 0.001
+    phase_momentum: float = 0.9
+    phase_chunk_tokens: int = 32_768
+    phase_epochs: int = 1
+    phase_grad_clip: float = 1.0
+    nproc_per_node: int = 1  # processes under torchrun
+    device: str = "auto"
+    compile: bool | str = "auto"  # torch.compile the scoring forward (sgd_all, adamw_tail)
 
 
 SECTIONS: dict[str, type] = {
@@ -188,6 +246,7 @@ SECTIONS: dict[str, type] = {
     "quantize": QuantizeConfig,
     "compress": CompressConfig,
     "evaluate": EvaluateConfig,
+    "ttt": TTTConfig,
 }
 
 C = TypeVar("C")
