@@ -25,6 +25,8 @@ from pgolf.model import GPT
 from pgolf.shards import BOS_ID
 from pgolf.tokenizer import ByteTables, count_bytes
 from tests.conftest import REPO_ROOT
+from tests.test_evaluate_stage import BATCH, MAX_TOKENS, SEQ_LEN, STRIDE, VAL_TARGETS
+from tests.test_evaluate_stage import workdir as stage_workdir  # noqa: F401 (a fixture: artifact + FineWeb val)
 
 CPU = torch.device("cpu")
 VOCAB = 64
@@ -314,3 +316,33 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         assert set(two["counts"]) == {1}, method
         # same steps on the same data: only the float summation order of gradients and sums differs
         assert two["bpb"] == pytest.approx(one["bpb"], abs=1e-5), method
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+@pytest.mark.slow
+def test_stage_scores_the_artifact_and_reports_the_gain(stage_workdir):
+    from stages import evaluate as evaluate_stage
+    from stages import ttt as ttt_stage
+
+    evaluate = {"eval_seq_len": SEQ_LEN, "eval_stride": STRIDE, "eval_batch_seqs": BATCH,
+                "max_val_tokens": MAX_TOKENS, "device": "cpu", "eval_plain": False, "eval_unquantized": False}
+    evaluate_stage.run({"evaluate": evaluate})
+    sliding = json.loads(evaluate_stage.METRICS_PATH.read_text())["quantized"]["sliding_val_bpb"]
+    base = {"seq_len": SEQ_LEN, "stride": STRIDE, "max_val_tokens": MAX_TOKENS, "chunk_tokens": 512,
+            "device": "cpu", "compile": False}
+    ttt_stage.run({"ttt": base})
+    assert json.loads(ttt_stage.METRICS_PATH.read_text()) == {"enabled": False, "method": "sgd_all"}
+    ttt_stage.run({"ttt": base | {"enabled": True, "lr": 0.0}})
+    metrics = json.loads(ttt_stage.METRICS_PATH.read_text())
+    assert metrics["val_bpb"] == pytest.approx(sliding, abs=1e-6) and abs(metrics["gain_vs_sliding_bpb"]) < 1e-6
+    assert metrics["tokens"] == VAL_TARGETS and metrics["optimizer_steps"] == 3 * 3  # 4 chunks, 3 trained
+    assert set(metrics["compliance"]) >= {"causal_prefix", "full_normalized_distribution", "score_before_update",
+                                          "single_pass", "seconds"}
+    rows = (ttt_stage.PLOTS_DIR / "chunks.csv").read_text().splitlines()
+    assert rows[0].startswith("chunk,nll_sum,tokens,bytes") and len(rows) == 5
+    assert (ttt_stage.PLOTS_DIR / "running_bpb.png").stat().st_size > 0
+    ttt_stage.run({"ttt": base | {"enabled": True, "method": "lora_doc", "lora_rank": 4, "lora_lr": 0.01}})
+    metrics = json.loads(ttt_stage.METRICS_PATH.read_text())
+    assert metrics["method"] == "lora_doc" and metrics["tokens"] == VAL_TARGETS and metrics["document_steps"] > 0
