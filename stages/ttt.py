@@ -36,6 +36,8 @@ def run(params: dict) -> None:
     check_config(cfg)
     PLOTS_DIR.mkdir(parents=True, exist_ok=True)
     if not cfg.enabled:
+        for stale in PLOTS_DIR.glob("*"):  # an earlier enabled run's plots would describe a score not made now
+            stale.unlink()
         write_json(METRICS_PATH, {"enabled": False, "method": cfg.method})
         print("[pgolf ttt] ttt.enabled is false: no test-time training (set ttt.enabled=true to run it)")
         return
