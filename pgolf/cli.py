@@ -17,7 +17,7 @@ from pgolf.stage import one_line, stage_parser
 
 # command -> module under stages/ ("import" is a keyword, so its module has another name)
 STAGE_MODULES = {"tokenize": "tokenize", "train": "train", "calibrate": "calibrate", "bundle": "bundle",
-                 "quantize": "quantize", "compress": "compress", "evaluate": "evaluate", "export": "export",
+                 "quantize": "quantize", "compress": "compress", "evaluate": "evaluate", "ttt": "ttt", "export": "export",
                  "import": "import_model", "download": "download"}
 
 

@@ -2,7 +2,7 @@
 
 Each DVC stage reads one or more sections of ``params.yaml`` (``tokenize:``,
 ``model:``, ``train:``, ``calibrate:``, ``quantize:``, ``compress:``,
-``evaluate:``, ``export:``); each section maps onto one frozen dataclass below. Key names
+``evaluate:``, ``ttt:``, ``export:``); each section maps onto one frozen dataclass below. Key names
 are the reference script's hyperparameter names in lower case, and the
 defaults are the record's values (PR #1394), so an empty section means "the
 record". Every field declares what it allows beside it (``Literal`` choices,
@@ -331,6 +331,7 @@ class EvaluateConfig(Section):
     nproc_per_node: Positive = 1  # processes under torchrun, each scoring a share of the windows
     device: Device = "auto"
     compile: Compile = "auto"  # torch.compile the forward pass
+    temperature: PositiveFloat = 1.0  # fixed T dividing the soft-capped logits when scoring (PR #576: 0.98)
 
     def check(self) -> None:
         _require(self.eval_stride <= self.eval_seq_len, "eval_stride", self.eval_stride,
@@ -339,6 +340,63 @@ class EvaluateConfig(Section):
                  "eval_plain and eval_sliding are both false: nothing to evaluate")
         _require(self.max_val_tokens == 0 or self.max_val_tokens > self.eval_seq_len, "max_val_tokens",
                  self.max_val_tokens, f"must be 0 (all) or more than eval_seq_len ({self.eval_seq_len})")
+
+
+@dataclass(frozen=True)
+class TTTConfig(Section):
+    """Score-first test-time training of the artifact (SEEDS_SPEC section 2), off by default.
+
+    Each method reads its own keys, whose defaults are that method's record settings, so
+    ``ttt.method`` alone switches between the seeds' variants: ``sgd_all`` (04-06, PR #1413)
+    and ``adamw_tail`` (PR #576) adapt one model along the sliding windows; ``lora_doc``
+    (PR #1586) adapts per-document LoRA; ``phased`` (04-22) adds global SGD phases to it.
+    """
+
+    enabled: bool = False
+    method: Literal["sgd_all", "adamw_tail", "lora_doc", "phased"] = "sgd_all"
+    seq_len: Positive = 2048  # window (sgd_all, adamw_tail) or the longest context (lora_doc, phased)
+    stride: Positive = 64  # sliding-window stride (sgd_all, adamw_tail)
+    temperature: PositiveFloat = 1.0  # fixed T dividing the soft-capped logits in the scoring pass only
+    max_val_tokens: Count = 0  # 0: the whole validation split
+    seed: Seed = 1337  # draws the LoRA A matrices (per document)
+    # sgd_all / adamw_tail (style A): one model adapted chunk by chunk, never reset
+    lr: NonNegative = 0.005  # peak of the cosine over chunks (PR #576: 1e-4)
+    epochs: Count = 3
+    chunk_tokens: Positive = 32_768  # PR #576: 131,072
+    momentum: Decay = 0.9  # SGD (sgd_all)
+    adam_beta1: Decay = 0.9  # AdamW (adamw_tail)
+    adam_beta2: Decay = 0.999
+    grad_clip: NonNegative = 1.0  # global gradient-norm clip (0: none)
+    batch_seqs: Positive = 256  # training sequences per step over all processes (the records' 32 per GPU x 8)
+    score_batch_seqs: Positive = 32  # windows per scoring batch (per process)
+    last_n_blocks: Count = 2  # adamw_tail: blocks trained, besides every *norm*/*scale*/lm_head parameter
+    # lora_doc / phased (style B): per-document LoRA, reset per document
+    lora_rank: Positive = 96
+    lora_lr: NonNegative = 1e-4
+    lora_chunk_tokens: Positive = 48  # predictions per chunk of a document
+    lora_batch_docs: Positive = 64  # documents adapted side by side
+    lora_beta1: Decay = 0.0
+    lora_beta2: Decay = 0.999
+    lora_eps: PositiveFloat = 1e-10
+    lora_weight_decay: NonNegative = 0.5
+    lora_steps: Count = 1  # optimiser steps per chunk
+    lora_k: bool = True  # adapters on K, O and the MLP (Q, V and the head always)
+    lora_o: bool = True
+    lora_mlp: bool = True
+    # phased: global SGD on all base weights over already-scored documents
+    phase_prefix_docs: Count = 2000
+    phase_count: Count = 3
+    phase_lr: NonNegative = 0.001
+    phase_momentum: Decay = 0.9
+    phase_chunk_tokens: Positive = 32_768
+    phase_epochs: Count = 1
+    phase_grad_clip: NonNegative = 1.0
+    nproc_per_node: Positive = 1  # processes under torchrun
+    device: Device = "auto"
+    compile: Compile = "auto"  # torch.compile the scoring forward (sgd_all, adamw_tail)
+
+    def check(self) -> None:
+        _require(self.stride <= self.seq_len, "stride", self.stride, f"must be at most seq_len ({self.seq_len})")
 
 
 @dataclass(frozen=True)
@@ -361,6 +419,7 @@ SECTIONS: dict[str, type] = {
     "quantize": QuantizeConfig,
     "compress": CompressConfig,
     "evaluate": EvaluateConfig,
+    "ttt": TTTConfig,
     "export": ExportConfig,
 }
 

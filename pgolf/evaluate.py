@@ -65,22 +65,22 @@ def sliding_windows(num_tokens: int, seq_len: int, stride: int) -> list[Window]:
 
 def eval_plain(
     model: GPT, val_tokens: Tensor, tables: ByteTables, seq_len: int, batch_seqs: int, device: torch.device,
-    compile_model: bool = False, ctx: DistContext | None = None,
+    compile_model: bool = False, ctx: DistContext | None = None, temperature: float = 1.0,
 ) -> EvalScore:
     """Loss and bpb over consecutive non-overlapping windows of ``seq_len``."""
     windows = plain_windows(val_tokens.numel(), seq_len)
     return score_windows(model, val_tokens, tables, windows, seq_len, batch_seqs, device, "eval plain",
-                         compile_model, ctx)
+                         compile_model, ctx, temperature)
 
 
 def eval_sliding(
     model: GPT, val_tokens: Tensor, tables: ByteTables, seq_len: int, stride: int, batch_seqs: int,
-    device: torch.device, compile_model: bool = False, ctx: DistContext | None = None,
+    device: torch.device, compile_model: bool = False, ctx: DistContext | None = None, temperature: float = 1.0,
 ) -> EvalScore:
     """Loss and bpb with a window every ``stride`` tokens, each scoring only its new tokens."""
     windows = sliding_windows(val_tokens.numel(), seq_len, stride)
     return score_windows(model, val_tokens, tables, windows, seq_len, batch_seqs, device, "eval sliding",
-                         compile_model, ctx)
+                         compile_model, ctx, temperature)
 
 
 def rank_share(windows: list[Window], ctx: DistContext) -> list[Window]:
@@ -92,11 +92,15 @@ def rank_share(windows: list[Window], ctx: DistContext) -> list[Window]:
 def score_windows(
     model: GPT, val_tokens: Tensor, tables: ByteTables, windows: list[Window], seq_len: int, batch_seqs: int,
     device: torch.device, desc: str, compile_model: bool = False, ctx: DistContext | None = None,
+    temperature: float = 1.0,
 ) -> EvalScore:
     """Sum the scored predictions of ``windows`` (batched ``batch_seqs`` at a time) into loss and bpb.
 
     With ``ctx`` of several processes every process must call this; each scores its share.
+    ``temperature`` divides the soft-capped logits (a fixed, pre-declared T; 1: none).
     """
+    if temperature <= 0:
+        raise ValueError(f"{desc}: temperature must be positive, got {temperature}")
     if not windows:
         raise ValueError(f"{desc}: {val_tokens.numel()} validation tokens are too few for one window of {seq_len}")
     distributed = ctx is not None and ctx.distributed
@@ -114,23 +118,38 @@ def score_windows(
     with torch.inference_mode(), bar:
         for first in range(0, len(windows), batch_seqs):
             batch = windows[first:first + batch_seqs]
-            sums += _score_batch(forward, tokens, tables, batch, seq_len, device)
+            sums += _score_batch(forward, tokens, tables, batch, seq_len, device, temperature)
             bar.update(len(batch))
     if distributed:
         dist.all_reduce(sums)
     nll_sum, token_count, byte_count = sums.tolist()
+    return score_from_sums(nll_sum, token_count, byte_count)
+
+
+def score_from_sums(nll_sum: float, token_count: float, byte_count: float) -> EvalScore:
+    """Mean NLL and bpb (REFERENCE.md section 2) from the summed NLL, tokens and bytes."""
     loss = nll_sum / token_count
     return EvalScore(loss=loss, bpb=loss / math.log(2.0) * token_count / byte_count)
 
 
-def _score_batch(
+class ScoredTokens(NamedTuple):
+    """The scored predictions of a batch of windows, one entry each."""
+
+    targets: Tensor  # [S] int64: index in the stream of the predicted token, minus one
+    nll: Tensor  # [S] float32: its negative log-likelihood (nats)
+    bytes: Tensor  # [S] int16: its UTF-8 bytes (the byte rule of REFERENCE.md section 2)
+
+
+def score_batch_tokens(
     forward: Callable[[Tensor, int], Tensor], tokens: Tensor, tables: ByteTables, batch: list[Window], seq_len: int,
-    device: torch.device,
-) -> Tensor:
-    """``[nll_sum, token_count, byte_count]`` (float64) of one batch of windows.
+    device: torch.device, temperature: float = 1.0,
+) -> ScoredTokens:
+    """Per-prediction NLL and bytes of one batch of windows, in window order.
 
     Logits are computed only from the first scored position of the batch on: the head is
     vocabulary-sized, and at small strides most positions are context that nobody scores.
+    ``temperature`` divides the soft-capped logits (PR #576's ``softcap(z) / T``); 1 leaves
+    them as they are.
     """
     targets = tokens.numel() - 1
     keep_from = min(w.score_from for w in batch)
@@ -143,15 +162,30 @@ def _score_batch(
     labels = torch.where(valid, tokens[(positions + 1).clamp(max=targets)], 0)  # [B, T]
     with autocast(device):
         logits = forward(inputs, keep_from)  # [B, T - keep_from, V]
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     inputs, labels, valid = inputs[:, keep_from:], labels[:, keep_from:], valid[:, keep_from:]  # [B, T - keep_from]
-    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")  # [B*(T - keep_from)]
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")  # [B*(T - keep_from)]
     columns = torch.arange(keep_from, seq_len, device=device)  # [T - keep_from]
     scored = (valid & (columns >= score_from[:, None])).flatten()  # [B*(T - keep_from)]
-    byte_counts = count_bytes(inputs.flatten()[scored], labels.flatten()[scored], tables)  # [S]
+    return ScoredTokens(
+        targets=positions[:, keep_from:].flatten()[scored],
+        nll=nll[scored],
+        bytes=count_bytes(inputs.flatten()[scored], labels.flatten()[scored], tables),
+    )
+
+
+def _score_batch(
+    forward: Callable[[Tensor, int], Tensor], tokens: Tensor, tables: ByteTables, batch: list[Window], seq_len: int,
+    device: torch.device, temperature: float = 1.0,
+) -> Tensor:
+    """``[nll_sum, token_count, byte_count]`` (float64) of one batch of windows."""
+    scored = score_batch_tokens(forward, tokens, tables, batch, seq_len, device, temperature)
     return torch.stack([
-        nll[scored].to(torch.float64).sum(),
-        scored.sum().to(torch.float64),
-        byte_counts.to(torch.float64).sum(),
+        scored.nll.to(torch.float64).sum(),
+        torch.tensor(float(scored.nll.numel()), dtype=torch.float64, device=device),
+        scored.bytes.to(torch.float64).sum(),
     ])
 
 
@@ -163,9 +197,11 @@ def evaluate_model(
     compiled = use_compile(cfg.compile, ctx.device, "evaluate.compile")
     runs = {
         "plain": (cfg.eval_plain, "", lambda: eval_plain(
-            model, tokens, tables, cfg.eval_seq_len, cfg.eval_batch_seqs, ctx.device, compiled, ctx)),
+            model, tokens, tables, cfg.eval_seq_len, cfg.eval_batch_seqs, ctx.device, compiled, ctx,
+            cfg.temperature)),
         "sliding": (cfg.eval_sliding, "sliding_", lambda: eval_sliding(
-            model, tokens, tables, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, ctx.device, compiled, ctx)),
+            model, tokens, tables, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, ctx.device, compiled, ctx,
+            cfg.temperature)),
     }
     results: dict[str, float] = {}
     for label, (enabled, prefix, evaluate) in runs.items():
@@ -187,7 +223,7 @@ def quantization_tax(quantized: dict[str, float], unquantized: dict[str, float])
     return {key: quantized[key] - unquantized[key] for key in keys}
 
 
-SCORING_KEYS = ("eval_seq_len", "eval_stride", "eval_plain", "eval_sliding", "max_val_tokens")  # equal: same scores
+SCORING_KEYS = ("eval_seq_len", "eval_stride", "eval_plain", "eval_sliding", "max_val_tokens", "temperature")  # equal: same scores
 
 
 def tax_against_prequant(quantized: dict[str, float], metrics_path: Path, provenance_path: Path,

@@ -47,3 +47,7 @@ EVALUATE_PROVENANCE = "out/evaluate/provenance.json"
 EXPORT_DIR = "out/export"  # the records folder: train_gpt.py, submission.json, README.md, logs
 
 TORCHRUN_PARAMS_DIR = ".pgolf"  # resolved params handed to processes relaunched under torchrun
+
+TTT_METRICS = "out/ttt/metrics.json"
+TTT_PROVENANCE = "out/ttt/provenance.json"
+TTT_PLOTS = "out/ttt/plots"

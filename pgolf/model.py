@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,35 @@ from torch import Tensor, nn
 from pgolf.config import ModelConfig
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+Delta = Callable[[Tensor], Tensor]  # an additive correction computed from a sub-layer's input
+
+
+@dataclass(frozen=True)
+class BlockDeltas:
+    """Low-rank corrections for one application of a block (test-time training, pgolf/lora.py).
+
+    ``q``, ``k``, ``v`` and ``o`` read the attention's normalised input; ``q``/``k``/``v`` are
+    added to their projections and ``o`` to the attention output after its projection. ``mlp``
+    reads the MLP's normalised input and is added to its output. None leaves that part alone.
+    """
+
+    q: Delta | None = None
+    k: Delta | None = None
+    v: Delta | None = None
+    o: Delta | None = None
+    mlp: Delta | None = None
+
+
+class Adapter(Protocol):
+    """What ``GPT.forward_logits`` asks of an adapter: deltas per block slot, and one on the head."""
+
+    def block(self, slot: int) -> BlockDeltas: ...
+
+    def head(self, x: Tensor) -> Tensor: ...
+
+
+def _plus(y: Tensor, delta: Delta | None, x: Tensor) -> Tensor:
+    return y if delta is None else y + delta(x)
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -172,11 +202,13 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_base, cfg.rope_train_seq_len)
         self.use_xsa = use_xsa
 
-    def forward(self, x: Tensor, attention: AttentionFn, v_embed: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attention: AttentionFn, v_embed: Tensor | None = None,
+                deltas: BlockDeltas | None = None) -> Tensor:
         b, t, dim = x.shape
-        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)  # [B, T, H, D]
-        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
-        v = self.c_v(x)  # [B, T, Hkv * D]
+        d = deltas or BlockDeltas()
+        q = _plus(self.c_q(x), d.q, x).view(b, t, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = _plus(self.c_k(x), d.k, x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        v = _plus(self.c_v(x), d.v, x)  # [B, T, Hkv * D]
         if v_embed is not None:
             v = v + v_embed  # value embeddings join the values before the heads split (SEEDS_SPEC §4.3)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
@@ -187,7 +219,7 @@ class CausalSelfAttention(nn.Module):
         y = attention(q, k, v)  # [B, T, H, D]
         if self.use_xsa:
             y = self.exclude_self_value(y, v)
-        return self.proj(y.reshape(b, t, dim))
+        return _plus(self.proj(y.reshape(b, t, dim)), d.o, x)
 
     def exclude_self_value(self, y: Tensor, v: Tensor) -> Tensor:
         """XSA: remove from each head's output its component along its own value vector."""
@@ -223,11 +255,14 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
         self.norm_scale = 1.0 / math.sqrt(layer_index + 1) if cfg.ln_scale else 1.0
 
-    def forward(self, x: Tensor, x0: Tensor, attention: AttentionFn, v_embed: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, attention: AttentionFn, v_embed: Tensor | None = None,
+                deltas: BlockDeltas | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)  # [2, C]
         x_in = mix[0] * x + mix[1] * x0
-        x = x_in + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x_in) * self.norm_scale, attention, v_embed)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+        x = x_in + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x_in) * self.norm_scale, attention, v_embed, deltas)
+        mlp_in = rms_norm(x) * self.norm_scale
+        mlp_out = _plus(self.mlp(mlp_in), None if deltas is None else deltas.mlp, mlp_in)
+        return x + self.mlp_scale.to(x.dtype) * mlp_out
 
 
 # ---------------------------------------------------------------- the seeds' embeddings (PR #576, #1218)
@@ -379,8 +414,12 @@ class GPT(nn.Module):
                     with torch.no_grad():
                         module.weight.mul_(proj_gain)
 
-    def forward_logits(self, input_ids: Tensor, keep_from: int = 0) -> Tensor:
-        """Logits [B, T - keep_from, V]: positions before ``keep_from`` are context only."""
+    def forward_logits(self, input_ids: Tensor, keep_from: int = 0, adapter: Adapter | None = None) -> Tensor:
+        """Logits [B, T - keep_from, V]: positions before ``keep_from`` are context only.
+
+        ``adapter`` adds its deltas to every block application (slots numbered in running
+        order, so a looped layer gets one slot per pass) and to the head before the softcap.
+        """
         x = self.tok_emb(input_ids)  # [B, T, E]
         if self.bigram is not None:
             x = x + self.bigram(input_ids)  # before the norm, as PR #576
@@ -393,18 +432,22 @@ class GPT(nn.Module):
         value_embeds = self.value_embeddings(input_ids)
         encoder, decoder = layer_order(self.config, self.looping_active)
         skips: list[Tensor] = []
-        for i in encoder:
-            x = self.blocks[i](x, x0, self.attention, value_embeds.get(i))
+        for slot, i in enumerate(encoder):
+            deltas = None if adapter is None else adapter.block(slot)
+            x = self.blocks[i](x, x0, self.attention, value_embeds.get(i), deltas)
             skips.append(x)
         for step, i in enumerate(decoder):
             if step < len(self.skip_weights) and skips:
                 x = self.merge_skip(x, skips.pop(), step)
-            x = self.blocks[i](x, x0, self.attention, value_embeds.get(i))
+            deltas = None if adapter is None else adapter.block(len(encoder) + step)
+            x = self.blocks[i](x, x0, self.attention, value_embeds.get(i), deltas)
         x = self.final_norm(x[:, keep_from:])  # [B, T - keep_from, C]
         if self.head_proj is not None:
             x = self.head_proj(x)  # [B, T, E]
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head.to(x.dtype))  # [B, T, V]
+        if adapter is not None:
+            logits = logits + adapter.head(x)
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap)
 

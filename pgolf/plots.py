@@ -134,3 +134,10 @@ def tensor_size_plot(path: str | Path, rows: list[dict[str, Any]]) -> None:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
+
+
+def running_bpb_plot(path: str | Path, chunks: list[dict[str, Any]], method: str) -> None:
+    """Test-time training: the bpb of everything scored so far, chunk by chunk in scoring order."""
+    line_plot(path, [row["chunk"] for row in chunks], {"running bpb": [row["running_bpb"] for row in chunks]},
+              "chunk (sgd_all, adamw_tail) or document group (lora_doc, phased), in scoring order", "bpb",
+              f"TTT {method}: running bpb")

@@ -1,0 +1,81 @@
+"""DVC stage ``ttt``: score-first test-time training of the artifact (pgolf/ttt.py).
+
+Loads the decompressed artifact (what a submission ships), adapts and scores the validation
+split with ``ttt.method``, and commits ``out/ttt/metrics.json`` (score, work, seconds, the
+gain against evaluate's sliding score of the same artifact, the compliance block) and the
+running bpb per chunk in ``out/ttt/plots/``. ``ttt.enabled: false`` (the record) skips the
+work and says so in the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from pgolf import layout
+from pgolf.atomic import stage_outputs
+from pgolf.codec import artifact_model
+from pgolf.config import EvaluateConfig, TokenizeConfig, TTTConfig, section, to_dict
+from pgolf.distributed import init_distributed, shutdown
+from pgolf.evaluate import validation_set
+from pgolf.plots import running_bpb_plot, write_csv
+from pgolf.provenance import log_provenance
+from pgolf.shards import check_dataset, dataset_path
+from pgolf.stage import Workspace, run_stage
+from pgolf.tokenizer import tokenizer_file
+from pgolf.ttt import run_ttt, ttt_metrics
+
+
+def run(params: dict, ws: Workspace) -> None:
+    cfg = section(params, "ttt", TTTConfig)
+    data_dir = section(params, "tokenize", TokenizeConfig).data_dir
+    ctx = init_distributed(cfg.device) if cfg.enabled else None
+    try:
+        record = log_provenance("ttt", {"ttt": to_dict(cfg), "data_dir": data_dir,
+                                        "world_size": ctx.world_size if ctx else 1}) if not ctx or ctx.is_main else {}
+        if ctx is None:
+            print("[pgolf ttt] ttt.enabled is false: no test-time training (set ttt.enabled=true to run it)")
+            commit(ws, {"enabled": False, "method": cfg.method}, [], record)
+            return
+        model = artifact_model(ws.input(layout.COMPRESS_ARTIFACT), ctx.device)
+        model.looping_active = True
+        vocab = model.config.vocab_size
+        dataset_dir, tokenizer = ws.input(dataset_path(data_dir, vocab)), ws.input(tokenizer_file(data_dir, vocab))
+        check_dataset(dataset_dir, tokenizer, vocab, scan=("val",))
+        tokens, tables = validation_set(dataset_dir, tokenizer, vocab,
+                                        EvaluateConfig(eval_seq_len=cfg.seq_len, max_val_tokens=cfg.max_val_tokens))
+        result = run_ttt(model, tokens, tables, cfg, ctx.device, ctx)
+        if ctx.is_main:
+            evaluated = ws.input(layout.EVALUATE_METRICS)
+            evaluated = json.loads(evaluated.read_text(encoding="utf-8")) if evaluated.is_file() else {}
+            commit(ws, ttt_metrics(result, cfg, evaluated, ctx.world_size), result.chunks, record)
+            print(f"[pgolf ttt] {cfg.method}: val_loss {result.score.loss:.8f} val_bpb {result.score.bpb:.8f} "
+                  f"({result.optimizer_steps:,} steps, {result.seconds:.1f} s)", flush=True)
+    finally:
+        if ctx is not None:
+            shutdown(ctx)
+
+
+def commit(ws: Workspace, metrics: dict, chunks: list[dict], record: dict) -> None:
+    """Metrics, provenance and the per-chunk plots (empty when nothing was trained) together."""
+    with stage_outputs() as out:
+        plots = out.path(ws.output(layout.TTT_PLOTS))
+        plots.mkdir()
+        if chunks:
+            write_csv(plots / "chunks.csv", chunks)
+            running_bpb_plot(plots / "running_bpb.png", chunks, metrics["method"])
+        out.write_json(ws.output(layout.TTT_PROVENANCE), record)
+        out.write_json(ws.output(layout.TTT_METRICS), metrics)
+
+
+def processes(params: dict) -> int:
+    cfg = section(params, "ttt", TTTConfig)
+    return cfg.nproc_per_node if cfg.enabled else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("ttt", run, argv, processes=processes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
