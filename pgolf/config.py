@@ -148,9 +148,10 @@ class QuantizeConfig:
 class CompressConfig:
     """Pickle-free serialisation, byte shuffle and entropy coding (section 6)."""
 
-    compressor: str = "brotli"  # brotli | lzma
+    compressor: str = "brotli"  # brotli | lzma | zstd | ans (pgolf.entropy's model-based coder)
     brotli_quality: int = 11
     lzma_preset: int = 6
+    zstd_level: int = 22
     shuffle_stride: int = 2
     size_limit_bytes: int = 16_000_000
     compress_code: bool = True  # count code as one brotli stream, as the records' self-extracting scripts
@@ -158,6 +159,7 @@ class CompressConfig:
         default_factory=lambda: [
             "pgolf/model.py",
             "pgolf/codec.py",
+            "pgolf/entropy.py",  # the ans decoder: codec imports it
             "pgolf/evaluate.py",
             "pgolf/tokenizer.py",
         ]
