@@ -3,9 +3,11 @@
 GPTQ produces a :class:`QuantizedModel` (int codes with one fp16 scale per row, and small
 fp16 tensors kept as they are). :func:`serialize` turns it into plain bytes that only
 describe arrays, so reading an artifact can never run code; :func:`compress` byte-shuffles
-those bytes (REFERENCE.md section 6) and entropy-codes them with brotli or lzma inside a
-small container that names the compressor, so :func:`decompress` needs no parameters.
-Anything wrong with a file is an :class:`ArtifactError` that says what and where.
+those bytes (REFERENCE.md section 6) and codes them with brotli, lzma or zstd, or codes the
+model's arrays under explicit probability models (``ans``, :mod:`pgolf.entropy`), inside a
+small container that names the coder and its version, so :func:`decompress` needs no
+parameters. Decompression stops once the output passes the declared raw length. Anything
+wrong with a file is an :class:`ArtifactError` that says what and where.
 
 Serialized model ("PGQM", version 1), all integers little-endian::
 
@@ -20,13 +22,17 @@ array, then every 16/32-bit array, each at an even offset from an even payload s
 that the stride-2 shuffle puts all low bytes of the fp16 values together and all high
 bytes together.
 
-Compressed artifact ("PGAZ", version 1)::
+Compressed artifact ("PGAZ", version 2)::
 
-    b"PGAZ" | u8 version | u8 compressor (1 brotli, 2 lzma) | u64 raw_len | u32 crc32(raw) | stream
+    b"PGAZ" | u8 version | u8 compressor | u8 coder version | u64 raw_len | u32 crc32(raw) | stream
 
-where ``stream`` is the compressed shuffle ``b"BSHF" | u8 stride | shuffled bytes`` (the
-reference's shuffle header; unlike the reference it is written for stride 1 as well, so a
-stream always says how to undo it).
+with compressor 1 brotli, 2 lzma, 3 zstd (coder version 1: ``stream`` is the library's
+stream of the shuffle ``b"BSHF" | u8 stride | shuffled bytes``, the reference's shuffle
+header, written for stride 1 as well so that a stream always says how to undo it) or 4
+ans (``stream`` as :mod:`pgolf.entropy` describes, coder version
+:data:`pgolf.entropy.CODER_VERSION`). Version 1, written before the coder version byte,
+is ``b"PGAZ" | u8 1 | u8 compressor (1 or 2) | u64 raw_len | u32 crc32 | stream`` and
+still loads.
 """
 
 from __future__ import annotations

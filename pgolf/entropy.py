@@ -25,6 +25,8 @@ is the same on every machine (the encoder codes with exactly the table it sends)
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -93,8 +95,7 @@ def decode_payload(body: memoryview, specs: list[ArraySpec], payload_len: int) -
     method, section = reader.section("codes")
     if method != COLUMNS:
         raise StreamError(f"codes section has method {method}, expected {COLUMNS} (columns)")
-    for spec, array in zip(codes, _decode_codes(section, codes)):
-        payload[spec.offset:spec.offset + spec.nbytes] = array.tobytes()
+    _decode_codes(section, codes, payload)
     for role, dtype in _FLOAT_SECTIONS:
         chosen = [spec for spec in specs if (spec.role, spec.dtype) == (role, dtype)]
         name = f"{role} {dtype}"
@@ -246,9 +247,8 @@ class _Table:
         return coder.decode(self._model(), count)
 
     def probabilities(self) -> np.ndarray:
-        """float64 [hi - lo + 1], not normalized: ``2^(-v/16)``, 0 where absent."""
-        steps = self.values.astype(np.float64)
-        return np.where(self.values != ABSENT, np.exp2(-steps / LOG_STEPS), 0.0)
+        """float64 [hi - lo + 1], not normalized: ``2^(-v/16)`` (as :func:`_step_weights`), 0 where absent."""
+        return _step_weights()[self.values]
 
     def _model(self) -> constriction.stream.model.Categorical:
         return constriction.stream.model.Categorical(self.probabilities(), perfect=False)
@@ -272,10 +272,34 @@ def _table(counts: np.ndarray) -> _Table:
     used = np.flatnonzero(counts)
     lo, hi = int(used[0]), int(used[-1])
     window = counts[lo:hi + 1].astype(np.float64)
-    with np.errstate(divide="ignore"):
-        steps = np.round(-np.log2(window / window.max()) * LOG_STEPS)
-    values = np.where(window > 0, np.minimum(steps, ABSENT - 1), ABSENT).astype(np.uint8)
+    # v = round(-16 log2(count / max)) by comparison with the step boundaries 2^(-(v + 1/2) / 16)
+    below = len(_step_boundaries()) - np.searchsorted(_step_boundaries()[::-1], window / window.max(), side="right")
+    values = np.where(window > 0, np.minimum(below, ABSENT - 1), ABSENT).astype(np.uint8)
     return _Table(lo, values)
+
+
+@functools.cache
+def _step_weights() -> np.ndarray:
+    """float64 [256]: ``2^(52 - v/16)`` rounded down, exactly, by integer roots (0 for :data:`ABSENT`).
+
+    Integer arithmetic makes the model's probabilities the same bits on every machine, so
+    any decoder rebuilds exactly the encoder's model.
+    """
+    weights = [_root(2 ** (52 * LOG_STEPS - v), LOG_STEPS) for v in range(ABSENT)]
+    return np.array(weights + [0], dtype=np.float64)
+
+
+@functools.cache
+def _step_boundaries() -> np.ndarray:
+    """float64 [255], descending: ``2^(-(v + 1/2) / 16)`` to 52 bits, exactly, for v = 0..254."""
+    return np.array([_root(2 ** (52 * 2 * LOG_STEPS - 2 * v - 1), 2 * LOG_STEPS) / 2**52 for v in range(ABSENT)])
+
+
+def _root(value: int, degree: int) -> int:
+    """``floor(value^(1/degree))`` for a power-of-two ``degree``: nested integer square roots are exact."""
+    while degree > 1:
+        value, degree = math.isqrt(value), degree // 2
+    return value
 
 
 def _words(coder: constriction.stream.stack.AnsCoder) -> bytes:
@@ -300,88 +324,241 @@ def _check_consumed(coder: constriction.stream.stack.AnsCoder, what: str) -> Non
 
 LEVEL_CHOICES = (0, 1, 2, 4, 8)  # column levels per octave of code RMS the encoder tries (0: one class)
 MAX_LEVELS_PER_OCTAVE = 32
+ROW_LEVELS_PER_OCTAVE = 2  # classes of predicted rows, by the RMS of their residual
+NEIGHBOURS = 16  # candidates per row on each side, in each of two sort orders, for a reference row
+REFERENCE_GAIN = 2  # a row takes a reference when its residual has under 1/2 of its own mean square
+_TENSOR_HEADER = struct.Struct("<BBI")  # column levels per octave, column centres sent (0/1), predicted rows
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """How one code matrix is coded: its column classes and a table per class."""
+    """How one code matrix is coded.
 
-    per_octave: int  # 0: the whole matrix is one class
-    classes: np.ndarray  # uint8 [cols]: each column's class (dense: 0..n-1)
-    tables: list[_Table]
+    Rows that nearly repeat an earlier row (the embedding rows of tokens seen rarely or
+    never drift together) are *predicted*: coded as their difference from that reference
+    row, modulo the code range, under tables by the residual's RMS class. The other rows
+    (the roots) are coded column class by column class.
+    """
+
+    per_octave: int  # 0: the roots' columns are one class
+    centres: np.ndarray | None  # int8 [cols]: each column's median code among the roots, coded relative to it
+    classes: np.ndarray  # uint8 [cols]: each column's class among the roots (dense: 0..n-1)
+    tables: list[_Table]  # one per column class
+    predicted: np.ndarray  # int32 [n]: predicted rows, ascending
+    references: np.ndarray  # int32 [n]: the earlier row each one repeats
+    row_classes: np.ndarray  # uint8 [n]: each predicted row's residual class (dense)
+    row_tables: list[_Table]  # one per residual class
 
 
 def _encode_codes(arrays: list[np.ndarray], specs: list[ArraySpec]) -> bytes:
-    """``u8 per_octave × tensors | section(column classes) | tables | ANS words`` (module docstring)."""
+    """``(u8 per_octave, u8 centred, u32 predicted) × tensors | section(column classes) | section(column
+    centres) | section(predicted rows and reference distances, int32 pairs) | section(residual classes) |
+    tables | ANS words``."""
     plans = [_plan(codes, spec.bits) for codes, spec in zip(arrays, specs)]
-    classes = b"".join(plan.classes.tobytes() for plan in plans if plan.per_octave)
     coder = constriction.stream.stack.AnsCoder()
     for codes, spec, plan in zip(reversed(arrays), reversed(specs), reversed(plans)):
-        blocks = _class_blocks(codes, plan.classes, len(plan.tables))
-        offset = 2 ** (spec.bits - 1) - 1
-        for block, table in zip(reversed(blocks), reversed(plan.tables)):
-            symbols = block.astype(np.int32)
-            symbols += offset - table.lo  # code -qmax..qmax -> table symbol 0..
-            table.encode(coder, symbols)
-    tables = b"".join(table.to_bytes() for plan in plans for table in plan.tables)
-    return bytes(plan.per_octave for plan in plans) + _encode_bytes(classes, 1) + tables + _words(coder)
+        for block, table in reversed(_blocks(codes, spec.bits, plan)):
+            table.encode(coder, block - table.lo)
+    headers = b"".join(
+        _TENSOR_HEADER.pack(plan.per_octave, plan.centres is not None, len(plan.predicted)) for plan in plans
+    )
+    classes = b"".join(plan.classes.tobytes() for plan in plans if plan.per_octave)
+    centres = b"".join(plan.centres.tobytes() for plan in plans if plan.centres is not None)
+    pairs = np.concatenate([np.stack([plan.predicted, plan.predicted - plan.references], axis=1).ravel()
+                            for plan in plans] + [np.zeros(0, np.int32)]).astype("<i4")
+    row_classes = b"".join(plan.row_classes.tobytes() for plan in plans)
+    tables = b"".join(table.to_bytes() for plan in plans for table in plan.tables + plan.row_tables)
+    return (headers + _encode_bytes(classes, 1) + _encode_bytes(centres, 1) + _encode_bytes(pairs.tobytes(), 4)
+            + _encode_bytes(row_classes, 1) + tables + _words(coder))
 
 
-def _decode_codes(body: memoryview, specs: list[ArraySpec]) -> list[np.ndarray]:
+def _blocks(codes: np.ndarray, bits: int, plan: _Plan) -> list[tuple[np.ndarray, _Table]]:
+    """Every block of symbols (int32, 0..2·qmax) with its table, in decoding order."""
+    qmax = 2 ** (bits - 1) - 1
+    roots = _roots(codes.shape[0], plan.predicted)
+    order = np.argsort(plan.classes, kind="stable")
+    by_class = _centred(codes[roots].T[order], plan.centres, order, qmax).ravel()  # [root cols by class × roots]
+    ends = np.cumsum(np.bincount(plan.classes, minlength=len(plan.tables))) * len(roots)
+    blocks = list(zip(np.split(by_class, ends[:-1]), plan.tables))
+    for rows, references, table in _row_groups(plan):
+        residual = (codes[rows].astype(np.int32) - codes[references] + qmax) % (2 * qmax + 1)  # [n, cols]
+        blocks.append((residual.ravel(), table))
+    return blocks
+
+
+def _decode_codes(body: memoryview, specs: list[ArraySpec], payload: bytearray) -> None:
+    """Decode every code matrix of ``specs`` into its place in ``payload``."""
     reader = _Reader(body)
-    per_octave = list(reader.take(len(specs), "codes: levels per octave"))
-    if max(per_octave, default=0) > MAX_LEVELS_PER_OCTAVE:
-        raise StreamError(f"codes: {max(per_octave)} levels per octave (at most {MAX_LEVELS_PER_OCTAVE})")
-    columns = sum(spec.shape[1] for spec, k in zip(specs, per_octave) if k)
-    method, section = reader.section("codes: column classes")
-    classes = np.frombuffer(_decode_bytes(method, section, columns, 1, "codes: column classes"), dtype=np.uint8)
-    plans, start = [], 0
-    for spec, k in zip(specs, per_octave):
-        rows, cols = spec.shape
-        if k:
-            column_classes, start = classes[start:start + cols], start + cols
-        else:
-            column_classes = np.zeros(cols, dtype=np.uint8)
-        count = 0 if rows * cols == 0 else int(column_classes.max()) + 1
-        tables = [_Table.read(reader, "codes") for _ in range(count)]
-        if any(table.lo + len(table.values) > 2**spec.bits - 1 for table in tables):
-            raise StreamError(f"codes: a table reaches beyond the {spec.bits}-bit codes of its matrix (corrupt)")
-        plans.append(_Plan(k, column_classes, tables))
+    headers = [_TENSOR_HEADER.unpack(reader.take(_TENSOR_HEADER.size, "codes: tensor header")) for _ in specs]
+    if max((k for k, _, _ in headers), default=0) > MAX_LEVELS_PER_OCTAVE or any(c > 1 for _, c, _ in headers):
+        raise StreamError(f"codes: more than {MAX_LEVELS_PER_OCTAVE} levels per octave or a bad flag (corrupt)")
+    if any(n > spec.shape[0] for spec, (_, _, n) in zip(specs, headers)):
+        raise StreamError("codes: more predicted rows than a matrix has (corrupt)")
+    columns = sum(spec.shape[1] for spec, (k, _, _) in zip(specs, headers) if k)
+    centred = sum(spec.shape[1] for spec, (_, c, _) in zip(specs, headers) if c)
+    predicted = sum(n for _, _, n in headers)
+    classes = _read_array(reader, "codes: column classes", columns, np.uint8)
+    centres = _read_array(reader, "codes: column centres", centred, np.int8)
+    pairs = _read_array(reader, "codes: predicted rows", 2 * predicted, np.dtype("<i4")).reshape(-1, 2)
+    row_classes = _read_array(reader, "codes: residual classes", predicted, np.uint8)
+    plans, column_start, centre_start, row_start = [], 0, 0, 0
+    for spec, (k, c, n) in zip(specs, headers):
+        cols = spec.shape[1]
+        column_classes = classes[column_start:column_start + cols] if k else np.zeros(cols, dtype=np.uint8)
+        column_start += cols if k else 0
+        column_centres = centres[centre_start:centre_start + cols] if c else None
+        centre_start += cols if c else 0
+        rows, row_start = slice(row_start, row_start + n), row_start + n
+        plan = _read_plan(reader, spec, k, column_classes, pairs[rows], row_classes[rows])
+        plans.append(dataclasses.replace(plan, centres=column_centres))
     coder = _ans_decoder(reader.rest(), "codes")
-    arrays = [_decode_matrix(coder, spec, plan) for spec, plan in zip(specs, plans)]
+    for spec, plan in zip(specs, plans):
+        count = math.prod(spec.shape)
+        _decode_matrix(coder, spec, plan, np.frombuffer(payload, np.int8, count, spec.offset).reshape(spec.shape))
     _check_consumed(coder, "codes")
-    return arrays
 
 
-def _decode_matrix(coder: constriction.stream.stack.AnsCoder, spec: ArraySpec, plan: _Plan) -> np.ndarray:
+def _read_array(reader: _Reader, what: str, count: int, dtype: np.dtype) -> np.ndarray:
+    method, section = reader.section(what)
+    size = count * np.dtype(dtype).itemsize
+    return np.frombuffer(_decode_bytes(method, section, size, np.dtype(dtype).itemsize, what), dtype=dtype)
+
+
+def _read_plan(
+    reader: _Reader, spec: ArraySpec, per_octave: int, classes: np.ndarray, pairs: np.ndarray, row_classes: np.ndarray
+) -> _Plan:
+    rows, cols = spec.shape
+    predicted, distances = pairs[:, 0].astype(np.int32), pairs[:, 1].astype(np.int32)
+    if len(predicted) and (np.any(np.diff(predicted) <= 0) or predicted[-1] >= rows or np.any(distances <= 0)
+                           or np.any(distances > predicted)):
+        raise StreamError("codes: predicted rows out of order or referring outside their matrix (corrupt)")
+    roots = rows - len(predicted)
+    count = 0 if roots * cols == 0 else int(classes.max()) + 1
+    row_count = 0 if len(predicted) * cols == 0 else int(row_classes.max()) + 1
+    tables = [_Table.read(reader, "codes") for _ in range(count + row_count)]
+    if any(table.lo + len(table.values) > 2**spec.bits - 1 for table in tables):
+        raise StreamError(f"codes: a table reaches beyond the {spec.bits}-bit codes of its matrix (corrupt)")
+    return _Plan(per_octave, None, classes, tables[:count], predicted, predicted - distances, row_classes,
+                 tables[count:])
+
+
+def _decode_matrix(coder: constriction.stream.stack.AnsCoder, spec: ArraySpec, plan: _Plan, out: np.ndarray) -> None:
+    """Decode one code matrix into ``out`` (int8 [rows, cols]) in the order of :func:`_blocks`."""
     rows, cols = spec.shape
     qmax = 2 ** (spec.bits - 1) - 1
-    order = np.argsort(plan.classes, kind="stable")  # columns class by class, as the encoder wrote them
-    sizes = np.bincount(plan.classes, minlength=len(plan.tables)) * rows
-    by_class = np.empty(rows * cols, dtype=np.int8)  # [cols of class 0, then class 1, ...] × rows
+    roots = _roots(rows, plan.predicted)
+    by_class = np.empty(len(roots) * cols, dtype=np.int8)  # [root cols of class 0, then class 1, ...] × roots
     start = 0
-    for size, table in zip(sizes.tolist(), plan.tables):
+    for size, table in zip((np.bincount(plan.classes, minlength=len(plan.tables)) * len(roots)).tolist(), plan.tables):
         symbols = table.decode(coder, size)  # int32 [size], within the table (checked against bits)
         np.add(symbols, table.lo - qmax, out=by_class[start:start + size], casting="unsafe")
         start += size
-    transposed = np.empty((cols, rows), dtype=np.int8)  # [cols, rows]
-    transposed[order] = by_class.reshape(cols, rows)
-    return np.ascontiguousarray(transposed.T)  # [rows, cols]
+    decoded = by_class.reshape(cols, len(roots)).T  # [roots, cols], columns still in class order
+    order = np.argsort(plan.classes, kind="stable")
+    if plan.centres is not None:  # undo (q - centre + qmax) mod n
+        decoded = ((decoded.astype(np.int16) + qmax + plan.centres[order]) % (2 * qmax + 1) - qmax).astype(np.int8)
+    if len(roots) == rows:
+        out[:, order] = decoded
+    else:
+        root_rows = np.empty((len(roots), cols), dtype=np.int8)
+        root_rows[:, order] = decoded
+        out[roots] = root_rows
+    for group, references, table in _row_groups(plan):
+        symbols = table.decode(coder, len(group) * cols).reshape(len(group), cols) + table.lo
+        out[group] = (symbols + out[references]) % (2 * qmax + 1) - qmax  # undoes (q - q_ref + qmax) mod n
+
+
+def _roots(rows: int, predicted: np.ndarray) -> np.ndarray:
+    """The rows that are not predicted, ascending."""
+    keep = np.ones(rows, dtype=bool)
+    keep[predicted] = False
+    return np.flatnonzero(keep)
+
+
+def _row_groups(plan: _Plan) -> list[tuple[np.ndarray, np.ndarray, _Table]]:
+    """Predicted rows by generation (a row comes after its reference), then residual class."""
+    generation: dict[int, int] = {}
+    for row, reference in zip(plan.predicted.tolist(), plan.references.tolist()):
+        generation[row] = generation.get(reference, 0) + 1  # references precede their rows
+    depth = np.array([generation[row] for row in plan.predicted.tolist()], dtype=np.int64)
+    groups = []
+    for level in range(1, int(depth.max(initial=0)) + 1):
+        for index, table in enumerate(plan.row_tables):
+            chosen = (depth == level) & (plan.row_classes == index)
+            if chosen.any():
+                groups.append((plan.predicted[chosen], plan.references[chosen], table))
+    return groups
 
 
 def _plan(codes: np.ndarray, bits: int) -> _Plan:
-    """The cheapest column classing of one code matrix among :data:`LEVEL_CHOICES` (estimated bits)."""
+    """The predicted rows, then the cheapest column classing of the roots (estimated bits)."""
+    rows, cols = codes.shape
+    qmax = 2 ** (bits - 1) - 1
+    predicted, references = _references(codes)
+    residual = (codes[predicted].astype(np.int32) - codes[references] + qmax) % (2 * qmax + 1)  # [n, cols]
+    residual_square = np.sum(np.square(residual - qmax, dtype=np.float64), axis=1) / max(cols, 1)  # exact sums
+    row_classes = _levels(residual_square, ROW_LEVELS_PER_OCTAVE)
+    row_tables = [_table(np.bincount(residual[row_classes == c].ravel(), minlength=2 * qmax + 1))
+                  for c in range(len(np.unique(row_classes)))]
+    roots = codes[_roots(rows, predicted)]  # [roots, cols]
+    centres = np.rint(np.median(roots, axis=0)).astype(np.int8) if roots.size else np.zeros(cols, dtype=np.int8)
+    plain, centred = _column_plan(roots, None, bits), _column_plan(roots, centres, bits)
+    centre_bits = _coded_bits(np.bincount(centres.astype(np.int64) + 128), None) + 8 * 256  # ~ its section
+    if centred[0] + centre_bits < plain[0]:
+        return _Plan(centred[1], centres, *centred[2:], predicted, references, row_classes, row_tables)
+    return _Plan(plain[1], None, *plain[2:], predicted, references, row_classes, row_tables)
+
+
+def _centred(codes: np.ndarray, centres: np.ndarray | None, order: np.ndarray, qmax: int) -> np.ndarray:
+    """Symbols of ``codes`` (int8 [cols in ``order``, n]): ``(q - centre + qmax) mod (2·qmax + 1)``, int32."""
+    symbols = codes.astype(np.int32) + qmax
+    if centres is not None:
+        symbols -= centres[order].astype(np.int32)[:, None]
+        symbols %= 2 * qmax + 1
+    return symbols
+
+
+def _references(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows that nearly repeat an earlier row, and that row (integer arithmetic: the same on every machine).
+
+    Candidates are the rows next to each other when sorted by two projections (the sum of a
+    row's codes, and its alternating sum), so near-repeats meet without comparing all pairs;
+    a matrix whose rows have no near-repeat among their direct neighbours is not searched further.
+    """
+    rows, cols = codes.shape
+    wide = codes.astype(np.int32)  # [rows, cols]; squared distances stay below 2^31 for cols < 2^15
+    own = np.sum(np.square(wide), axis=1)  # [rows]
+    best = np.full(rows, np.iinfo(np.int32).max, dtype=np.int64)
+    reference = np.full(rows, -1, dtype=np.int64)
+    signs = np.where(np.arange(cols) % 2 == 0, 1, -1).astype(np.int32)
+    for key in (wide.sum(axis=1), wide @ signs):
+        order = np.argsort(key, kind="stable")
+        for offset in range(1, min(NEIGHBOURS, rows - 1) + 1):
+            for row, partner in ((order[offset:], order[:-offset]), (order[:-offset], order[offset:])):
+                earlier = partner < row
+                row, partner = row[earlier], partner[earlier]  # each row at most once: no write conflicts
+                distance = np.sum(np.square(wide[row] - wide[partner]), axis=1)  # [pairs]
+                better = (distance < best[row]) | ((distance == best[row]) & (partner < reference[row]))
+                best[row[better]], reference[row[better]] = distance[better], partner[better]
+            if offset == 1 and not np.any(REFERENCE_GAIN * best < own):
+                return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32)
+    chosen = np.flatnonzero((reference >= 0) & (REFERENCE_GAIN * best < own))
+    return chosen.astype(np.int32), reference[chosen].astype(np.int32)
+
+
+def _column_plan(codes: np.ndarray, centres: np.ndarray | None, bits: int) -> tuple[float, int, np.ndarray, list]:
+    """``(estimated bits, per_octave, classes, tables)``: the cheapest column classing among
+    :data:`LEVEL_CHOICES`, side information included."""
     rows, cols = codes.shape
     if codes.size == 0:
-        return _Plan(0, np.zeros(cols, dtype=np.uint8), [])
+        return 0.0, 0, np.zeros(cols, dtype=np.uint8), []
     nsym = 2**bits - 1
-    column_counts = _column_counts(codes, bits)  # [cols, nsym]
-    # a column's code RMS from its histogram; the floor keeps log2 finite for all-zero columns
-    mean_square = column_counts @ np.square(np.arange(nsym) - nsym // 2, dtype=np.float64) / rows
-    rms = np.sqrt(mean_square + 0.25)  # [cols]
-    best: tuple[float, _Plan] | None = None
+    column_counts = _column_counts(_centred(codes.T, centres, np.arange(cols), nsym // 2), nsym)  # [cols, nsym]
+    # exact: integer counts times integer squares stay far below 2^53
+    mean_square = column_counts @ np.square(np.arange(nsym) - nsym // 2, dtype=np.float64) / rows  # [cols]
+    best: tuple[float, int, np.ndarray, list[_Table]] | None = None
     for per_octave in LEVEL_CHOICES:
-        classes = _column_classes(rms, per_octave)
+        classes = _levels(mean_square, per_octave)
         members = np.zeros((int(classes.max()) + 1, cols))  # [classes, cols]: 1 where a column is in a class
         members[classes, np.arange(cols)] = 1.0
         counts = np.rint(members @ column_counts).astype(np.int64)  # [classes, nsym]; exact below 2^53
@@ -391,26 +568,29 @@ def _plan(codes: np.ndarray, bits: int) -> _Plan:
         if per_octave:
             cost += _coded_bits(np.bincount(classes), None)  # the side information, about its entropy
         if best is None or cost < best[0]:
-            best = (cost, _Plan(per_octave, classes, tables))
-    return best[1]
+            best = (cost, per_octave, classes, tables)
+    return best
 
 
-def _column_counts(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Histogram of each column's symbols: int64 [cols, 2^bits - 1]."""
-    rows, cols = codes.shape
-    nsym = 2**bits - 1
-    keys = _symbols(codes, bits) + (np.arange(cols, dtype=np.int32) * nsym)[None, :]  # [rows, cols]
+def _column_counts(symbols: np.ndarray, nsym: int) -> np.ndarray:
+    """Histogram of each row of ``symbols`` (int32 [cols, n], 0..nsym-1): int64 [cols, nsym]."""
+    cols = symbols.shape[0]
+    keys = symbols + (np.arange(cols, dtype=np.int32) * nsym)[:, None]
     return np.bincount(keys.ravel(), minlength=cols * nsym).reshape(cols, nsym)
 
 
-def _column_classes(rms: np.ndarray, per_octave: int) -> np.ndarray:
-    """Each column's class: its log2 RMS level at ``per_octave`` steps, renumbered densely from 0."""
-    if not per_octave:
-        return np.zeros(len(rms), dtype=np.uint8)
-    levels = np.round(np.log2(rms) * per_octave).astype(np.int64)
+def _levels(mean_square: np.ndarray, per_octave: int) -> np.ndarray:
+    """Each value's RMS level at ``per_octave`` steps per octave, renumbered densely from 0 (uint8).
+
+    Levels come from comparisons with fixed boundaries (no logarithm), so they are the same
+    on every machine. A floor of 1/4 code step keeps all-zero rows and columns in range.
+    """
+    if not per_octave or len(mean_square) == 0:
+        return np.zeros(len(mean_square), dtype=np.uint8)
+    steps = np.arange(-2 * per_octave, 16 * per_octave) + 0.5  # octaves of RMS -1/2 .. 2^16 codes
+    boundaries = np.array([4.0 ** (step / per_octave) for step in steps.tolist()])  # of the mean square
+    levels = np.searchsorted(boundaries, mean_square + 0.25)
     _, dense = np.unique(levels, return_inverse=True)
-    if dense.max() > 255:
-        raise ValueError(f"{dense.max() + 1} column levels do not fit a byte")
     return dense.astype(np.uint8)
 
 
@@ -424,16 +604,3 @@ def _coded_bits(counts: np.ndarray, table: _Table | None) -> float:
         probabilities = window / window.sum()
     used = counts > 0
     return float(-(counts[used] * np.log2(probabilities[used])).sum())
-
-
-def _symbols(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Codes ``-qmax..qmax`` as ANS symbols ``0..2·qmax``: int32, same shape."""
-    return codes.astype(np.int32) + (2 ** (bits - 1) - 1)
-
-
-def _class_blocks(codes: np.ndarray, classes: np.ndarray, count: int) -> list[np.ndarray]:
-    """The codes of each class's columns, column after column: one flat block per class."""
-    order = np.argsort(classes, kind="stable")
-    by_class = codes.T[order].ravel()  # [cols sorted by class × rows]
-    ends = np.cumsum(np.bincount(classes, minlength=count)) * codes.shape[0]
-    return np.split(by_class, ends[:-1])
