@@ -1,13 +1,18 @@
 """The ``ans`` coder: a serialized model's arrays entropy-coded under explicit probability models.
 
-A general coder (brotli, lzma, zstd) looks for repeated strings, which quantized weights
-do not have; what they have is a known shape: SDClip's integer codes are a bell around 0
-whose width differs from one input channel (column) to the next. This coder gives each
-column of each code matrix a width level (its code RMS on a log scale, sent as side
-information), codes every column under the histogram of its (tensor, level) class with
-an ANS coder (``constriction``), and codes the fp16 scales and passthrough tensors byte
-lane by byte lane under their own histograms, or with brotli or raw where that is smaller.
-It ships with the artifact (its source is part of the submission's code bytes).
+A general coder (brotli, lzma, zstd) searches for repeated strings; quantized weights are
+better described by what they are. SDClip's integer codes are a bell around a centre
+whose width differs from one input channel (column) to the next, and in an embedding the
+rows of tokens seen rarely or never drift together, so they nearly repeat one another.
+Per code matrix this coder therefore (1) codes each row that nearly repeats an earlier
+row as its difference from that row (modulo the code range), under tables by the
+residual's RMS class; (2) codes the other rows column class by column class, a column's
+class being its code RMS on a log scale (0, 1, 2, 4 or 8 classes per octave, whichever
+costs least with the side information), optionally relative to each column's median
+code; every class has its own histogram, and all symbols go through one ANS coder
+(``constriction``). The fp16 scales and the passthrough tensors are coded byte lane by
+byte lane under their own histograms, or with brotli, or raw, whichever is smallest.
+The decoder ships with the artifact (this file counts as code bytes).
 
 Stream (version :data:`CODER_VERSION`), all integers little-endian::
 
@@ -16,11 +21,24 @@ Stream (version :data:`CODER_VERSION`), all integers little-endian::
 
 Methods: 0 raw bytes; 1 brotli-11 of the bytes grouped by byte lane (all first bytes of
 the items, then all second bytes, ...); 2 ``lanes``: per byte lane a histogram table,
-then one ANS stream of all lanes; 3 ``columns`` (codes only, see :func:`_encode_codes`).
-A section concatenates its arrays in header order. A histogram table is ``u8 lo | u8
-hi | (hi - lo + 1) × u8 v`` for the symbols ``lo..hi``, each with probability ∝
-``2^(-v/16)`` (``v`` 255: never occurs), so the model costs one byte per symbol used and
-is the same on every machine (the encoder codes with exactly the table it sends).
+then one ANS stream of all lanes; 3 ``columns``, the codes section::
+
+    (u8 column classes per octave, u8 centred, u32 predicted rows) × matrices
+    | bytes(column classes, u8 per column of matrices with classes)
+    | bytes(column centres, i8 per column of centred matrices)
+    | bytes(predicted rows: i32 pairs (row, row - reference row), rows ascending)
+    | bytes(residual classes, u8 per predicted row)
+    | tables: per matrix, one per column class, then one per residual class
+    | ANS words (u32): per matrix, the roots' symbols column class by column class (each
+      class's columns in order, each column top to bottom), then the predicted rows by
+      generation (a row after its reference), residual class and row
+
+where ``bytes(...)`` is a section coded by methods 0-2. A float section concatenates its
+arrays in header order. A histogram table is ``u8 lo | u8 hi | (hi - lo + 1) × u8 v``
+for the symbols ``lo..hi``, each with probability ∝ ``2^(-v/16)`` (``v`` 255: never
+occurs), so a model costs one byte per symbol used. The weights ``2^(52 - v/16)`` are
+exact integer roots and every encoder decision is transmitted, so decoding rebuilds
+exactly the encoder's models on every machine, and the same model gives the same bytes.
 """
 
 from __future__ import annotations
