@@ -28,7 +28,7 @@ then one ANS stream of all lanes; 3 ``columns``, the codes section::
     | bytes(column centres, i8 per column of centred matrices)
     | bytes(predicted rows: i32 pairs (row, row - reference row), rows ascending)
     | bytes(residual classes, u8 per predicted row)
-    | tables: per matrix, one per column class, then one per residual class
+    | u32 size | bytes(tables: per matrix, one per column class, then one per residual class)
     | ANS words (u32): per matrix, the roots' symbols column class by column class (each
       class's columns in order, each column top to bottom), then the predicted rows by
       generation (a row after its reference), residual class and row
@@ -54,8 +54,8 @@ import constriction
 import numpy as np
 
 CODER_VERSION = 1
-RAW, BROTLI, LANES, COLUMNS = 0, 1, 2, 3
-METHOD_NAMES = {RAW: "raw", BROTLI: "brotli", LANES: "lanes", COLUMNS: "columns"}
+RAW, BROTLI, LANES, COLUMNS, BELL = 0, 1, 2, 3, 4
+BELL_MAX_SPAN = 1 << 14  # widest range of 16-bit values one bell covers
 LOG_STEPS = 16  # table resolution: steps per octave of probability (error under 2.2 %)
 ABSENT = 255  # table value of a symbol that never occurs
 BROTLI_QUALITY = 11
@@ -94,7 +94,7 @@ def encode_model(head: bytes, specs: list[ArraySpec], payload: memoryview) -> by
     for role, dtype in _FLOAT_SECTIONS:
         chosen = [spec for spec in specs if (spec.role, spec.dtype) == (role, dtype)]
         data = b"".join(payload[spec.offset:spec.offset + spec.nbytes] for spec in chosen)
-        parts.append(_encode_bytes(data, _ITEMSIZE[dtype]))
+        parts.append(_encode_bytes(data, _ITEMSIZE[dtype], [math.prod(spec.shape) for spec in chosen]))
     return b"".join(parts)
 
 
@@ -118,7 +118,8 @@ def decode_payload(body: memoryview, specs: list[ArraySpec], payload_len: int) -
         chosen = [spec for spec in specs if (spec.role, spec.dtype) == (role, dtype)]
         name = f"{role} {dtype}"
         method, section = reader.section(name)
-        data = _decode_bytes(method, section, sum(spec.nbytes for spec in chosen), _ITEMSIZE[dtype], name)
+        counts = [math.prod(spec.shape) for spec in chosen]
+        data = _decode_bytes(method, section, sum(spec.nbytes for spec in chosen), _ITEMSIZE[dtype], name, counts)
         start = 0
         for spec in chosen:
             payload[spec.offset:spec.offset + spec.nbytes] = data[start:start + spec.nbytes]
@@ -172,18 +173,24 @@ class _Reader:
 # ------------------------------------------------------------------- byte sections
 
 
-def _encode_bytes(data: bytes, itemsize: int) -> bytes:
-    """The smallest of raw, brotli-by-lane and histogram-by-lane codings of ``data``."""
+def _encode_bytes(data: bytes, itemsize: int, counts: list[int] | None = None) -> bytes:
+    """The smallest of raw, brotli-by-lane, histogram-by-lane and (16-bit arrays of ``counts`` items
+    each) bell-per-array codings of ``data``."""
     candidates = [(RAW, bytes(data))]
     if data:
         lanes = _split_lanes(data, itemsize)
         candidates.append((BROTLI, brotli.compress(b"".join(lane.tobytes() for lane in lanes), quality=BROTLI_QUALITY)))
         candidates.append((LANES, _encode_lanes(lanes)))
+        values = np.frombuffer(data, dtype="<u2") if itemsize == 2 else None
+        if counts is not None and values is not None and _bell_spans_fit(values, counts):
+            candidates.append((BELL, _encode_bells(values, counts)))
     method, body = min(candidates, key=lambda candidate: len(candidate[1]))
     return _section(method, body)
 
 
-def _decode_bytes(method: int, body: memoryview, size: int | None, itemsize: int, what: str) -> bytes:
+def _decode_bytes(
+    method: int, body: memoryview, size: int | None, itemsize: int, what: str, counts: list[int] | None = None
+) -> bytes:
     """Undo :func:`_encode_bytes`; ``size`` (when known) is the length the header declares."""
     if method == RAW:
         data = bytes(body)
@@ -193,8 +200,10 @@ def _decode_bytes(method: int, body: memoryview, size: int | None, itemsize: int
         if size is None:
             raise StreamError(f"{what}: method lanes needs a declared size")
         data = _decode_lanes(body, size, itemsize, what)
+    elif method == BELL and counts is not None and itemsize == 2:
+        data = _decode_bells(body, counts, what)
     else:
-        raise StreamError(f"{what}: unknown method {method} (known: raw 0, brotli 1, lanes 2)")
+        raise StreamError(f"{what}: unknown method {method} here (known: raw 0, brotli 1, lanes 2, bell 4 for fp16)")
     if size is not None and len(data) != size:
         raise StreamError(f"{what}: decodes to {len(data):,} bytes, the header declares {size:,}")
     return data
@@ -241,6 +250,54 @@ def _decode_lanes(body: memoryview, size: int, itemsize: int, what: str) -> byte
     lanes = [(table.decode(coder, count) + table.lo).astype(np.uint8) for table in tables]
     _check_consumed(coder, what)
     return np.stack(lanes, axis=1).tobytes()  # [count, itemsize]
+
+
+_BELL = struct.Struct("<HHHI")  # lo, hi, centre, width: weight of v is 2^(-(v - centre)^2 / width)
+
+
+def _bell_spans_fit(values: np.ndarray, counts: list[int]) -> bool:
+    ends = np.cumsum(counts)
+    return all(int(chunk.max()) - int(chunk.min()) < BELL_MAX_SPAN
+               for chunk in np.split(values, ends[:-1]) if len(chunk))
+
+
+def _encode_bells(values: np.ndarray, counts: list[int]) -> bytes:
+    """Each array's 16-bit values (fp16 bit patterns: monotone in the value for one sign) under a
+    discrete Gaussian over its range: ``_BELL`` per array, then one ANS stream."""
+    chunks = [chunk for chunk in np.split(values.astype(np.int64), np.cumsum(counts)[:-1]) if len(chunk)]
+    bells = [_fit_bell(chunk) for chunk in chunks]
+    coder = constriction.stream.stack.AnsCoder()
+    for chunk, bell in zip(reversed(chunks), reversed(bells)):
+        _bell_table(*bell).encode(coder, (chunk - bell[0]).astype(np.int32))
+    return b"".join(_BELL.pack(*bell) for bell in bells) + _words(coder)
+
+
+def _fit_bell(chunk: np.ndarray) -> tuple[int, int, int, int]:
+    """The cheapest of a few bells around the mean: widths from 1/2 to 2 times ``2σ² ln 2``."""
+    lo, hi = int(chunk.min()), int(chunk.max())
+    centre = int(np.rint(np.mean(chunk)))
+    counts = np.bincount(chunk - lo)
+    fitted = 2 * math.log(2) * float(np.mean(np.square(chunk - centre)))
+    candidates = [(lo, hi, centre, max(1, round(fitted * 2 ** (k / 4)))) for k in range(-4, 5)]
+    return min(candidates, key=lambda bell: _coded_bits(counts, _bell_table(0, hi - lo, centre - lo, bell[3])))
+
+
+def _decode_bells(body: memoryview, counts: list[int], what: str) -> bytes:
+    reader = _Reader(body)
+    present = [count for count in counts if count]
+    bells = [_BELL.unpack(reader.take(_BELL.size, f"{what} bell")) for _ in present]
+    if any(hi < lo or hi - lo >= BELL_MAX_SPAN or width == 0 for lo, hi, _, width in bells):
+        raise StreamError(f"{what}: a bell with an empty or too wide range (corrupt)")
+    coder = _ans_decoder(reader.rest(), what)
+    chunks = [(_bell_table(*bell).decode(coder, count) + bell[0]).astype("<u2") for bell, count in zip(bells, present)]
+    _check_consumed(coder, what)
+    return b"".join(chunk.tobytes() for chunk in chunks)
+
+
+def _bell_table(lo: int, hi: int, centre: int, width: int) -> _Table:
+    """The table of a discrete Gaussian on ``lo..hi`` in :data:`LOG_STEPS` steps (integer arithmetic)."""
+    offsets = np.arange(lo, hi + 1, dtype=np.int64) - centre
+    return _Table(lo, np.minimum(LOG_STEPS * offsets * offsets // width, ABSENT - 1).astype(np.uint8))
 
 
 # ---------------------------------------------------------------- histogram tables
@@ -340,11 +397,14 @@ def _check_consumed(coder: constriction.stream.stack.AnsCoder, what: str) -> Non
 
 # ------------------------------------------------------------------------ code matrices
 
-LEVEL_CHOICES = (0, 1, 2, 4, 8)  # column levels per octave of code RMS the encoder tries (0: one class)
+LEVEL_CHOICES = (0, 1, 2, 3, 4, 6, 8)  # column levels per octave of code RMS the encoder tries (0: one class)
 MAX_LEVELS_PER_OCTAVE = 32
 ROW_LEVELS_PER_OCTAVE = 2  # classes of predicted rows, by the RMS of their residual
 NEIGHBOURS = 16  # candidates per row on each side, in each of two sort orders, for a reference row
 REFERENCE_GAIN = 2  # a row takes a reference when its residual has under 1/2 of its own mean square
+_NEAREST_CHUNK = 1024  # rows per block of the all-pairs search among near-repeats
+_TABLES_SIZE = struct.Struct("<I")
+MAX_TABLES_BYTES = 1 << 24  # far above any real model's tables: bounds what a corrupt size can allocate
 _TENSOR_HEADER = struct.Struct("<BBI")  # column levels per octave, column centres sent (0/1), predicted rows
 
 
@@ -387,7 +447,8 @@ def _encode_codes(arrays: list[np.ndarray], specs: list[ArraySpec]) -> bytes:
     row_classes = b"".join(plan.row_classes.tobytes() for plan in plans)
     tables = b"".join(table.to_bytes() for plan in plans for table in plan.tables + plan.row_tables)
     return (headers + _encode_bytes(classes, 1) + _encode_bytes(centres, 1) + _encode_bytes(pairs.tobytes(), 4)
-            + _encode_bytes(row_classes, 1) + tables + _words(coder))
+            + _encode_bytes(row_classes, 1) + _TABLES_SIZE.pack(len(tables)) + _encode_bytes(tables, 1)
+            + _words(coder))
 
 
 def _blocks(codes: np.ndarray, bits: int, plan: _Plan) -> list[tuple[np.ndarray, _Table]]:
@@ -419,6 +480,10 @@ def _decode_codes(body: memoryview, specs: list[ArraySpec], payload: bytearray) 
     centres = _read_array(reader, "codes: column centres", centred, np.int8)
     pairs = _read_array(reader, "codes: predicted rows", 2 * predicted, np.dtype("<i4")).reshape(-1, 2)
     row_classes = _read_array(reader, "codes: residual classes", predicted, np.uint8)
+    (tables_size,) = _TABLES_SIZE.unpack(reader.take(_TABLES_SIZE.size, "codes: tables size"))
+    if tables_size > MAX_TABLES_BYTES:
+        raise StreamError(f"codes: {tables_size:,} bytes of tables declared (at most {MAX_TABLES_BYTES:,}; corrupt)")
+    tables = _Reader(memoryview(_read_array(reader, "codes: tables", tables_size, np.uint8).tobytes()))
     plans, column_start, centre_start, row_start = [], 0, 0, 0
     for spec, (k, c, n) in zip(specs, headers):
         cols = spec.shape[1]
@@ -427,8 +492,10 @@ def _decode_codes(body: memoryview, specs: list[ArraySpec], payload: bytearray) 
         column_centres = centres[centre_start:centre_start + cols] if c else None
         centre_start += cols if c else 0
         rows, row_start = slice(row_start, row_start + n), row_start + n
-        plan = _read_plan(reader, spec, k, column_classes, pairs[rows], row_classes[rows])
+        plan = _read_plan(tables, spec, k, column_classes, pairs[rows], row_classes[rows])
         plans.append(dataclasses.replace(plan, centres=column_centres))
+    if tables.remaining():
+        raise StreamError(f"codes: {tables.remaining():,} bytes of tables left over (corrupt)")
     coder = _ans_decoder(reader.rest(), "codes")
     for spec, plan in zip(specs, plans):
         count = math.prod(spec.shape)
@@ -537,11 +604,12 @@ def _centred(codes: np.ndarray, centres: np.ndarray | None, order: np.ndarray, q
 
 
 def _references(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows that nearly repeat an earlier row, and that row (integer arithmetic: the same on every machine).
+    """Rows that nearly repeat an earlier row, and the nearest earlier row (exact integer distances).
 
-    Candidates are the rows next to each other when sorted by two projections (the sum of a
-    row's codes, and its alternating sum), so near-repeats meet without comparing all pairs;
-    a matrix whose rows have no near-repeat among their direct neighbours is not searched further.
+    Candidates are first the rows next to each other when sorted by two projections (the sum
+    of a row's codes, and its alternating sum), so that near-repeats meet without comparing
+    all pairs; a matrix whose rows have no near-repeat among their direct neighbours is not
+    searched further. Among the rows so found, every pair is then compared.
     """
     rows, cols = codes.shape
     wide = codes.astype(np.int32)  # [rows, cols]; squared distances stay below 2^31 for cols < 2^15
@@ -560,8 +628,29 @@ def _references(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 best[row[better]], reference[row[better]] = distance[better], partner[better]
             if offset == 1 and not np.any(REFERENCE_GAIN * best < own):
                 return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32)
+    found = REFERENCE_GAIN * best < own
+    _nearest_within(wide, np.union1d(np.flatnonzero(found), reference[found]), best, reference)
     chosen = np.flatnonzero((reference >= 0) & (REFERENCE_GAIN * best < own))
     return chosen.astype(np.int32), reference[chosen].astype(np.int32)
+
+
+def _nearest_within(wide: np.ndarray, group: np.ndarray, best: np.ndarray, reference: np.ndarray) -> None:
+    """Give each row of ``group`` its nearest earlier row of ``group`` where that is nearer (in place).
+
+    float64 products of integer codes are exact (every partial sum is an integer below
+    2^53), so the distances do not depend on the machine's summation order.
+    """
+    members = wide[group].astype(np.float64)  # [n, cols]
+    norms = np.sum(np.square(members), axis=1)  # [n]
+    for start in range(0, len(group), _NEAREST_CHUNK):
+        block = slice(start, start + _NEAREST_CHUNK)
+        distance = norms[block, None] + norms[None, :] - 2 * members[block] @ members.T  # [chunk, n]
+        distance[np.arange(len(group))[None, :] >= np.arange(len(group))[block, None]] = np.inf  # earlier only
+        nearest = np.argmin(distance, axis=1)  # the first (lowest row) among equals
+        nearest_distance = distance[np.arange(len(nearest)), nearest]
+        rows = group[block]
+        better = (nearest_distance < best[rows]) | ((nearest_distance == best[rows]) & (group[nearest] < reference[rows]))
+        best[rows[better]], reference[rows[better]] = nearest_distance[better].astype(np.int64), group[nearest][better]
 
 
 def _column_plan(codes: np.ndarray, centres: np.ndarray | None, bits: int) -> tuple[float, int, np.ndarray, list]:
