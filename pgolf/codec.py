@@ -3,7 +3,7 @@
 GPTQ produces a :class:`QuantizedModel` (int codes with one fp16 scale per row, and small
 fp16 tensors kept as they are). :func:`serialize` turns it into plain bytes that only
 describe arrays, so reading an artifact can never run code; :func:`compress` byte-shuffles
-those bytes (REFERENCE.md section 6) and codes them with brotli, lzma or zstd, or codes the
+those bytes (docs/DESIGN.md §6) and codes them with brotli, lzma or zstd, or codes the
 model's arrays under explicit probability models (``ans``, :mod:`pgolf.entropy`), inside a
 small container that names the coder and its version, so :func:`decompress` needs no
 parameters. Decompression stops once the output passes the declared raw length. Anything
@@ -38,13 +38,13 @@ still loads.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import lzma
 import math
 import struct
 import zlib
 from dataclasses import dataclass
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import brotli
@@ -54,11 +54,18 @@ import zstandard
 from torch import Tensor
 
 from pgolf import entropy
+from pgolf.checkpoint import check_finite, check_state_dict
 from pgolf.config import CompressConfig, ConfigError, ModelConfig, from_dict, to_dict
+from pgolf.model import GPT
 
 
 class ArtifactError(ValueError):
     """Bytes that are not a valid serialized model or compressed artifact."""
+
+
+def quant_max(bits: int) -> int:
+    """The largest code of a signed, symmetric ``bits``-bit quantizer: 2^(bits-1) - 1."""
+    return 2 ** (bits - 1) - 1
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,7 @@ class QuantizedTensor:
             )
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be in 2..8, got {self.bits}")
-        qmax = 2 ** (self.bits - 1) - 1
+        qmax = quant_max(self.bits)
         if self.q.numel() and (int(self.q.min()) < -qmax or int(self.q.max()) > qmax):
             raise ValueError(f"codes exceed ±{qmax} (the range of {self.bits}-bit codes)")
 
@@ -103,7 +110,6 @@ ARTIFACT_VERSION = 2
 SHUFFLE_MAGIC = b"BSHF"
 COMPRESSORS = {"brotli": 1, "lzma": 2, "zstd": 3, "ans": 4}
 GENERAL_CODER_VERSION = 1  # the coder version of brotli / lzma / zstd: the library's stream of the shuffle
-REPO_ROOT = Path(__file__).resolve().parents[1]  # where compress.code_files are found
 
 _MODEL_PREFIX = struct.Struct("<4sII")  # magic, version, header_len
 _ARTIFACT_PREFIX = struct.Struct("<4sBBBQI")  # magic, version, compressor, coder version, raw_len, crc32
@@ -511,21 +517,20 @@ def compressed_tensor_sizes(qm: QuantizedModel, cfg: CompressConfig) -> dict[str
     return {name: artifact_bytes({name: tensor}) - empty for name, tensor in qm.tensors.items()}
 
 
-def code_bytes(code_files: list[str], compressed: bool = False, root: Path = REPO_ROOT) -> int:
-    """Size of the source files a submission ships (paths relative to the repository root).
-
-    ``compressed`` counts them as the records ship their script: one brotli-11 stream of
-    the files, each behind a line naming it (what a self-extracting wrapper unpacks).
-    """
-    missing = [name for name in code_files if not (root / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"compress.code_files: not found under {root}: {', '.join(missing)}")
-    if not compressed:
-        return sum((root / name).stat().st_size for name in code_files)
-    bundle = b"".join(f"# {name}\n".encode() + (root / name).read_bytes() for name in code_files)
-    return len(brotli.compress(bundle, quality=11))
-
-
 def load_artifact(blob: bytes) -> QuantizedModel:
     """Decompress and deserialize an artifact in one step."""
     return deserialize(decompress(blob))
+
+
+def artifact_model(path: str | Path, device: torch.device | str = "cpu") -> GPT:
+    """The model a submission scores: the artifact decompressed, deserialized and dequantized."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: artifact not found (run the compress stage first)")
+    qm = load_artifact(path.read_bytes())
+    model = GPT(qm.model_config)
+    state = dequantize(qm)
+    check_state_dict(model, state, str(path))
+    check_finite(state, str(path))
+    model.load_state_dict(state)
+    return model.to(device)

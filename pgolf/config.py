@@ -5,18 +5,26 @@ Each DVC stage reads one or more sections of ``params.yaml`` (``tokenize:``,
 ``evaluate:``); each section maps onto one frozen dataclass below. Key names
 are the reference script's hyperparameter names in lower case, and the
 defaults are the record's values (PR #1394), so an empty section means "the
-record". Loading is strict: an unknown key, a wrong type or a missing section
-file is a ``ConfigError`` that names the file, the section and the key.
+record". Every field declares what it allows beside it (``Literal`` choices,
+``Range`` bounds, cross-field rules in the section's ``check``), and
+``load_params`` builds every section it reads once, so an unknown key, a wrong
+type, a value out of range, a missing required section or an unreadable file is
+one ``ConfigError`` naming the file, the section, the key, the value and what is
+allowed, before any work. A new section or choice is one more dataclass in
+``SECTIONS`` or one more ``Literal`` value.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 
@@ -25,141 +33,258 @@ class ConfigError(ValueError):
     """A params file, section, key or value that cannot be used."""
 
 
+def run_setting(default: Any) -> Any:
+    """A field that changes how a run goes (logging, checkpoints, workers), not what it produces.
+
+    ``dvc.yaml`` does not list such keys, so changing one re-runs nothing (tests/test_dvc_yaml.py).
+    """
+    return field(default=default, metadata={"affects_outputs": False})
+
+
+def output_keys(cls: type) -> list[str]:
+    """The fields of a config section that the outputs of the stages reading it depend on."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("affects_outputs", True)]
+
+
+# ---------------------------------------------------------------- declared ranges and choices
+#
+# A field's type says everything that is allowed: ``Literal[...]`` lists the
+# choices, ``Annotated[int | float, Range(...)]`` the range. Rules that tie
+# fields together live in each section's ``check``. Both run whenever a section
+# is built (``load_params`` builds every section it reads, once), so a bad value
+# is one line naming the file, the section, the key, the value and what is allowed.
+
+
 @dataclass(frozen=True)
-class TokenizeConfig:
+class Range:
+    """Inclusive (``ge``/``le``) or exclusive (``gt``/``lt``) bounds of a number."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def contains(self, value: float) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self) -> str:
+        low = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
+        high = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f">= {self.ge}" if self.ge is not None else f"> {self.gt}"
+        return f"<= {self.le}" if self.le is not None else f"< {self.lt}"
+
+
+Positive = Annotated[int, Range(ge=1)]
+Count = Annotated[int, Range(ge=0)]  # 0 usually means "off" or "all"
+PositiveFloat = Annotated[float, Range(gt=0.0)]
+NonNegative = Annotated[float, Range(ge=0.0)]
+Fraction = Annotated[float, Range(ge=0.0, le=1.0)]
+Decay = Annotated[float, Range(ge=0.0, lt=1.0)]  # momenta and Adam betas
+Bits = Annotated[int, Range(ge=2, le=8)]  # codes are stored as int8 (pgolf.gptq.SUPPORTED_BITS)
+Seed = Annotated[int, Range(ge=0, le=2**32 - 1)]  # numpy's seed range
+VocabSize = Annotated[int, Range(ge=1, le=2**16)]  # ids are stored as uint16
+Device = Literal["auto", "cpu", "cuda"]
+Compile = bool | Literal["auto"]  # auto: compile on the GPU only
+
+
+class Section:
+    """Base of every section: checks each field against its declared type, then ``check``."""
+
+    def __post_init__(self) -> None:
+        for name, hint in _hints(type(self)).items():
+            object.__setattr__(self, name, _check_type(getattr(self, name), hint, name))
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields; raise ``ConfigError("key: ...")``."""
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not allowed: {rule}")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig(Section):
     """Documents -> SentencePiece tokenizer -> challenge-format shards."""
 
     docs_path: str = ""  # JSON Lines of {"text": ...}; empty: the embedded corpus
     tokenizer_path: str = ""  # an existing .model to reuse; empty: train one
     shards_path: str = ""  # already-tokenized shards to validate instead of tokenizing
     data_dir: str = "data"
-    vocab_size: int = 8192
-    tokenizer_train_docs: int = 5_000_000
-    num_val_docs: int = 50_000
-    shard_size: int = 100_000_000
-    num_workers: int = 0  # encoding processes; 0: every core
-    embedded_max_docs: int = 0  # embedded corpus: keep this many documents (0: all)
+    vocab_size: VocabSize = 8192
+    tokenizer_train_docs: Positive = 5_000_000
+    num_val_docs: Positive = 50_000
+    shard_size: Annotated[int, Range(ge=1, le=2**31 - 1)] = 100_000_000  # the header's int32 count
+    num_workers: Count = run_setting(0)  # encoding processes; 0: every core
+    embedded_max_docs: Count = 0  # embedded corpus: keep this many documents (0: all)
+
+    def check(self) -> None:
+        _require(not self.shards_path or bool(self.tokenizer_path), "shards_path", self.shards_path,
+                 "needs tokenizer_path, the .model the shards were made with")
+        embedded = not (self.docs_path or self.shards_path)
+        _require(not embedded or self.embedded_max_docs == 0 or self.embedded_max_docs > self.num_val_docs,
+                 "embedded_max_docs", self.embedded_max_docs,
+                 f"must exceed num_val_docs ({self.num_val_docs}) to leave documents for training")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """The recurrent GPT of REFERENCE.md section 3 (35,943,512 parameters as is)."""
+class ModelConfig(Section):
+    """The recurrent GPT of docs/DESIGN.md §3 (35,943,512 parameters as is)."""
 
-    vocab_size: int = 8192
-    num_layers: int = 11
-    model_dim: int = 512
-    embedding_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 4.0
-    rope_base: float = 10000.0
-    rope_dims: int = 16
-    rope_train_seq_len: int = 2048
+    vocab_size: VocabSize = 8192
+    num_layers: Positive = 11
+    model_dim: Positive = 512
+    embedding_dim: Positive = 512
+    num_heads: Positive = 8
+    num_kv_heads: Positive = 4
+    mlp_mult: PositiveFloat = 4.0
+    rope_base: PositiveFloat = 10000.0
+    rope_dims: Annotated[int, Range(ge=2)] = 16  # even, at most the head dimension
+    rope_train_seq_len: Positive = 2048
     qk_gain_init: float = 4.0
-    logit_softcap: float = 30.0
-    xsa_last_n: int = 11
-    num_loops: int = 2
-    loop_start: int = 4
-    loop_end: int = 5
+    logit_softcap: PositiveFloat = 30.0
+    xsa_last_n: Count = 11  # more than num_layers: every layer
+    num_loops: Count = 2
+    loop_start: Count = 4
+    loop_end: Count = 5
     skip_gates_enabled: bool = True
     tie_embeddings: bool = True
-    tied_embed_init_std: float = 0.005
+    tied_embed_init_std: NonNegative = 0.005
     ln_scale: bool = True
 
+    def check(self) -> None:
+        _require(self.model_dim % self.num_heads == 0, "model_dim", self.model_dim,
+                 f"must be a multiple of num_heads ({self.num_heads})")
+        _require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
+                 f"must divide num_heads ({self.num_heads})")
+        head_dim = self.model_dim // self.num_heads
+        _require(self.rope_dims % 2 == 0 and self.rope_dims <= head_dim, "rope_dims", self.rope_dims,
+                 f"must be even and at most the head dimension model_dim / num_heads = {head_dim}")
+        _require(int(self.mlp_mult * self.model_dim) >= 1, "mlp_mult", self.mlp_mult,
+                 "leaves the MLP without hidden units")
+        _require(self.num_loops == 0 or self.loop_start <= self.loop_end < self.num_layers, "loop_end",
+                 self.loop_end, f"the loop range needs loop_start ({self.loop_start}) <= loop_end < num_layers "
+                 f"({self.num_layers}), or num_loops 0")
+
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """Optimisers, schedule, batches and run-time of the train stage."""
 
-    seed: int = 1337
-    iterations: int = 20000
-    max_wallclock_seconds: float = 600.0  # 0: schedule by step / iterations
-    gptq_reserve_seconds: float = 12.0
-    warmdown_frac: float = 0.667
-    warmup_steps: int = 20  # compile warm-up steps, undone afterwards
-    enable_looping_at: float = 0.5
-    train_batch_tokens: int = 786_432
-    train_seq_len: int = 2048
-    grad_accum_steps: int = 8  # micro-batches per step over all processes
-    min_lr: float = 0.0
-    embed_lr: float = 0.6
-    head_lr: float = 0.008
-    tied_embed_lr: float = 0.03
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.02
-    muon_momentum: float = 0.99
-    muon_momentum_warmup_start: float = 0.92
-    muon_momentum_warmup_steps: int = 1500
-    muon_backend_steps: int = 5
+    seed: Seed = 1337
+    iterations: Positive = 20000
+    max_wallclock_seconds: NonNegative = 600.0  # 0: schedule by step / iterations
+    gptq_reserve_seconds: NonNegative = 12.0
+    warmdown_frac: Fraction = 0.667
+    warmup_steps: Count = 20  # compile warm-up steps, undone afterwards
+    enable_looping_at: Fraction = 0.5
+    train_batch_tokens: Positive = 786_432
+    train_seq_len: Positive = 2048
+    grad_accum_steps: Positive = 8  # micro-batches per step over all processes
+    min_lr: Fraction = 0.0  # the floor of the learning-rate scale
+    embed_lr: NonNegative = 0.6
+    head_lr: NonNegative = 0.008
+    tied_embed_lr: NonNegative = 0.03
+    matrix_lr: NonNegative = 0.02
+    scalar_lr: NonNegative = 0.02
+    muon_momentum: Decay = 0.99
+    muon_momentum_warmup_start: Decay = 0.92
+    muon_momentum_warmup_steps: Count = 1500
+    muon_backend_steps: Positive = 5
     muon_row_normalize: bool = True
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    adam_wd: float = 0.02
-    muon_wd: float = 0.085
-    embed_wd: float = 0.085
-    grad_clip_norm: float = 0.3
-    ema_decay: float = 0.997
-    nproc_per_node: int = 1
-    device: str = "auto"  # auto | cpu | cuda
-    compile: bool | str = "auto"  # auto (on GPU) | true | false
-    train_log_every: int = 50
-    checkpoint_every: int = 0  # 0: no intermediate checkpoints
-    val_loss_every: int = 0  # 0: no validation during training
-    val_max_tokens: int = 0  # validation during training on this many tokens (0: the whole split)
+    beta1: Decay = 0.9
+    beta2: Decay = 0.95
+    adam_eps: PositiveFloat = 1e-8
+    adam_wd: NonNegative = 0.02
+    muon_wd: NonNegative = 0.085
+    embed_wd: NonNegative = 0.085
+    grad_clip_norm: NonNegative = 0.3  # 0: no clipping
+    ema_decay: Fraction = 0.997
+    nproc_per_node: Positive = 1
+    device: Device = "auto"
+    compile: Compile = "auto"
+    train_log_every: Count = run_setting(50)
+    checkpoint_every: Count = run_setting(0)  # 0: no intermediate checkpoints
+    val_loss_every: Count = run_setting(0)  # 0: no validation during training
+    val_max_tokens: Count = run_setting(0)  # validation during training on this many tokens (0: the whole split)
+
+    def check(self) -> None:
+        step = self.grad_accum_steps * self.train_seq_len
+        _require(self.train_batch_tokens % step == 0, "train_batch_tokens", self.train_batch_tokens,
+                 f"must be a multiple of grad_accum_steps * train_seq_len = {self.grad_accum_steps} * "
+                 f"{self.train_seq_len}")
+        _require(self.grad_accum_steps % self.nproc_per_node == 0, "grad_accum_steps", self.grad_accum_steps,
+                 f"must be a multiple of nproc_per_node ({self.nproc_per_node})")
+        _require(self.max_wallclock_seconds == 0 or self.max_wallclock_seconds > self.gptq_reserve_seconds,
+                 "max_wallclock_seconds", self.max_wallclock_seconds,
+                 f"must be 0 (no limit) or more than gptq_reserve_seconds ({self.gptq_reserve_seconds})")
+        _require(self.val_max_tokens == 0 or self.val_max_tokens > self.train_seq_len, "val_max_tokens",
+                 self.val_max_tokens, f"must be 0 (all) or more than train_seq_len ({self.train_seq_len})")
 
 
 @dataclass(frozen=True)
-class CalibrateConfig:
-    """Hessians of the layer inputs for GPTQ (REFERENCE.md section 4)."""
+class CalibrateConfig(Section):
+    """Hessians of the layer inputs for GPTQ (docs/DESIGN.md §4)."""
 
-    calibration_batches: int = 64
-    calibration_batch_tokens: int = 98_304  # tokens per batch (48 sequences of 2048)
-    seq_len: int = 2048
-    seed: int = 1337
-    device: str = "auto"
+    calibration_batches: Positive = 64
+    calibration_batch_tokens: Positive = 98_304  # tokens per batch (48 sequences of 2048)
+    seq_len: Positive = 2048
+    seed: Seed = 1337
+    device: Device = "auto"
+
+    def check(self) -> None:
+        _require(self.calibration_batch_tokens % self.seq_len == 0, "calibration_batch_tokens",
+                 self.calibration_batch_tokens, f"must be a multiple of seq_len ({self.seq_len})")
 
 
 @dataclass(frozen=True)
-class QuantizeConfig:
-    """GPTQ with SDClip (REFERENCE.md section 5) and per-group overrides."""
+class QuantizeConfig(Section):
+    """GPTQ with SDClip (docs/DESIGN.md §5) and per-group overrides."""
 
-    matrix_bits: int = 6
-    matrix_clip_sigmas: float = 12.85
-    embed_bits: int = 8
-    embed_clip_sigmas: float = 20.0
+    matrix_bits: Bits = 6
+    matrix_clip_sigmas: PositiveFloat = 12.85
+    embed_bits: Bits = 8
+    embed_clip_sigmas: PositiveFloat = 20.0
     embed_gptq: bool = True  # False: round the embedding to nearest (PR #1218)
-    mlp_bits: int | None = None  # None: matrix_bits
-    mlp_clip_sigmas: float | None = None  # None: matrix_clip_sigmas
-    attn_bits: int | None = None
-    attn_clip_sigmas: float | None = None
-    block_size: int = 128
-    damping: float = 0.01
-    passthrough_max_numel: int = 65_536
+    mlp_bits: Bits | None = None  # None: matrix_bits
+    mlp_clip_sigmas: PositiveFloat | None = None  # None: matrix_clip_sigmas
+    attn_bits: Bits | None = None
+    attn_clip_sigmas: PositiveFloat | None = None
+    block_size: Positive = 128
+    damping: NonNegative = 0.01
+    passthrough_max_numel: Count = 65_536
     fit_to_size: bool = False  # bisect matrix_clip_sigmas to fit the size limit
-    fit_margin_bytes: int = 10_000
-    fit_min_clip_sigmas: float = 1.0
-    fit_max_clip_sigmas: float = 64.0
-    fit_tolerance: float = 0.01
-    device: str = "auto"  # where GPTQ runs: auto | cpu | cuda
+    fit_margin_bytes: Count = 10_000
+    fit_min_clip_sigmas: PositiveFloat = 1.0
+    fit_max_clip_sigmas: PositiveFloat = 64.0
+    fit_tolerance: PositiveFloat = 0.01
+    device: Device = "auto"  # where GPTQ runs
+
+    def check(self) -> None:
+        _require(self.fit_min_clip_sigmas < self.fit_max_clip_sigmas, "fit_max_clip_sigmas",
+                 self.fit_max_clip_sigmas, f"must exceed fit_min_clip_sigmas ({self.fit_min_clip_sigmas})")
 
 
 @dataclass(frozen=True)
-class CompressConfig:
+class CompressConfig(Section):
     """Pickle-free serialisation, byte shuffle and entropy coding (section 6)."""
 
-    compressor: str = "brotli"  # brotli | lzma | zstd | ans (pgolf.entropy's model-based coder)
-    brotli_quality: int = 11
-    lzma_preset: int = 6
-    zstd_level: int = 22
-    shuffle_stride: int = 2
-    size_limit_bytes: int = 16_000_000
+    compressor: Literal["brotli", "lzma", "zstd", "ans"] = "brotli"  # ans: pgolf.entropy's model-based coder
+    brotli_quality: Annotated[int, Range(ge=0, le=11)] = 11
+    lzma_preset: Annotated[int, Range(ge=0, le=9)] = 6
+    zstd_level: Annotated[int, Range(ge=1, le=22)] = 22
+    shuffle_stride: Annotated[int, Range(ge=1, le=255)] = 2
+    size_limit_bytes: Positive = 16_000_000
     compress_code: bool = True  # count code as one brotli stream, as the records' self-extracting scripts
     code_files: list[str] = field(
         default_factory=lambda: [
             "pgolf/model.py",
             "pgolf/codec.py",
-            "pgolf/entropy.py",  # the ans decoder: codec imports it
             "pgolf/evaluate.py",
             "pgolf/tokenizer.py",
         ]
@@ -167,19 +292,26 @@ class CompressConfig:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
-    """Plain and sliding-window bpb of the artifact and the unquantized weights."""
+class EvaluateConfig(Section):
+    """Plain and sliding-window bpb of the artifact (stage evaluate) and the trained weights (prequant)."""
 
-    eval_seq_len: int = 2048
-    eval_stride: int = 64
-    eval_batch_seqs: int = 32
+    eval_seq_len: Positive = 2048
+    eval_stride: Positive = 64  # at most eval_seq_len
+    eval_batch_seqs: Positive = 32
     eval_plain: bool = True
     eval_sliding: bool = True
-    eval_unquantized: bool = True
-    max_val_tokens: int = 0  # 0: the whole validation split
-    nproc_per_node: int = 1  # processes under torchrun, each scoring a share of the windows
-    device: str = "auto"
-    compile: bool | str = "auto"  # torch.compile the forward pass: auto (on GPU) | true | false
+    max_val_tokens: Count = 0  # 0: the whole validation split
+    nproc_per_node: Positive = 1  # processes under torchrun, each scoring a share of the windows
+    device: Device = "auto"
+    compile: Compile = "auto"  # torch.compile the forward pass
+
+    def check(self) -> None:
+        _require(self.eval_stride <= self.eval_seq_len, "eval_stride", self.eval_stride,
+                 f"must be in [1, eval_seq_len] = [1, {self.eval_seq_len}]")
+        _require(self.eval_plain or self.eval_sliding, "eval_sliding", self.eval_sliding,
+                 "eval_plain and eval_sliding are both false: nothing to evaluate")
+        _require(self.max_val_tokens == 0 or self.max_val_tokens > self.eval_seq_len, "max_val_tokens",
+                 self.max_val_tokens, f"must be 0 (all) or more than eval_seq_len ({self.eval_seq_len})")
 
 
 SECTIONS: dict[str, type] = {
@@ -195,91 +327,182 @@ SECTIONS: dict[str, type] = {
 C = TypeVar("C")
 
 
-def load_params(path: str | Path, overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Read a params file and apply ``section.key=value`` overrides (values in YAML)."""
+class ParamsFile(dict):
+    """The sections of a params file, remembering which file they came from (for error messages)."""
+
+    def __init__(self, sections: dict[str, dict[str, Any]], source: str):
+        super().__init__(sections)
+        self.source = source
+
+
+def load_params(
+    path: str | Path, overrides: list[str] | None = None, required: Iterable[str] = ()
+) -> dict[str, dict[str, Any]]:
+    """Read a params file, apply ``section.key=value`` overrides (values in YAML) and validate it.
+
+    Every section present is built once here, so any bad key or value is
+    reported now, naming this file; ``required`` sections must be present
+    (``require_sections``).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: params file not found")
-    try:
-        params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(params, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
-    for name, section in params.items():
-        if name not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section {name!r} (known: {', '.join(SECTIONS)})")
-        if section is not None and not isinstance(section, dict):
-            raise ConfigError(f"{path}: section {name!r} must be a mapping")
-    params = {name: dict(section or {}) for name, section in params.items()}
+    params = ParamsFile(_parse_sections(path, _read_text(path)), source=str(path))
     for item in overrides or []:
-        _apply_override(params, item, path)
+        _apply_override(params, item)
+    for name, values in params.items():
+        from_dict(SECTIONS[name], values, f"{path}: {name}")
+    require_sections(params, required, str(path))
     return params
 
 
-def _apply_override(params: dict[str, dict[str, Any]], item: str, path: Path) -> None:
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the params file: {exc.strerror or exc}") from None
+
+
+def _parse_sections(path: Path, text: str) -> dict[str, dict[str, Any]]:
+    try:
+        params = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
+    for name, values in params.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section {name!r} (known: {', '.join(SECTIONS)})")
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {name!r} must be a mapping")
+    return {name: dict(values or {}) for name, values in params.items()}
+
+
+def require_sections(params: dict[str, dict[str, Any]], names: Iterable[str], source: str = "params.yaml") -> None:
+    """Refuse params that lack any of ``names``, listing every missing one.
+
+    A missing section is never taken for the record's defaults (which would
+    start a record-sized run); an empty one (``train: {}``) is.
+    """
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise ConfigError(
+            f"{source}: missing section(s) {', '.join(missing)}; write e.g. `{missing[0]}: {{}}` for the "
+            "record's defaults, or start from a file in presets/"
+        )
+
+
+def _apply_override(params: dict[str, dict[str, Any]], item: str) -> None:
     key, sep, raw = item.partition("=")
-    section, dot, name = key.partition(".")
+    section_name, dot, name = key.partition(".")
     if not sep or not dot or not name:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
-    if section not in SECTIONS:
-        raise ConfigError(f"--set {item!r}: unknown section {section!r}")
-    params.setdefault(section, {})[name] = yaml.safe_load(raw)
+    if section_name not in SECTIONS:
+        raise ConfigError(f"--set {item!r}: unknown section {section_name!r} (known: {', '.join(SECTIONS)})")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: not a YAML value: {' '.join(str(exc).split())}") from None
+    params.setdefault(section_name, {})[name] = value
 
 
 def section(params: dict[str, dict[str, Any]], name: str, cls: type[C], source: str = "params.yaml") -> C:
-    """Build the dataclass ``cls`` from ``params[name]``, strictly."""
-    return from_dict(cls, params.get(name, {}), f"{source}: {name}")
+    """Build the dataclass ``cls`` from ``params[name]``, strictly (absent: the defaults); errors name the file read."""
+    return from_dict(cls, params.get(name, {}), f"{getattr(params, 'source', source)}: {name}")
 
 
 def from_dict(cls: type[C], values: dict[str, Any], where: str) -> C:
-    """Build ``cls`` from a mapping, refusing unknown keys and wrong types."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    """Build ``cls`` from a mapping, refusing unknown keys, wrong types and values out of range."""
+    fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(fields)})")
-    checked = {key: _check_type(value, hints[key], f"{where}.{key}") for key, value in values.items()}
-    return cls(**checked)
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.{exc}") from None
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return {name: hint for name, hint in typing.get_type_hints(cls, include_extras=True).items()
+            if name in {f.name for f in dataclasses.fields(cls)}}
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Annotated:
+        base, *marks = typing.get_args(hint)
+        ranges = [m.describe() for m in marks if isinstance(m, Range)]
+        return f"{_describe(base)} {' and '.join(ranges)}".strip()
+    if origin is Literal:
+        return "one of " + ", ".join(str(v) for v in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(hint, repr(hint))
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """``value`` if it is of type ``hint`` (ints widened to float); else a ConfigError naming ``where``."""
     origin = typing.get_origin(hint)
+    if origin is Annotated:
+        base, *marks = typing.get_args(hint)
+        try:
+            value = _check_type(value, base, where)
+        except ConfigError as exc:
+            if " is not a finite" in str(exc):
+                raise
+            raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}") from None
+        for mark in marks:
+            if isinstance(mark, Range) and not mark.contains(value):
+                raise ConfigError(f"{where}: {value!r} is out of range: must be {mark.describe()}")
+        return value
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if not any(value == c and type(value) is type(c) for c in choices):
+            raise ConfigError(f"{where}: {value!r} is not a choice: must be {_describe(hint)}")
+        return value
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(value, option, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0])
+        return _check_union(value, typing.get_args(hint), where, hint)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item_hint,) = typing.get_args(hint)
         return [_check_type(item, item_hint, f"{where}[{i}]") for i, item in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
+    if hint is bool and isinstance(value, bool):
         return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: {value!r} is not a finite number")
         return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if hint is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{where}: unsupported type {hint!r}")
+    if hint not in (bool, int, float, str):
+        raise ConfigError(f"{where}: unsupported type {hint!r}")
+    raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}")
+
+
+def _check_union(value: Any, options: tuple[Any, ...], where: str, hint: Any) -> Any:
+    """The first option that accepts ``value``; a range error of the matching type wins over a type error."""
+    errors = []
+    for option in options:
+        try:
+            return _check_type(value, option, where)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    in_type = [e for e in errors if " is out of range" in e or " is not a finite" in e]
+    raise ConfigError(in_type[0] if in_type else f"{where}: expected {_describe(hint)}, got {value!r}")
 
 
 def complete_params(params: dict[str, dict[str, Any]], source: str = "params.yaml") -> dict[str, dict[str, Any]]:

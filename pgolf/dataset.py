@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pgolf.config import ConfigError, TokenizeConfig
+from pgolf.config import TokenizeConfig
 from pgolf.corpus import CorpusError, iter_documents, write_embedded_corpus
 from pgolf.shards import (
-    HEADER_INTS, MAGIC, SPLITS, TOKEN_DTYPE, VERSION, ShardWriter, dataset_path, read_shard, shard_files,
-    split_documents, validate_dataset,
+    HEADER_INTS, MAGIC, SPLITS, TOKEN_DTYPE, VERSION, ShardWriter, dataset_path, file_sha256, read_shard,
+    shard_files, split_documents, validate_dataset,
 )
 from pgolf.tokenizer import (
     ByteCheck, byte_tables, load_tokenizer, model_settings, train_tokenizer, training_texts,
@@ -38,27 +38,13 @@ TRAINED = "the tokenizer trained on the documents"
 
 
 def build_dataset(cfg: TokenizeConfig, model_file: Path, dataset_dir: Path) -> dict[str, Any]:
-    """Write the tokenizer to ``model_file`` and the shards into ``dataset_dir``; return the manifest."""
-    check_config(cfg)
+    """Write the tokenizer to ``model_file`` and the shards into ``dataset_dir``; return the manifest.
+
+    ``cfg`` was validated when it was built (``TokenizeConfig.check``).
+    """
     if cfg.shards_path:
         return import_shards(cfg, model_file, dataset_dir)
     return tokenize_documents(cfg, model_file, dataset_dir)
-
-
-def check_config(cfg: TokenizeConfig) -> None:
-    where = "params.yaml: tokenize"
-    if not 0 < cfg.vocab_size <= 2**16:
-        raise ConfigError(f"{where}.vocab_size: must be in 1..65536 (ids are stored as uint16), got {cfg.vocab_size}")
-    if cfg.num_val_docs < 1:
-        raise ConfigError(f"{where}.num_val_docs: must be at least 1, got {cfg.num_val_docs}")
-    if cfg.shard_size < 1:
-        raise ConfigError(f"{where}.shard_size: must be positive, got {cfg.shard_size}")
-    if cfg.tokenizer_train_docs < 1:
-        raise ConfigError(f"{where}.tokenizer_train_docs: must be positive, got {cfg.tokenizer_train_docs}")
-    if cfg.num_workers < 0 or cfg.embedded_max_docs < 0:
-        raise ConfigError(f"{where}: num_workers and embedded_max_docs must be >= 0")
-    if cfg.shards_path and not cfg.tokenizer_path:
-        raise ConfigError(f"{where}.shards_path: needs tokenizer_path, the .model the shards were made with")
 
 
 def encode_threads(cfg: TokenizeConfig) -> int:
@@ -195,14 +181,6 @@ def build_manifest(
         "splits": splits,
         "byte_check": check.summary(),
     }
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def link_or_copy(source: Path, destination: Path) -> None:

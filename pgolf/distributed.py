@@ -2,9 +2,9 @@
 
 A run is one process or N processes started by ``torchrun`` (which sets
 ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``). The process group uses NCCL on
-GPUs and gloo on the CPU. ``relaunch_under_torchrun`` starts a stage under
-torchrun from a single process, so ``pgolf train`` and ``pgolf evaluate``
-honour ``nproc_per_node`` themselves.
+GPUs and gloo on the CPU. ``launch_torchrun`` starts a module under torchrun
+from a single process (``pgolf.stage`` relaunches stages with it, so ``pgolf
+train`` and ``pgolf evaluate`` honour ``nproc_per_node`` themselves).
 """
 
 from __future__ import annotations
@@ -14,13 +14,10 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from pgolf.atomic import write_bytes
 from pgolf.runtime import resolve_device
 
 
@@ -86,11 +83,3 @@ def launch_torchrun(module: str, args: list[str], nproc: int) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", module, *args]
     return subprocess.run(command, check=False).returncode
-
-
-def relaunch_under_torchrun(module: str, params: dict, nproc: int, params_file: Path) -> None:
-    """Run the stage ``module`` in ``nproc`` processes with the same (resolved) params."""
-    write_bytes(params_file, yaml.safe_dump(params, sort_keys=True).encode("utf-8"))
-    code = launch_torchrun(module, ["--params", str(params_file)], nproc)
-    if code != 0:
-        raise SystemExit(code)

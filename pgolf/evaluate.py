@@ -1,4 +1,4 @@
-"""Validation loss and bits per byte of a model, in plain and sliding windows (REFERENCE.md §7).
+"""Validation loss and bits per byte of a model, in plain and sliding windows (docs/DESIGN.md §7).
 
 Both evaluations score windows of ``seq_len`` tokens of the validation stream. The plain one
 cuts the stream into consecutive non-overlapping windows and scores every token; the sliding
@@ -11,8 +11,11 @@ sums are all-reduced, so N GPUs give the one-process score in 1/N of the time.
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -21,9 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from pgolf.config import EvaluateConfig
 from pgolf.distributed import DistContext
 from pgolf.model import GPT
-from pgolf.tokenizer import ByteTables, count_bytes
+from pgolf.runtime import autocast, use_compile
+from pgolf.shards import load_validation_tokens
+from pgolf.tokenizer import ByteTables, byte_tables, count_bytes
 
 
 class EvalScore(NamedTuple):
@@ -98,7 +104,9 @@ def score_windows(
     if distributed:
         windows = rank_share(windows, ctx)
     model.eval()
-    forward = torch.compile(model.forward_logits, dynamic=False) if compile_model else model.forward_logits
+    forward = model.forward_logits
+    if compile_model:  # fullgraph, as the record: a graph break is an error, not a silent slowdown
+        forward = torch.compile(forward, dynamic=False, fullgraph=True)
     tokens = val_tokens.to(device=device, dtype=torch.int64)  # [N]
     tables = tables.to(device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
@@ -133,7 +141,7 @@ def _score_batch(
     # past the end inputs and targets are 0 (as in the reference); causal attention keeps them from scored positions
     inputs = torch.where(valid, tokens[positions.clamp(max=targets - 1)], 0)  # [B, T]
     labels = torch.where(valid, tokens[(positions + 1).clamp(max=targets)], 0)  # [B, T]
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         logits = forward(inputs, keep_from)  # [B, T - keep_from, V]
     inputs, labels, valid = inputs[:, keep_from:], labels[:, keep_from:], valid[:, keep_from:]  # [B, T - keep_from]
     nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")  # [B*(T - keep_from)]
@@ -145,3 +153,59 @@ def _score_batch(
         scored.sum().to(torch.float64),
         byte_counts.to(torch.float64).sum(),
     ])
+
+
+def evaluate_model(
+    name: str, model: GPT, tokens: Tensor, tables: ByteTables, cfg: EvaluateConfig, ctx: DistContext
+) -> dict[str, float]:
+    """The plain and sliding scores that ``cfg`` switches on, looping on, each printed when done."""
+    model.looping_active = True
+    compiled = use_compile(cfg.compile, ctx.device, "evaluate.compile")
+    runs = {
+        "plain": (cfg.eval_plain, "", lambda: eval_plain(
+            model, tokens, tables, cfg.eval_seq_len, cfg.eval_batch_seqs, ctx.device, compiled, ctx)),
+        "sliding": (cfg.eval_sliding, "sliding_", lambda: eval_sliding(
+            model, tokens, tables, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, ctx.device, compiled, ctx)),
+    }
+    results: dict[str, float] = {}
+    for label, (enabled, prefix, evaluate) in runs.items():
+        if not enabled:
+            continue
+        start = time.perf_counter()
+        score = evaluate()
+        if ctx.is_main:
+            print(f"[pgolf evaluate] {name} {label}: val_loss {score.loss:.8f} val_bpb {score.bpb:.8f} "
+                  f"({time.perf_counter() - start:.1f} s)", flush=True)
+        # seconds stay out of the metrics: they would differ in every `dvc metrics diff`
+        results |= {f"{prefix}val_loss": score.loss, f"{prefix}val_bpb": score.bpb}
+    return results
+
+
+def quantization_tax(quantized: dict[str, float], unquantized: dict[str, float]) -> dict[str, float]:
+    """How much bpb the artifact loses against the unquantized weights, per evaluation."""
+    keys = [key for key in ("val_bpb", "sliding_val_bpb") if key in quantized and key in unquantized]
+    return {key: quantized[key] - unquantized[key] for key in keys}
+
+
+SCORING_KEYS = ("eval_seq_len", "eval_stride", "eval_plain", "eval_sliding", "max_val_tokens")  # equal: same scores
+
+
+def tax_against_prequant(quantized: dict[str, float], metrics_path: Path, provenance_path: Path,
+                         cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
+    """``{"quantization_tax": ...}`` against the prequant stage's scores, when they were made alike."""
+    if not (metrics_path.is_file() and provenance_path.is_file()):
+        return {}
+    scored_with = json.loads(provenance_path.read_text(encoding="utf-8"))["config"]["evaluate"]
+    if any(scored_with.get(key) != getattr(cfg, key) for key in SCORING_KEYS):
+        print(f"[pgolf evaluate] {metrics_path} was scored with other evaluate settings: no quantization tax",
+              flush=True)
+        return {}
+    unquantized = json.loads(metrics_path.read_text(encoding="utf-8"))["unquantized"]
+    return {"quantization_tax": quantization_tax(quantized, unquantized)}
+
+
+def validation_set(dataset_dir: Path, tokenizer_path: Path, vocab_size: int, cfg: EvaluateConfig
+                   ) -> tuple[Tensor, ByteTables]:
+    """Validation tokens cut to whole windows (and to ``max_val_tokens``) with their byte tables."""
+    tokens = load_validation_tokens(dataset_dir, cfg.eval_seq_len, cfg.max_val_tokens)  # [N]
+    return tokens, byte_tables(tokenizer_path, vocab_size)

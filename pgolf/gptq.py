@@ -1,4 +1,4 @@
-"""GPTQ with SDClip: the quantizer of REFERENCE.md section 5, per tensor and per model.
+"""GPTQ with SDClip: the quantizer of docs/DESIGN.md §5, per tensor and per model.
 
 Each weight matrix is quantized row-wise to signed ``bits``-bit codes with one
 fp16 scale per row, ``scale = clip_sigmas * std(row) / qmax``, column by column
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from pgolf.codec import QuantizedModel, QuantizedTensor
+from pgolf.codec import QuantizedModel, QuantizedTensor, quant_max
 from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
 
 MIN_SCALE = 1e-10
@@ -44,11 +44,11 @@ class TensorPlan:
     clip_sigmas: float
 
 
-def quant_max(bits: int) -> int:
-    """The largest code of a signed ``bits``-bit quantizer, symmetric: 2^(bits-1) - 1."""
+def check_bits(bits: int) -> int:
+    """``bits`` if GPTQ supports it (codes are int8), else a ConfigError."""
     if bits not in SUPPORTED_BITS:
         raise ConfigError(f"quantize: bits must be in 2..8 (codes are int8), got {bits}")
-    return 2 ** (bits - 1) - 1
+    return bits
 
 
 def tensor_group(name: str) -> str:
@@ -85,7 +85,7 @@ def tensor_plan(name: str, tensor: Tensor, cfg: QuantizeConfig) -> TensorPlan:
     bits, clip_sigmas = group_overrides(group, cfg)
     bits = cfg.matrix_bits if bits is None else bits
     clip_sigmas = cfg.matrix_clip_sigmas if clip_sigmas is None else clip_sigmas
-    quant_max(bits)
+    check_bits(bits)
     if not clip_sigmas > 0:
         raise ConfigError(f"quantize: clip sigmas of {name} must be positive, got {clip_sigmas}")
     return TensorPlan(group, bits, clip_sigmas)
@@ -356,6 +356,17 @@ class FitResult:
     total_bytes: int
     margin_met: bool  # limit - total_bytes <= margin
     points: list[FitPoint]
+
+    def summary(self, limit: int) -> dict:
+        """The search's outcome, for the quantize report."""
+        return {
+            "matrix_clip_sigmas": self.clip_sigmas,
+            "total_bytes": self.total_bytes,
+            "size_limit_bytes": limit,
+            "headroom_bytes": limit - self.total_bytes,
+            "margin_met": self.margin_met,
+            "evaluations": len(self.points),
+        }
 
 
 class SizeFitError(ValueError):

@@ -1,4 +1,4 @@
-"""Calibration Hessians for GPTQ (REFERENCE.md section 4).
+"""Calibration Hessians for GPTQ (docs/DESIGN.md §4).
 
 For every linear layer of the model, ``H = Σ XᵀX`` over the rows X of its
 inputs (every token of every batch, and every pass through a looped layer),
@@ -18,7 +18,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pgolf.checkpoint import load_tagged, save_tagged
+from pgolf.config import CalibrateConfig
+from pgolf.loader import TrainLoader
 from pgolf.model import GPT, CastedLinear
+from pgolf.runtime import autocast
 
 FORMAT = "pgolf-hessians"
 VERSION = 1
@@ -71,7 +74,7 @@ def collect_hessians(
     try:
         for ids in tqdm(batches, desc="calibrate", unit="batch", disable=not show_progress):
             # bf16 on the GPU as in training and evaluation; the hooks accumulate in float32
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 model.forward_logits(ids.to(device, non_blocking=True))  # [B, T, V], discarded
             count += 1
     finally:
@@ -82,6 +85,12 @@ def collect_hessians(
     if count == 0:
         raise ValueError("calibrate: no calibration batches")
     return {name: (h / count).cpu() for name, h in sorted(hessians.items())}
+
+
+def calibration_batches(files: list[Path], cfg: CalibrateConfig) -> list[Tensor]:
+    """The input ids [B, T] of each calibration batch, drawn by the training sampler with its own seed."""
+    loader = TrainLoader(files, cfg.seq_len, cfg.seed, cfg.calibration_batch_tokens, grad_accum_steps=1)
+    return [loader.micro_batch(index)[0] for index in range(cfg.calibration_batches)]
 
 
 def save_hessians(path: str | Path, hessians: dict[str, Tensor]) -> None:

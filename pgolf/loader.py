@@ -1,6 +1,6 @@
 """Training batches whose order depends on the seed and the step, not on the process count.
 
-The reference's sampler (REFERENCE.md section 3) cuts every shard into
+The reference's sampler (docs/DESIGN.md §3) cuts every shard into
 sequences at a random phase, takes each shard's sequences in random order and
 draws shards in proportion to what they have left; but every rank reads its
 own shards with its own generator, so the data changes with the GPU count.

@@ -1,4 +1,4 @@
-"""The recurrent GPT of the record (REFERENCE.md section 3), top to bottom.
+"""The recurrent GPT of the record (docs/DESIGN.md §3), top to bottom.
 
 A tied-embedding transformer with grouped-query attention, partial rotary
 embeddings, per-head query gain, XSA (each head's output minus its projection
@@ -12,7 +12,6 @@ scaled-dot-product attention; all paths compute the same function (a test checks
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -57,9 +56,8 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return y.transpose(1, 2)  # [B, T, H, D]
 
 
-@functools.cache
-def _flash_attention() -> AttentionFn | None:
-    """FlashAttention-3, else flash-attn 2, else None (looked up once, on first use)."""
+def _import_flash_attention() -> AttentionFn | None:
+    """FlashAttention-3, else flash-attn 2, else None."""
     try:
         from flash_attn_interface import flash_attn_func as fa3
     except ImportError:
@@ -73,12 +71,15 @@ def _flash_attention() -> AttentionFn | None:
     return lambda q, k, v: fa2(q, k, v, causal=True)
 
 
+# Looked up at import, not on first use: torch.compile cannot trace an import that fails
+# (fullgraph would stop at it), while a module global is a constant to it.
+FLASH_ATTENTION: AttentionFn | None = _import_flash_attention()
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Dispatch: flash kernels need a GPU and 16-bit inputs; otherwise SDPA."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        flash = _flash_attention()
-        if flash is not None:
-            return flash(q, k, v)
+    if FLASH_ATTENTION is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return FLASH_ATTENTION(q, k, v)
     return sdpa_attention(q, k, v)
 
 
@@ -239,7 +240,7 @@ class GPT(nn.Module):
         return layer_order(self.config, self.looping_active)[1]
 
     def reset_parameters(self) -> None:
-        """The reference's initialisation: see REFERENCE.md section 3."""
+        """The reference's initialisation: see docs/DESIGN.md §3."""
         if self.config.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=self.config.tied_embed_init_std)
         zero_init = {block.attn.proj for block in self.blocks} | {block.mlp.proj for block in self.blocks}

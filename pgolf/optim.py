@@ -1,6 +1,6 @@
 """The optimisers of the train stage: MuonEq-R for block matrices, AdamW for the rest.
 
-REFERENCE.md section 3: the 2-D weights inside the blocks are updated by
+docs/DESIGN.md §3: the 2-D weights inside the blocks are updated by
 MuonEq-R (Nesterov momentum, rows normalised, orthogonalised by a bf16
 Newton-Schulz iteration, decoupled weight decay); the tied embedding and the
 small control tensors (gains, scales, mixes, skip weights and gates) by AdamW
@@ -11,7 +11,6 @@ Adam. ``build_optimizers`` splits a ``GPT``'s parameters into these groups and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -116,9 +115,6 @@ class Optimizers:
     def __init__(self, optimizers: list[torch.optim.Optimizer], muon: MuonEqR):
         self.all = optimizers
         self.muon = muon
-
-    def __iter__(self) -> Iterator[torch.optim.Optimizer]:
-        return iter(self.all)
 
     def zero_grad(self) -> None:
         for opt in self.all:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgolf.atomic import atomic_open, atomic_path
+
+if TYPE_CHECKING:  # only for annotations: plotting needs no GPTQ
+    from pgolf.gptq import FitResult
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
@@ -24,13 +27,13 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _figure(width: float = 8.0, height: float = 4.5):
+def _figure(width: float = 8.0, height: float = 4.5, rows: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(width, height), dpi=100)
+    return plt.subplots(rows, 1, figsize=(width, height), dpi=100, sharex=rows > 1)
 
 
 def _save(fig, path: str | Path) -> None:
@@ -75,5 +78,59 @@ def bar_plot(
     ax.bar(range(len(values)), values)
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def training_plot(path: str | Path, history: list[dict[str, Any]], val_history: list[dict[str, Any]]) -> None:
+    """Training loss (and validation loss when it was computed) above the learning-rate schedule."""
+    fig, (loss_ax, lr_ax) = _figure(height=6.0, rows=2)
+    steps = [row["step"] for row in history]
+    loss_ax.plot(steps, [row["train_loss"] for row in history], label="train loss")
+    if val_history:
+        loss_ax.plot([row["step"] for row in val_history], [row["val_loss"] for row in val_history],
+                     marker="o", label="validation loss")
+    loss_ax.set(ylabel="loss (nats)", title="Training")
+    loss_ax.legend()
+    loss_ax.grid(alpha=0.3)
+    lr_ax.plot(steps, [row["lr_scale"] for row in history], color="tab:green")
+    lr_ax.set(xlabel="step", ylabel="lr multiplier", ylim=(0, 1.05))
+    lr_ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def quantization_plots(directory: Path, rows: list[dict[str, Any]], fit: FitResult | None, limit: int) -> None:
+    """Per-tensor error (CSV + bar chart) and, after a size search, its points (CSV + line plot)."""
+    write_csv(directory / "tensors.csv", [{**row, "shape": "x".join(map(str, row["shape"]))} for row in rows])
+    quantized = [row for row in rows if row["h_rel_error"] is not None and row["method"] != "fp16"]
+    if quantized:
+        bar_plot(directory / "tensor_errors.png", [row["name"] for row in quantized],
+                 [row["h_rel_error"] for row in quantized], "tensor",
+                 "tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)", "H-weighted relative quantization error")
+    if fit is None:
+        return
+    points = sorted(fit.points, key=lambda p: p.clip_sigmas)
+    write_csv(directory / "fit_search.csv", [
+        {"step": fit.points.index(p), "clip_sigmas": p.clip_sigmas, "total_bytes": p.total_bytes,
+         "fits": p.fits, "size_limit_bytes": limit} for p in points
+    ])
+    line_plot(directory / "fit_search.png", [p.clip_sigmas for p in points],
+              {"submission bytes": [p.total_bytes for p in points], "size limit": [limit] * len(points)},
+              "matrix_clip_sigmas", "bytes", f"Size search: chose {fit.clip_sigmas:.4f}")
+
+
+def tensor_size_plot(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Bits per weight of every tensor, coloured by kind, with its share of the bytes in the label."""
+    fig, ax = _figure(width=max(8.0, 0.22 * len(rows)), height=5.5)
+    total = sum(row["compressed_bytes"] for row in rows) or 1
+    colours = {"quantized": "tab:blue", "passthrough": "tab:orange"}
+    for kind, colour in colours.items():
+        xs = [i for i, row in enumerate(rows) if row["kind"] == kind]
+        ax.bar(xs, [rows[i]["bits_per_weight"] for i in xs], color=colour, label=kind)
+    labels = [f"{row['tensor']} ({100 * row['compressed_bytes'] / total:.1f}%)" for row in rows]
+    ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
+    ax.set(xlabel="tensor (share of the compressed bytes)", ylabel="compressed bits per weight",
+           title="Compressed size per tensor (each compressed alone)")
+    ax.legend()
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)

@@ -1,13 +1,13 @@
-"""What every stage logs before it starts: code, versions, config, hardware.
+"""What every stage records before it starts: code, versions, config, hardware.
 
-A run's log then says exactly which commit, libraries, resolved configuration
-and machine produced its outputs, so a number in a metrics file can always be
-traced back to how it was made.
+A stage prints one line of it (commit, versions, device) and writes the whole
+record (with the resolved configuration) to a file beside its metrics, so a
+number in a metrics file can always be traced back to how it was made without
+the log drowning in it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -67,8 +67,16 @@ def provenance(stage: str, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def summary_line(record: dict[str, Any]) -> str:
+    """Commit, versions and hardware of a provenance record, on one line."""
+    v, hw = record["versions"], record["hardware"]
+    where = ", ".join(hw["gpus"]) if hw.get("gpus") else f"cpu x{hw['cpu_count']} ({hw['torch_threads']} threads)"
+    return (f"commit {record['git_commit'][:12]}{'+dirty' if record['git_commit'].endswith('+dirty') else ''} | "
+            f"pgolf {v['pgolf']} torch {v['torch']} python {v['python']} | {where}")
+
+
 def log_provenance(stage: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Print the provenance block of ``stage`` and return it."""
+    """Print the one-line summary of ``stage``'s provenance and return the whole record."""
     record = provenance(stage, config)
-    print(f"[pgolf {stage}] provenance:\n{json.dumps(record, indent=2, sort_keys=True)}", flush=True)
+    print(f"[pgolf {stage}] {summary_line(record)}", flush=True)
     return record

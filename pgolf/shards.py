@@ -5,11 +5,16 @@ A shard is a header of 256 little-endian int32 ``[20240520, 1, num_tokens, 0,
 directory holds ``fineweb_val_NNNNNN.bin`` and ``fineweb_train_NNNNNN.bin``
 files; each split is the concatenation of its files in name order, and every
 document in it is ``[bos] + ids``. Readers memory-map the token body, so a
-shard of 100 M tokens costs no memory until it is touched.
+shard of 100 M tokens costs no memory until it is touched. ``check_dataset``
+holds a dataset to its manifest (files, token counts, id range, tokenizer
+hash) before a stage reads it, so a missing shard or a foreign tokenizer is an
+error naming the file, never a quietly different result.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import BinaryIO
@@ -17,13 +22,15 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from pgolf.atomic import recover
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 MAX_TOKENS = 2**31 - 1  # the header stores the count as int32
-BOS_ID = 1  # the challenge tokenizers' bos id (REFERENCE.md section 1)
+BOS_ID = 1  # the challenge tokenizers' bos id (docs/DESIGN.md §1)
 MANIFEST_NAME = "manifest.json"  # beside the shards: what went in and what came out (the tokenize stage)
 SPLITS = ("val", "train")  # file order of a dataset: validation documents come first
 # Ids are checked against the vocabulary this many tokens at a time (bounded memory).
@@ -116,12 +123,17 @@ def shard_files(dataset_dir: str | Path, split: str) -> list[Path]:
     return files
 
 
-def load_validation_tokens(dataset_dir: str | Path, seq_len: int) -> torch.Tensor:
-    """All validation tokens, cut to ``((n - 1) // seq_len) * seq_len + 1`` (int64)."""
+def load_validation_tokens(dataset_dir: str | Path, seq_len: int, max_tokens: int = 0) -> torch.Tensor:
+    """Validation tokens cut to whole windows: ``((n - 1) // seq_len) * seq_len + 1`` (int64).
+
+    ``max_tokens`` (0: all) first keeps only that many tokens, for quick evaluations.
+    """
     files = shard_files(dataset_dir, "val")
     if not files:
         raise ShardError(f"{dataset_dir}: no fineweb_val_*.bin shards")
     tokens = np.concatenate([read_shard(path) for path in files])  # [n]
+    if max_tokens:
+        tokens = tokens[:max_tokens]
     usable = ((tokens.size - 1) // seq_len) * seq_len
     if usable <= 0:
         raise ShardError(f"{dataset_dir}: {tokens.size} validation tokens are too few for seq_len {seq_len}")
@@ -137,31 +149,126 @@ def split_documents(tokens: np.ndarray, bos_id: int, source: str | Path) -> list
     return [tokens[start + 1 : end] for start, end in zip(starts, ends, strict=True)]
 
 
+def scan_shard(path: Path, vocab_size: int, bos_id: int = BOS_ID) -> tuple[int, int]:
+    """Read every token of a shard: refuse an id not below ``vocab_size``; return (tokens, BOS count)."""
+    shard = read_shard(path)
+    documents = 0
+    for start in range(0, shard.size, VALIDATE_CHUNK):
+        chunk = shard[start : start + VALIDATE_CHUNK]
+        top = int(chunk.max())
+        if top >= vocab_size:
+            position = start + int(np.argmax(chunk >= vocab_size))
+            raise ShardError(f"{path}: token id {top} at position {position} is not below vocab_size {vocab_size}")
+        documents += int(np.count_nonzero(chunk == bos_id))
+    return int(shard.size), documents
+
+
 def validate_dataset(dataset_dir: str | Path, vocab_size: int, bos_id: int = BOS_ID) -> dict[str, dict]:
     """Check every shard (header, size, ids below ``vocab_size``); per split: files, tokens, documents.
 
-    ``documents`` counts ``bos_id`` tokens, as each document starts with one.
+    ``documents`` counts ``bos_id`` tokens, as each document starts with one;
+    ``file_tokens`` holds each file's token count.
     """
     stats = {}
     for split in SPLITS:
         files = shard_files(dataset_dir, split)
         if not files:
             raise ShardError(f"{dataset_dir}: no fineweb_{split}_*.bin shards")
-        tokens = documents = 0
-        for path in files:
-            shard = read_shard(path)
-            for start in range(0, shard.size, VALIDATE_CHUNK):
-                chunk = shard[start : start + VALIDATE_CHUNK]
-                top = int(chunk.max())
-                if top >= vocab_size:
-                    position = start + int(np.argmax(chunk >= vocab_size))
-                    raise ShardError(
-                        f"{path}: token id {top} at position {position} is not below vocab_size {vocab_size}"
-                    )
-                documents += int(np.count_nonzero(chunk == bos_id))
-            tokens += shard.size
-        stats[split] = {"files": [p.name for p in files], "tokens": tokens, "documents": documents}
+        counts = [scan_shard(path, vocab_size, bos_id) for path in files]
+        stats[split] = {"files": [p.name for p in files], "tokens": sum(t for t, _ in counts),
+                        "documents": sum(d for _, d in counts), "file_tokens": [t for t, _ in counts]}
     return stats
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_dataset(
+    dataset_dir: str | Path, tokenizer_path: str | Path, vocab_size: int, scan: tuple[str, ...] = SPLITS,
+    bos_id: int = BOS_ID,
+) -> dict:
+    """Enforce the tokenize stage's manifest on a dataset before any stage reads it; return the manifest.
+
+    Every file the manifest lists must be there with its listed token count
+    (and so its size), no unlisted shard may lie beside them, the splits named
+    in ``scan`` are read whole (every id below ``vocab_size``, the listed token
+    and document totals), and the tokenizer must be the one the shards were made
+    with (its sha256). Each disagreement is a ``ShardError`` naming the file.
+    An interrupted replacement of either is first recovered (``pgolf.atomic.recover``).
+    """
+    dataset_dir, tokenizer_path = Path(dataset_dir), Path(tokenizer_path)
+    recover(dataset_dir)
+    recover(tokenizer_path)
+    manifest = read_manifest(dataset_dir)
+    where = dataset_dir / MANIFEST_NAME
+    if manifest.get("vocab_size") != vocab_size:
+        raise ShardError(f"{where}: vocab_size {manifest.get('vocab_size')!r}, but the model's vocab_size is {vocab_size}")
+    for split in SPLITS:
+        check_split(dataset_dir, split, manifest["splits"][split], vocab_size if split in scan else None, bos_id)
+    check_tokenizer(tokenizer_path, manifest["tokenizer"]["sha256"], where)
+    return manifest
+
+
+def read_manifest(dataset_dir: Path) -> dict:
+    path = dataset_dir / MANIFEST_NAME
+    if not dataset_dir.is_dir():
+        raise ShardError(f"{dataset_dir}: dataset directory not found (run the tokenize stage first)")
+    if not path.is_file():
+        raise ShardError(f"{path}: dataset manifest not found (the tokenize stage writes it; re-run it)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        for split in SPLITS:
+            entry = manifest["splits"][split]
+            if not isinstance(entry["files"], list) or not all(isinstance(f, str) for f in entry["files"]):
+                raise TypeError(f"splits.{split}.files is not a list of names")
+        if not isinstance(manifest["tokenizer"]["sha256"], str):
+            raise TypeError("tokenizer.sha256 is not a string")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ShardError(f"{path}: not a pgolf dataset manifest ({type(exc).__name__}: {exc})") from None
+    return manifest
+
+
+def check_split(dataset_dir: Path, split: str, listed: dict, vocab_size: int | None, bos_id: int) -> None:
+    """The files of ``split`` are exactly the listed ones, with the listed counts (ids too, given ``vocab_size``)."""
+    names = listed["files"]
+    for name in names:
+        if not (dataset_dir / name).is_file():
+            raise ShardError(f"{dataset_dir / name}: listed in {MANIFEST_NAME} but missing")
+    pattern = re.compile(rf"fineweb_{split}_\d{{6}}\.bin")
+    for path in sorted(dataset_dir.iterdir()):
+        if pattern.fullmatch(path.name) and path.name not in names:
+            raise ShardError(f"{path}: a shard that {MANIFEST_NAME} does not list")
+    if vocab_size is None:
+        counts = [(read_header(dataset_dir / name), None) for name in names]
+    else:
+        counts = [scan_shard(dataset_dir / name, vocab_size, bos_id) for name in names]
+    listed_tokens = listed.get("file_tokens", [None] * len(names))  # manifests before pgolf recorded them lack it
+    if len(listed_tokens) != len(names):
+        raise ShardError(f"{dataset_dir / MANIFEST_NAME}: {split} lists {len(names)} files but {len(listed_tokens)} sizes")
+    for name, (tokens, _), expected in zip(names, counts, listed_tokens, strict=True):
+        if expected is not None and tokens != expected:
+            raise ShardError(f"{dataset_dir / name}: {tokens} tokens, but {MANIFEST_NAME} lists {expected}")
+    total = sum(tokens for tokens, _ in counts)
+    if total != listed.get("tokens"):
+        raise ShardError(f"{dataset_dir}: the {split} shards hold {total} tokens, but {MANIFEST_NAME} lists "
+                         f"{listed.get('tokens')}")
+    if vocab_size is not None and sum(d for _, d in counts) != listed.get("documents"):
+        raise ShardError(f"{dataset_dir}: the {split} shards hold {sum(d for _, d in counts)} documents, but "
+                         f"{MANIFEST_NAME} lists {listed.get('documents')}")
+
+
+def check_tokenizer(path: Path, sha256: str, manifest_path: Path) -> None:
+    if not path.is_file():
+        raise ShardError(f"{path}: tokenizer not found (the tokenize stage writes it beside the dataset)")
+    actual = file_sha256(path)
+    if actual != sha256:
+        raise ShardError(f"{path}: sha256 {actual[:16]}... is not that of the tokenizer the shards were made with "
+                         f"({sha256[:16]}..., in {manifest_path}): a different tokenizer; re-run the tokenize stage")
 
 
 class ShardWriter:
@@ -178,7 +285,7 @@ class ShardWriter:
         self.dataset_dir = Path(dataset_dir)
         self.dataset_dir.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
-        self.stats = {split: {"documents": 0, "tokens": 0, "files": []} for split in SPLITS}
+        self.stats = {split: {"documents": 0, "tokens": 0, "files": [], "file_tokens": []} for split in SPLITS}
         self._split = SPLITS[0]
         self._handle: BinaryIO | None = None
         self._filled = 0
@@ -233,5 +340,6 @@ class ShardWriter:
             return
         self._handle.seek(0)
         self._handle.write(shard_header(self._filled))
+        self.stats[self._split]["file_tokens"].append(self._filled)
         self._handle.close()
         self._handle = None

@@ -1,7 +1,7 @@
 """SentencePiece tokenizers: the challenge's training recipe, loading checks and byte accounting.
 
 Bits per byte divides a model's loss by the UTF-8 bytes of the text it
-predicted. Those bytes come from per-id lookup tables (REFERENCE.md section 2):
+predicted. Those bytes come from per-id lookup tables (docs/DESIGN.md §2):
 a piece's own bytes, plus one for its leading "▁" unless the previous token is
 a boundary (BOS and the other control ids). ``document_byte_counts`` checks the
 tables against the decoded text of each document, because a table that
@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2
 
 SPACE_PIECE = "\u2581"  # SentencePiece's visible space, "▁"
-# The challenge's trainer settings (REFERENCE.md section 1).
+# The challenge's trainer settings (docs/DESIGN.md §1).
 TRAINER_SETTINGS = {
     "model_type": "bpe",
     "character_coverage": 0.999,
@@ -113,7 +113,7 @@ def load_tokenizer(path: str | Path, vocab_size: int) -> spm.SentencePieceProces
 
 @dataclass(frozen=True)
 class ByteTables:
-    """Per-id lookup tables of REFERENCE.md section 2 (each of length max(vocab, pieces))."""
+    """Per-id lookup tables of docs/DESIGN.md §2 (each of length max(vocab, pieces))."""
 
     base_bytes: torch.Tensor  # [V] int16: UTF-8 bytes of the piece without its leading "▁"
     has_leading_space: torch.Tensor  # [V] bool: the piece starts with "▁"

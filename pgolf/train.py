@@ -1,4 +1,4 @@
-"""The training loop of REFERENCE.md section 3, from one CPU core to N GPUs.
+"""The training loop of docs/DESIGN.md §3, from one CPU core to N GPUs.
 
 ``train`` runs the reference's loop on a ``GPT``: per step it zeroes the
 gradients, back-propagates every micro-batch (``loss / accumulation``), sets
@@ -7,7 +7,8 @@ or by step without a time budget), switches layer looping on at
 ``enable_looping_at``, clips, steps every optimiser and updates the EMA whose
 weights are the result. Before the clock starts, compile warm-up steps run and
 are undone. On the GPU the model is cast to bf16 except for the linear weights
-and control tensors and runs under bf16 autocast; on the CPU it runs in float32.
+and control tensors and runs under bf16 autocast; on the CPU it runs in float32
+(or, asked to, in the GPU's bf16 precision).
 Batches come from any ``BatchSource`` (the shard loader, or recorded batches).
 Checkpoints hold everything a resumed run needs to finish with the same weights.
 """
@@ -31,9 +32,11 @@ from tqdm import tqdm
 from pgolf.checkpoint import load_tagged, save_tagged
 from pgolf.config import TrainConfig, to_dict
 from pgolf.distributed import DistContext, any_rank, barrier
+from pgolf.evaluate import eval_plain
 from pgolf.model import CastedLinear, GPT
 from pgolf.optim import Optimizers, build_optimizers, is_control_tensor, muon_momentum_at
-from pgolf.runtime import use_compile
+from pgolf.runtime import autocast, mixed_precision, use_compile
+from pgolf.tokenizer import ByteTables
 
 MicroBatch = tuple[Tensor, Tensor]  # inputs [B, T], targets [B, T]
 Validator = Callable[[GPT], tuple[float, float]]  # model -> (val_loss, val_bpb)
@@ -56,26 +59,9 @@ class BatchSource(Protocol):
     def check_state(self, state: dict, source: str) -> None: ...
 
 
-class RecordedBatches:
-    """Micro-batches recorded elsewhere (e.g. the golden trajectory), ``per_step`` a step."""
 
-    def __init__(self, batches: Sequence[MicroBatch], per_step: int):
-        if per_step <= 0 or len(batches) % per_step:
-            raise ValueError(f"{len(batches)} recorded micro-batches do not split into steps of {per_step}")
-        self.batches, self.per_step = list(batches), per_step
-
-    def micro_batches(self, step: int) -> Sequence[MicroBatch]:
-        first = step * self.per_step
-        if first + self.per_step > len(self.batches):
-            raise ValueError(f"step {step} needs micro-batches beyond the {len(self.batches)} recorded")
-        return self.batches[first:first + self.per_step]
-
-    def state_dict(self) -> dict:
-        return {"recorded": len(self.batches), "per_step": self.per_step}
-
-    def check_state(self, state: dict, source: str) -> None:
-        if state != self.state_dict():
-            raise ValueError(f"{source}: recorded batches differ from the checkpoint's ({state})")
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite (names the first such step)."""
 
 
 @dataclass
@@ -119,10 +105,10 @@ def lr_scale(fraction: float, cfg: TrainConfig) -> float:
 # ---------------------------------------------------------------- model set-up
 
 
-def apply_dtype_policy(model: GPT, device: torch.device) -> GPT:
-    """Move ``model`` to ``device``: float32 on the CPU, the reference's mixed policy on the GPU."""
+def apply_dtype_policy(model: GPT, device: torch.device, bf16: bool) -> GPT:
+    """Move ``model`` to ``device``: the reference's mixed policy for bf16, else float32."""
     model = model.to(device)
-    return cast_mixed_precision(model) if device.type == "cuda" else model.float()
+    return cast_mixed_precision(model) if bf16 else model.float()
 
 
 def cast_mixed_precision(model: GPT) -> GPT:
@@ -135,13 +121,6 @@ def cast_mixed_precision(model: GPT) -> GPT:
         if param.ndim < 2 or is_control_tensor(name):
             param.data = param.data.float()
     return model
-
-
-
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- EMA
@@ -203,13 +182,15 @@ class Trainer:
     """One training run of ``model`` on ``batches`` (this process's share of it)."""
 
     def __init__(self, model: GPT, cfg: TrainConfig, batches: BatchSource, ctx: DistContext,
-                 checkpoint_dir: Path | None = None, progress: bool = True, validate: Validator | None = None):
+                 checkpoint_dir: Path | None = None, progress: bool = True, validate: Validator | None = None,
+                 bf16: bool | None = None):
         if cfg.val_loss_every > 0 and validate is None:
             raise ValueError("train.val_loss_every is set but no validation data was given")
         self.cfg, self.batches, self.ctx, self.validate = cfg, batches, ctx, validate
         self.checkpoint_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
         self.progress = progress and ctx.is_main
-        self.model = apply_dtype_policy(model, ctx.device)
+        self.bf16 = mixed_precision(ctx.device) if bf16 is None else bf16
+        self.model = apply_dtype_policy(model, ctx.device, self.bf16)
         self.optimizers: Optimizers = build_optimizers(self.model, cfg)
         runner: nn.Module = self.model
         if use_compile(cfg.compile, ctx.device, "train.compile"):
@@ -225,6 +206,7 @@ class Trainer:
         self.val_history: list[dict] = []
         self.ema: dict[str, Tensor] = {}
         self.tokens_per_step = 0
+        self.losses_checked = 0  # losses before this index are known to be finite
 
     # one optimisation step -------------------------------------------------
 
@@ -237,7 +219,7 @@ class Trainer:
         for index, (inputs, targets) in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with self._grad_sync(last):
-                with autocast(self.ctx.device):
+                with autocast(self.ctx.device, self.bf16):
                     loss = self.runner(inputs.to(self.ctx.device), targets.to(self.ctx.device))
                 (loss / len(micro_batches)).backward()
             total += loss.detach()
@@ -346,6 +328,12 @@ class Trainer:
             stopped_by_wallclock = budget is not None and any_rank(self.elapsed_s >= budget, self.ctx)
             finished = stopped_by_wallclock or self.step == self.cfg.iterations
             bar.update(1)
+            if finished or self._due(self.cfg.train_log_every) or self._due(self.cfg.checkpoint_every):
+                try:
+                    self.check_losses_finite()
+                except TrainingDiverged:
+                    bar.close()  # the error line comes after the bar, not inside it
+                    raise
             if finished or self._due(self.cfg.train_log_every):
                 self._log(scale, bar)
             if on_step is not None:
@@ -362,6 +350,24 @@ class Trainer:
             stopped_by_wallclock=stopped_by_wallclock, tokens_per_step=self.tokens_per_step,
             val_history=list(self.val_history),
         )
+
+    def check_losses_finite(self) -> None:
+        """Stop a diverged run, naming the first step whose loss is NaN or infinite.
+
+        Losses stay on the device between log and checkpoint steps (no sync per
+        step), so they are checked there: before anything is logged or saved.
+        """
+        recent = self.losses[self.losses_checked:]
+        if not recent:
+            return
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.ctx.device) for v in recent]).cpu()
+        bad = torch.nonzero(~torch.isfinite(values)).flatten()  # [K]
+        if bad.numel():
+            step = self.losses_checked + int(bad[0]) + 1
+            raise TrainingDiverged(
+                f"train: the training loss is {float(values[bad[0]])} at step {step} of {self.cfg.iterations}: "
+                "the run diverged (try lower learning rates or grad_clip_norm); no model was written")
+        self.losses_checked = len(self.losses)
 
     def loss_values(self) -> list[float]:
         return [float(loss) for loss in self.losses]
@@ -405,10 +411,41 @@ class Trainer:
 
 def train(model: GPT, cfg: TrainConfig, batches: BatchSource, ctx: DistContext,
           checkpoint_dir: Path | None = None, progress: bool = True,
-          on_step: Callable[[int], None] | None = None, validate: Validator | None = None) -> TrainResult:
+          on_step: Callable[[int], None] | None = None, validate: Validator | None = None,
+          bf16: bool | None = None) -> TrainResult:
     """Train ``model`` in place on ``batches``; resumes from ``checkpoint_dir`` when it holds one.
 
     ``on_step(step)`` is called after every step (before its checkpoint); ``validate``
-    scores the live model every ``val_loss_every`` steps.
+    scores the live model every ``val_loss_every`` steps. ``bf16`` (None: on the GPU only)
+    applies the record's mixed precision: the dtype policy and bf16 autocast.
     """
-    return Trainer(model, cfg, batches, ctx, checkpoint_dir, progress, validate).run(on_step)
+    return Trainer(model, cfg, batches, ctx, checkpoint_dir, progress, validate, bf16).run(on_step)
+
+
+def plain_validator(tokens: Tensor, tables: ByteTables, cfg: TrainConfig, device: torch.device) -> Validator:
+    """Plain validation loss and bpb of the live model in training-length windows."""
+    batch_seqs = cfg.train_batch_tokens // (cfg.grad_accum_steps * cfg.train_seq_len)  # a training micro-batch
+
+    def validate(model: GPT) -> tuple[float, float]:
+        score = eval_plain(model, tokens, tables, cfg.train_seq_len, batch_seqs, device)
+        return score.loss, score.bpb
+
+    return validate
+
+
+def run_metrics(result: TrainResult, num_params: int, ctx: DistContext) -> dict:
+    """The figures of a finished run, for ``out/train/metrics.json``."""
+    metrics = {
+        "train_loss": result.losses[-1],
+        "steps": result.steps,
+        "train_time_s": result.elapsed_s,
+        "tokens": result.steps * result.tokens_per_step,
+        "tokens_per_s": result.steps * result.tokens_per_step / max(result.elapsed_s, 1e-9),
+        "stopped_by_wallclock": result.stopped_by_wallclock,
+        "model_params": num_params,
+        "world_size": ctx.world_size,
+        "device": ctx.device.type,
+    }
+    if result.val_history:
+        metrics |= {"val_loss": result.val_history[-1]["val_loss"], "val_bpb": result.val_history[-1]["val_bpb"]}
+    return metrics

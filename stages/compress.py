@@ -1,92 +1,51 @@
-"""DVC stage ``compress``: quantized model -> shuffled, brotli-coded artifact, gated on size.
+"""DVC stage ``compress``: quantized model -> shuffled, entropy-coded artifact, gated on size.
 
-Reads ``out/quantize/quantized.bin``, compresses it as ``compress:`` in ``params.yaml`` says
-and adds the bytes of the code files a submission must ship. Over ``size_limit_bytes`` the
-stage fails, naming size, limit and overshoot, and writes no artifact. Otherwise it writes
-``out/compress/artifact.ptz``, ``out/compress/metrics.json`` and each tensor's compressed
-size (alone) as a CSV and a bar plot.
+Reads ``out/quantize/quantized.bin``, compresses it as ``compress:`` says and adds the
+code bytes a submission ships (``pgolf.submission``). Over ``size_limit_bytes`` the stage
+fails, naming size, limit and overshoot, and writes nothing. Otherwise it commits
+``out/compress/artifact.ptz``, each tensor's compressed size (CSV and plot) and
+``out/compress/metrics.json``.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from pgolf.atomic import write_bytes, write_json
-from pgolf.cli import run_stage
-from pgolf.codec import (
-    QuantizedModel,
-    QuantizedTensor,
-    code_bytes,
-    compress,
-    compressed_tensor_sizes,
-    decompress,
-    deserialize,
-)
+from pgolf import layout
+from pgolf.atomic import stage_outputs
+from pgolf.codec import compress, decompress, deserialize
 from pgolf.config import CompressConfig, section, to_dict
-from pgolf.plots import bar_plot, write_csv
+from pgolf.plots import tensor_size_plot, write_csv
 from pgolf.provenance import log_provenance
-
-QUANTIZED_PATH = Path("out/quantize/quantized.bin")
-ARTIFACT_PATH = Path("out/compress/artifact.ptz")
-METRICS_PATH = Path("out/compress/metrics.json")
-SIZES_CSV_PATH = Path("out/compress/plots/tensor_sizes.csv")
-SIZES_PNG_PATH = Path("out/compress/plots/tensor_sizes.png")
+from pgolf.stage import Workspace, run_stage
+from pgolf.submission import check_size, code_bytes, tensor_size_rows
 
 
-def check_size(artifact_bytes: int, code: int, limit: int) -> None:
-    """The challenge's gate: compressed artifact + code bytes at most ``limit``."""
-    total = artifact_bytes + code
-    if total > limit:
-        raise ValueError(
-            f"submission too large: {artifact_bytes:,} artifact + {code:,} code = {total:,} bytes, "
-            f"over the limit of {limit:,} by {total - limit:,} bytes (raise quantize clip sigmas or lower bits)"
-        )
-
-
-def run(params: dict) -> None:
+def run(params: dict, ws: Workspace) -> None:
     cfg = section(params, "compress", CompressConfig)
-    log_provenance("compress", to_dict(cfg))
-    if not QUANTIZED_PATH.is_file():
-        raise FileNotFoundError(f"{QUANTIZED_PATH}: not found (run the quantize stage first)")
+    record = log_provenance("compress", {"compress": to_dict(cfg)})
+    quantized_path = ws.input(layout.QUANTIZE_MODEL)
+    if not quantized_path.is_file():
+        raise FileNotFoundError(f"{quantized_path}: not found (run the quantize stage first)")
     code = code_bytes(cfg.code_files, cfg.compress_code)
-    raw = QUANTIZED_PATH.read_bytes()
-    qm = deserialize(raw)  # validates the input before spending a minute on brotli
+    raw = quantized_path.read_bytes()
+    qm = deserialize(raw)  # validates the input before spending a minute on compression
     blob = compress(raw, cfg)
     if decompress(blob) != raw:
         raise ValueError(f"{cfg.compressor} round trip changed the data: artifact not written")
     print(f"[pgolf compress] {len(raw):,} raw -> {len(blob):,} bytes ({cfg.compressor}) + {code:,} code", flush=True)
     check_size(len(blob), code, cfg.size_limit_bytes)
-    write_tensor_sizes(compressed_tensor_sizes(qm, cfg), qm)
-    write_json(METRICS_PATH, {
-        "artifact_bytes": len(blob),
-        "code_bytes": code,
-        "total_bytes": len(blob) + code,
-        "limit": cfg.size_limit_bytes,
-        "headroom": cfg.size_limit_bytes - len(blob) - code,
-        "raw_bytes": len(raw),
-    })
-    write_bytes(ARTIFACT_PATH, blob)
-
-
-def write_tensor_sizes(sizes: dict[str, int], qm: QuantizedModel) -> None:
-    """The per-tensor attribution table (CSV for ``dvc plots``) and its bar plot."""
-    rows = []
-    for name, compressed in sizes.items():
-        tensor = qm.tensors[name]
-        quantized = isinstance(tensor, QuantizedTensor)
-        numel = tensor.q.numel() if quantized else tensor.numel()
-        rows.append({
-            "tensor": name,
-            "kind": "quantized" if quantized else "passthrough",
-            "bits": tensor.bits if quantized else 8 * tensor.element_size(),
-            "numel": numel,
-            "compressed_bytes": compressed,
-            "bits_per_weight": round(8 * compressed / max(numel, 1), 4),
+    rows = tensor_size_rows(qm, cfg)
+    with stage_outputs() as out:
+        out.write_bytes(ws.output(layout.COMPRESS_ARTIFACT), blob)
+        write_csv(out.path(ws.output(layout.COMPRESS_SIZES)), rows)
+        tensor_size_plot(out.path(ws.output(layout.COMPRESS_SIZES_PLOT)), rows)
+        out.write_json(ws.output(layout.COMPRESS_PROVENANCE), record)
+        out.write_json(ws.output(layout.COMPRESS_METRICS), {
+            "artifact_bytes": len(blob), "code_bytes": code, "total_bytes": len(blob) + code,
+            "limit": cfg.size_limit_bytes, "headroom": cfg.size_limit_bytes - len(blob) - code,
+            "raw_bytes": len(raw),
         })
-    write_csv(SIZES_CSV_PATH, rows)
-    bar_plot(SIZES_PNG_PATH, [row["tensor"] for row in rows], [row["compressed_bytes"] for row in rows],
-             "tensor", "bytes (compressed alone)", "Compressed size per tensor")
 
 
 def main(argv: list[str] | None = None) -> int:

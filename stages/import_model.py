@@ -3,8 +3,9 @@
 The record's ``train_gpt.py`` saves its EMA weights as a plain state dict in its
 own parameter names. This command reads one (``weights_only=True``), checks
 every name and shape against ``GPT`` built from the ``model:`` section, and
-writes ``out/train/model.pt`` exactly as the train stage would, so calibrate,
-quantize, compress and evaluate run on it without training.
+writes it as the train stage's model file of the hand-run workspace (``runs/``
+unless ``--out`` says otherwise), so ``pgolf calibrate``, ``quantize``,
+``compress`` and ``evaluate`` run on it there without training.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pgolf import layout
 from pgolf.checkpoint import check_state_dict, save_model
-from pgolf.cli import run_stage, stage_parser
 from pgolf.config import ModelConfig, section, to_dict
 from pgolf.model import GPT
 from pgolf.provenance import log_provenance
-
-MODEL_PATH = Path("out/train/model.pt")
+from pgolf.stage import Workspace, run_stage, stage_parser
 
 
 def read_reference_state_dict(path: Path) -> dict[str, Tensor]:
@@ -38,19 +38,20 @@ def read_reference_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def import_model(source: Path, cfg: ModelConfig, destination: Path = MODEL_PATH) -> dict[str, Tensor]:
+def import_model(source: Path, cfg: ModelConfig, destination: Path) -> dict[str, Tensor]:
     """Check ``source`` against ``GPT(cfg)`` and write it to ``destination``."""
     state = read_reference_state_dict(source)
-    check_state_dict(GPT(cfg), state, f"{source} (params.yaml model: section)")
+    check_state_dict(GPT(cfg), state, f"{source} (params model: section)")
     save_model(destination, cfg, state)
     return state
 
 
-def run(params: dict, final_model_pt: str) -> None:
+def run(params: dict, ws: Workspace, final_model_pt: str) -> None:
     cfg = section(params, "model", ModelConfig)
     log_provenance("import", {"model": to_dict(cfg), "source": final_model_pt})
-    state = import_model(Path(final_model_pt), cfg)
-    print(f"[pgolf import] wrote {MODEL_PATH}: {len(state)} tensors, "
+    destination = ws.output(layout.TRAIN_MODEL)
+    state = import_model(Path(final_model_pt), cfg, destination)
+    print(f"[pgolf import] wrote {destination}: {len(state)} tensors, "
           f"{sum(t.numel() for t in state.values()):,} parameters from {final_model_pt}", flush=True)
 
 

@@ -3,41 +3,41 @@
 Reads the ``tokenize:`` section. With ``shards_path`` set it validates
 already-tokenized shards and their tokenizer and links them into place;
 otherwise it trains a tokenizer (or reuses ``tokenizer_path``) and streams the
-documents file (or the embedded corpus) through it. Outputs, both built in
-temporary places and renamed only when everything succeeded:
-``{data_dir}/datasets/fineweb10B_sp{V}/`` (shards + ``manifest.json``) and
-``{data_dir}/tokenizers/fineweb_{V}_bpe.model``.
+documents file (or the embedded corpus) through it. Outputs, committed together
+once everything succeeded: ``{data_dir}/datasets/fineweb10B_sp{V}/`` (shards +
+``manifest.json``), ``{data_dir}/tokenizers/fineweb_{V}_bpe.model`` and the
+stage's metrics and provenance.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from pgolf.atomic import atomic_path, write_json
-from pgolf.cli import run_stage
+from pgolf import layout
+from pgolf.atomic import stage_outputs
 from pgolf.config import TokenizeConfig, section, to_dict
 from pgolf.dataset import build_dataset
 from pgolf.provenance import log_provenance
 from pgolf.shards import MANIFEST_NAME, SPLITS, dataset_path
+from pgolf.stage import Workspace, run_stage
 from pgolf.tokenizer import tokenizer_file
 
-METRICS_PATH = Path("out/tokenize/metrics.json")  # flat figures for `dvc metrics`; the manifest has the rest
 
-
-def run(params: dict) -> None:
+def run(params: dict, ws: Workspace) -> None:
     cfg = section(params, "tokenize", TokenizeConfig)
-    log_provenance("tokenize", to_dict(cfg))
-    dataset_dir = dataset_path(cfg.data_dir, cfg.vocab_size)
-    model_path = tokenizer_file(cfg.data_dir, cfg.vocab_size)
-    with atomic_path(model_path) as model_tmp, atomic_path(dataset_dir) as dataset_tmp:
+    record = log_provenance("tokenize", {"tokenize": to_dict(cfg)})
+    dataset_dir = ws.output(dataset_path(cfg.data_dir, cfg.vocab_size))
+    model_path = ws.output(tokenizer_file(cfg.data_dir, cfg.vocab_size))
+    with stage_outputs() as out:
+        model_tmp, dataset_tmp = out.path(model_path), out.path(dataset_dir)
         dataset_tmp.mkdir()
         manifest = build_dataset(cfg, model_tmp, dataset_tmp)
-        manifest["tokenizer"]["path"] = str(model_path)
+        manifest["tokenizer"]["path"] = str(tokenizer_file(cfg.data_dir, cfg.vocab_size))
         (dataset_tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    write_json(METRICS_PATH, metrics(manifest))
+        out.write_json(ws.output(layout.TOKENIZE_PROVENANCE), record)
+        out.write_json(ws.output(layout.TOKENIZE_METRICS), metrics(manifest))
     print(f"[pgolf tokenize] wrote {dataset_dir} and {model_path}: " + json.dumps(manifest["splits"]), flush=True)
 
 

@@ -1,20 +1,28 @@
-"""Shared fixtures: the golden data of ../shared and the configs it was made with.
+"""Shared fixtures: the golden data of the reference and the configs it was made with.
 
-Tests that need ``../shared`` (the golden outputs of the reference, FineWeb
-samples, tokenizers) skip with a message naming it when it is absent; CI has it.
+Parity tests take ``golden`` (and ``golden_trajectory``, ``golden_tokenizer``):
+they run once against the compact set shipped in ``tests/assets/`` (always
+there) and once against the full set of ``../shared/golden``. Tests that need
+``../shared`` (the full golden set, FineWeb samples, tokenizers) skip with a
+message naming it when it is absent; CI has it.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from pgolf.config import ModelConfig, TrainConfig
+from pgolf.shards import MANIFEST_NAME, file_sha256, validate_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
+ASSETS_DIR = REPO_ROOT / "tests" / "assets"
 
 # The reference's environment-variable names and ours (lower case, same meaning).
 _MODEL_KEYS = {
@@ -33,10 +41,50 @@ _TRAIN_KEYS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def as_dvc_stage(monkeypatch):
+    """Stages run as under ``dvc repro`` (which sets ``DVC_STAGE``): they read and write the pipeline's paths.
+
+    A test of a hand run (``pgolf STAGE`` outside DVC) removes the variable.
+    """
+    monkeypatch.setenv("DVC_STAGE", "pytest")
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: this test needs ../shared beside the checkout (CI has it)")
     return path
+
+
+@functools.cache
+def _load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+@dataclass(frozen=True)
+class GoldenSource:
+    """Where one golden set lives: the reference's outputs, its trajectory and its tokenizer."""
+
+    name: str
+    tiny: Path
+    train: Path
+    tokenizer: Path
+    shipped: bool  # in tests/assets: must be there, never skipped
+
+    def path(self, kind: str) -> Path:
+        path = getattr(self, kind)
+        if self.shipped and not path.exists():
+            raise FileNotFoundError(f"{path}: the compact golden set is missing (make it with tools/make_golden.py)")
+        return path if self.shipped else _require(path)
+
+
+GOLDEN_SOURCES = {
+    "compact": GoldenSource("compact", ASSETS_DIR / "golden_compact.pt", ASSETS_DIR / "golden_train_compact.pt",
+                            ASSETS_DIR / "fineweb_1024_bpe.model", shipped=True),
+    "shared": GoldenSource("shared", SHARED_DIR / "golden" / "golden_tiny.pt",
+                           SHARED_DIR / "golden" / "golden_train_tiny.pt",
+                           SHARED_DIR / "tokenizers" / "fineweb_8192_bpe.model", shipped=False),
+}
 
 
 @pytest.fixture(scope="session")
@@ -44,14 +92,38 @@ def shared_dir() -> Path:
     return _require(SHARED_DIR)
 
 
+@pytest.fixture(scope="session", params=list(GOLDEN_SOURCES))
+def golden_source(request) -> GoldenSource:
+    return GOLDEN_SOURCES[request.param]
+
+
+@pytest.fixture(scope="session")
+def golden(golden_source) -> dict:
+    """The reference's outputs for a tiny model (tests/assets/README.md, ../shared/golden/README.md)."""
+    return _load(golden_source.path("tiny"))
+
+
+@pytest.fixture(scope="session")
+def golden_trajectory(golden_source) -> dict:
+    """The reference's training run from recorded batches, of the same set."""
+    return _load(golden_source.path("train"))
+
+
+@pytest.fixture(scope="session")
+def golden_tokenizer(golden_source) -> Path:
+    """The tokenizer the set's token ids come from."""
+    return golden_source.path("tokenizer")
+
+
+@pytest.fixture(scope="session")
+def golden_config(golden) -> ModelConfig:
+    return model_config_from_reference(golden["config"])
+
+
 @pytest.fixture(scope="session")
 def golden_tiny() -> dict:
-    return torch.load(_require(SHARED_DIR / "golden" / "golden_tiny.pt"), weights_only=True)
-
-
-@pytest.fixture(scope="session")
-def golden_train() -> dict:
-    return torch.load(_require(SHARED_DIR / "golden" / "golden_train_tiny.pt"), weights_only=True)
+    """The full set of ../shared only, for tests whose numbers are its model's (widths, sizes)."""
+    return _load(GOLDEN_SOURCES["shared"].path("tiny"))
 
 
 def model_config_from_reference(env: dict) -> ModelConfig:
@@ -69,3 +141,13 @@ def train_config_from_reference(env: dict, **overrides) -> TrainConfig:
 @pytest.fixture(scope="session")
 def golden_model_config(golden_tiny) -> ModelConfig:
     return model_config_from_reference(golden_tiny["config"])
+
+
+def write_manifest(dataset_dir: Path, vocab_size: int, tokenizer: Path, manifest_vocab: int | None = None) -> None:
+    """The manifest the tokenize stage would write for shards made by hand (what stages check them against).
+
+    ``tokenizer`` is the file whose sha256 the manifest records (the stages compare it byte for byte).
+    """
+    manifest = {"vocab_size": manifest_vocab or vocab_size, "splits": validate_dataset(dataset_dir, vocab_size),
+                "tokenizer": {"sha256": file_sha256(tokenizer)}}
+    (dataset_dir / MANIFEST_NAME).write_text(json.dumps(manifest))

@@ -8,12 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_manifest
+from pgolf import layout
 from pgolf.checkpoint import build_model, save_model
 from pgolf.config import CalibrateConfig, ModelConfig, section
-from pgolf.hessians import collect_hessians, load_hessians
+from pgolf.hessians import calibration_batches, collect_hessians, load_hessians
 from pgolf.model import GPT
 from pgolf.shards import dataset_path, shard_name, write_shard
+from pgolf.stage import Workspace
+from pgolf.tokenizer import tokenizer_file
 from stages import calibrate as stage
+
+PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
 
 CONFIG = ModelConfig(vocab_size=256, num_layers=3, model_dim=32, embedding_dim=32, num_heads=2, num_kv_heads=1,
                      rope_dims=8, xsa_last_n=3, num_loops=1, loop_start=1, loop_end=1)
@@ -27,22 +33,27 @@ PARAMS = {
 def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    save_model(stage.MODEL_PATH, CONFIG, GPT(CONFIG).state_dict())
+    save_model(Path(layout.TRAIN_MODEL), CONFIG, GPT(CONFIG).state_dict())
     shards = dataset_path("data", CONFIG.vocab_size)
     shards.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for index in range(2):
         write_shard(shards / shard_name("train", index), rng.integers(0, CONFIG.vocab_size, 1_000, dtype=np.uint16))
+    write_shard(shards / shard_name("val", 0), rng.integers(0, CONFIG.vocab_size, 100, dtype=np.uint16))
+    tokenizer = tokenizer_file("data", CONFIG.vocab_size)
+    tokenizer.parent.mkdir(parents=True)
+    tokenizer.write_bytes(b"stands in for the tokenizer: calibration reads only its hash from the manifest")
+    write_manifest(shards, CONFIG.vocab_size, tokenizer)
     return tmp_path
 
 
 def test_writes_the_hessians_of_the_drawn_batches(workdir):
-    stage.run(PARAMS)
-    hessians = load_hessians(stage.HESSIANS_PATH)
-    model = build_model(stage.MODEL_PATH)
+    stage.run(PARAMS, PIPELINE)
+    hessians = load_hessians(Path(layout.CALIBRATE_HESSIANS))
+    model = build_model(Path(layout.TRAIN_MODEL))
     files = sorted(dataset_path("data", CONFIG.vocab_size).glob("fineweb_train_*.bin"))
     cfg = section(PARAMS, "calibrate", CalibrateConfig)
-    batches = stage.calibration_batches(files, cfg)
+    batches = calibration_batches(files, cfg)
     assert len(batches) == 3 and batches[0].shape == (4, 32)
     expected = collect_hessians(model, batches, "cpu", show_progress=False)
     assert hessians.keys() == expected.keys()
@@ -52,12 +63,13 @@ def test_writes_the_hessians_of_the_drawn_batches(workdir):
 
 
 def test_bad_settings_and_missing_inputs_are_named(workdir, capsys):
-    (workdir / "params.yaml").write_text("calibrate: {calibration_batch_tokens: 100, seq_len: 32, device: cpu}\n")
+    (workdir / "params.yaml").write_text("tokenize: {}\ncalibrate: {calibration_batch_tokens: 100, seq_len: 32, device: cpu}\n")
     assert stage.main([]) == 2
-    assert "calibrate.calibration_batch_tokens=100 must be a positive multiple of calibrate.seq_len=32" in (
+    assert "calibrate.calibration_batch_tokens: 100 is not allowed: must be a multiple of seq_len (32)" in (
         capsys.readouterr().err
     )
-    stage.MODEL_PATH.unlink()
+    (workdir / "params.yaml").write_text("tokenize: {}\ncalibrate: {calibration_batch_tokens: 96, seq_len: 32, device: cpu}\n")
+    Path(layout.TRAIN_MODEL).unlink()
     assert stage.main([]) == 2
     assert "out/train/model.pt: model file not found" in capsys.readouterr().err
-    assert not stage.HESSIANS_PATH.exists()
+    assert not Path(layout.CALIBRATE_HESSIANS).exists()

@@ -11,10 +11,15 @@ import pytest
 import torch
 import yaml
 
+from pgolf import layout
 from pgolf.atomic import write_bytes
 from pgolf.codec import QuantizedModel, QuantizedTensor, decompress, serialize
 from pgolf.config import ModelConfig
+from pgolf.stage import Workspace
+from pgolf.submission import import_closure
 from stages import compress as stage
+
+PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CODE_FILES = ["pgolf/codec.py", "pgolf/model.py"]
@@ -24,7 +29,7 @@ def quantized_model() -> QuantizedModel:
     generator = torch.Generator().manual_seed(0)
     q = (torch.randn(64, 48, generator=generator) * 2.4).round().clamp(-31, 31).to(torch.int8)
     return QuantizedModel(
-        model_config=ModelConfig(vocab_size=64, num_layers=1, model_dim=48),
+        model_config=ModelConfig(vocab_size=64, num_layers=1, model_dim=48, rope_dims=6, num_loops=0),
         tensors={
             "blocks.0.mlp.fc.weight": QuantizedTensor(q, torch.rand(64, generator=generator).half(), 6, 12.85),
             "blocks.0.attn_scale": torch.ones(48, dtype=torch.float16),
@@ -35,7 +40,7 @@ def quantized_model() -> QuantizedModel:
 @pytest.fixture()
 def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    write_bytes(stage.QUANTIZED_PATH, serialize(quantized_model()))
+    write_bytes(Path(layout.QUANTIZE_MODEL), serialize(quantized_model()))
     return tmp_path
 
 
@@ -44,17 +49,19 @@ def params(**compress) -> dict:
 
 
 def code_size() -> int:
-    """The code files as one brotli-11 stream, each behind a line naming it (compress_code: true)."""
-    bundle = b"".join(f"# {name}\n".encode() + (REPO_ROOT / name).read_bytes() for name in CODE_FILES)
+    """The code files and every project module they import, as one brotli-11 stream (compress_code: true)."""
+    shipped = import_closure(CODE_FILES)
+    assert {"pgolf/config.py", "pgolf/checkpoint.py"} <= set(shipped)  # imported by codec.py, so counted
+    bundle = b"".join(f"# {name}\n".encode() + (REPO_ROOT / name).read_bytes() for name in shipped)
     return len(brotli.compress(bundle, quality=11))
 
 
 @pytest.mark.parametrize("compressor", ["brotli", "lzma"])
 def test_writes_a_loadable_artifact_and_its_metrics(workdir, compressor):
-    stage.run(params(compressor=compressor))
-    blob = stage.ARTIFACT_PATH.read_bytes()
-    assert decompress(blob) == stage.QUANTIZED_PATH.read_bytes()
-    metrics = json.loads(stage.METRICS_PATH.read_text())
+    stage.run(params(compressor=compressor), PIPELINE)
+    blob = Path(layout.COMPRESS_ARTIFACT).read_bytes()
+    assert decompress(blob) == Path(layout.QUANTIZE_MODEL).read_bytes()
+    metrics = json.loads(Path(layout.COMPRESS_METRICS).read_text())
     assert metrics["artifact_bytes"] == len(blob)
     assert metrics["code_bytes"] == code_size()
     assert metrics["total_bytes"] == len(blob) + code_size()
@@ -62,23 +69,23 @@ def test_writes_a_loadable_artifact_and_its_metrics(workdir, compressor):
 
 
 def test_writes_per_tensor_sizes_for_dvc_plots(workdir):
-    stage.run(params())
-    with open(stage.SIZES_CSV_PATH, newline="") as handle:
+    stage.run(params(), PIPELINE)
+    with open(Path(layout.COMPRESS_SIZES), newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["tensor"] for row in rows] == list(quantized_model().tensors)
     fc = rows[0]
     assert (fc["kind"], fc["bits"], fc["numel"]) == ("quantized", "6", str(64 * 48))
     assert 0 < int(fc["compressed_bytes"]) < 64 * 48
-    assert stage.SIZES_PNG_PATH.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(layout.COMPRESS_SIZES_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_size_gate_fails_with_size_limit_and_overshoot_and_writes_nothing(workdir):
     limit = code_size() + 100
     with pytest.raises(ValueError, match=r"over the limit of [\d,]+ by [\d,]+ bytes") as failure:
-        stage.run(params(size_limit_bytes=limit))
+        stage.run(params(size_limit_bytes=limit), PIPELINE)
     assert f"{limit:,}" in str(failure.value) and f"{code_size():,} code" in str(failure.value)
-    assert not stage.ARTIFACT_PATH.exists()
-    assert not stage.METRICS_PATH.exists()
+    assert not Path(layout.COMPRESS_ARTIFACT).exists()
+    assert not Path(layout.COMPRESS_METRICS).exists()
     assert not list(Path("out/compress").glob(".*tmp*"))
 
 
@@ -86,19 +93,19 @@ def test_size_gate_through_the_command_line(workdir, capsys):
     Path("params.yaml").write_text(yaml.safe_dump(params(size_limit_bytes=1000)))
     assert stage.main(["--params", "params.yaml"]) == 2
     assert "submission too large" in capsys.readouterr().err
-    assert not stage.ARTIFACT_PATH.exists()
+    assert not Path(layout.COMPRESS_ARTIFACT).exists()
 
 
 def test_missing_code_file_is_named(workdir):
     with pytest.raises(FileNotFoundError, match="pgolf/nope.py"):
-        stage.run(params(code_files=["pgolf/codec.py", "pgolf/nope.py"]))
+        stage.run(params(code_files=["pgolf/codec.py", "pgolf/nope.py"]), PIPELINE)
 
 
 def test_missing_or_corrupt_input_is_a_clear_error(workdir):
-    stage.QUANTIZED_PATH.write_bytes(b"garbage that is not a model")
+    Path(layout.QUANTIZE_MODEL).write_bytes(b"garbage that is not a model")
     with pytest.raises(ValueError, match="not a serialized pgolf model"):
-        stage.run(params())
-    stage.QUANTIZED_PATH.unlink()
+        stage.run(params(), PIPELINE)
+    Path(layout.QUANTIZE_MODEL).unlink()
     with pytest.raises(FileNotFoundError, match="run the quantize stage"):
-        stage.run(params())
-    assert not stage.ARTIFACT_PATH.exists()
+        stage.run(params(), PIPELINE)
+    assert not Path(layout.COMPRESS_ARTIFACT).exists()

@@ -13,31 +13,31 @@ from pgolf.model import GPT
 from pgolf.tokenizer import ByteTables, byte_tables
 
 CPU = torch.device("cpu")
-TOLERANCE = 1e-4  # relative, golden/README.md
+TOLERANCE = 1e-4  # relative, both sets' README
 
 
 @pytest.fixture(scope="module")
-def golden_eval(golden_tiny, golden_model_config, shared_dir):
-    model = GPT(golden_model_config)
-    model.load_state_dict(golden_tiny["state_dict"])
+def golden_eval(golden, golden_config, golden_tokenizer):
+    model = GPT(golden_config)
+    model.load_state_dict(golden["state_dict"])
     model.looping_active = True
-    tables = byte_tables(shared_dir / "tokenizers" / "fineweb_8192_bpe.model", golden_model_config.vocab_size)
+    tables = byte_tables(golden_tokenizer, golden_config.vocab_size)
     return model, tables
 
 
-def test_plain_evaluation_matches_reference(golden_tiny, golden_eval):
+def test_plain_evaluation_matches_reference(golden, golden_eval):
     model, tables = golden_eval
-    loss, bpb = eval_plain(model, golden_tiny["val_tokens"], tables, 128, 64, CPU)
-    expected_loss, expected_bpb = golden_tiny["eval_val"]
+    loss, bpb = eval_plain(model, golden["val_tokens"], tables, 128, 64, CPU)
+    expected_loss, expected_bpb = golden["eval_val"]
     assert loss == pytest.approx(expected_loss, rel=TOLERANCE)
     assert bpb == pytest.approx(expected_bpb, rel=TOLERANCE)
 
 
-def test_sliding_evaluation_matches_reference(golden_tiny, golden_eval):
+def test_sliding_evaluation_matches_reference(golden, golden_eval):
     model, tables = golden_eval
-    stride = golden_tiny["eval_stride"]
-    loss, bpb = eval_sliding(model, golden_tiny["val_tokens"], tables, 128, stride, 64, CPU)
-    expected_loss, expected_bpb = golden_tiny["eval_val_sliding"]
+    stride = golden["eval_stride"]
+    loss, bpb = eval_sliding(model, golden["val_tokens"], tables, 128, stride, 64, CPU)
+    expected_loss, expected_bpb = golden["eval_val_sliding"]
     assert loss == pytest.approx(expected_loss, rel=TOLERANCE)
     assert bpb == pytest.approx(expected_bpb, rel=TOLERANCE)
 

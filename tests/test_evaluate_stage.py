@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 
+from conftest import write_manifest
+from pgolf import layout
 from pgolf.atomic import write_bytes
 from pgolf.checkpoint import build_model, save_model
 from pgolf.codec import QuantizedModel, QuantizedTensor, compress, dequantize, serialize
@@ -21,8 +23,11 @@ from pgolf.config import CompressConfig, ModelConfig
 from pgolf.evaluate import eval_plain, eval_sliding
 from pgolf.model import GPT
 from pgolf.shards import load_validation_tokens
+from pgolf.stage import Workspace
 from pgolf.tokenizer import byte_tables
 from stages import evaluate as stage
+
+PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
 
 CPU = torch.device("cpu")
 SEQ_LEN, STRIDE, BATCH, MAX_TOKENS = 64, 16, 16, 2048
@@ -63,17 +68,20 @@ def workdir(tmp_path, monkeypatch, shared_dir) -> Path:
     shutil.copy(shared_dir / "fineweb" / "fineweb10B_sp8192" / "fineweb_val_000000.bin",
                 data / "datasets" / "fineweb10B_sp8192")
     shutil.copy(shared_dir / "tokenizers" / "fineweb_8192_bpe.model", data / "tokenizers")
+    shutil.copy(shared_dir / "fineweb" / "fineweb10B_sp8192" / "fineweb_train_000000.bin",
+                data / "datasets" / "fineweb10B_sp8192")
+    write_manifest(data / "datasets" / "fineweb10B_sp8192", 8192, data / "tokenizers" / "fineweb_8192_bpe.model")
     monkeypatch.chdir(tmp_path)
     state = trained_weights()
-    save_model(stage.TRAINED_MODEL_PATH, MODEL, state)
-    write_bytes(stage.ARTIFACT_PATH, compress(serialize(round_to_nearest(state)), CompressConfig(brotli_quality=5)))
+    save_model(Path(layout.TRAIN_MODEL), MODEL, state)
+    write_bytes(Path(layout.COMPRESS_ARTIFACT), compress(serialize(round_to_nearest(state)), CompressConfig(brotli_quality=5)))
     return tmp_path
 
 
 def params(**evaluate) -> dict:
     base = {"eval_seq_len": SEQ_LEN, "eval_stride": STRIDE, "eval_batch_seqs": BATCH,
             "max_val_tokens": MAX_TOKENS, "device": "cpu"}
-    return {"evaluate": base | evaluate}
+    return {"tokenize": {}, "evaluate": base | evaluate}
 
 
 def scores_of(model: GPT) -> dict[str, float]:
@@ -88,59 +96,54 @@ def scores_of(model: GPT) -> dict[str, float]:
 
 
 def test_artifact_scores_exactly_as_the_weights_before_serialization(workdir):
-    stage.run(params())
-    metrics = json.loads(stage.METRICS_PATH.read_text())
+    stage.run(params(), PIPELINE)
+    metrics = json.loads(Path(layout.EVALUATE_METRICS).read_text())
     before = GPT(MODEL)
     before.load_state_dict(dequantize(round_to_nearest(trained_weights())))
     assert metrics["quantized"] == scores_of(before)  # exact: the round trip loses nothing
 
 
-def test_metrics_hold_both_models_the_tax_and_the_size(workdir):
-    stage.run(params())
-    metrics = json.loads(stage.METRICS_PATH.read_text())
-    assert metrics["unquantized"] == scores_of(build_model(stage.TRAINED_MODEL_PATH))
-    quantized, unquantized = metrics["quantized"], metrics["unquantized"]
+def test_prequant_scores_the_trained_weights_and_evaluate_adds_the_tax(workdir):
+    stage.run(params(), PIPELINE, weights="trained")
+    prequant = json.loads(Path(layout.PREQUANT_METRICS).read_text())
+    assert prequant["unquantized"] == scores_of(build_model(Path(layout.TRAIN_MODEL)))
+    stage.run(params(), PIPELINE)
+    metrics = json.loads(Path(layout.EVALUATE_METRICS).read_text())
+    quantized, unquantized = metrics["quantized"], prequant["unquantized"]
     assert metrics["quantization_tax"] == {
         "val_bpb": quantized["val_bpb"] - unquantized["val_bpb"],
         "sliding_val_bpb": quantized["sliding_val_bpb"] - unquantized["sliding_val_bpb"],
     }
     assert quantized["val_bpb"] != unquantized["val_bpb"]
-    assert metrics["artifact_bytes"] == stage.ARTIFACT_PATH.stat().st_size
-    assert metrics["val_tokens"] == VAL_TARGETS
+    assert metrics["artifact_bytes"] == Path(layout.COMPRESS_ARTIFACT).stat().st_size
+    assert metrics["val_tokens"] == prequant["val_tokens"] == VAL_TARGETS
 
 
 def test_each_evaluation_can_be_switched_off(workdir):
-    stage.TRAINED_MODEL_PATH.unlink()  # not needed when the unquantized model is not scored
-    stage.run(params(eval_sliding=False, eval_unquantized=False))
-    metrics = json.loads(stage.METRICS_PATH.read_text())
-    assert set(metrics) == {"artifact_bytes", "val_tokens", "quantized"}
+    Path(layout.TRAIN_MODEL).unlink()  # the artifact is scored alone
+    stage.run(params(eval_sliding=False), PIPELINE)
+    metrics = json.loads(Path(layout.EVALUATE_METRICS).read_text())
+    assert set(metrics) == {"artifact_bytes", "val_tokens", "quantized"}  # no prequant scores: no tax
     assert set(metrics["quantized"]) == {"val_loss", "val_bpb"}
-    stage.run(params(eval_plain=False, eval_unquantized=False))
-    assert set(json.loads(stage.METRICS_PATH.read_text())["quantized"]) == {
+    stage.run(params(eval_plain=False), PIPELINE)
+    assert set(json.loads(Path(layout.EVALUATE_METRICS).read_text())["quantized"]) == {
         "sliding_val_loss", "sliding_val_bpb"}
     with pytest.raises(ValueError, match="both false"):
-        stage.run(params(eval_plain=False, eval_sliding=False))
+        stage.run(params(eval_plain=False, eval_sliding=False), PIPELINE)
 
 
 def test_corrupt_artifact_fails_cleanly(workdir, capsys):
-    blob = stage.ARTIFACT_PATH.read_bytes()
-    stage.ARTIFACT_PATH.write_bytes(blob[: len(blob) // 2])
+    blob = Path(layout.COMPRESS_ARTIFACT).read_bytes()
+    Path(layout.COMPRESS_ARTIFACT).write_bytes(blob[: len(blob) // 2])
     assert stage.main(["--params", str(write_params(params()))]) == 2
     assert "truncated" in capsys.readouterr().err
-    assert not stage.METRICS_PATH.exists()
+    assert not Path(layout.EVALUATE_METRICS).exists()
 
 
 def test_missing_inputs_are_named(workdir):
-    stage.ARTIFACT_PATH.unlink()
+    Path(layout.COMPRESS_ARTIFACT).unlink()
     with pytest.raises(FileNotFoundError, match="run the compress stage"):
-        stage.run(params())
-
-
-def test_unquantized_model_of_another_shape_is_refused(workdir):
-    other = dataclasses.replace(MODEL, num_layers=3, xsa_last_n=3)
-    save_model(stage.TRAINED_MODEL_PATH, other, GPT(other).state_dict())
-    with pytest.raises(ValueError, match="different model configs"):
-        stage.run(params(eval_sliding=False))
+        stage.run(params(), PIPELINE)
 
 
 def write_params(values: dict) -> Path:
@@ -151,15 +154,14 @@ def write_params(values: dict) -> Path:
 
 @pytest.mark.slow
 def test_two_processes_score_as_one(workdir):
-    stage.run(params())
-    single = json.loads(stage.METRICS_PATH.read_text())
-    stage.METRICS_PATH.unlink()
+    stage.run(params(), PIPELINE)
+    single = json.loads(Path(layout.EVALUATE_METRICS).read_text())
+    Path(layout.EVALUATE_METRICS).unlink()
     (workdir / "params.yaml").write_text(yaml.safe_dump(params(nproc_per_node=2)))
     # `pgolf evaluate` starts torchrun itself when nproc_per_node > 1 (gloo on the CPU)
     done = subprocess.run([sys.executable, "-m", "pgolf.cli", "evaluate"], cwd=workdir, capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
-    double = json.loads(stage.METRICS_PATH.read_text())
-    for model in ("quantized", "unquantized"):
-        for key, value in single[model].items():
-            assert double[model][key] == pytest.approx(value, rel=1e-9), f"{model}.{key}"
+    double = json.loads(Path(layout.EVALUATE_METRICS).read_text())
+    for key, value in single["quantized"].items():
+        assert double["quantized"][key] == pytest.approx(value, rel=1e-9), key

@@ -22,7 +22,7 @@ from pgolf.gptq import (
     tensor_plan,
 )
 
-ALL_GPTQ = QuantizeConfig(passthrough_max_numel=0)  # the golden quantizes every linear
+ALL_GPTQ = QuantizeConfig(passthrough_max_numel=0)  # both golden sets quantize every linear
 
 
 def assert_codes_match(name: str, codes: torch.Tensor, golden_codes: torch.Tensor) -> None:
@@ -36,25 +36,25 @@ def random_hessian(cols: int, tokens: int, generator: torch.Generator) -> torch.
     return x.T @ x / tokens
 
 
-def test_each_tensor_matches_reference_codes_and_scales(golden_tiny):
-    for name, entry in golden_tiny["gptq"].items():
-        weight = golden_tiny["state_dict"][name]
+def test_each_tensor_matches_reference_codes_and_scales(golden):
+    for name, entry in golden["gptq"].items():
+        weight = golden["state_dict"][name]
         factors = prepare_hessians(entry["H"][None], damping=0.01)
         codes, scales = gptq_quantize(weight[None], factors, [entry["bits"]], [entry["clip_sigmas"]])
         assert_codes_match(name, codes[0], entry["q"])
         assert torch.equal(scales[0], entry["scale"]), f"{name}: scales differ"
 
 
-def test_quantize_model_batches_same_shapes_and_matches_reference(golden_tiny, golden_model_config):
-    hessians = {name: entry["H"] for name, entry in golden_tiny["gptq"].items()}
-    qm, rows = quantize_model(golden_model_config, golden_tiny["state_dict"], hessians, ALL_GPTQ, show_progress=False)
-    for name, entry in golden_tiny["gptq"].items():
+def test_quantize_model_batches_same_shapes_and_matches_reference(golden, golden_config):
+    hessians = {name: entry["H"] for name, entry in golden["gptq"].items()}
+    qm, rows = quantize_model(golden_config, golden["state_dict"], hessians, ALL_GPTQ, show_progress=False)
+    for name, entry in golden["gptq"].items():
         tensor = qm.tensors[name]
         assert isinstance(tensor, QuantizedTensor) and tensor.bits == entry["bits"]
         assert tensor.clip_sigmas == entry["clip_sigmas"]
         assert_codes_match(name, tensor.q, entry["q"])
         assert torch.equal(tensor.scale, entry["scale"])
-    small = [name for name in golden_tiny["state_dict"] if name not in golden_tiny["gptq"]]
+    small = [name for name in golden["state_dict"] if name not in golden["gptq"]]
     assert all(qm.tensors[name].dtype == torch.float16 for name in small)
     by_name = {row["name"]: row for row in rows}
     assert by_name["tok_emb.weight"]["method"] == "gptq int8" and by_name["skip_weights"]["method"] == "fp16"
@@ -113,14 +113,14 @@ def compressed_size(qm, cfg: CompressConfig) -> int:
     return len(compress(serialize(qm), cfg))
 
 
-def test_raising_clip_sigmas_shrinks_the_compressed_artifact(golden_tiny, golden_model_config):
-    blocks = {name: t for name, t in golden_tiny["state_dict"].items() if name.startswith("blocks.")}
-    hessians = {name: entry["H"] for name, entry in golden_tiny["gptq"].items()}
+def test_raising_clip_sigmas_shrinks_the_compressed_artifact(golden, golden_config):
+    blocks = {name: t for name, t in golden["state_dict"].items() if name.startswith("blocks.")}
+    hessians = {name: entry["H"] for name, entry in golden["gptq"].items()}
     cfg = CompressConfig()  # the record's brotli-11 with the stride-2 shuffle
     sizes = []
     for clip in (8.0, 12.85, 20.0):
         qcfg = dataclasses.replace(ALL_GPTQ, matrix_clip_sigmas=clip)
-        qm, _ = quantize_model(golden_model_config, blocks, hessians, qcfg, show_progress=False)
+        qm, _ = quantize_model(golden_config, blocks, hessians, qcfg, show_progress=False)
         sizes.append(compressed_size(qm, cfg))
     assert sizes[0] > sizes[1] > sizes[2], sizes
 
@@ -155,15 +155,15 @@ def test_fit_to_size_finds_a_fitting_clip_through_the_compressor():
     assert len(fit.points) >= 3 and not all(p.fits for p in fit.points)  # it bracketed the limit
 
 
-def test_embed_gptq_off_rounds_the_embedding_to_nearest(golden_tiny, golden_model_config):
-    hessians = {name: entry["H"] for name, entry in golden_tiny["gptq"].items()}
+def test_embed_gptq_off_rounds_the_embedding_to_nearest(golden, golden_config):
+    hessians = {name: entry["H"] for name, entry in golden["gptq"].items()}
     cfg = dataclasses.replace(ALL_GPTQ, embed_gptq=False)
-    qm, _ = quantize_model(golden_model_config, golden_tiny["state_dict"], hessians, cfg, show_progress=False)
-    embedding = golden_tiny["state_dict"]["tok_emb.weight"]  # [V, C]
+    qm, _ = quantize_model(golden_config, golden["state_dict"], hessians, cfg, show_progress=False)
+    embedding = golden["state_dict"]["tok_emb.weight"]  # [V, C]
     tensor = qm.tensors["tok_emb.weight"]
     qmax = 2 ** (cfg.embed_bits - 1) - 1
     rounded = torch.clamp(torch.round(embedding / tensor.scale.float()[:, None]), -qmax, qmax)
     assert torch.equal(tensor.q.to(torch.float32), rounded)
     # the matrices still get GPTQ with their Hessians
     assert_codes_match("blocks.0.mlp.fc.weight", qm.tensors["blocks.0.mlp.fc.weight"].q,
-                       golden_tiny["gptq"]["blocks.0.mlp.fc.weight"]["q"])
+                       golden["gptq"]["blocks.0.mlp.fc.weight"]["q"])

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from conftest import model_config_from_reference
+from pgolf import layout
 from pgolf.checkpoint import build_model, load_model
 from stages import import_model
 
@@ -18,22 +19,22 @@ def write_params(path, model_config) -> None:
     path.write_text(yaml.safe_dump({"model": dataclasses.asdict(model_config)}))
 
 
-def test_golden_reference_weights_round_trip(tmp_path, monkeypatch, golden_tiny):
-    cfg = model_config_from_reference(golden_tiny["config"])
+def test_golden_reference_weights_round_trip(tmp_path, monkeypatch, golden):
+    cfg = model_config_from_reference(golden["config"])
     reference = tmp_path / "final_model.pt"
-    torch.save(golden_tiny["state_dict"], reference)
+    torch.save(golden["state_dict"], reference)
     write_params(tmp_path / "params.yaml", cfg)
     monkeypatch.chdir(tmp_path)
     assert import_model.main([str(reference)]) == 0
-    saved_cfg, state = load_model(import_model.MODEL_PATH)
+    saved_cfg, state = load_model(pathlib.Path(layout.TRAIN_MODEL))
     assert saved_cfg == cfg
-    assert state.keys() == golden_tiny["state_dict"].keys()
-    assert all(torch.equal(state[n], t) for n, t in golden_tiny["state_dict"].items())
-    model = build_model(import_model.MODEL_PATH)  # the file later stages read
+    assert state.keys() == golden["state_dict"].keys()
+    assert all(torch.equal(state[n], t) for n, t in golden["state_dict"].items())
+    model = build_model(pathlib.Path(layout.TRAIN_MODEL))  # the file later stages read
     model.looping_active = True
     with torch.no_grad():
-        loss = model(golden_tiny["x"], golden_tiny["y"]).item()
-    assert loss == pytest.approx(golden_tiny["loss_loop"], rel=1e-4)
+        loss = model(golden["x"], golden["y"]).item()
+    assert loss == pytest.approx(float(golden["loss_loop"]), rel=1e-4)
 
 
 def test_mismatched_weights_are_named_and_nothing_is_written(tmp_path, monkeypatch, golden_tiny, capsys):
@@ -49,7 +50,7 @@ def test_mismatched_weights_are_named_and_nothing_is_written(tmp_path, monkeypat
     error = capsys.readouterr().err
     assert "missing skip_gates" in error
     assert "blocks.0.attn.c_q.weight: shape (64, 32) but the model has (64, 64)" in error
-    assert not import_model.MODEL_PATH.exists()
+    assert not pathlib.Path(layout.TRAIN_MODEL).exists()
 
 
 def test_pickled_objects_are_refused(tmp_path):

@@ -9,12 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from pgolf import layout
 from pgolf.checkpoint import save_model
-from pgolf.codec import QuantizedTensor, code_bytes, compress, deserialize
+from pgolf.codec import QuantizedTensor, compress, deserialize
 from pgolf.config import CompressConfig, ModelConfig
 from pgolf.hessians import collect_hessians, save_hessians
 from pgolf.model import GPT
+from pgolf.stage import Workspace
+from pgolf.submission import code_bytes
 from stages import quantize as stage
+
+PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
 
 CODE_FILES = ["pgolf/codec.py"]
 
@@ -22,31 +27,31 @@ CODE_FILES = ["pgolf/codec.py"]
 @pytest.fixture()
 def workdir(tmp_path, monkeypatch, golden_tiny, golden_model_config) -> Path:
     monkeypatch.chdir(tmp_path)
-    save_model(stage.MODEL_PATH, golden_model_config, golden_tiny["state_dict"])
-    save_hessians(stage.HESSIANS_PATH, {name: entry["H"] for name, entry in golden_tiny["gptq"].items()})
+    save_model(Path(layout.TRAIN_MODEL), golden_model_config, golden_tiny["state_dict"])
+    save_hessians(Path(layout.CALIBRATE_HESSIANS), {name: entry["H"] for name, entry in golden_tiny["gptq"].items()})
     return tmp_path
 
 
 def test_writes_the_reference_codes_a_report_and_plots(workdir, golden_tiny):
-    stage.run({"quantize": {"passthrough_max_numel": 0}})
-    qm = deserialize(stage.QUANTIZED_PATH.read_bytes())
+    stage.run({"quantize": {"passthrough_max_numel": 0}}, PIPELINE)
+    qm = deserialize(Path(layout.QUANTIZE_MODEL).read_bytes())
     for name, entry in golden_tiny["gptq"].items():
         tensor = qm.tensors[name]
         assert isinstance(tensor, QuantizedTensor)
         assert (tensor.q != entry["q"]).float().mean() <= 1e-3 and torch.equal(tensor.scale, entry["scale"])
-    report = json.loads(stage.REPORT_PATH.read_text())
+    report = json.loads(Path(layout.QUANTIZE_REPORT).read_text())
     assert report["totals"]["quantized_tensors"] == len(golden_tiny["gptq"])
-    assert report["totals"]["serialized_bytes"] == stage.QUANTIZED_PATH.stat().st_size
+    assert report["totals"]["serialized_bytes"] == Path(layout.QUANTIZE_MODEL).stat().st_size
     assert {row["name"] for row in report["tensors"]} == set(golden_tiny["state_dict"])
-    with open(stage.PLOTS_DIR / "tensors.csv", newline="") as handle:
+    with open(Path(layout.QUANTIZE_PLOTS) / "tensors.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == len(golden_tiny["state_dict"])
-    assert (stage.PLOTS_DIR / "tensor_errors.png").read_bytes()[:4] == b"\x89PNG"
-    assert not (stage.PLOTS_DIR / "fit_search.csv").exists()
+    assert (Path(layout.QUANTIZE_PLOTS) / "tensor_errors.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (Path(layout.QUANTIZE_PLOTS) / "fit_search.csv").exists()
 
 
 def test_record_threshold_keeps_the_tiny_matrices_in_fp16(workdir, golden_tiny):
-    stage.run({})
-    qm = deserialize(stage.QUANTIZED_PATH.read_bytes())
+    stage.run({}, PIPELINE)
+    qm = deserialize(Path(layout.QUANTIZE_MODEL).read_bytes())
     assert isinstance(qm.tensors["tok_emb.weight"], QuantizedTensor)  # 524,288 elements
     assert qm.tensors["blocks.0.mlp.fc.weight"].dtype == torch.float16  # 16,384 elements
 
@@ -62,8 +67,8 @@ def small_workdir(tmp_path, monkeypatch) -> Path:
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
     batches = [torch.randint(0, 512, (2, 64)) for _ in range(2)]
-    save_model(stage.MODEL_PATH, model.config, model.state_dict())
-    save_hessians(stage.HESSIANS_PATH, collect_hessians(model, batches, "cpu", show_progress=False))
+    save_model(Path(layout.TRAIN_MODEL), model.config, model.state_dict())
+    save_hessians(Path(layout.CALIBRATE_HESSIANS), collect_hessians(model, batches, "cpu", show_progress=False))
     return tmp_path
 
 
@@ -71,20 +76,20 @@ def test_fit_to_size_picks_a_clip_that_fits_and_plots_the_search(small_workdir):
     compress_settings = {"brotli_quality": 5, "code_files": CODE_FILES}
     quantize_settings = {"passthrough_max_numel": 0, "fit_margin_bytes": 1_500, "fit_tolerance": 0.2}
     code = code_bytes(CODE_FILES, compressed=True)
-    stage.run({"quantize": quantize_settings | {"matrix_clip_sigmas": 30.0}})
-    limit = len(compress(stage.QUANTIZED_PATH.read_bytes(), CompressConfig(**compress_settings))) + code + 2_000
+    stage.run({"quantize": quantize_settings | {"matrix_clip_sigmas": 30.0}}, PIPELINE)
+    limit = len(compress(Path(layout.QUANTIZE_MODEL).read_bytes(), CompressConfig(**compress_settings))) + code + 2_000
     stage.run({
         "quantize": quantize_settings | {"fit_to_size": True, "matrix_clip_sigmas": 8.0},
         "compress": compress_settings | {"size_limit_bytes": limit},
-    })
-    fit = json.loads(stage.REPORT_PATH.read_text())["fit"]
+    }, PIPELINE)
+    fit = json.loads(Path(layout.QUANTIZE_REPORT).read_text())["fit"]
     assert fit["size_limit_bytes"] == limit and 8.0 < fit["matrix_clip_sigmas"] < 30.0
-    raw = stage.QUANTIZED_PATH.read_bytes()  # the written model is the one that fits
+    raw = Path(layout.QUANTIZE_MODEL).read_bytes()  # the written model is the one that fits
     assert len(compress(raw, CompressConfig(**compress_settings))) + code == fit["total_bytes"] <= limit
-    with open(stage.PLOTS_DIR / "fit_search.csv", newline="") as handle:
+    with open(Path(layout.QUANTIZE_PLOTS) / "fit_search.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == fit["evaluations"] >= 3 and rows[0]["fits"] == "False"  # 8.0 was over the limit
-    assert (stage.PLOTS_DIR / "fit_search.png").read_bytes()[:4] == b"\x89PNG"
+    assert (Path(layout.QUANTIZE_PLOTS) / "fit_search.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_fit_to_size_reports_an_impossible_limit(small_workdir, capsys):
@@ -95,19 +100,19 @@ def test_fit_to_size_reports_an_impossible_limit(small_workdir, capsys):
     assert stage.main(argv) == 2
     err = capsys.readouterr().err
     assert "even fit_max_clip_sigmas=20 gives" in err and "over the limit of 1,000" in err
-    assert not stage.QUANTIZED_PATH.exists()
+    assert not Path(layout.QUANTIZE_MODEL).exists()
 
 
 def test_bad_or_mismatched_hessians_are_clear_errors(workdir, capsys, golden_tiny):
     (workdir / "params.yaml").write_text("quantize: {}\n")
     hessians = {name: entry["H"] for name, entry in golden_tiny["gptq"].items() if name != "tok_emb.weight"}
-    save_hessians(stage.HESSIANS_PATH, hessians)
+    save_hessians(Path(layout.CALIBRATE_HESSIANS), hessians)
     assert stage.main([]) == 2
     assert "out/calibrate/hessians.pt against out/train/model.pt" in capsys.readouterr().err
-    save_hessians(stage.HESSIANS_PATH, hessians | {"tok_emb.weight": torch.eye(32)})
+    save_hessians(Path(layout.CALIBRATE_HESSIANS), hessians | {"tok_emb.weight": torch.eye(32)})
     assert stage.main([]) == 2
     assert "tok_emb.weight: Hessian shape (32, 32), expected (64, 64)" in capsys.readouterr().err
-    stage.HESSIANS_PATH.write_bytes(b"\x00garbage")
+    Path(layout.CALIBRATE_HESSIANS).write_bytes(b"\x00garbage")
     assert stage.main([]) == 2
     assert "hessians.pt: not a readable Hessians file" in capsys.readouterr().err
-    assert not stage.QUANTIZED_PATH.exists() and not stage.REPORT_PATH.exists()
+    assert not Path(layout.QUANTIZE_MODEL).exists() and not Path(layout.QUANTIZE_REPORT).exists()

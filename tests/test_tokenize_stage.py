@@ -12,8 +12,11 @@ import pytest
 import sentencepiece as spm
 
 from pgolf.shards import read_shard, shard_files, validate_dataset, write_shard
+from pgolf.stage import Workspace
 from pgolf.tokenizer import TRAINER_SETTINGS, train_tokenizer
 from stages import tokenize
+
+PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
 
 DATASET = "data/datasets/fineweb10B_sp{}"
 MODEL = "data/tokenizers/fineweb_{}_bpe.model"
@@ -150,13 +153,13 @@ def test_bad_documents_files_fail_cleanly(workdir, sample, capsys, lines, messag
     assert capsys.readouterr().err.count("pgolf tokenize: error:") == 1
     assert_no_output(workdir)
     with pytest.raises(ValueError, match=message):
-        tokenize.run({"tokenize": {"docs_path": str(docs), "tokenizer_path": str(sample["model"]), "num_val_docs": 5}})
+        tokenize.run({"tokenize": {"docs_path": str(docs), "tokenizer_path": str(sample["model"]), "num_val_docs": 5}}, PIPELINE)
 
 
 def test_bad_documents_fail_before_tokenizer_training(workdir):
     docs = write_docs(workdir / "docs.jsonl", [good_line(0), b"[1, 2]"])
     with pytest.raises(ValueError, match=r"docs.jsonl:2: expected an object"):
-        tokenize.run({"tokenize": {"docs_path": str(docs), "vocab_size": 300, "num_val_docs": 1}})
+        tokenize.run({"tokenize": {"docs_path": str(docs), "vocab_size": 300, "num_val_docs": 1}}, PIPELINE)
     assert_no_output(workdir, 300)
 
 
@@ -221,4 +224,4 @@ def test_shards_with_ids_beyond_the_vocab_are_refused(workdir, sample, capsys):
 
 def test_shards_need_their_tokenizer(workdir, sample, capsys):
     assert run(workdir, shards_path=str(sample["shards"])) == 2
-    assert "tokenize.shards_path: needs tokenizer_path" in capsys.readouterr().err
+    assert f"tokenize.shards_path: '{sample['shards']}' is not allowed: needs tokenizer_path" in capsys.readouterr().err

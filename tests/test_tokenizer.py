@@ -33,10 +33,12 @@ def trained_512(tmp_path_factory, sample_docs):
     return path
 
 
-def test_golden_validation_byte_count(golden_tiny, sp8192):
-    tokens = golden_tiny["val_tokens"]  # [N]
-    per_token = count_bytes(tokens[:-1], tokens[1:], byte_tables(sp8192, 8192))
-    assert int(per_token.sum()) == golden_tiny["val_byte_count"]
+def test_golden_validation_byte_count(golden, golden_tokenizer):
+    vocab_size = golden["config"]["VOCAB_SIZE"]  # compact set: sp1024 (no byte fallback: <unk> ids too)
+    tables = byte_tables(load_tokenizer(golden_tokenizer, vocab_size), vocab_size)
+    tokens = golden["val_tokens"]  # [N]
+    per_token = count_bytes(tokens[:-1], tokens[1:], tables)
+    assert int(per_token.sum()) == golden["val_byte_count"]
 
 
 def test_byte_tables_follow_the_reference_rules(sp8192):

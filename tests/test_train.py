@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dataclasses
 import json
 import os
@@ -13,14 +15,19 @@ import pytest
 import torch
 import yaml
 
-from conftest import model_config_from_reference, train_config_from_reference
+from conftest import model_config_from_reference, train_config_from_reference, write_manifest
+from recorded_batches import RecordedBatches
+from pgolf import layout
 from pgolf.checkpoint import build_model, load_model
 from pgolf.config import ModelConfig, TrainConfig
 from pgolf.distributed import DistContext
 from pgolf.model import GPT
 from pgolf.shards import write_shard
-from pgolf.train import (CHECKPOINT_NAME, RecordedBatches, cast_mixed_precision, load_checkpoint, lr_scale,
+from pgolf.stage import Workspace
+from pgolf.train import (CHECKPOINT_NAME, cast_mixed_precision, load_checkpoint, lr_scale,
                          train, training_fraction)
+
+PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 TINY_MODEL = ModelConfig(vocab_size=64, num_layers=3, model_dim=32, embedding_dim=32, num_heads=2, num_kv_heads=1,
@@ -50,18 +57,20 @@ def tiny_model(seed: int = 0) -> GPT:
     return GPT(TINY_MODEL)
 
 
-def test_training_matches_golden_trajectory(golden_train):
-    model = GPT(model_config_from_reference(golden_train["config"]))
-    model.load_state_dict(golden_train["init_state_dict"])
-    cfg = train_config_from_reference(golden_train["config"], device="cpu", compile=False,
-                                      grad_accum_steps=golden_train["grad_accum_steps"])
-    batches = RecordedBatches([(b[0], b[1]) for b in golden_train["train_batches"]], cfg.grad_accum_steps)
+def test_training_matches_golden_trajectory(golden_trajectory):
+    # both sets: losses within 3e-4, every tensor within 0.06 of its distance travelled
+    run = golden_trajectory
+    model = GPT(model_config_from_reference(run["config"]))
+    model.load_state_dict(run["init_state_dict"])
+    cfg = train_config_from_reference(run["config"], device="cpu", compile=False,
+                                      grad_accum_steps=run["grad_accum_steps"])
+    batches = RecordedBatches([(b[0], b[1]) for b in run["train_batches"]], cfg.grad_accum_steps)
     result = train(model, cfg, batches, CPU, progress=False)
-    assert result.steps == cfg.iterations == len(golden_train["train_losses"])
-    for step, (ours, golden) in enumerate(zip(result.losses, golden_train["train_losses"], strict=True)):
+    assert result.steps == cfg.iterations == len(run["train_losses"])
+    for step, (ours, golden) in enumerate(zip(result.losses, run["train_losses"], strict=True)):
         assert abs(ours - golden) <= 3e-4, f"step {step}: loss {ours} vs golden {golden}"
-    for name, final in golden_train["final_state_dict"].items():
-        init = golden_train["init_state_dict"][name].float()
+    for name, final in run["final_state_dict"].items():
+        init = run["init_state_dict"][name].float()
         error = (result.ema_state[name].float() - final.float()).norm() / (final.float() - init).norm()
         assert error <= 0.06, f"{name}: relative error {error:.4f}"
 
@@ -177,11 +186,14 @@ def write_dataset(root, vocab_size: int, manifest_vocab: int | None = None):
     generator = torch.Generator().manual_seed(0)
     write_shard(dataset / "fineweb_train_000000.bin", torch.randint(0, vocab_size, (5000,), generator=generator))
     write_shard(dataset / "fineweb_val_000000.bin", torch.randint(0, vocab_size, (600,), generator=generator))
-    (dataset / "manifest.json").write_text(json.dumps({"vocab_size": manifest_vocab or vocab_size}))
+    tokenizer = root / "data" / "tokenizers" / f"fineweb_{vocab_size}_bpe.model"
+    tokenizer.parent.mkdir(parents=True)
+    tokenizer.write_bytes(b"stands in for the tokenizer: training reads only its hash from the manifest")
+    write_manifest(dataset, vocab_size, tokenizer, manifest_vocab)
 
 
 def stage_params() -> dict:
-    return {"model": dataclasses.asdict(TINY_MODEL),
+    return {"tokenize": {}, "model": dataclasses.asdict(TINY_MODEL),
             "train": dataclasses.asdict(dataclasses.replace(TINY_TRAIN, iterations=3, checkpoint_every=1))}
 
 
@@ -190,16 +202,16 @@ def test_train_stage_writes_model_metrics_and_plots(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     write_dataset(tmp_path, TINY_MODEL.vocab_size)
-    stage.run(stage_params())
-    model = build_model(stage.MODEL_PATH)
+    stage.run(stage_params(), PIPELINE)
+    model = build_model(Path(layout.TRAIN_MODEL))
     assert model.config == TINY_MODEL
-    metrics = json.loads(stage.METRICS_PATH.read_text())
+    metrics = json.loads(Path(layout.TRAIN_METRICS).read_text())
     assert metrics["steps"] == 3 and metrics["tokens"] == 3 * TINY_TRAIN.train_batch_tokens
     assert metrics["model_params"] == sum(p.numel() for p in model.parameters())
-    header = stage.CSV_PATH.read_text().splitlines()[0].split(",")
+    header = Path(layout.TRAIN_CURVE).read_text().splitlines()[0].split(",")
     assert {"step", "train_loss", "lr_scale", "tokens_per_s", "elapsed_s"} <= set(header)
-    assert stage.LOSS_PNG_PATH.read_bytes()[:4] == b"\x89PNG"
-    assert not (stage.CHECKPOINT_DIR / CHECKPOINT_NAME).exists()  # finished: no stale checkpoint
+    assert Path(layout.TRAIN_PLOT).read_bytes()[:4] == b"\x89PNG"
+    assert not (Path(layout.TRAIN_CHECKPOINTS) / CHECKPOINT_NAME).exists()  # finished: no stale checkpoint
 
 
 def test_train_stage_refuses_a_dataset_of_another_vocabulary(tmp_path, monkeypatch):
@@ -207,9 +219,9 @@ def test_train_stage_refuses_a_dataset_of_another_vocabulary(tmp_path, monkeypat
 
     monkeypatch.chdir(tmp_path)
     write_dataset(tmp_path, TINY_MODEL.vocab_size, manifest_vocab=1024)
-    with pytest.raises(ValueError, match="vocab_size 1024 but params.yaml model.vocab_size is 64"):
-        stage.run(stage_params())
-    assert not stage.MODEL_PATH.exists()
+    with pytest.raises(ValueError, match="manifest.json: vocab_size 1024, but the model's vocab_size is 64"):
+        stage.run(stage_params(), PIPELINE)
+    assert not Path(layout.TRAIN_MODEL).exists()
 
 
 @pytest.mark.slow
@@ -226,19 +238,19 @@ def test_killed_stage_resumes_to_the_same_weights(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     killed = tmp_path / "killed"
     process = subprocess.Popen(command, cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = killed / stage.CHECKPOINT_DIR / CHECKPOINT_NAME
+    checkpoint = killed / Path(layout.TRAIN_CHECKPOINTS) / CHECKPOINT_NAME
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     process.kill()
     process.wait()
-    assert checkpoint.exists() and not (killed / stage.MODEL_PATH).exists(), "the run was not killed mid-way"
+    assert checkpoint.exists() and not (killed / Path(layout.TRAIN_MODEL)).exists(), "the run was not killed mid-way"
     resumed = subprocess.run(command, cwd=killed, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from checkpoints/train/last.pt at step" in resumed.stdout
     done = subprocess.run(command, cwd=tmp_path / "uninterrupted", env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    _, expected = load_model(tmp_path / "uninterrupted" / stage.MODEL_PATH)
-    _, got = load_model(killed / stage.MODEL_PATH)
+    _, expected = load_model(tmp_path / "uninterrupted" / Path(layout.TRAIN_MODEL))
+    _, got = load_model(killed / Path(layout.TRAIN_MODEL))
     assert all(torch.equal(got[name], tensor) for name, tensor in expected.items())

@@ -1,0 +1,44 @@
+"""Where the pipeline keeps every stage's outputs: declared once, read by the stages and by dvc.yaml.
+
+``dvc.yaml`` loads this file as template variables (``vars: [pgolf/layout.py]``: DVC reads
+the top-level literals of a Python file) and writes ``${TRAIN_MODEL}`` wherever the stages
+write ``layout.TRAIN_MODEL``, so a path cannot drift between the two. Paths are relative to
+the pipeline's root; a stage run by hand writes the same tree under its own directory
+(``pgolf.stage.Workspace``). Only literals belong here, or DVC could not read them.
+"""
+
+OUT_DIR = "out"
+HAND_RUNS_DIR = "runs"  # where `pgolf STAGE` run by hand writes (never into what DVC tracks)
+
+TOKENIZE_METRICS = "out/tokenize/metrics.json"
+TOKENIZE_PROVENANCE = "out/tokenize/provenance.json"
+
+TRAIN_MODEL = "out/train/model.pt"
+TRAIN_METRICS = "out/train/metrics.json"
+TRAIN_PROVENANCE = "out/train/provenance.json"
+TRAIN_CURVE = "out/train/plots/train.csv"
+TRAIN_VAL_CURVE = "out/train/plots/val.csv"
+TRAIN_PLOT = "out/train/plots/train_loss.png"
+TRAIN_CHECKPOINTS = "checkpoints/train"  # resume checkpoints: not a DVC output
+
+PREQUANT_METRICS = "out/prequant/metrics.json"
+PREQUANT_PROVENANCE = "out/prequant/provenance.json"
+
+CALIBRATE_HESSIANS = "out/calibrate/hessians.pt"
+CALIBRATE_PROVENANCE = "out/calibrate/provenance.json"
+
+QUANTIZE_MODEL = "out/quantize/quantized.bin"
+QUANTIZE_REPORT = "out/quantize/report.json"
+QUANTIZE_PROVENANCE = "out/quantize/provenance.json"
+QUANTIZE_PLOTS = "out/quantize/plots"
+
+COMPRESS_ARTIFACT = "out/compress/artifact.ptz"
+COMPRESS_METRICS = "out/compress/metrics.json"
+COMPRESS_PROVENANCE = "out/compress/provenance.json"
+COMPRESS_SIZES = "out/compress/plots/tensor_sizes.csv"
+COMPRESS_SIZES_PLOT = "out/compress/plots/tensor_sizes.png"
+
+EVALUATE_METRICS = "out/evaluate/metrics.json"
+EVALUATE_PROVENANCE = "out/evaluate/provenance.json"
+
+TORCHRUN_PARAMS_DIR = ".pgolf"  # resolved params handed to processes relaunched under torchrun

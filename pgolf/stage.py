@@ -1,0 +1,118 @@
+"""The frame every stage runs in: arguments, params, workspace, torchrun and errors.
+
+A stage module defines ``run(params, ws)`` and ``main(argv)``, which calls
+:func:`run_stage`. It parses ``--params FILE``, ``--set section.key=value`` and ``--out
+DIR``, loads the params (an error names the file that was read), picks the workspace and
+turns bad input into one line on stderr and exit code 2. The workspace is the pipeline's
+own tree when DVC runs the command (DVC sets ``DVC_STAGE`` for every stage command) and the
+hand-run directory (``runs/`` unless ``--out`` says otherwise) when a user runs ``pgolf
+STAGE``, so a stage run by hand never overwrites an output that DVC tracks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pgolf import layout
+from pgolf.config import ConfigError, load_params
+from pgolf.distributed import launch_torchrun, under_torchrun
+
+Params = dict[str, dict[str, Any]]
+# The params sections each stage reads: a params file without one is an error naming it, never the record's
+# defaults (quantize reads compress: too, when fit_to_size is on, and checks that itself).
+STAGE_SECTIONS = {"tokenize": ("tokenize",), "download": ("tokenize",), "train": ("tokenize", "model", "train"),
+                  "calibrate": ("tokenize", "calibrate"), "quantize": ("quantize",), "compress": ("compress",),
+                  "evaluate": ("tokenize", "evaluate"), "import": ("model",)}
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where a run reads and writes the pipeline's paths (``pgolf.layout``)."""
+
+    root: Path  # Path(".") for the pipeline itself
+
+    @classmethod
+    def pipeline(cls) -> Workspace:
+        return cls(Path("."))
+
+    def output(self, path: str | Path) -> Path:
+        return self.root / path
+
+    def input(self, path: str | Path) -> Path:
+        """What an earlier run in this workspace wrote, else the pipeline's output."""
+        own = self.root / path
+        return own if own.exists() else Path(path)
+
+
+def stage_parser(stage: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"pgolf {stage}")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one parameter (YAML value); repeatable",
+    )
+    parser.add_argument(
+        "--out", default=layout.HAND_RUNS_DIR,
+        help=f"outside DVC, write outputs under this directory (default: {layout.HAND_RUNS_DIR}/); "
+             "inputs are read from it first, then from the pipeline",
+    )
+    return parser
+
+
+def workspace(out: str, environ: dict[str, str] | os._Environ) -> Workspace:
+    """The pipeline's tree under DVC, the hand-run directory otherwise."""
+    return Workspace.pipeline() if "DVC_STAGE" in environ else Workspace(Path(out))
+
+
+def run_stage(
+    stage: str,
+    run: Callable[..., None],
+    argv: list[str] | None = None,
+    parser: argparse.ArgumentParser | None = None,
+    processes: Callable[[Params], int] | None = None,
+) -> int:
+    """Parse a stage's arguments, load its params and call ``run(params, ws, ...)``; 2 on bad input.
+
+    ``processes`` gives the number of processes the stage wants; more than one, outside
+    torchrun, relaunches the stage under torchrun with the same resolved params.
+    """
+    parser = parser or stage_parser(stage)
+    args = parser.parse_args(argv)
+    extra = {k: v for k, v in vars(args).items() if k not in ("params", "overrides", "out")}
+    ws = workspace(args.out, os.environ)
+    try:
+        params = load_params(args.params, args.overrides, required=STAGE_SECTIONS.get(stage, ()))
+        nproc = processes(params) if processes else 1
+        if nproc > 1 and not under_torchrun(os.environ):
+            return relaunch(stage, params, nproc, ws, extra)
+        run(params, ws, **extra)
+    except (ConfigError, ValueError, OSError) as exc:  # FileNotFoundError is an OSError
+        print(f"pgolf {stage}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def relaunch(stage: str, params: Params, nproc: int, ws: Workspace, options: dict[str, Any]) -> int:
+    """Run the stage in ``nproc`` processes under torchrun with these resolved params and options."""
+    import yaml
+
+    from pgolf.atomic import write_bytes
+
+    params_file = Path(layout.TORCHRUN_PARAMS_DIR) / f"{stage}_params.yaml"
+    write_bytes(params_file, yaml.safe_dump(params, sort_keys=True).encode("utf-8"))
+    args = ["--params", str(params_file), "--out", str(ws.root)]
+    args += [item for key, value in options.items() for item in (f"--{key}", str(value))]
+    return launch_torchrun(f"stages.{stage}", args, nproc)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line: its message, with the path and operation for an OS error."""
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in str(exc.args):
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return " ".join(str(exc).split("\n"))

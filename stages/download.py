@@ -1,0 +1,58 @@
+"""``pgolf download``: the challenge's published shards and tokenizer, into the layout tokenize validates.
+
+Fetches, from the challenge's dataset repository on the Hugging Face hub, every
+validation shard, the first ``--train-shards`` train shards and the tokenizer of
+``--variant`` (default: ``sp{tokenize.vocab_size}`` of the params file) into
+``DEST/datasets/fineweb10B_sp{V}/`` and ``DEST/tokenizers/fineweb_{V}_bpe.model``
+(see ``pgolf.download``). It prints the disk the missing files need before
+fetching anything; run it again after an interruption to fetch only what is
+missing. Then point ``tokenize.shards_path`` and ``tokenize.tokenizer_path`` at
+what it wrote (``presets/record.yaml`` already does, for ``--dest downloads``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from pgolf.config import TokenizeConfig, section
+from pgolf.download import DEFAULT_REPO_ID, REMOTE_ROOT, download_dataset
+from pgolf.provenance import log_provenance
+from pgolf.stage import Workspace, run_stage, stage_parser
+
+
+def run(
+    params: dict, _workspace: Workspace, variant: str | None, train_shards: int, repo_id: str,
+    endpoint: str | None, dest: str, remote_root: str,
+) -> None:
+    # The data is no stage output: it goes to --dest (where the presets' tokenize.shards_path
+    # points), in no workspace, so that hand runs and DVC runs read the same download.
+    cfg = section(params, "tokenize", TokenizeConfig)
+    request = {
+        "repo_id": repo_id, "variant": variant or f"sp{cfg.vocab_size}", "train_shards": train_shards,
+        "dest_dir": dest, "endpoint": endpoint, "remote_root": remote_root,
+    }
+    log_provenance("download", request)
+    summary = download_dataset(**request)
+    print(f"[pgolf download] done: {json.dumps(summary)}", flush=True)
+    wanted = {"shards_path": summary["shards_path"], "tokenizer_path": summary["tokenizer_path"]}
+    if {key: getattr(cfg, key) for key in wanted} != wanted:
+        print("[pgolf download] to use it, set in the params file: tokenize.shards_path: "
+              f"{wanted['shards_path']}, tokenize.tokenizer_path: {wanted['tokenizer_path']}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("download")
+    parser.add_argument("--variant", default=None, help="sp1024, sp4096 or sp8192 (default: sp{tokenize.vocab_size})")
+    parser.add_argument("--train-shards", type=int, default=128, help="train shards to fetch (default: 128)")
+    parser.add_argument("--repo-id", default=DEFAULT_REPO_ID,
+                        help=f"hub dataset repository (default: {DEFAULT_REPO_ID})")
+    parser.add_argument("--endpoint", default=None, help="hub address (default: HF_ENDPOINT or huggingface.co)")
+    parser.add_argument("--dest", default="downloads", help="destination folder (default: downloads)")
+    parser.add_argument("--remote-root", default=REMOTE_ROOT,
+                        help=f"the export's folder in the repository (default: {REMOTE_ROOT})")
+    return run_stage("download", run, argv, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
