@@ -393,7 +393,7 @@ def _read_prefix(blob: bytes) -> tuple[int, int, int, int, bytes]:
 
 def _inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
     """The output of a brotli / lzma / zstd ``stream``, refused once it passes ``limit`` bytes."""
-    pieces = {"brotli": _brotli_pieces, "lzma": _lzma_pieces, "zstd": _zstd_pieces}[name](stream)
+    pieces = {"brotli": entropy.brotli_pieces, "lzma": _lzma_pieces, "zstd": _zstd_pieces}[name](stream)
     out = bytearray()
     try:
         for piece in pieces:
@@ -402,7 +402,7 @@ def _inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
                 raise ArtifactError(
                     f"artifact's {name} stream inflates beyond the {limit:,} bytes its header declares: refused"
                 )
-    except (brotli.error, lzma.LZMAError, zstandard.ZstdError) as exc:
+    except (brotli.error, lzma.LZMAError, zstandard.ZstdError, entropy.StreamError) as exc:
         raise ArtifactError(f"artifact's {name} stream is corrupt or truncated: {exc}") from None
     if len(out) < limit:
         raise ArtifactError(
@@ -412,27 +412,12 @@ def _inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
     return bytes(out)
 
 
-def _brotli_pieces(stream: bytes) -> Iterator[bytes]:
-    decoder = brotli.Decompressor()
-    position = 0
-    while not decoder.is_finished():
-        if decoder.can_accept_more_data():
-            if position >= len(stream):
-                raise ArtifactError("artifact's brotli stream is corrupt or truncated: it ends before its last block")
-            chunk, position = stream[position:position + _PIECE], position + _PIECE
-        else:  # output still pending from input already given
-            chunk = b""
-        yield decoder.process(chunk, output_buffer_limit=_PIECE)
-    if position < len(stream):
-        raise ArtifactError(f"artifact's brotli stream is corrupt: {len(stream) - position:,} bytes after its end")
-
-
 def _lzma_pieces(stream: bytes) -> Iterator[bytes]:
     decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
     chunk = stream
     while not decoder.eof:
         if decoder.needs_input and not chunk:
-            raise ArtifactError("artifact's lzma stream is corrupt or truncated: it ends before its last block")
+            raise entropy.StreamError("it ends before its last block (truncated or corrupt)")
         yield decoder.decompress(chunk, max_length=_PIECE)
         chunk = b""
 

@@ -47,6 +47,7 @@ import dataclasses
 import functools
 import math
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import brotli
@@ -210,15 +211,36 @@ def _decode_bytes(
 
 
 def _unbrotli(body: memoryview, size: int | None, what: str) -> bytes:
-    limit = (size if size is not None else len(body) * 64 + (1 << 20)) + 1  # a header never inflates more
-    decoder = brotli.Decompressor()
+    limit = size if size is not None else len(body) * 64 + (1 << 20)  # a header never inflates more
+    data = bytearray()
     try:
-        data = decoder.process(bytes(body), output_buffer_limit=limit)
+        for piece in brotli_pieces(bytes(body)):
+            data += piece
+            if len(data) > limit:
+                raise StreamError(f"{what}: brotli body inflates beyond its declared {limit:,} bytes")
     except brotli.error as exc:
         raise StreamError(f"{what}: brotli body is corrupt: {exc}") from None
-    if not decoder.is_finished() or len(data) >= limit:
-        raise StreamError(f"{what}: brotli body is truncated or inflates beyond its declared size")
-    return data
+    return bytes(data)
+
+
+def brotli_pieces(stream: bytes, piece: int = 1 << 20) -> Iterator[bytes]:
+    """The output of a brotli ``stream`` in pieces of about ``piece`` bytes (bounded memory).
+
+    The decoder may keep input and output for later calls, so it is drained with empty
+    input; a call that yields nothing with nothing left to give means the stream ended early.
+    """
+    decoder = brotli.Decompressor()
+    position = 0
+    while not decoder.is_finished():
+        chunk = b""
+        if decoder.can_accept_more_data() and position < len(stream):
+            chunk, position = stream[position:position + piece], position + piece
+        output = decoder.process(chunk, output_buffer_limit=piece)
+        if not output and not chunk and not decoder.is_finished():
+            raise StreamError("it ends before its last block (truncated or corrupt)")
+        yield output
+    if position < len(stream):
+        raise StreamError(f"{len(stream) - position:,} bytes after its end (corrupt)")
 
 
 def _split_lanes(data: bytes, itemsize: int) -> list[np.ndarray]:

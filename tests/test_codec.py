@@ -272,6 +272,20 @@ def test_decompression_stops_at_the_declared_length(compressor):
 
 
 @pytest.mark.parametrize("compressor", ["brotli", "lzma", "zstd"])
+def test_streams_of_many_pieces_round_trip(compressor):
+    """Several MiB of stream and output: bounded decompression feeds and drains it piece by piece."""
+    generator = torch.Generator().manual_seed(1)
+    codes = torch.randint(-127, 128, (3072, 1024), generator=generator, dtype=torch.int8)
+    model = QuantizedModel(small_model().model_config, {"w": QuantizedTensor(codes, torch.ones(3072).half(), 8, 20.0),
+                                                        "z": torch.zeros(2 << 20, dtype=torch.float16)})
+    raw = serialize(model)
+    blob = compress(raw, CompressConfig(compressor=compressor, brotli_quality=1, lzma_preset=0, zstd_level=1))
+    assert len(blob) > 2 << 20 and decompress(blob) == raw
+    with pytest.raises(ArtifactError, match="truncated"):
+        decompress(blob[:len(blob) // 2])
+
+
+@pytest.mark.parametrize("compressor", ["brotli", "lzma", "zstd"])
 def test_stream_shorter_than_declared_is_refused(compressor):
     raw = serialize(small_model())
     blob = compress(raw, CompressConfig(compressor=compressor, brotli_quality=5, lzma_preset=1, zstd_level=3))

@@ -226,3 +226,13 @@ def test_histogram_tables_keep_probabilities_within_a_step():
     weights = table.probabilities()
     ratio = (weights / weights.max())[present] / (counts[1:][present] / 1000)
     assert np.all(np.abs(np.log2(ratio)) <= 0.5 / entropy.LOG_STEPS + 1e-12)
+
+
+def test_large_brotli_sections_round_trip():
+    """A brotli section of several MiB decodes piece by piece (the decoder keeps input between calls)."""
+    generator = torch.Generator().manual_seed(6)
+    data = torch.randint(0, 4, (3 << 20,), generator=generator, dtype=torch.uint8).numpy().tobytes()
+    body = brotli.compress(data, quality=1)
+    assert entropy._decode_bytes(entropy.BROTLI, memoryview(body), len(data), 1, "test") == data
+    with pytest.raises(entropy.StreamError, match="truncated"):
+        entropy._decode_bytes(entropy.BROTLI, memoryview(body)[: len(body) // 2], len(data), 1, "test")
