@@ -43,7 +43,6 @@ exactly the encoder's models on every machine, and the same model gives the same
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import struct
@@ -451,9 +450,7 @@ class _Plan:
 
 
 def _encode_codes(arrays: list[np.ndarray], specs: list[ArraySpec]) -> bytes:
-    """``(u8 per_octave, u8 centred, u32 predicted) × tensors | section(column classes) | section(column
-    centres) | section(predicted rows and reference distances, int32 pairs) | section(residual classes) |
-    tables | ANS words``."""
+    """The codes section of every matrix (layout in the module docstring)."""
     plans = [_plan(codes, spec.bits) for codes, spec in zip(arrays, specs)]
     coder = constriction.stream.stack.AnsCoder()
     for codes, spec, plan in zip(reversed(arrays), reversed(specs), reversed(plans)):
@@ -514,8 +511,7 @@ def _decode_codes(body: memoryview, specs: list[ArraySpec], payload: bytearray) 
         column_centres = centres[centre_start:centre_start + cols] if c else None
         centre_start += cols if c else 0
         rows, row_start = slice(row_start, row_start + n), row_start + n
-        plan = _read_plan(tables, spec, k, column_classes, pairs[rows], row_classes[rows])
-        plans.append(dataclasses.replace(plan, centres=column_centres))
+        plans.append(_read_plan(tables, spec, k, column_centres, column_classes, pairs[rows], row_classes[rows]))
     if tables.remaining():
         raise StreamError(f"codes: {tables.remaining():,} bytes of tables left over (corrupt)")
     coder = _ans_decoder(reader.rest(), "codes")
@@ -532,8 +528,10 @@ def _read_array(reader: _Reader, what: str, count: int, dtype: np.dtype) -> np.n
 
 
 def _read_plan(
-    reader: _Reader, spec: ArraySpec, per_octave: int, classes: np.ndarray, pairs: np.ndarray, row_classes: np.ndarray
+    reader: _Reader, spec: ArraySpec, per_octave: int, centres: np.ndarray | None, classes: np.ndarray,
+    pairs: np.ndarray, row_classes: np.ndarray,
 ) -> _Plan:
+    """A matrix's plan from its side information, its tables read from ``reader``, all checked."""
     rows, cols = spec.shape
     predicted, distances = pairs[:, 0].astype(np.int32), pairs[:, 1].astype(np.int32)
     if len(predicted) and (np.any(np.diff(predicted) <= 0) or predicted[-1] >= rows or np.any(distances <= 0)
@@ -545,7 +543,7 @@ def _read_plan(
     tables = [_Table.read(reader, "codes") for _ in range(count + row_count)]
     if any(table.lo + len(table.values) > 2**spec.bits - 1 for table in tables):
         raise StreamError(f"codes: a table reaches beyond the {spec.bits}-bit codes of its matrix (corrupt)")
-    return _Plan(per_octave, None, classes, tables[:count], predicted, predicted - distances, row_classes,
+    return _Plan(per_octave, centres, classes, tables[:count], predicted, predicted - distances, row_classes,
                  tables[count:])
 
 
