@@ -434,10 +434,10 @@ def _ans_compress(raw: bytes) -> bytes:
     payload_start, header = _split_header(raw)
     payload = memoryview(raw)[payload_start:]
     specs = _array_specs(header, len(payload))
-    stream = entropy.encode_model(raw[:payload_start], specs, payload)
-    if entropy.rebuild_payload(specs, payload, len(payload)) != payload:
-        raise ValueError("the serialized model has non-zero bytes between its arrays: not pgolf.codec.serialize output")
-    return stream
+    end = max((spec.offset + spec.nbytes for spec in specs), default=0)
+    if end != len(payload) or entropy.rebuild_payload(specs, payload, len(payload)) != payload:
+        raise ValueError("the serialized model has bytes between or after its arrays: not pgolf.codec.serialize output")
+    return entropy.encode_model(raw[:payload_start], specs, payload)
 
 
 def _ans_decompress(stream: bytes, raw_len: int) -> bytes:
@@ -447,7 +447,11 @@ def _ans_decompress(stream: bytes, raw_len: int) -> bytes:
             raise entropy.StreamError(f"its model header of {len(head):,} bytes exceeds the declared {raw_len:,}")
         payload_start, header = _split_header(head)
         specs = _array_specs(header, raw_len - payload_start)
-        payload = entropy.decode_payload(body, specs, raw_len - payload_start)
+        end = max((spec.offset + spec.nbytes for spec in specs), default=0)
+        if payload_start + end != raw_len:  # serialize ends the payload with its last array
+            raise entropy.StreamError(f"the header's arrays end at byte {payload_start + end:,}, "
+                                      f"the artifact declares {raw_len:,}")
+        payload = entropy.decode_payload(body, specs, end)
     except (entropy.StreamError, ArtifactError) as exc:
         raise ArtifactError(f"artifact's ans stream is corrupt or truncated: {exc}") from None
     return head + payload

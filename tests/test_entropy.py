@@ -161,9 +161,11 @@ def test_incompressible_passthrough_is_stored_raw():
     assert len(compress(raw, ANS)) < len(raw) + 64
 
 
-def test_only_a_serialized_model_can_be_coded():
+def test_only_a_serialized_model_can_be_coded(raw):
     with pytest.raises(ArtifactError, match="not a serialized pgolf model"):
         compress(b"PGXX" + bytes(40), ANS)
+    with pytest.raises(ValueError, match="bytes between or after its arrays"):
+        compress(raw + bytes(2), ANS)
 
 
 # ------------------------------------------------------------------------ damaged input
@@ -194,6 +196,14 @@ def test_wrong_coder_id_is_an_artifact_error(blob):
 def test_wrong_coder_version_is_an_artifact_error(blob):
     with pytest.raises(ArtifactError, match=f"ans coder version 7 is not supported \\(this code reads {entropy.CODER_VERSION}\\)"):
         load_artifact(blob[:6] + bytes([7]) + blob[7:])
+
+
+@pytest.mark.parametrize("bit", [3, 40, 62])
+def test_flipped_bit_in_the_declared_length_is_refused_before_decoding(blob, bit):
+    (raw_len,) = struct.unpack_from("<Q", blob, 7)
+    damaged = blob[:7] + struct.pack("<Q", raw_len ^ (1 << bit)) + blob[15:]
+    with pytest.raises(ArtifactError, match="arrays end at byte"):
+        load_artifact(damaged)
 
 
 def test_declared_length_bounds_the_output(raw, blob):
