@@ -10,8 +10,9 @@ residual's RMS class; (2) codes the other rows column class by column class, a c
 class being its code RMS on a log scale (0, 1, 2, 4 or 8 classes per octave, whichever
 costs least with the side information), optionally relative to each column's median
 code; every class has its own histogram, and all symbols go through one ANS coder
-(``constriction``). The fp16 scales and the passthrough tensors are coded byte lane by
-byte lane under their own histograms, or with brotli, or raw, whichever is smallest.
+(``constriction``). The fp16 scales are coded under a discrete Gaussian fitted per
+tensor, the passthrough tensors byte lane by byte lane under their own histograms; each
+part falls back to brotli or raw where that is smaller.
 The decoder ships with the artifact (this file counts as code bytes).
 
 Stream (version :data:`CODER_VERSION`), all integers little-endian::
@@ -21,7 +22,10 @@ Stream (version :data:`CODER_VERSION`), all integers little-endian::
 
 Methods: 0 raw bytes; 1 brotli-11 of the bytes grouped by byte lane (all first bytes of
 the items, then all second bytes, ...); 2 ``lanes``: per byte lane a histogram table,
-then one ANS stream of all lanes; 3 ``columns``, the codes section::
+then one ANS stream of all lanes; 4 ``bell`` (fp16 sections): per array ``u16 lo | u16
+hi | u16 centre | u32 width``, its 16-bit patterns under the discrete Gaussian
+``2^(-(v - centre)^2 / width)`` on ``lo..hi``, then one ANS stream; 3 ``columns``, the
+codes section::
 
     (u8 column classes per octave, u8 centred, u32 predicted rows) × matrices
     | bytes(column classes, u8 per column of matrices with classes)
