@@ -7,7 +7,7 @@ rows of tokens seen rarely or never drift together, so they nearly repeat one an
 Per code matrix this coder therefore (1) codes each row that nearly repeats an earlier
 row as its difference from that row (modulo the code range), under tables by the
 residual's RMS class; (2) codes the other rows column class by column class, a column's
-class being its code RMS on a log scale (0, 1, 2, 4 or 8 classes per octave, whichever
+class being its code RMS on a log scale (0, 1, 2, 3, 4, 6 or 8 classes per octave, whichever
 costs least with the side information), optionally relative to each column's median
 code; every class has its own histogram, and all symbols go through one ANS coder
 (``constriction``). The fp16 scales are coded under a discrete Gaussian fitted per
