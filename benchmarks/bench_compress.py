@@ -1,19 +1,29 @@
-"""Seconds and bytes of serialize + compress (brotli and lzma) on the record's tensor shapes.
+"""Bytes and seconds of every compressor on the same quantized models, side by side.
 
-The tensors are those of ``GPT(ModelConfig())`` (the record's model): every matrix of more
-than 65,536 elements becomes random int6 codes (int8 for the embedding) with fp16 row scales,
-the rest stays fp16. The codes are rounded Gaussians with the spread SDClip gives them
-(``std = qmax / clip_sigmas``), so their entropy, and hence the compressed size, is close to
-a real GPTQ artifact's. Usage::
+For each model it prints, per compressor (brotli, lzma, zstd and the model-based ``ans``
+coder of ``pgolf.entropy``): the artifact's bytes, bits per quantized weight, compress
+and decompress seconds, and the order-0 entropy of the codes (each tensor under its own
+histogram, the bound of a coder that models codes one by one without context), plus
+each coder's size and time relative to brotli measured in the same run.
 
-    python -m benchmarks.bench_compress [--brotli-quality 11] [--lzma-preset 6] [--seed 0]
+The first model is record-shaped: the tensors of ``GPT(ModelConfig())`` (the record's
+model), every matrix of more than 65,536 elements as random int6 codes (int8 for the
+embedding) with fp16 row scales, the rest fp16; the codes are rounded Gaussians with the
+spread SDClip gives them (``std = qmax / clip_sigmas``). ``--quantized PATH`` adds a real
+quantized model (``out/quantize/quantized.bin``, or one that ``pgolf import`` brought in);
+repeatable. Usage::
+
+    python -m benchmarks.bench_compress [--quantized PATH ...] [--no-record] [--brotli-quality 11]
+        [--lzma-preset 6] [--zstd-level 22] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from pgolf.codec import QuantizedModel, QuantizedTensor, compress, decompress, deserialize, serialize
@@ -43,34 +53,66 @@ def record_like_model(seed: int) -> QuantizedModel:
     return QuantizedModel(model_config=model_cfg, tensors=tensors)
 
 
+def order0_bits(qm: QuantizedModel) -> float:
+    """Bits of all codes, each tensor's under its own exact histogram (order-0 entropy)."""
+    total = 0.0
+    for tensor in qm.tensors.values():
+        if isinstance(tensor, QuantizedTensor) and tensor.q.numel():
+            counts = np.bincount(tensor.q.numpy().ravel().astype(np.int64) + 128)
+            counts = counts[counts > 0]
+            total += float(-(counts * np.log2(counts / counts.sum())).sum())
+    return total
+
+
 def timed(fn, *args):
     start = time.perf_counter()
     result = fn(*args)
     return result, time.perf_counter() - start
 
 
+def bench_model(label: str, raw: bytes, configs: list[tuple[str, CompressConfig]]) -> None:
+    qm = deserialize(raw)
+    weights = sum(t.q.numel() for t in qm.tensors.values() if isinstance(t, QuantizedTensor))
+    entropy = order0_bits(qm)
+    print(f"\n## {label}: {len(qm.tensors)} tensors, {weights:,} quantized weights, {len(raw):,} serialized bytes; "
+          f"order-0 entropy of the codes {entropy / weights:.4f} bits/weight ({entropy / 8:,.0f} bytes)\n")
+    print("| compressor | bytes | bits/weight | vs brotli | compress s | decompress s | time vs brotli |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    reference: tuple[int, float] | None = None
+    for name, cfg in configs:
+        blob, seconds = timed(compress, raw, cfg)
+        restored, back = timed(decompress, blob)
+        if restored != raw:
+            raise SystemExit(f"{name} round trip changed {label}")
+        reference = reference or (len(blob), seconds)
+        print(f"| {name} | {len(blob):,} | {8 * len(blob) / max(weights, 1):.4f} | "
+              f"{100 * (len(blob) / reference[0] - 1):+.2f} % | {seconds:.2f} | {back:.2f} | "
+              f"{seconds / reference[1]:.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quantized", type=Path, action="append", default=[], help="a quantized model; repeatable")
+    parser.add_argument("--no-record", action="store_true", help="skip the record-shaped random codes")
     parser.add_argument("--brotli-quality", type=int, default=11)
     parser.add_argument("--lzma-preset", type=int, default=6)
+    parser.add_argument("--zstd-level", type=int, default=22)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    qm = record_like_model(args.seed)
-    codes = sum(t.q.numel() for t in qm.tensors.values() if isinstance(t, QuantizedTensor))
-    raw, seconds = timed(serialize, qm)
-    print(f"tensors: {len(qm.tensors)}, quantized weights: {codes:,}")
-    print(f"serialize:   {seconds:7.2f} s  {len(raw):>12,} bytes")
-    _, seconds = timed(deserialize, raw)
-    print(f"deserialize: {seconds:7.2f} s")
-    for cfg in (CompressConfig(compressor="brotli", brotli_quality=args.brotli_quality),
-                CompressConfig(compressor="lzma", lzma_preset=args.lzma_preset)):
-        level = cfg.brotli_quality if cfg.compressor == "brotli" else cfg.lzma_preset
-        blob, seconds = timed(compress, raw, cfg)
-        restored, back = timed(decompress, blob)
-        assert restored == raw, f"{cfg.compressor} round trip failed"
-        print(f"{cfg.compressor}-{level}: compress {seconds:7.2f} s, decompress {back:5.2f} s, "
-              f"{len(blob):>12,} bytes ({8 * len(blob) / codes:.3f} bits per quantized weight)")
+    configs = [  # brotli first: the others are compared with it
+        (f"brotli-{args.brotli_quality}", CompressConfig(compressor="brotli", brotli_quality=args.brotli_quality)),
+        (f"lzma-{args.lzma_preset}", CompressConfig(compressor="lzma", lzma_preset=args.lzma_preset)),
+        (f"zstd-{args.zstd_level}", CompressConfig(compressor="zstd", zstd_level=args.zstd_level)),
+        ("ans", CompressConfig(compressor="ans")),
+    ]
+    models: list[tuple[str, bytes]] = []
+    if not args.no_record:
+        models.append(("record-shaped random codes", serialize(record_like_model(args.seed))))
+    models += [(str(path), path.read_bytes()) for path in args.quantized]
+    print(f"torch threads {torch.get_num_threads()}")
+    for label, raw in models:
+        bench_model(label, raw, configs)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@ The record's quantized tensors are, per layer of 11, c_q 512×512, c_k and c_v
 tied embedding 8192×512. Weights are random normal and Hessians random SPD
 matrices ``XᵀX / tokens`` with per-column input scales, which is enough to time
 the algorithm (a trained model compresses a little differently). The second
-GPTQ pass reuses the Hessian factors, as each step of ``fit_to_size`` does.
+GPTQ pass reuses the Hessian factors, as each step of ``fit_to_size`` does; with
+serialize and compress it is one retune step (one size-search try, or the
+quantize + compress stages of ``dvc exp run -S quantize...``), timed as a whole.
 
-    python benchmarks/bench_quantize.py [--device cpu|cuda|auto] [--threads N] [--no-compress]
+    python benchmarks/bench_quantize.py [--device cpu|cuda|auto] [--threads N]
+        [--compressor ans|brotli|lzma|zstd ...] [--no-compress]
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 
 import torch
 
-from pgolf.codec import compress, serialize
+from pgolf.codec import COMPRESSORS, compress, serialize
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
 from pgolf.gptq import quantize_model, report_totals
 from pgolf.runtime import resolve_device
@@ -44,7 +47,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--layers", type=int, default=11)
-    parser.add_argument("--no-compress", action="store_true", help="skip brotli-11 (slow on a CPU)")
+    parser.add_argument("--compressor", action="append", default=[], choices=sorted(COMPRESSORS),
+                        help="compressor of the retune step; repeatable (default: ans and brotli)")
+    parser.add_argument("--no-compress", action="store_true", help="time GPTQ only")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,11 +74,14 @@ def main() -> None:
 
     start = time.perf_counter()
     raw = serialize(qm)
-    print(f"serialize: {time.perf_counter() - start:.2f} s, {len(raw):,} bytes")
-    if not args.no_compress:
+    serialize_seconds = time.perf_counter() - start
+    print(f"serialize: {serialize_seconds:.2f} s, {len(raw):,} bytes")
+    for name in [] if args.no_compress else args.compressor or ["ans", "brotli"]:
         start = time.perf_counter()
-        blob = compress(raw, CompressConfig())
-        print(f"compress (brotli 11, shuffle 2): {time.perf_counter() - start:.2f} s, {len(blob):,} bytes")
+        blob = compress(raw, CompressConfig(compressor=name))
+        seconds = time.perf_counter() - start
+        print(f"compress ({name}): {seconds:.2f} s, {len(blob):,} bytes; retune step (GPTQ with cached factors "
+              f"+ serialize + compress): {again + serialize_seconds + seconds:.2f} s")
 
 
 if __name__ == "__main__":

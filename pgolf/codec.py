@@ -3,9 +3,11 @@
 GPTQ produces a :class:`QuantizedModel` (int codes with one fp16 scale per row, and small
 fp16 tensors kept as they are). :func:`serialize` turns it into plain bytes that only
 describe arrays, so reading an artifact can never run code; :func:`compress` byte-shuffles
-those bytes (docs/DESIGN.md §6) and entropy-codes them with brotli or lzma inside a
-small container that names the compressor, so :func:`decompress` needs no parameters.
-Anything wrong with a file is an :class:`ArtifactError` that says what and where.
+those bytes (docs/DESIGN.md §6) and codes them with brotli, lzma or zstd, or codes the
+model's arrays under explicit probability models (``ans``, :mod:`pgolf.entropy`), inside a
+small container that names the coder and its version, so :func:`decompress` needs no
+parameters. Decompression stops once the output passes the declared raw length. Anything
+wrong with a file is an :class:`ArtifactError` that says what and where.
 
 Serialized model ("PGQM", version 1), all integers little-endian::
 
@@ -20,13 +22,17 @@ array, then every 16/32-bit array, each at an even offset from an even payload s
 that the stride-2 shuffle puts all low bytes of the fp16 values together and all high
 bytes together.
 
-Compressed artifact ("PGAZ", version 1)::
+Compressed artifact ("PGAZ", version 2)::
 
-    b"PGAZ" | u8 version | u8 compressor (1 brotli, 2 lzma) | u64 raw_len | u32 crc32(raw) | stream
+    b"PGAZ" | u8 version | u8 compressor | u8 coder version | u64 raw_len | u32 crc32(raw) | stream
 
-where ``stream`` is the compressed shuffle ``b"BSHF" | u8 stride | shuffled bytes`` (the
-reference's shuffle header; unlike the reference it is written for stride 1 as well, so a
-stream always says how to undo it).
+with compressor 1 brotli, 2 lzma, 3 zstd (coder version 1: ``stream`` is the library's
+stream of the shuffle ``b"BSHF" | u8 stride | shuffled bytes``, the reference's shuffle
+header, written for stride 1 as well so that a stream always says how to undo it) or 4
+ans (``stream`` as :mod:`pgolf.entropy` describes, coder version
+:data:`pgolf.entropy.CODER_VERSION`). Version 1, written before the coder version byte,
+is ``b"PGAZ" | u8 1 | u8 compressor (1 or 2) | u64 raw_len | u32 crc32 | stream`` and
+still loads.
 """
 
 from __future__ import annotations
@@ -38,13 +44,16 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import brotli
 import numpy as np
 import torch
+import zstandard
 from torch import Tensor
 
+from pgolf import entropy
 from pgolf.checkpoint import check_finite, check_state_dict
 from pgolf.config import CompressConfig, ConfigError, ModelConfig, from_dict, to_dict
 from pgolf.model import GPT
@@ -97,12 +106,16 @@ class QuantizedModel:
 MODEL_MAGIC = b"PGQM"
 MODEL_VERSION = 1
 ARTIFACT_MAGIC = b"PGAZ"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 SHUFFLE_MAGIC = b"BSHF"
-COMPRESSORS = {"brotli": 1, "lzma": 2}
+COMPRESSORS = {"brotli": 1, "lzma": 2, "zstd": 3, "ans": 4}
+GENERAL_CODER_VERSION = 1  # the coder version of brotli / lzma / zstd: the library's stream of the shuffle
 
 _MODEL_PREFIX = struct.Struct("<4sII")  # magic, version, header_len
-_ARTIFACT_PREFIX = struct.Struct("<4sBBQI")  # magic, version, compressor, raw_len, crc32
+_ARTIFACT_PREFIX = struct.Struct("<4sBBBQI")  # magic, version, compressor, coder version, raw_len, crc32
+_ARTIFACT_PREFIX_V1 = struct.Struct("<4sBBQI")  # version 1: magic, version, compressor, raw_len, crc32
+_SHUFFLE_HEADER_LEN = 5  # b"BSHF" + stride
+_PIECE = 1 << 20  # bytes per step of bounded decompression
 _DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "int8": (torch.int8, np.dtype("<i1")),
     "float16": (torch.float16, np.dtype("<f2")),
@@ -241,22 +254,27 @@ def _read_entry(entry: Any, index: int, payload: memoryview) -> tuple[str, Quant
 
 
 def _read_array(payload: memoryview, dtype: Any, shape: Any, offset: Any, nbytes: Any) -> Tensor:
+    _check_array(dtype, shape, offset, nbytes, len(payload))
+    torch_dtype, np_dtype = _DTYPES[dtype]
+    array = np.frombuffer(payload, dtype=np_dtype, count=math.prod(shape), offset=offset)
+    return torch.from_numpy(array.astype(np_dtype.newbyteorder("="), copy=True)).reshape(shape).to(torch_dtype)
+
+
+def _check_array(dtype: Any, shape: Any, offset: Any, nbytes: Any, payload_len: int) -> None:
+    """Refuse an array entry whose dtype, shape and extent do not agree or do not fit the payload."""
     if dtype not in _DTYPES:
         raise ArtifactError(f"unknown dtype {dtype!r} (supported: {', '.join(_DTYPES)})")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise ArtifactError(f"shape {shape!r} is not a list of non-negative integers")
     if not all(isinstance(v, int) and v >= 0 for v in (offset, nbytes)):
         raise ArtifactError(f"offset {offset!r} / nbytes {nbytes!r} must be non-negative integers")
-    torch_dtype, np_dtype = _DTYPES[dtype]
-    expected = math.prod(shape) * np_dtype.itemsize
+    expected = math.prod(shape) * _DTYPES[dtype][1].itemsize
     if nbytes != expected:
         raise ArtifactError(f"declared {nbytes} bytes but shape {shape} of {dtype} needs {expected}")
-    if offset + nbytes > len(payload):
+    if offset + nbytes > payload_len:
         raise ArtifactError(
-            f"data at bytes {offset}..{offset + nbytes} lies beyond the payload's {len(payload)} bytes (truncated?)"
+            f"data at bytes {offset}..{offset + nbytes} lies beyond the payload's {payload_len} bytes (truncated?)"
         )
-    array = np.frombuffer(payload, dtype=np_dtype, count=math.prod(shape), offset=offset)
-    return torch.from_numpy(array.astype(np_dtype.newbyteorder("="), copy=True)).reshape(shape).to(torch_dtype)
 
 
 # --------------------------------------------------------------------------- dequantize
@@ -298,33 +316,47 @@ def byte_unshuffle(data: bytes) -> bytes:
 
 
 def compress(raw: bytes, cfg: CompressConfig) -> bytes:
-    """Shuffle and entropy-code ``raw`` into a self-describing artifact."""
+    """Code ``raw`` (a serialized model) into a self-describing artifact with ``cfg.compressor``."""
     if cfg.compressor not in COMPRESSORS:
         raise ValueError(f"compress.compressor: unknown {cfg.compressor!r} (known: {', '.join(COMPRESSORS)})")
-    shuffled = byte_shuffle(raw, cfg.shuffle_stride)
-    if cfg.compressor == "brotli":
-        stream = brotli.compress(shuffled, quality=cfg.brotli_quality)
+    if cfg.compressor == "ans":
+        stream, coder_version = _ans_compress(raw), entropy.CODER_VERSION
     else:
-        stream = lzma.compress(shuffled, preset=cfg.lzma_preset)
+        stream, coder_version = _general_compress(byte_shuffle(raw, cfg.shuffle_stride), cfg), GENERAL_CODER_VERSION
     prefix = _ARTIFACT_PREFIX.pack(
-        ARTIFACT_MAGIC, ARTIFACT_VERSION, COMPRESSORS[cfg.compressor], len(raw), zlib.crc32(raw)
+        ARTIFACT_MAGIC, ARTIFACT_VERSION, COMPRESSORS[cfg.compressor], coder_version, len(raw), zlib.crc32(raw)
     )
     return prefix + stream
 
 
+def _general_compress(shuffled: bytes, cfg: CompressConfig) -> bytes:
+    if cfg.compressor == "brotli":
+        return brotli.compress(shuffled, quality=cfg.brotli_quality)
+    if cfg.compressor == "lzma":
+        return lzma.compress(shuffled, preset=cfg.lzma_preset)
+    return zstandard.ZstdCompressor(level=cfg.zstd_level).compress(shuffled)
+
+
 def decompress(blob: bytes) -> bytes:
-    """The raw bytes inside an artifact made by :func:`compress`, checked against its length and CRC."""
-    if len(blob) < _ARTIFACT_PREFIX.size:
+    """The raw bytes inside an artifact made by :func:`compress`, checked against its length and CRC.
+
+    Decoding stops as soon as the output would pass the declared raw length, so a small
+    artifact cannot make the reader allocate more than it declares.
+    """
+    compressor, coder_version, raw_len, crc, stream = _read_prefix(blob)
+    names = {code: name for name, code in COMPRESSORS.items()}
+    if compressor not in names:
+        raise ArtifactError(f"artifact names unknown compressor id {compressor} (known: {names})")
+    name = names[compressor]
+    expected_version = entropy.CODER_VERSION if name == "ans" else GENERAL_CODER_VERSION
+    if coder_version != expected_version:
         raise ArtifactError(
-            f"artifact truncated: {len(blob)} bytes, shorter than its {_ARTIFACT_PREFIX.size}-byte prefix"
+            f"artifact's {name} coder version {coder_version} is not supported (this code reads {expected_version})"
         )
-    magic, version, compressor, raw_len, crc = _ARTIFACT_PREFIX.unpack_from(blob)
-    if magic != ARTIFACT_MAGIC:
-        raise ArtifactError(f"not a pgolf artifact: magic {magic!r}, expected {ARTIFACT_MAGIC!r}")
-    if version != ARTIFACT_VERSION:
-        raise ArtifactError(f"artifact version {version} is not supported (this code reads version {ARTIFACT_VERSION})")
-    stream = blob[_ARTIFACT_PREFIX.size:]
-    raw = byte_unshuffle(_decode_stream(stream, compressor))
+    if name == "ans":
+        raw = _ans_decompress(stream, raw_len)
+    else:
+        raw = byte_unshuffle(_inflate_bounded(name, stream, raw_len + _SHUFFLE_HEADER_LEN))
     if len(raw) != raw_len or zlib.crc32(raw) != crc:
         raise ArtifactError(
             f"artifact corrupt: decompressed {len(raw)} bytes (crc {zlib.crc32(raw):08x}), "
@@ -333,32 +365,145 @@ def decompress(blob: bytes) -> bytes:
     return raw
 
 
-def _decode_stream(stream: bytes, compressor: int) -> bytes:
-    names = {code: name for name, code in COMPRESSORS.items()}
-    if compressor not in names:
-        raise ArtifactError(f"artifact names unknown compressor id {compressor} (known: {names})")
+def _read_prefix(blob: bytes) -> tuple[int, int, int, int, bytes]:
+    """``(compressor id, coder version, raw_len, crc, stream)`` of an artifact of version 1 or 2."""
+    if len(blob) < _ARTIFACT_PREFIX_V1.size:
+        raise ArtifactError(
+            f"artifact truncated: {len(blob)} bytes, shorter than its {_ARTIFACT_PREFIX.size}-byte prefix"
+        )
+    magic, version = blob[:4], blob[4]
+    if magic != ARTIFACT_MAGIC:
+        raise ArtifactError(f"not a pgolf artifact: magic {magic!r}, expected {ARTIFACT_MAGIC!r}")
+    if version == 1:  # written before the coder version byte: brotli or lzma over the shuffle
+        _, _, compressor, raw_len, crc = _ARTIFACT_PREFIX_V1.unpack_from(blob)
+        if compressor not in (COMPRESSORS["brotli"], COMPRESSORS["lzma"]):
+            raise ArtifactError(f"artifact names unknown compressor id {compressor} for version 1 (known: 1, 2)")
+        return compressor, GENERAL_CODER_VERSION, raw_len, crc, blob[_ARTIFACT_PREFIX_V1.size:]
+    if version != ARTIFACT_VERSION:
+        raise ArtifactError(
+            f"artifact version {version} is not supported (this code reads versions 1 and {ARTIFACT_VERSION})"
+        )
+    if len(blob) < _ARTIFACT_PREFIX.size:
+        raise ArtifactError(
+            f"artifact truncated: {len(blob)} bytes, shorter than its {_ARTIFACT_PREFIX.size}-byte prefix"
+        )
+    _, _, compressor, coder_version, raw_len, crc = _ARTIFACT_PREFIX.unpack_from(blob)
+    return compressor, coder_version, raw_len, crc, blob[_ARTIFACT_PREFIX.size:]
+
+
+def _inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
+    """The output of a brotli / lzma / zstd ``stream``, refused once it passes ``limit`` bytes."""
+    pieces = {"brotli": entropy.brotli_pieces, "lzma": _lzma_pieces, "zstd": _zstd_pieces}[name](stream)
+    out = bytearray()
     try:
-        if names[compressor] == "brotli":
-            return brotli.decompress(stream)
-        return lzma.decompress(stream, format=lzma.FORMAT_XZ)
-    except (brotli.error, lzma.LZMAError) as exc:
-        raise ArtifactError(f"artifact's {names[compressor]} stream is corrupt or truncated: {exc}") from None
+        for piece in pieces:
+            out += piece
+            if len(out) > limit:
+                raise ArtifactError(
+                    f"artifact's {name} stream inflates beyond the {limit:,} bytes its header declares: refused"
+                )
+    except (brotli.error, lzma.LZMAError, zstandard.ZstdError, entropy.StreamError) as exc:
+        raise ArtifactError(f"artifact's {name} stream is corrupt or truncated: {exc}") from None
+    if len(out) < limit:
+        raise ArtifactError(
+            f"artifact's {name} stream is corrupt or truncated: it inflates to {len(out):,} bytes, "
+            f"its header declares {limit:,}"
+        )
+    return bytes(out)
 
 
-def tensor_raw_bytes(tensor: QuantizedTensor | Tensor) -> bytes:
-    """The serialized arrays of one tensor (codes then scales), as they sit in the payload."""
-    if isinstance(tensor, QuantizedTensor):
-        return _array_bytes(tensor.q) + _array_bytes(tensor.scale)
-    return _array_bytes(tensor)
+def _lzma_pieces(stream: bytes) -> Iterator[bytes]:
+    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    chunk = stream
+    while not decoder.eof:
+        if decoder.needs_input and not chunk:
+            raise entropy.StreamError("it ends before its last block (truncated or corrupt)")
+        yield decoder.decompress(chunk, max_length=_PIECE)
+        chunk = b""
+
+
+def _zstd_pieces(stream: bytes) -> Iterator[bytes]:
+    reader = zstandard.ZstdDecompressor().stream_reader(stream)
+    while piece := reader.read(_PIECE):
+        yield piece
+
+
+def _ans_compress(raw: bytes) -> bytes:
+    """pgolf.entropy's stream of a serialized model: its header, then every array under its own model."""
+    deserialize(raw)  # the entropy coder reads the layout: refuse anything that is not a valid model
+    payload_start, header = _split_header(raw)
+    payload = memoryview(raw)[payload_start:]
+    specs = _array_specs(header, len(payload))
+    end = max((spec.offset + spec.nbytes for spec in specs), default=0)
+    if end != len(payload) or entropy.rebuild_payload(specs, payload, len(payload)) != payload:
+        raise ValueError("the serialized model has bytes between or after its arrays: not pgolf.codec.serialize output")
+    return entropy.encode_model(raw[:payload_start], specs, payload)
+
+
+def _ans_decompress(stream: bytes, raw_len: int) -> bytes:
+    try:
+        head, body = entropy.decode_head(stream)
+        if len(head) > raw_len:
+            raise entropy.StreamError(f"its model header of {len(head):,} bytes exceeds the declared {raw_len:,}")
+        payload_start, header = _split_header(head)
+        specs = _array_specs(header, raw_len - payload_start)
+        end = max((spec.offset + spec.nbytes for spec in specs), default=0)
+        if payload_start + end != raw_len:  # serialize ends the payload with its last array
+            raise entropy.StreamError(f"the header's arrays end at byte {payload_start + end:,}, "
+                                      f"the artifact declares {raw_len:,}")
+        payload = entropy.decode_payload(body, specs, end)
+    except (entropy.StreamError, ArtifactError) as exc:
+        raise ArtifactError(f"artifact's ans stream is corrupt or truncated: {exc}") from None
+    return head + payload
+
+
+def _split_header(raw: bytes) -> tuple[int, dict[str, Any]]:
+    """Where the payload of a serialized model starts, and its parsed header."""
+    if len(raw) < _MODEL_PREFIX.size:
+        raise ArtifactError(f"serialized model truncated: {len(raw)} bytes, shorter than its prefix")
+    magic, version, header_len = _MODEL_PREFIX.unpack_from(raw)
+    if magic != MODEL_MAGIC or version != MODEL_VERSION:
+        raise ArtifactError(f"not a serialized pgolf model of version {MODEL_VERSION}: {magic!r} version {version}")
+    payload_start = _MODEL_PREFIX.size + header_len
+    if len(raw) < payload_start:
+        raise ArtifactError(f"serialized model header truncated: needs {header_len} bytes")
+    return payload_start, _parse_header(raw[_MODEL_PREFIX.size:payload_start])
+
+
+def _array_specs(header: dict[str, Any], payload_len: int) -> list[entropy.ArraySpec]:
+    """Every array of the payload as the entropy coder sees it, validated against ``payload_len``."""
+    specs = []
+    for index, entry in enumerate(header["tensors"]):
+        try:
+            shape = entry["shape"]
+            if entry["kind"] == "quantized":
+                _check_array(entry["dtype"], shape, entry["offset"], entry["nbytes"], payload_len)
+                rows = shape[0] if len(shape) == 2 else 0
+                _check_array(entry["scale_dtype"], [rows], entry["scale_offset"], entry["scale_nbytes"], payload_len)
+                if entry["dtype"] != "int8" or len(shape) != 2 or entry["bits"] not in range(2, 9):
+                    raise ArtifactError(f"codes must be 2-D int8 of 2..8 bits, got {entry['dtype']} {shape}")
+                specs.append(entropy.ArraySpec("codes", "int8", tuple(shape), entry["offset"], entry["bits"]))
+                specs.append(entropy.ArraySpec("scale", entry["scale_dtype"], (rows,), entry["scale_offset"], 0))
+            else:
+                _check_array(entry["dtype"], shape, entry["offset"], entry["nbytes"], payload_len)
+                specs.append(entropy.ArraySpec("passthrough", entry["dtype"], tuple(shape), entry["offset"], 0))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ArtifactError(f"header tensor #{index}: bad or missing field {exc}") from None
+    return specs
 
 
 def compressed_tensor_sizes(qm: QuantizedModel, cfg: CompressConfig) -> dict[str, int]:
-    """Each tensor's arrays compressed alone, to attribute the artifact's bytes to tensors.
+    """Each tensor's compressed bytes alone, to attribute the artifact's bytes to tensors.
 
-    Each stream starts without the others' statistics, so the sizes add up to a little more
-    than the whole artifact.
+    A tensor's size is that of an artifact holding it alone less that of an artifact
+    holding no tensor (the header's share). Each stream starts without the others'
+    statistics, so the sizes add up to a little more than the whole artifact.
     """
-    return {name: len(compress(tensor_raw_bytes(tensor), cfg)) for name, tensor in qm.tensors.items()}
+    def artifact_bytes(tensors: dict[str, QuantizedTensor | Tensor]) -> int:
+        return len(compress(serialize(QuantizedModel(qm.model_config, tensors)), cfg))
+
+    empty = artifact_bytes({})
+    return {name: artifact_bytes({name: tensor}) - empty for name, tensor in qm.tensors.items()}
 
 
 def load_artifact(blob: bytes) -> QuantizedModel:

@@ -308,9 +308,10 @@ class QuantizeConfig(Section):
 class CompressConfig(Section):
     """Pickle-free serialisation, byte shuffle and entropy coding (section 6)."""
 
-    compressor: Literal["brotli", "lzma"] = "brotli"
+    compressor: Literal["brotli", "lzma", "zstd", "ans"] = "brotli"  # ans: pgolf.entropy's model-based coder
     brotli_quality: Annotated[int, Range(ge=0, le=11)] = 11
     lzma_preset: Annotated[int, Range(ge=0, le=9)] = 6
+    zstd_level: Annotated[int, Range(ge=1, le=22)] = 22
     shuffle_stride: Annotated[int, Range(ge=1, le=255)] = 2
     size_limit_bytes: Positive = 16_000_000
     compress_code: bool = True  # ship the code as one brotli stream, as the records' self-extracting scripts

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import lzma
 import pickle
 import struct
+import time
+import tracemalloc
+import zlib
 
 import brotli
 import pytest
 import torch
+import zstandard
 
 from pgolf.codec import (
     ArtifactError,
@@ -128,11 +133,11 @@ def test_dequantize_is_codes_times_row_scale_in_float32():
     assert torch.equal(state["blocks.0.attn.q_gain"], qm.tensors["blocks.0.attn.q_gain"].float())
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
+@pytest.mark.parametrize("compressor", ["brotli", "lzma", "zstd", "ans"])
 def test_compress_round_trip_needs_no_parameters(compressor):
     qm = small_model()
     raw = serialize(qm)
-    blob = compress(raw, CompressConfig(compressor=compressor, brotli_quality=5, lzma_preset=1))
+    blob = compress(raw, CompressConfig(compressor=compressor, brotli_quality=5, lzma_preset=1, zstd_level=3))
     assert blob[:4] == b"PGAZ"
     assert decompress(blob) == raw
     restored = dequantize(load_artifact(blob))
@@ -154,12 +159,13 @@ def test_shuffle_stride_is_honoured():
 
 
 def test_unknown_compressor_is_refused():
-    with pytest.raises(ValueError, match="zstd"):
-        compress(b"x", CompressConfig(compressor="zstd"))
+    with pytest.raises(ValueError, match="'bzip2'.*brotli, lzma, zstd, ans"):
+        compress(b"x", CompressConfig(compressor="bzip2"))
 
 
-def test_compressed_tensor_sizes_cover_every_tensor():
-    sizes = compressed_tensor_sizes(small_model(), CompressConfig(brotli_quality=5))
+@pytest.mark.parametrize("compressor", ["brotli", "ans"])
+def test_compressed_tensor_sizes_cover_every_tensor(compressor):
+    sizes = compressed_tensor_sizes(small_model(), CompressConfig(compressor=compressor, brotli_quality=5))
     assert set(sizes) == set(small_model().tensors)
     assert sizes["blocks.0.mlp.fc.weight"] > sizes["blocks.0.attn.q_gain"] > 0
 
@@ -217,6 +223,75 @@ def test_wrong_artifact_version(blob):
 def test_unknown_compressor_id(blob):
     with pytest.raises(ArtifactError, match="unknown compressor id 7"):
         load_artifact(blob[:5] + bytes([7]) + blob[6:])
+
+
+def test_unsupported_coder_version(blob):
+    with pytest.raises(ArtifactError, match="brotli coder version 9 is not supported"):
+        load_artifact(blob[:6] + bytes([9]) + blob[7:])
+
+
+@pytest.mark.parametrize("compressor", [1, 2])
+def test_version_1_artifacts_still_load(compressor):
+    """Artifacts written before the coder version byte: ``PGAZ | 1 | compressor | raw_len | crc``."""
+    raw = serialize(small_model())
+    shuffled = byte_shuffle(raw, 2)
+    stream = brotli.compress(shuffled) if compressor == 1 else lzma.compress(shuffled)
+    old = b"PGAZ" + struct.pack("<BBQI", 1, compressor, len(raw), zlib.crc32(raw)) + stream
+    assert decompress(old) == raw
+
+
+def test_version_1_knows_only_brotli_and_lzma():
+    raw = serialize(small_model())
+    old = b"PGAZ" + struct.pack("<BBQI", 1, 4, len(raw), zlib.crc32(raw)) + b"...."
+    with pytest.raises(ArtifactError, match="unknown compressor id 4 for version 1"):
+        decompress(old)
+
+
+def bomb(compressor: str, inflated: int) -> bytes:
+    """An artifact declaring a 1,000-byte model whose stream inflates to ``inflated`` zero bytes."""
+    data = b"BSHF\x02" + bytes(inflated)
+    stream = {"brotli": lambda: brotli.compress(data, quality=5), "lzma": lambda: lzma.compress(data, preset=1),
+              "zstd": lambda: zstandard.ZstdCompressor(level=3).compress(data)}[compressor]()
+    return b"PGAZ" + struct.pack("<BBBQI", 2, {"brotli": 1, "lzma": 2, "zstd": 3}[compressor], 1, 1000, 0) + stream
+
+
+@pytest.mark.parametrize("compressor", ["brotli", "lzma", "zstd"])
+def test_decompression_stops_at_the_declared_length(compressor):
+    inflated = 64 << 20
+    blob = bomb(compressor, inflated)
+    assert len(blob) < inflated // 1000
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(ArtifactError, match=f"{compressor} stream inflates beyond the 1,005 bytes"):
+        decompress(blob)
+    seconds = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 16 << 20, f"decompressing the bomb allocated {peak:,} bytes"
+    assert seconds < 5, f"refusing the bomb took {seconds:.1f} s"
+
+
+@pytest.mark.parametrize("compressor", ["brotli", "lzma", "zstd"])
+def test_streams_of_many_pieces_round_trip(compressor):
+    """Several MiB of stream and output: bounded decompression feeds and drains it piece by piece."""
+    generator = torch.Generator().manual_seed(1)
+    codes = torch.randint(-127, 128, (3072, 1024), generator=generator, dtype=torch.int8)
+    model = QuantizedModel(small_model().model_config, {"w": QuantizedTensor(codes, torch.ones(3072).half(), 8, 20.0),
+                                                        "z": torch.zeros(2 << 20, dtype=torch.float16)})
+    raw = serialize(model)
+    blob = compress(raw, CompressConfig(compressor=compressor, brotli_quality=1, lzma_preset=0, zstd_level=1))
+    assert len(blob) > 2 << 20 and decompress(blob) == raw
+    with pytest.raises(ArtifactError, match="truncated"):
+        decompress(blob[:len(blob) // 2])
+
+
+@pytest.mark.parametrize("compressor", ["brotli", "lzma", "zstd"])
+def test_stream_shorter_than_declared_is_refused(compressor):
+    raw = serialize(small_model())
+    blob = compress(raw, CompressConfig(compressor=compressor, brotli_quality=5, lzma_preset=1, zstd_level=3))
+    longer = blob[:7] + struct.pack("<Q", len(raw) + 10) + blob[15:]
+    with pytest.raises(ArtifactError, match="corrupt or truncated"):
+        decompress(longer)
 
 
 def test_flipped_bits_in_stream(blob):
