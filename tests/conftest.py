@@ -10,8 +10,9 @@ message naming it when it is absent; CI has it.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,18 @@ _TRAIN_KEYS = {
     "TRAIN_BATCH_TOKENS": "train_batch_tokens", "TRAIN_SEQ_LEN": "train_seq_len",
     "VAL_LOSS_EVERY": "val_loss_every", "TRAIN_LOG_EVERY": "train_log_every", "SEED": "seed",
 }
+
+
+def pytest_configure(config):
+    """One thread in every process the tests run, this one and the ones it starts.
+
+    Several tests compare runs made by different numbers of processes (1 against 2 under
+    torchrun, which gives each worker one thread) or against data made with one thread;
+    a float sum split over more threads rounds differently, and Newton–Schulz in bf16
+    amplifies that. Tiny models also run faster on one thread.
+    """
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import write_manifest
 from pgolf.checkpoint import load_model
 from pgolf.config import ModelConfig, TrainConfig
 from pgolf.distributed import any_rank, init_distributed, under_torchrun
@@ -32,7 +33,7 @@ def test_single_process_context_without_torchrun():
 
 
 def run_stage(workdir, nproc: int) -> subprocess.CompletedProcess:
-    params = {"model": dataclasses.asdict(MODEL),
+    params = {"tokenize": {}, "model": dataclasses.asdict(MODEL),
               "train": dataclasses.asdict(dataclasses.replace(TRAIN, nproc_per_node=nproc))}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -48,7 +49,11 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         dataset = tmp_path / str(nproc) / "data" / "datasets" / "fineweb10B_sp64"
         dataset.mkdir(parents=True)
         write_shard(dataset / "fineweb_train_000000.bin", tokens)
-        (dataset / "manifest.json").write_text('{"vocab_size": 64}')
+        write_shard(dataset / "fineweb_val_000000.bin", tokens[:200])
+        tokenizer = tmp_path / str(nproc) / "data" / "tokenizers" / "fineweb_64_bpe.model"
+        tokenizer.parent.mkdir(parents=True)
+        tokenizer.write_bytes(b"stands in for the tokenizer: training reads only its hash from the manifest")
+        write_manifest(dataset, 64, tokenizer)
         done = run_stage(tmp_path / str(nproc), nproc)
         assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "2" / "out" / "train" / "metrics.json").read_text())

@@ -13,20 +13,25 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pgolf.ttt as ttt
+from conftest import REPO_ROOT
+from pgolf import layout
 from pgolf.config import ModelConfig, TTTConfig
 from pgolf.evaluate import Window, eval_sliding, score_batch_tokens
 from pgolf.model import GPT
 from pgolf.shards import BOS_ID
+from pgolf.stage import Workspace
 from pgolf.tokenizer import ByteTables, count_bytes
-from tests.conftest import REPO_ROOT
-from tests.test_evaluate_stage import BATCH, MAX_TOKENS, SEQ_LEN, STRIDE, VAL_TARGETS
-from tests.test_evaluate_stage import workdir as stage_workdir  # noqa: F401 (a fixture: artifact + FineWeb val)
+from test_evaluate_stage import BATCH, MAX_TOKENS, SEQ_LEN, STRIDE, VAL_TARGETS
+from test_evaluate_stage import workdir as stage_workdir  # noqa: F401 (a fixture: artifact + FineWeb val)
+
+PIPELINE = Workspace.pipeline()  # the stages as DVC runs them
 
 CPU = torch.device("cpu")
 VOCAB = 64
@@ -284,7 +289,7 @@ WORKER = textwrap.dedent("""
     import torch
     from pgolf.distributed import init_distributed, shutdown
     from pgolf.ttt import run_ttt
-    from tests.test_ttt import METHODS, TABLES, make_model, make_stream
+    from test_ttt import METHODS, TABLES, make_model, make_stream
     ctx = init_distributed("cpu")
     results = {}
     for method in sys.argv[2:]:
@@ -301,7 +306,7 @@ WORKER = textwrap.dedent("""
 def test_two_gloo_processes_match_one_process(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]))
     scores = {}
     for nproc in (1, 2):
         out = tmp_path / f"{nproc}.json"
@@ -327,22 +332,23 @@ def test_stage_scores_the_artifact_and_reports_the_gain(stage_workdir):
     from stages import ttt as ttt_stage
 
     evaluate = {"eval_seq_len": SEQ_LEN, "eval_stride": STRIDE, "eval_batch_seqs": BATCH,
-                "max_val_tokens": MAX_TOKENS, "device": "cpu", "eval_plain": False, "eval_unquantized": False}
-    evaluate_stage.run({"evaluate": evaluate})
-    sliding = json.loads(evaluate_stage.METRICS_PATH.read_text())["quantized"]["sliding_val_bpb"]
+                "max_val_tokens": MAX_TOKENS, "device": "cpu", "eval_plain": False}
+    evaluate_stage.run({"evaluate": evaluate}, PIPELINE)
+    sliding = json.loads(Path(layout.EVALUATE_METRICS).read_text())["quantized"]["sliding_val_bpb"]
     base = {"seq_len": SEQ_LEN, "stride": STRIDE, "max_val_tokens": MAX_TOKENS, "chunk_tokens": 512,
             "device": "cpu", "compile": False}
-    ttt_stage.run({"ttt": base})
-    assert json.loads(ttt_stage.METRICS_PATH.read_text()) == {"enabled": False, "method": "sgd_all"}
-    ttt_stage.run({"ttt": base | {"enabled": True, "lr": 0.0}})
-    metrics = json.loads(ttt_stage.METRICS_PATH.read_text())
+    ttt_stage.run({"ttt": base}, PIPELINE)
+    assert json.loads(Path(layout.TTT_METRICS).read_text()) == {"enabled": False, "method": "sgd_all"}
+    ttt_stage.run({"ttt": base | {"enabled": True, "lr": 0.0}}, PIPELINE)
+    metrics = json.loads(Path(layout.TTT_METRICS).read_text())
     assert metrics["val_bpb"] == pytest.approx(sliding, abs=1e-6) and abs(metrics["gain_vs_sliding_bpb"]) < 1e-6
     assert metrics["tokens"] == VAL_TARGETS and metrics["optimizer_steps"] == 3 * 3  # 4 chunks, 3 trained
     assert set(metrics["compliance"]) >= {"causal_prefix", "full_normalized_distribution", "score_before_update",
                                           "single_pass", "seconds"}
-    rows = (ttt_stage.PLOTS_DIR / "chunks.csv").read_text().splitlines()
+    rows = (Path(layout.TTT_PLOTS) / "chunks.csv").read_text().splitlines()
     assert rows[0].startswith("chunk,nll_sum,tokens,bytes") and len(rows) == 5
-    assert (ttt_stage.PLOTS_DIR / "running_bpb.png").stat().st_size > 0
-    ttt_stage.run({"ttt": base | {"enabled": True, "method": "lora_doc", "lora_rank": 4, "lora_lr": 0.01}})
-    metrics = json.loads(ttt_stage.METRICS_PATH.read_text())
+    assert (Path(layout.TTT_PLOTS) / "running_bpb.png").stat().st_size > 0
+    ttt_stage.run({"ttt": base | {"enabled": True, "method": "lora_doc", "lora_rank": 4, "lora_lr": 0.01}},
+                  PIPELINE)
+    metrics = json.loads(Path(layout.TTT_METRICS).read_text())
     assert metrics["method"] == "lora_doc" and metrics["tokens"] == VAL_TARGETS and metrics["document_steps"] > 0
