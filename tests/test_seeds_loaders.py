@@ -13,7 +13,7 @@ import torch
 from pgolf.config import ConfigError, TrainConfig, load_params
 from pgolf.loader import CoprimeLoader, SequentialLoader, make_loader
 from pgolf.shards import write_shard
-from tests.test_seeds_parity import golden
+from test_seeds_parity import golden
 
 
 def shard_dir(tmp_path, name: str):

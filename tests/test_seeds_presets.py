@@ -11,11 +11,11 @@ import yaml
 
 from pgolf import layout
 from pgolf.config import ModelConfig, QuantizeConfig, TrainConfig, load_params, section
-from stages import calibrate, compress, evaluate, quantize, tokenize, train
-from tests.conftest import REPO_ROOT
+from conftest import REPO_ROOT
+from stages import bundle, calibrate, compress, evaluate, quantize, tokenize, train
 
 PRESETS = REPO_ROOT / "presets"
-STAGES = [tokenize, train, calibrate, quantize, compress, evaluate]
+STAGES = [tokenize, train, calibrate, bundle, quantize, compress, evaluate]
 # Micro sizes: the architecture and every option of the preset, at micro.yaml's widths and lengths.
 MICRO_MODEL = {"vocab_size": 1024, "num_layers": 4, "model_dim": 32, "embedding_dim": 32, "num_heads": 2,
                "rope_dims": 8, "xsa_last_n": 4, "ve_layers": [2, 3], "ve_dim": 16}
