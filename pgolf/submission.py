@@ -116,9 +116,26 @@ if __name__=="__main__":sys.exit(main(P,__file__))
 """
 
 
+def shipped_source(source: str, path: str) -> str:
+    """``source`` as it ships: the same code without docstrings and comments (every byte counts).
+
+    The code is regenerated from its syntax tree (``ast.unparse``), so what runs is exactly
+    what was parsed; a body left empty by its docstring gets ``pass``.
+    """
+    tree = ast.parse(source, filename=path)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree) + "\n"
+
+
 def bundle(entry_files: list[str], root: Path = REPO_ROOT) -> str:
-    """The JSON text of the import closure of ``entry_files``: path -> source."""
-    files = {name: (root / name).read_text(encoding="utf-8") for name in import_closure(entry_files, root)}
+    """The JSON text of the import closure of ``entry_files``: path -> shipped source."""
+    files = {name: shipped_source((root / name).read_text(encoding="utf-8"), name)
+             for name in import_closure(entry_files, root)}
     return json.dumps(files, sort_keys=True, separators=(",", ":"))
 
 

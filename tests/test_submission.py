@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
-from pgolf.submission import SizeLimitError, check_size, code_bytes, import_closure, read_bundle, script_text
+from pgolf.submission import (SizeLimitError, check_size, code_bytes, import_closure, read_bundle, script_text,
+                              shipped_source)
 
 
 def write(root, name: str, text: str) -> None:
@@ -39,7 +41,8 @@ def test_code_bytes_are_the_scripts_length_and_its_bundle_the_closure(tmp_path):
         script = script_text(["pgolf/a.py"], params, compressed, tmp_path)
         assert code_bytes(["pgolf/a.py"], params, compressed, tmp_path) == len(script.encode())
         assert read_bundle(script) == {"params": params, "files": {
-            name: (tmp_path / name).read_text() for name in ["pgolf/__init__.py", "pgolf/a.py", "pgolf/b.py"]}}
+            name: shipped_source((tmp_path / name).read_text(), name)
+            for name in ["pgolf/__init__.py", "pgolf/a.py", "pgolf/b.py"]}}
     raw = sum((tmp_path / name).stat().st_size for name in ["pgolf/a.py", "pgolf/b.py"])
     assert code_bytes(["pgolf/a.py"], params, True, tmp_path) < raw // 5  # one brotli stream
 
@@ -79,3 +82,13 @@ def test_the_gate_names_size_limit_and_overshoot():
     check_size(900, 100, 1000)  # exactly at the limit fits
     with pytest.raises(SizeLimitError, match=r"900 artifact \+ 101 code = 1,001 bytes, over the limit of 1,000 by 1"):
         check_size(900, 101, 1000)
+
+
+def test_shipped_code_drops_docstrings_and_comments_but_runs_the_same():
+    source = ('"""Module doc."""\nimport math\n\n\ndef area(r):\n    """Doc."""\n    # why: a comment\n'
+              '    return math.pi * r ** 2\n\n\nclass Empty:\n    """Only a docstring."""\n')
+    shipped = shipped_source(source, "m.py")
+    assert "doc" not in shipped.lower() and "comment" not in shipped and len(shipped) < len(source)
+    scope: dict = {}
+    exec(compile(shipped, "m.py", "exec"), scope)
+    assert scope["area"](2.0) == math.pi * 4 and isinstance(scope["Empty"](), scope["Empty"])
