@@ -27,7 +27,7 @@ from pgolf.config import EvaluateConfig
 from pgolf.distributed import DistContext
 from pgolf.model import GPT
 from pgolf.runtime import autocast, progress_bar, use_compile
-from pgolf.shards import load_validation_tokens
+from pgolf.shards import check_dataset, load_validation_tokens
 from pgolf.tokenizer import ByteTables, byte_tables, count_bytes
 
 
@@ -245,3 +245,10 @@ def validation_set(dataset_dir: Path, tokenizer_path: Path, vocab_size: int, cfg
     """Validation tokens cut to whole windows (and to ``max_val_tokens``) with their byte tables."""
     tokens = load_validation_tokens(dataset_dir, cfg.eval_seq_len, cfg.max_val_tokens)  # [N]
     return tokens, byte_tables(tokenizer_path, vocab_size)
+
+
+def checked_validation_set(dataset_dir: Path, tokenizer_path: Path, vocab_size: int, cfg: EvaluateConfig
+                           ) -> tuple[Tensor, ByteTables]:
+    """``validation_set`` of a pipeline dataset, first held to its manifest (the validation split read whole)."""
+    check_dataset(dataset_dir, tokenizer_path, vocab_size, scan=("val",))
+    return validation_set(dataset_dir, tokenizer_path, vocab_size, cfg)

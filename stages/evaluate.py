@@ -19,9 +19,9 @@ from pgolf.checkpoint import build_model
 from pgolf.codec import artifact_model
 from pgolf.config import EvaluateConfig, TokenizeConfig, section, to_dict
 from pgolf.distributed import init_distributed, shutdown
-from pgolf.evaluate import evaluate_model, tax_against_prequant, validation_set
+from pgolf.evaluate import checked_validation_set, evaluate_model, tax_against_prequant
 from pgolf.provenance import log_provenance
-from pgolf.shards import check_dataset, dataset_path
+from pgolf.shards import dataset_path
 from pgolf.stage import Workspace, run_stage, stage_parser
 from pgolf.tokenizer import tokenizer_file
 
@@ -43,9 +43,8 @@ def run(params: dict, ws: Workspace, weights: str = "artifact") -> None:
                                              "world_size": ctx.world_size}) if ctx.is_main else {}
         model = build(ws.input(model_file), ctx.device)
         vocab = model.config.vocab_size
-        dataset_dir = ws.input(dataset_path(data_dir, vocab))
-        check_dataset(dataset_dir, ws.input(tokenizer_file(data_dir, vocab)), vocab, scan=("val",))
-        tokens, tables = validation_set(dataset_dir, ws.input(tokenizer_file(data_dir, vocab)), vocab, cfg)
+        tokens, tables = checked_validation_set(ws.input(dataset_path(data_dir, vocab)),
+                                                ws.input(tokenizer_file(data_dir, vocab)), vocab, cfg)
         if ctx.is_main:
             print(f"[pgolf evaluate] {ws.input(model_file)}: {tokens.numel() - 1:,} validation targets on "
                   f"{ctx.world_size} x {ctx.device}", flush=True)

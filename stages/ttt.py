@@ -17,10 +17,10 @@ from pgolf.atomic import stage_outputs
 from pgolf.codec import artifact_model
 from pgolf.config import EvaluateConfig, TokenizeConfig, TTTConfig, section, to_dict
 from pgolf.distributed import init_distributed, shutdown
-from pgolf.evaluate import validation_set
+from pgolf.evaluate import checked_validation_set
 from pgolf.plots import running_bpb_plot, write_csv
 from pgolf.provenance import log_provenance
-from pgolf.shards import check_dataset, dataset_path
+from pgolf.shards import dataset_path
 from pgolf.stage import Workspace, run_stage
 from pgolf.tokenizer import tokenizer_file
 from pgolf.ttt import run_ttt, ttt_metrics
@@ -40,10 +40,9 @@ def run(params: dict, ws: Workspace) -> None:
         model = artifact_model(ws.input(layout.COMPRESS_ARTIFACT), ctx.device)
         model.looping_active = True
         vocab = model.config.vocab_size
-        dataset_dir, tokenizer = ws.input(dataset_path(data_dir, vocab)), ws.input(tokenizer_file(data_dir, vocab))
-        check_dataset(dataset_dir, tokenizer, vocab, scan=("val",))
-        tokens, tables = validation_set(dataset_dir, tokenizer, vocab,
-                                        EvaluateConfig(eval_seq_len=cfg.seq_len, max_val_tokens=cfg.max_val_tokens))
+        tokens, tables = checked_validation_set(
+            ws.input(dataset_path(data_dir, vocab)), ws.input(tokenizer_file(data_dir, vocab)), vocab,
+            EvaluateConfig(eval_seq_len=cfg.seq_len, max_val_tokens=cfg.max_val_tokens))
         result = run_ttt(model, tokens, tables, cfg, ctx.device, ctx)
         if ctx.is_main:
             evaluated = ws.input(layout.EVALUATE_METRICS)
