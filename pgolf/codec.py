@@ -22,6 +22,10 @@ array, then every 16/32-bit array, each at an even offset from an even payload s
 that the stride-2 shuffle puts all low bytes of the fp16 values together and all high
 bytes together.
 
+A quantized entry named ``<name>.lqer_a`` [rows, r] with a partner ``<name>.lqer_b`` [r, cols]
+is a low-rank correction of tensor ``<name>`` (:mod:`pgolf.lqer`): dequantized, ``<name>``
+is its own ``q · scale`` plus the product of the two.
+
 Compressed artifact ("PGAZ", version 2)::
 
     b"PGAZ" | u8 version | u8 compressor | u8 coder version | u64 raw_len | u32 crc32(raw) | stream
@@ -95,6 +99,16 @@ class QuantizedTensor:
         return self.q.float() * self.scale.float()[:, None]
 
 
+def round_rows(matrix: Tensor, bits: int) -> QuantizedTensor:
+    """Round-to-nearest codes with one max-|row| fp16 scale per row of [rows, cols] (QuantGate's int8)."""
+    qmax = quant_max(bits)
+    scale = (matrix.float().abs().amax(dim=1) / qmax).to(torch.float16)  # [rows]
+    # an all-zero row: the smallest fp16 subnormal keeps the codes finite
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))
+    codes = torch.clamp(torch.round(matrix.float() / scale.float()[:, None]), -qmax, qmax).to(torch.int8)
+    return QuantizedTensor(codes, scale, bits, 0.0)
+
+
 @dataclass(frozen=True)
 class QuantizedModel:
     """Everything the artifact holds: the model's shape and its (quantized) tensors."""
@@ -103,6 +117,7 @@ class QuantizedModel:
     tensors: dict[str, QuantizedTensor | Tensor]  # Tensor: float16/float32 passthrough
 
 
+LQER_SUFFIXES = (".lqer_a", ".lqer_b")  # a tensor's low-rank correction factors
 MODEL_MAGIC = b"PGQM"
 MODEL_VERSION = 1
 ARTIFACT_MAGIC = b"PGAZ"
@@ -281,11 +296,31 @@ def _check_array(dtype: Any, shape: Any, offset: Any, nbytes: Any, payload_len: 
 
 
 def dequantize(qm: QuantizedModel) -> dict[str, Tensor]:
-    """The float32 state dict of ``qm``: ``q · scale`` per row, passthrough tensors as float32."""
+    """The float32 state dict of ``qm``: ``q · scale`` per row (plus any low-rank correction),
+    passthrough tensors as float32."""
     state = {}
     for name, tensor in qm.tensors.items():
+        if name.endswith(LQER_SUFFIXES):
+            continue
         state[name] = tensor.dequantize() if isinstance(tensor, QuantizedTensor) else tensor.float()
+        factors = [qm.tensors.get(name + suffix) for suffix in LQER_SUFFIXES]
+        if any(f is not None for f in factors):
+            state[name] = state[name] + _correction(name, factors, tuple(state[name].shape))
+    orphans = [n for n in qm.tensors if n.endswith(LQER_SUFFIXES) and n.rsplit(".", 1)[0] not in state]
+    if orphans:
+        raise ArtifactError(f"low-rank correction without its tensor: {orphans[0]}")
     return state
+
+
+def _correction(name: str, factors: list[Any], shape: tuple[int, ...]) -> Tensor:
+    """``A B`` of a tensor's LQER factors [rows, r] and [r, cols], checked against its shape."""
+    a, b = factors
+    if not (isinstance(a, QuantizedTensor) and isinstance(b, QuantizedTensor)):
+        raise ArtifactError(f"{name}: a low-rank correction needs both quantized factors {LQER_SUFFIXES}")
+    rows, rank = a.q.shape
+    if b.q.shape[0] != rank or (rows, b.q.shape[1]) != shape:
+        raise ArtifactError(f"{name}: correction factors {list(a.q.shape)} x {list(b.q.shape)} do not make {list(shape)}")
+    return a.dequantize() @ b.dequantize()
 
 
 # ------------------------------------------------------------------ shuffle and compress
@@ -499,11 +534,16 @@ def compressed_tensor_sizes(qm: QuantizedModel, cfg: CompressConfig) -> dict[str
     holding no tensor (the header's share). Each stream starts without the others'
     statistics, so the sizes add up to a little more than the whole artifact.
     """
-    def artifact_bytes(tensors: dict[str, QuantizedTensor | Tensor]) -> int:
-        return len(compress(serialize(QuantizedModel(qm.model_config, tensors)), cfg))
+    return {name: tensors_alone_bytes(qm.model_config, {name: tensor}, cfg) for name, tensor in qm.tensors.items()}
 
-    empty = artifact_bytes({})
-    return {name: artifact_bytes({name: tensor}) - empty for name, tensor in qm.tensors.items()}
+
+def tensors_alone_bytes(model_config: ModelConfig, tensors: dict[str, QuantizedTensor | Tensor],
+                        cfg: CompressConfig) -> int:
+    """The compressed bytes of an artifact holding only ``tensors``, less those of one holding none."""
+    def artifact_bytes(held: dict[str, QuantizedTensor | Tensor]) -> int:
+        return len(compress(serialize(QuantizedModel(model_config, held)), cfg))
+
+    return artifact_bytes(tensors) - artifact_bytes({})
 
 
 def load_artifact(blob: bytes) -> QuantizedModel:

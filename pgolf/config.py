@@ -122,6 +122,8 @@ class TokenizeConfig(Section):
     shard_size: Annotated[int, Range(ge=1, le=2**31 - 1)] = 100_000_000  # the header's int32 count
     num_workers: Count = run_setting(0)  # encoding processes; 0: every core
     embedded_max_docs: Count = 0  # embedded corpus: keep this many documents (0: all)
+    # stdlib: the standard library's docs (1.8 MB); stdlib_torch: plus torch's and its requirements' (~14 MB)
+    embedded_corpus: Literal["stdlib", "stdlib_torch"] = "stdlib"
 
     def check(self) -> None:
         _require(not self.shards_path or bool(self.tokenizer_path), "shards_path", self.shards_path,
@@ -291,17 +293,38 @@ class QuantizeConfig(Section):
     fit_tolerance: PositiveFloat = 0.01
     device: Device = "auto"  # where GPTQ runs
     # The seeds' export (SEEDS_SPEC §4.6, §5.2, §6); the defaults are the record's SDClip GPTQ.
-    scale_search: Literal["sdclip", "row_percentiles", "matrix_percentiles"] = "sdclip"  # record | PR #576 | PR #1218
+    # record | PR #1412's per-row clip (hessian_clip_lambda) | PR #576 | PR #1218
+    scale_search: Literal["sdclip", "hessian_sdclip", "row_percentiles", "matrix_percentiles"] = "sdclip"
     gptq_column_order: Literal["descending", "ascending"] = "descending"  # ascending: PR #576
     gptq_dense_inverse: bool = False  # PR #576: spread errors through H⁻¹ itself, not its Cholesky factor
     table_clip_quantile: Fraction = 0.0  # > 0: int8 per-row rounding of the embedding tables at this |w| quantile
     prune_fraction: Annotated[float, Range(ge=0.0, lt=1.0)] = 0.0  # PR #576: 0.02 of each large matrix's smallest |w|
+    # Beyond SDClip (README "Quantization methods"); the defaults keep the record's export.
+    hessian_clip_lambda: Annotated[float, Range(ge=0.0, le=1.0)] = 0.175  # clip k·σ·[1 + λ(r − 1)]
+    gate_int8: bool = False  # QuantGate (04-22): int8 per-row codes for small gate matrices, not fp16
+    lqer_rank: Count = 0  # > 0: LQER, a rank-r correction of the residual (PR #1797)
+    lqer_bits: Bits = 4  # bits of the correction's factors
+    lqer_max_tensors: Count = 0  # method fixed: correct the tensors with the largest H-weighted error (0: all)
+    # fixed: the bits and clips above; allocate: bits and clip per tensor by rate–distortion, within
+    # compress.size_limit_bytes (pgolf.allocate)
+    method: Literal["fixed", "allocate"] = "fixed"
+    allocate_bits: list[Bits] = field(default_factory=lambda: [5, 6, 7, 8])
+    allocate_clip_sigmas: list[PositiveFloat] = field(default_factory=lambda: [8.0, 10.0, 12.85, 16.0, 20.0])
 
     def check(self) -> None:
         _require(self.fit_min_clip_sigmas < self.fit_max_clip_sigmas, "fit_max_clip_sigmas",
                  self.fit_max_clip_sigmas, f"must exceed fit_min_clip_sigmas ({self.fit_min_clip_sigmas})")
-        _require(not self.fit_to_size or self.scale_search == "sdclip", "fit_to_size", self.fit_to_size,
+        clip_sigmas_used = self.scale_search in ("sdclip", "hessian_sdclip")
+        _require(not self.fit_to_size or clip_sigmas_used, "fit_to_size", self.fit_to_size,
                  f"bisects matrix_clip_sigmas, which scale_search {self.scale_search!r} does not use")
+        _require(self.method == "fixed" or not self.fit_to_size, "method", self.method,
+                 "sizes the artifact itself: set fit_to_size false")
+        _require(self.method == "fixed" or (clip_sigmas_used and self.table_clip_quantile == 0),
+                 "method", self.method,
+                 "chooses bits and clip sigmas: needs scale_search sdclip or hessian_sdclip and no table rounding")
+        _require(bool(self.allocate_bits), "allocate_bits", self.allocate_bits, "must list at least one width")
+        _require(bool(self.allocate_clip_sigmas), "allocate_clip_sigmas", self.allocate_clip_sigmas,
+                 "must list at least one clip")
 
 
 @dataclass(frozen=True)

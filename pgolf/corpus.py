@@ -6,7 +6,11 @@ does not grow with the file. When no file is configured it builds one from
 real, human-written English text that every Python install carries offline:
 the docstrings of the standard library's modules, classes and functions, and
 the language-reference topics that ``pydoc`` ships. The result depends only on
-the Python version; its sha256 goes into the dataset manifest.
+the Python version; its sha256 goes into the dataset manifest. The larger
+``stdlib_torch`` corpus (the research preset's, about 14 MB) adds the docstrings
+of torch and of the packages torch itself requires, so it too is on every
+install of pgolf; its documents are put in the order of their sha256, so that
+the validation split (the first documents) is a fair sample of the whole.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import sys
 import sysconfig
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from pathlib import Path
 
 # Parts of the standard library that distributions often package separately
@@ -33,6 +38,10 @@ SKIPPED_PREFIXES = ("_sysconfigdata", "config-")
 # Shorter docstrings are mostly one-line stubs ("Return self.") repeated everywhere.
 MIN_DOC_CHARS = 80
 TOPICS_MODULE = Path("pydoc_data") / "topics.py"
+# torch and what torch 2.13 requires (or its requirements do): installed wherever pgolf is.
+TORCH_PACKAGES = ("torch", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "fsspec", "filelock",
+                  "typing_extensions")
+EMBEDDED_CORPORA = ("stdlib", "stdlib_torch")
 
 
 class CorpusError(ValueError):
@@ -84,11 +93,47 @@ def embedded_documents(root: Path | None = None) -> Iterator[str]:
     """
     root = root or stdlib_dir()
     docstrings = (text for path in stdlib_sources(root) for text in module_docstrings(path))
-    seen: set[str] = set()
-    for text in itertools.chain(docstrings, pydoc_topics(root / TOPICS_MODULE)):
+    return _distinct(itertools.chain(docstrings, pydoc_topics(root / TOPICS_MODULE)))
+
+
+def _distinct(texts: Iterator[str], seen: set[str] | None = None) -> Iterator[str]:
+    """The texts of at least MIN_DOC_CHARS characters not seen before, in order."""
+    seen = set() if seen is None else seen
+    for text in texts:
         if len(text) >= MIN_DOC_CHARS and text not in seen:
             seen.add(text)
             yield text
+
+
+def package_sources(package: str) -> list[Path]:
+    """The Python files of an installed top-level ``package`` (tests left out), sorted; [] if absent."""
+    try:
+        files = metadata.files(package.replace("_", "-")) or []
+    except metadata.PackageNotFoundError:
+        return []
+    paths = [Path(str(file.locate())) for file in files
+             if file.suffix == ".py" and not SKIPPED_DIRS.intersection(file.parts[:-1])]
+    return sorted(p for p in paths if p.is_file())
+
+
+def stdlib_torch_documents() -> list[str]:
+    """The research corpus: the default corpus plus torch's and its requirements' docstrings, by sha256."""
+    seen: set[str] = set()
+    texts = list(_distinct(embedded_documents(), seen))
+    for package in TORCH_PACKAGES:
+        texts.extend(_distinct((t for path in package_sources(package) for t in module_docstrings(path)), seen))
+    return sorted(texts, key=lambda text: hashlib.sha256(text.encode("utf-8")).digest())
+
+
+def package_versions() -> dict[str, str]:
+    """The installed version of each of TORCH_PACKAGES (for the manifest)."""
+    versions = {}
+    for package in TORCH_PACKAGES:
+        try:
+            versions[package] = metadata.version(package.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
 
 
 def stdlib_sources(root: Path) -> list[Path]:
@@ -137,23 +182,27 @@ def pydoc_topics(path: Path) -> Iterator[str]:
                     yield text
 
 
-def write_embedded_corpus(path: str | Path, max_docs: int = 0) -> dict[str, object]:
-    """Write the embedded corpus (its first ``max_docs`` documents; 0: all) as JSON Lines.
+def write_embedded_corpus(path: str | Path, max_docs: int = 0, corpus: str = "stdlib") -> dict[str, object]:
+    """Write an embedded corpus (its first ``max_docs`` documents; 0: all) as JSON Lines.
 
     Returns its provenance: source, Python version, documents, bytes, sha256.
     """
+    if corpus not in EMBEDDED_CORPORA:
+        raise CorpusError(f"unknown embedded corpus {corpus!r}: expected one of {', '.join(EMBEDDED_CORPORA)}")
+    texts = embedded_documents() if corpus == "stdlib" else iter(stdlib_torch_documents())
     digest = hashlib.sha256()
     documents = size = 0
     with open(path, "wb") as handle:
-        for text in itertools.islice(embedded_documents(), max_docs or None):
+        for text in itertools.islice(texts, max_docs or None):
             line = (json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8")
             handle.write(line)
             digest.update(line)
             documents += 1
             size += len(line)
     return {
-        "source": "python-stdlib-docstrings",
+        "source": "python-stdlib-docstrings" if corpus == "stdlib" else "python-stdlib-and-torch-docstrings",
         "python": sys.version.split()[0],
+        **({"packages": package_versions()} if corpus == "stdlib_torch" else {}),
         "documents": documents,
         "bytes": size,
         "sha256": digest.hexdigest(),

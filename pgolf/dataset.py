@@ -55,7 +55,7 @@ def encode_threads(cfg: TokenizeConfig) -> int:
 def tokenize_documents(cfg: TokenizeConfig, model_tmp: Path, dataset_tmp: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pgolf-tokenize-") as work:
         docs_path, embedded = documents_file(cfg, Path(work))
-        label = cfg.docs_path or "the embedded corpus (Python standard library docs)"
+        label = cfg.docs_path or f"the embedded corpus ({cfg.embedded_corpus})"
         check_document_count(docs_path, label, cfg.num_val_docs)
         tokenizer = obtain_tokenizer(cfg, docs_path, model_tmp)
         sp = load_tokenizer(model_tmp, cfg.vocab_size)
@@ -74,8 +74,8 @@ def documents_file(cfg: TokenizeConfig, work: Path) -> tuple[Path, dict[str, Any
             raise CorpusError(f"params.yaml: tokenize.docs_path: {path}: documents file not found")
         return path, None
     path = work / "embedded_docs.jsonl"
-    print("[pgolf tokenize] no docs_path: building the embedded corpus (Python standard library docs)", flush=True)
-    return path, write_embedded_corpus(path, cfg.embedded_max_docs)
+    print(f"[pgolf tokenize] no docs_path: building the embedded corpus ({cfg.embedded_corpus})", flush=True)
+    return path, write_embedded_corpus(path, cfg.embedded_max_docs, cfg.embedded_corpus)
 
 
 def check_document_count(docs_path: Path, label: str, num_val_docs: int) -> None:

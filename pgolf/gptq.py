@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from pgolf.codec import QuantizedModel, QuantizedTensor, quant_max
+from pgolf.codec import QuantizedModel, QuantizedTensor, dequantize, quant_max, round_rows
 from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
+from pgolf.lqer import correction_names, worst_tensor_corrections
 from pgolf.runtime import progress_bar
 
 MIN_SCALE = 1e-10
@@ -47,10 +48,16 @@ TABLE_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight"
 class TensorPlan:
     """How one tensor is stored: GPTQ codes (``bits`` > 0) or fp16 passthrough."""
 
-    group: str  # embed | mlp | attn | matrix
+    group: str  # embed | mlp | attn | matrix | gate
     bits: int  # 0: fp16 passthrough
     clip_sigmas: float
-    table_rounding: bool = False  # int8 per-row percentile rounding, no GPTQ (the PRs' tables)
+    # gptq; table: int8 per-row percentile rounding (the PRs' tables); row_max: int8 per-row
+    # max-|w| rounding (QuantGate's gates). Neither of the last two uses a Hessian.
+    rounding: str = "gptq"
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self.bits > 0 and self.rounding == "gptq"
 
 
 def check_bits(bits: int) -> int:
@@ -81,18 +88,27 @@ def group_overrides(group: str, cfg: QuantizeConfig) -> tuple[int | None, float 
     }[group]
 
 
+def is_gate_matrix(name: str, tensor: Tensor, max_numel: int) -> bool:
+    """A small 2-D gate (``skip_gates``, ``attn_gate_w``): what QuantGate stores as int8 rows."""
+    return ("gate" in name.rsplit(".", 1)[-1] and tensor.ndim == 2 and tensor.is_floating_point()
+            and tensor.numel() <= max_numel)
+
+
 def tensor_plan(name: str, tensor: Tensor, cfg: QuantizeConfig) -> TensorPlan:
     """GPTQ for the large weight matrices of linear layers and the embedding; fp16 for the rest.
 
     Control tensors (gains, scales, mixes, skip weights) are never quantized,
-    whatever ``passthrough_max_numel`` says: they have no Hessian.
+    whatever ``passthrough_max_numel`` says: they have no Hessian. With ``gate_int8``
+    the small gate matrices among them are rounded to int8 rows (QuantGate).
     """
     group = tensor_group(name)
+    if cfg.gate_int8 and is_gate_matrix(name, tensor, cfg.passthrough_max_numel):
+        return TensorPlan("gate", 8, 0.0, rounding="row_max")
     is_weight_matrix = name.endswith(".weight") and tensor.ndim == 2 and tensor.is_floating_point()
     if not is_weight_matrix or tensor.numel() <= cfg.passthrough_max_numel:
         return TensorPlan(group, 0, 0.0)
     if cfg.table_clip_quantile > 0 and name in TABLE_NAMES:
-        return TensorPlan(group, check_bits(cfg.embed_bits), 0.0, table_rounding=True)
+        return TensorPlan(group, check_bits(cfg.embed_bits), 0.0, rounding="table")
     bits, clip_sigmas = group_overrides(group, cfg)
     bits = cfg.matrix_bits if bits is None else bits
     clip_sigmas = cfg.matrix_clip_sigmas if clip_sigmas is None else clip_sigmas
@@ -106,16 +122,33 @@ def tensor_plan(name: str, tensor: Tensor, cfg: QuantizeConfig) -> TensorPlan:
 
 
 def row_scales(weights: Tensor, clip_sigmas: Tensor, qmax: Tensor) -> Tensor:
-    """fp16 SDClip scales ``clip_sigmas * std(row) / qmax`` of [N, rows, cols] weights -> [N, rows]."""
-    scale = (clip_sigmas[:, None] * weights.std(dim=-1) / qmax[:, None]).clamp_min(MIN_SCALE)  # [N, rows]
+    """fp16 SDClip scales ``clip_sigmas * std(row) / qmax`` of [N, rows, cols] weights -> [N, rows].
+
+    ``clip_sigmas`` is [N] (one clip per matrix) or [N, rows] (one per row).
+    """
+    clip = clip_sigmas if clip_sigmas.dim() == 2 else clip_sigmas[:, None]  # [N, rows] or [N, 1]
+    scale = (clip * weights.std(dim=-1) / qmax[:, None]).clamp_min(MIN_SCALE)  # [N, rows]
     scale = scale.to(torch.float16)
     return torch.where(scale > 0, scale, torch.full_like(scale, MIN_FP16_SCALE))
+
+
+def hessian_row_factors(weights: Tensor, diag: Tensor, strength: float) -> Tensor:
+    """PR #1412's per-row clip factors ``1 + λ(r − 1)`` of [N, rows, cols] weights -> [N, rows].
+
+    ``r`` is a row's share of the layer's output energy under the Hessian's diagonal,
+    ``Σ_j H_jj w_ij²``, relative to the mean row (so the factors average 1): rows that
+    matter more clip later. r is capped at 4 so that no row's step grows without bound.
+    """
+    energy = (weights.float().pow(2) * diag[:, None, :]).sum(dim=-1)  # [N, rows]
+    ratio = energy / energy.mean(dim=-1, keepdim=True).clamp_min(MIN_SCALE)  # [N, rows]
+    return 1.0 + strength * (ratio.clamp(max=4.0) - 1.0)
 
 
 @dataclass(frozen=True)
 class HessianFactors:
     """What GPTQ needs of N Hessians, independent of bits and clip sigmas (so reusable)."""
 
+    diag: Tensor  # [N, cols]: the damped diagonal, original column order
     dead: Tensor  # [N, cols] bool: columns no calibration input reached
     perm: Tensor  # [N, cols]: columns by descending (or ascending) damped diagonal
     hinv_upper: Tensor  # [N, cols, cols]: upper Cholesky factor of H⁻¹ (PR #576: H⁻¹ itself), permuted order
@@ -140,7 +173,8 @@ def prepare_hessians(hessians: Tensor, damping: float, ascending: bool = False,
     if bool(info.any()):
         raise ValueError("quantize: a damped Hessian is not positive definite (not a Σ XᵀX matrix?)")
     hinv = torch.cholesky_inverse(factor)  # [N, cols, cols]
-    return HessianFactors(dead, perm, hinv if dense_inverse else torch.linalg.cholesky(hinv, upper=True))
+    return HessianFactors(diag.clone(), dead, perm,
+                          hinv if dense_inverse else torch.linalg.cholesky(hinv, upper=True))
 
 
 def quantize_block(block: Tensor, hinv_block: Tensor, scale: Tensor, bound: Tensor, codes: Tensor) -> Tensor:
@@ -305,12 +339,16 @@ def quantize_batch(weights: Tensor, factors: HessianFactors, plans: list[TensorP
     if cfg.scale_search == "matrix_percentiles":
         return gptq_best_matrix_percentile(weights, factors, bits, cfg.block_size, progress)
     scale = None
+    clip_sigmas = torch.tensor([plan.clip_sigmas for plan in plans], dtype=torch.float32, device=weights.device)
+    if cfg.scale_search == "hessian_sdclip":
+        qmax = torch.tensor([quant_max(b) for b in bits], dtype=torch.float32, device=weights.device)  # [N]
+        row_clip = clip_sigmas[:, None] * hessian_row_factors(weights, factors.diag, cfg.hessian_clip_lambda)
+        scale = row_scales(weights.float(), row_clip, qmax)  # [N, rows]
     if cfg.scale_search == "row_percentiles":
         # PR #576 quantizes with the fp32 scales and stores them in fp16.
         scale = torch.stack([best_row_percentile_scales(w[None].float(), quant_max(b))[0]
                              for w, b in zip(weights, bits, strict=True)])  # [N, rows]
-    codes, used = gptq_quantize(weights, factors, bits, [plan.clip_sigmas for plan in plans],
-                                cfg.block_size, progress, scale=scale)
+    codes, used = gptq_quantize(weights, factors, bits, clip_sigmas.tolist(), cfg.block_size, progress, scale=scale)
     return codes, used.to(torch.float16)
 
 
@@ -340,7 +378,7 @@ def tensor_report(
         "shape": list(weight.shape),
         "numel": weight.numel(),
         "group": plan.group,
-        "method": (f"round int{plan.bits}" if plan.table_rounding else f"gptq int{plan.bits}") if plan.bits else "fp16",
+        "method": f"{'gptq' if plan.uses_gptq else 'round'} int{plan.bits}" if plan.bits else "fp16",
         "bits": plan.bits if plan.bits else 16,
         "clip_sigmas": plan.clip_sigmas,
         "weight_rms": float(weight.pow(2).mean().sqrt()),
@@ -380,8 +418,7 @@ def check_hessians(
     """An error naming ``source`` for each tensor to quantize whose Hessian is missing, misshapen or not finite."""
     problems = []
     for name, tensor in state_dict.items():
-        plan = tensor_plan(name, tensor, cfg)
-        if not plan.bits or plan.table_rounding:
+        if not tensor_plan(name, tensor, cfg).uses_gptq:
             continue
         cols = state_dict[name].shape[1]
         if name not in hessians:
@@ -433,11 +470,12 @@ def quantize_model(
     plans = {name: tensor_plan(name, t, cfg) for name, t in state_dict.items()}
     check_hessians(state_dict, hessians, cfg)
     weights = prune_smallest(state_dict, cfg.prune_fraction, cfg.passthrough_max_numel)
-    gptq_names = [name for name, plan in plans.items() if plan.bits and not plan.table_rounding]
+    gptq_names = [name for name, plan in plans.items() if plan.uses_gptq]
     factor_cache = {} if factor_cache is None else factor_cache
     tensors: dict[str, QuantizedTensor | Tensor] = {
-        name: round_table(weights[name], plan.bits, cfg.table_clip_quantile)
-        for name, plan in plans.items() if plan.table_rounding
+        name: round_table(weights[name], plan.bits, cfg.table_clip_quantile) if plan.rounding == "table"
+        else round_rows(weights[name], plan.bits)
+        for name, plan in plans.items() if plan.bits and not plan.uses_gptq
     }
     total_columns = sum(state_dict[n].shape[1] for n in gptq_names)
     with progress_bar(total=total_columns, desc="gptq columns", unit="col", show=show_progress) as bar:
@@ -451,16 +489,39 @@ def quantize_model(
             codes, scales = quantize_batch(torch.stack([weights[n] for n in names]).to(device), factor_cache[key],
                                            [plans[n] for n in names], cfg, bar)
             for name, code, scale in zip(names, codes.cpu(), scales.cpu()):
-                clip_sigmas = plans[name].clip_sigmas if cfg.scale_search == "sdclip" else 0.0  # percentile scales
+                clip_sigmas = plans[name].clip_sigmas if "sdclip" in cfg.scale_search else 0.0  # percentile scales
                 tensors[name] = QuantizedTensor(code, scale, plans[name].bits, clip_sigmas)
+    if cfg.lqer_rank:
+        tensors.update(worst_tensor_corrections(tensors, weights, hessians, gptq_names, cfg.lqer_rank,
+                                                cfg.lqer_bits, cfg.lqer_max_tensors, cfg.damping))
+    for name, tensor in state_dict.items():
+        tensors.setdefault(name, weights[name].detach().to(torch.float16) if tensor.is_floating_point() else tensor)
+    qm = QuantizedModel(model_config, ordered_tensors(tensors, list(state_dict)))
+    return qm, model_report(qm, state_dict, hessians, plans)
+
+
+def ordered_tensors(tensors: dict[str, QuantizedTensor | Tensor], names: list[str]) -> dict[str, QuantizedTensor | Tensor]:
+    """``tensors`` in the model's order, each tensor's correction factors (if any) right after it."""
+    ordered = {}
+    for name in names:
+        ordered[name] = tensors[name]
+        ordered.update({n: tensors[n] for n in correction_names(name) if n in tensors})
+    return ordered
+
+
+def model_report(qm: QuantizedModel, state_dict: dict[str, Tensor], hessians: dict[str, Tensor],
+                 plans: dict[str, TensorPlan]) -> list[dict]:
+    """One report row per tensor of the model, its error measured on what the artifact decodes to."""
+    decoded = dequantize(qm)
     rows = []
     for name, tensor in state_dict.items():
-        stored = tensors.setdefault(name, weights[name].detach().to(torch.float16)
-                                    if tensor.is_floating_point() else tensor)
-        quantized = isinstance(stored, QuantizedTensor)
-        approx, codes = (stored.dequantize(), stored.q) if quantized else (stored, None)
-        rows.append(tensor_report(name, tensor, plans[name], approx, hessians.get(name), codes))
-    return QuantizedModel(model_config, {name: tensors[name] for name in state_dict}), rows
+        stored = qm.tensors[name]
+        codes = stored.q if isinstance(stored, QuantizedTensor) else None
+        row = tensor_report(name, tensor, plans[name], decoded[name], hessians.get(name), codes)
+        factor = qm.tensors.get(correction_names(name)[0])
+        row["lqer_rank"] = factor.q.shape[1] if factor is not None else 0
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------- size targeting

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from pgolf import __version__
+from pgolf.allocate import AllocationResult, allocate_model
 from pgolf.codec import QuantizedModel, QuantizedTensor, compress, compressed_tensor_sizes, decompress, serialize
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
 from pgolf.gptq import FitResult, fit_quantize, quantize_model
@@ -202,14 +203,25 @@ def check_size(artifact_bytes: int, code: int, limit: int) -> None:
         )
 
 
+def needs_size(cfg: QuantizeConfig) -> bool:
+    """Whether quantizing by ``cfg`` measures the submission's size (and so reads ``compress:``)."""
+    return cfg.fit_to_size or cfg.method == "allocate"
+
+
 def quantize_for_size(model_config: ModelConfig, state_dict: dict[str, Tensor], hessians: dict[str, Tensor],
-                      cfg: QuantizeConfig, compress_cfg: CompressConfig | None, code: int,
-                      device: torch.device | str) -> tuple[QuantizedModel, list[dict], FitResult | None]:
-    """GPTQ at ``cfg``'s clip, or (given ``compress_cfg``) at the clip that fits the submission's real size."""
+                      cfg: QuantizeConfig, compress_cfg: CompressConfig | None, code: int, device: torch.device | str,
+                      ) -> tuple[QuantizedModel, list[dict], FitResult | AllocationResult | None]:
+    """GPTQ at ``cfg``'s clip; or, given ``compress_cfg``, at the clip that fits the submission's real size
+    (``fit_to_size``) or with the bits and clips that the rate–distortion allocation chooses within it."""
     if compress_cfg is None:
         return (*quantize_model(model_config, state_dict, hessians, cfg, device), None)
-    return fit_quantize(model_config, state_dict, hessians, cfg, lambda trial: submission_bytes(trial, compress_cfg, code),
-                        compress_cfg.size_limit_bytes, device)
+
+    def size_of(trial: QuantizedModel) -> int:
+        return submission_bytes(trial, compress_cfg, code)
+
+    if cfg.method == "allocate":
+        return allocate_model(model_config, state_dict, hessians, cfg, compress_cfg, size_of, device)
+    return fit_quantize(model_config, state_dict, hessians, cfg, size_of, compress_cfg.size_limit_bytes, device)
 
 
 def pack_artifact(raw: bytes, cfg: CompressConfig, code: int) -> bytes:

@@ -33,11 +33,12 @@ from pgolf.config import (SECTIONS, CalibrateConfig, CompressConfig, EvaluateCon
                           TrainConfig, from_dict, output_keys, to_dict)
 from pgolf.distributed import DistContext, barrier, init_distributed, shutdown
 from pgolf.evaluate import evaluate_model, validation_set
+from pgolf.gptq import FitResult
 from pgolf.model import GPT, count_parameters
 from pgolf.runtime import enable_tf32, resolve_device
 from pgolf.shards import check_headers, dataset_path
 from pgolf.steps import calibration_hessians, calibration_model, train_model
-from pgolf.submission import pack_artifact, quantize_for_size
+from pgolf.submission import needs_size, pack_artifact, quantize_for_size
 from pgolf.tokenizer import ByteTables, tokenizer_file
 from pgolf.train import run_metrics
 
@@ -147,9 +148,9 @@ def make_artifact(cfgs: RunConfigs, model_file: Path, dataset_dir: Path, artifac
     hessians = calibration_hessians(calibration_model(model_file, cfgs.calibrate), dataset_dir, cfgs.calibrate)
     print(f"GPTQ:collected {len(hessians)} Hessians in {time.perf_counter() - start:.1f}s", flush=True)
     model_config, state_dict = load_model(model_file)
-    fit_to = cfgs.compress if cfgs.quantize.fit_to_size else None
-    qm, _, fit = quantize_for_size(model_config, state_dict, hessians, cfgs.quantize, fit_to, code,
-                                   resolve_device(cfgs.quantize.device))
+    sized_by = cfgs.compress if needs_size(cfgs.quantize) else None
+    qm, _, search = quantize_for_size(model_config, state_dict, hessians, cfgs.quantize, sized_by, code,
+                                      resolve_device(cfgs.quantize.device))
     raw = serialize(qm)
     blob = pack_artifact(raw, cfgs.compress, code)
     artifact_file.write_bytes(blob)
@@ -158,7 +159,7 @@ def make_artifact(cfgs: RunConfigs, model_file: Path, dataset_dir: Path, artifac
     print(f"Serialized model quantized+{cfgs.compress.compressor}: {len(blob)} bytes", flush=True)
     print(f"Total submission size quantized+{cfgs.compress.compressor}: {len(blob) + code} bytes", flush=True)
     sizes = {"artifact_bytes": len(blob), "total_bytes": len(blob) + code, "raw_bytes": len(raw)}
-    return sizes | ({"fit_clip_sigmas": fit.clip_sigmas} if fit is not None else {})
+    return sizes | ({"fit_clip_sigmas": search.clip_sigmas} if isinstance(search, FitResult) else {})
 
 
 def score(model: GPT, tokens: Tensor, tables: ByteTables, cfg: EvaluateConfig, ctx: DistContext, labels: dict[str, str]

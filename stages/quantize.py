@@ -18,36 +18,40 @@ from pgolf.atomic import stage_outputs
 from pgolf.checkpoint import load_model
 from pgolf.codec import serialize
 from pgolf.config import CompressConfig, QuantizeConfig, section, to_dict
-from pgolf.gptq import check_hessians, report_totals
+from pgolf.gptq import FitResult, check_hessians, report_totals
 from pgolf.hessians import load_hessians
 from pgolf.plots import quantization_plots
 from pgolf.provenance import log_provenance
 from pgolf.runtime import resolve_device
 from pgolf.stage import Workspace, run_stage
-from pgolf.submission import quantize_for_size, read_code_bytes
+from pgolf.submission import needs_size, quantize_for_size, read_code_bytes
 
 
 def run(params: dict, ws: Workspace) -> None:
     cfg = section(params, "quantize", QuantizeConfig)
-    compress_cfg = section(params, "compress", CompressConfig) if cfg.fit_to_size else None
+    compress_cfg = section(params, "compress", CompressConfig) if needs_size(cfg) else None
     record = log_provenance("quantize", {"quantize": to_dict(cfg), "compress": compress_cfg and to_dict(compress_cfg)})
     model_path, hessians_path = ws.input(layout.TRAIN_MODEL), ws.input(layout.CALIBRATE_HESSIANS)
     model_config, state_dict = load_model(model_path)
     hessians = load_hessians(hessians_path)
     check_hessians(state_dict, hessians, cfg, source=f"{hessians_path} against {model_path}")
     code = read_code_bytes(ws.input(layout.BUNDLE_CODE_BYTES)) if compress_cfg is not None else 0
-    qm, rows, fit = quantize_for_size(model_config, state_dict, hessians, cfg, compress_cfg, code,
-                                      resolve_device(cfg.device))
+    qm, rows, search = quantize_for_size(model_config, state_dict, hessians, cfg, compress_cfg, code,
+                                         resolve_device(cfg.device))
     limit = compress_cfg.size_limit_bytes if compress_cfg is not None else 0
+    fit = search if isinstance(search, FitResult) else None
     if fit is not None:
         print(f"[pgolf quantize] fit_to_size: matrix_clip_sigmas={fit.clip_sigmas:.4f} gives {fit.total_bytes:,} of "
               f"{limit:,} bytes after {len(fit.points)} tries" + ("" if fit.margin_met else
               f" (more than fit_margin_bytes={cfg.fit_margin_bytes:,} to spare: the size is not smooth enough in the clip)"),
               flush=True)
+    elif search is not None:
+        print(f"[pgolf quantize] allocate: {search.total_bytes:,} of {limit:,} bytes after {len(search.rounds)} "
+              f"measurements, multiplier {search.multiplier:.4g}", flush=True)
     raw = serialize(qm)
     report = {"totals": {**report_totals(rows), "serialized_bytes": len(raw)}, "tensors": rows}
-    if fit is not None:
-        report["fit"] = fit.summary(limit)
+    if search is not None:
+        report["fit" if fit is not None else "allocation"] = search.summary(limit)
     with stage_outputs() as out:
         out.write_bytes(ws.output(layout.QUANTIZE_MODEL), raw)
         quantization_plots(out.path(ws.output(layout.QUANTIZE_PLOTS)), rows, fit, limit)

@@ -17,6 +17,7 @@ import zstandard
 
 from pgolf.codec import (
     ArtifactError,
+    artifact_model,
     QuantizedModel,
     QuantizedTensor,
     byte_shuffle,
@@ -29,7 +30,9 @@ from pgolf.codec import (
     load_artifact,
     serialize,
 )
-from pgolf.config import CompressConfig, ModelConfig
+from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
+from pgolf.submission import quantize_for_size
+from test_allocate import model_with_hessians
 
 
 def small_model(seed: int = 0) -> QuantizedModel:
@@ -369,3 +372,30 @@ def test_header_not_json():
     broken = raw[:12] + b"{" * header_len + raw[12 + header_len:]
     with pytest.raises(ArtifactError, match="header is not JSON"):
         deserialize(broken)
+
+
+QUANTIZE_METHODS = {
+    "sdclip": {},
+    "hessian_sdclip": {"scale_search": "hessian_sdclip"},
+    "gate_int8": {"gate_int8": True},
+    "lqer": {"lqer_rank": 4, "lqer_max_tensors": 2},
+    "allocate": {"method": "allocate", "allocate_bits": [5, 8], "allocate_clip_sigmas": [12.85], "lqer_rank": 2},
+}
+
+
+@pytest.mark.parametrize("compressor", ["brotli", "ans"])
+@pytest.mark.parametrize("method", sorted(QUANTIZE_METHODS))
+def test_every_quantization_method_round_trips_through_the_artifact(method, compressor, tmp_path):
+    model, hessians = model_with_hessians()
+    cfg = QuantizeConfig(passthrough_max_numel=0, **QUANTIZE_METHODS[method])
+    compress_cfg = CompressConfig(compressor=compressor, brotli_quality=5, size_limit_bytes=400_000)
+    qm, _, _ = quantize_for_size(model.config, model.state_dict(), hessians, cfg,
+                                 compress_cfg if cfg.method == "allocate" else None, 0, "cpu")
+    blob = compress(serialize(qm), compress_cfg)
+    path = tmp_path / "model.ptz"
+    path.write_bytes(blob)
+    loaded = artifact_model(path)
+    expected = dequantize(qm)
+    assert set(expected) == set(model.state_dict())
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name].to(tensor.dtype)), name

@@ -21,6 +21,7 @@ from pgolf.gptq import (
     quantize_model,
     tensor_plan,
 )
+from test_allocate import model_with_hessians
 
 ALL_GPTQ = QuantizeConfig(passthrough_max_numel=0)  # both golden sets quantize every linear
 
@@ -167,3 +168,37 @@ def test_embed_gptq_off_rounds_the_embedding_to_nearest(golden, golden_config):
     # the matrices still get GPTQ with their Hessians
     assert_codes_match("blocks.0.mlp.fc.weight", qm.tensors["blocks.0.mlp.fc.weight"].q,
                        golden["gptq"]["blocks.0.mlp.fc.weight"]["q"])
+
+
+def test_hessian_sdclip_at_lambda_zero_is_sdclip_and_widens_the_clip_of_the_rows_that_matter():
+    model, hessians = model_with_hessians()
+    state = model.state_dict()
+    base = QuantizeConfig(passthrough_max_numel=0)
+    sdclip, _ = quantize_model(model.config, state, hessians, base, show_progress=False)
+    flat, _ = quantize_model(model.config, state, hessians,
+                             dataclasses.replace(base, scale_search="hessian_sdclip", hessian_clip_lambda=0.0),
+                             show_progress=False)
+    assert serialize(flat) == serialize(sdclip)
+    aware, _ = quantize_model(model.config, state, hessians,
+                              dataclasses.replace(base, scale_search="hessian_sdclip"), show_progress=False)
+    name = "blocks.0.mlp.fc.weight"
+    weight, diag = state[name].float(), hessians[name].diagonal()
+    energy = (weight.pow(2) * diag).sum(dim=1)  # [rows]
+    ratio = aware.tensors[name].scale.float() / sdclip.tensors[name].scale.float()  # [rows]
+    assert float(torch.corrcoef(torch.stack([ratio, energy]))[0, 1]) > 0.9
+    assert abs(float(ratio.mean()) - 1.0) < 0.02  # the factors average 1 (up to the cap on r)
+
+
+def test_gate_int8_rounds_the_gates_to_int8_rows_and_leaves_other_control_tensors():
+    cfg = QuantizeConfig(gate_int8=True)
+    gates = torch.randn(4, 192)
+    assert tensor_plan("skip_gates", gates, cfg).rounding == "row_max"
+    assert tensor_plan("skip_gates", gates, QuantizeConfig()).bits == 0
+    assert tensor_plan("skip_weights", gates, cfg).bits == 0
+    assert tensor_plan("blocks.0.attn.attn_gate_w", torch.randn(8, 512), cfg).bits == 8
+    model, hessians = model_with_hessians()
+    qm, rows = quantize_model(model.config, model.state_dict(), hessians, cfg, show_progress=False)
+    stored = qm.tensors["skip_gates"]
+    assert isinstance(stored, QuantizedTensor) and stored.bits == 8
+    assert torch.allclose(stored.dequantize(), model.state_dict()["skip_gates"], atol=float(stored.scale.max()) / 2 + 1e-6)
+    assert next(r for r in rows if r["name"] == "skip_gates")["method"] == "round int8"

@@ -1,0 +1,161 @@
+"""Rate–distortion allocation: the λ-search against brute force, the real size limit, determinism."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pgolf import layout
+from pgolf.allocate import allocate, allocate_model, lower_hull
+from pgolf.codec import QuantizedTensor, compress, deserialize, serialize
+from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
+from pgolf.gptq import SizeFitError, quantize_model
+from pgolf.hessians import collect_hessians
+from pgolf.model import GPT
+from pgolf.submission import SizeLimitError, pack_artifact, submission_bytes
+from stages import quantize as stage
+from test_quantize_stage import CODE_BYTES, PIPELINE, small_workdir  # noqa: F401 (a fixture)
+
+FAST = CompressConfig(brotli_quality=5)
+
+
+def brute_force(candidates: dict[str, list[tuple[int, float]]], budget: int) -> float:
+    """The least total distortion over every combination whose rate fits."""
+    names = sorted(candidates)
+    best = float("inf")
+    for combo in itertools.product(*(candidates[n] for n in names)):
+        if sum(r for r, _ in combo) <= budget:
+            best = min(best, sum(d for _, d in combo))
+    return best
+
+
+def convex_unit_steps(generator: torch.Generator, tensors: int, options: int) -> dict[str, list[tuple[int, float]]]:
+    """Candidates whose rates rise by one unit and whose savings shrink: the greedy λ-walk is exact."""
+    problem = {}
+    for t in range(tensors):
+        savings = sorted(torch.rand(options - 1, generator=generator).tolist(), reverse=True)
+        distortion = [1.0 + sum(savings)]
+        for saving in savings:
+            distortion.append(distortion[-1] - saving)
+        problem[f"t{t}"] = [(10 + step, d) for step, d in enumerate(distortion)]
+    return problem
+
+
+def test_the_allocation_is_the_optimum_of_a_problem_with_a_known_optimum():
+    generator = torch.Generator().manual_seed(0)
+    problem = convex_unit_steps(generator, tensors=4, options=5)
+    for budget in range(40, 57):
+        allocation = allocate(problem, budget)
+        assert allocation.rate <= budget
+        assert allocation.distortion == pytest.approx(brute_force(problem, budget), abs=1e-12), budget
+
+
+def breakpoint_rates(problem: dict[str, list[tuple[int, float]]]) -> list[int]:
+    """The total rates of the λ-solutions: every prefix of all hull segments sorted by slope."""
+    segments = []
+    for name, points in problem.items():
+        hull = lower_hull(points)
+        for low, high in zip(hull, hull[1:]):
+            slope = (points[high][1] - points[low][1]) / (points[high][0] - points[low][0])
+            segments.append((slope, points[high][0] - points[low][0]))
+    rate = sum(points[lower_hull(points)[0]][0] for points in problem.values())
+    rates = [rate]
+    for _, extra in sorted(segments):
+        rate += extra
+        rates.append(rate)
+    return rates
+
+
+def test_at_every_lambda_solution_the_allocation_is_optimal_for_arbitrary_candidates():
+    generator = torch.Generator().manual_seed(1)
+    problem = {f"t{t}": [(int(r), float(d)) for r, d in zip(torch.randint(5, 60, (5,), generator=generator),
+                                                                torch.rand(5, generator=generator) * 10)]
+               for t in range(4)}
+    rates = breakpoint_rates(problem)
+    assert len(rates) > 4
+    for budget in rates:  # a Lagrangian solution is the optimum at its own rate
+        assert allocate(problem, budget).distortion == pytest.approx(brute_force(problem, budget), abs=1e-12)
+    for budget in range(rates[0], rates[-1], 5):  # between them it fills, never worse than the last λ-solution
+        allocation = allocate(problem, budget)
+        below = max(r for r in rates if r <= budget)
+        assert allocation.rate <= budget
+        assert brute_force(problem, budget) - 1e-12 <= allocation.distortion <= allocate(problem, below).distortion
+    with pytest.raises(ValueError, match="cheapest"):
+        allocate(problem, rates[0] - 1)
+
+
+def test_the_hull_drops_dominated_and_concave_points():
+    points = [(10, 5.0), (12, 5.0), (20, 3.0), (30, 2.9), (40, 0.5), (15, 6.0)]
+    assert lower_hull(points) == [0, 2, 4]
+
+
+def model_with_hessians(seed: int = 0) -> tuple[GPT, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(vocab_size=512, num_layers=2, model_dim=128, embedding_dim=128, num_heads=4,
+                            num_kv_heads=2, rope_dims=8, xsa_last_n=2, num_loops=0, loop_start=0, loop_end=0))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    batches = [torch.randint(0, 512, (2, 64)) for _ in range(2)]
+    return model, collect_hessians(model, batches, "cpu", show_progress=False)
+
+
+ALLOCATE = QuantizeConfig(passthrough_max_numel=0, method="allocate", allocate_bits=[5, 6, 8],
+                          allocate_clip_sigmas=[10.0, 16.0], fit_margin_bytes=500)
+
+
+def allocated(limit: int, cfg: QuantizeConfig = ALLOCATE):
+    model, hessians = model_with_hessians()
+    compress_cfg = CompressConfig(brotli_quality=5, size_limit_bytes=limit)
+    return allocate_model(model.config, model.state_dict(), hessians, cfg, compress_cfg,
+                          lambda qm: submission_bytes(qm, compress_cfg, CODE_BYTES), show_progress=False)
+
+
+def int6_bytes() -> int:
+    """The submission bytes of the record's settings (int6 at 12.85 sigmas, int8 embedding) on the small model."""
+    model, hessians = model_with_hessians()
+    qm, _ = quantize_model(model.config, model.state_dict(), hessians, QuantizeConfig(passthrough_max_numel=0),
+                           show_progress=False)
+    return submission_bytes(qm, FAST, CODE_BYTES)
+
+
+def test_the_allocation_fits_the_limit_as_the_compress_stage_counts_and_is_deterministic():
+    limit = int6_bytes()
+    qm, rows, result = allocated(limit)
+    raw = serialize(qm)
+    compress_cfg = CompressConfig(brotli_quality=5, size_limit_bytes=limit)
+    assert result.total_bytes == len(compress(raw, compress_cfg)) + CODE_BYTES <= limit
+    pack_artifact(raw, compress_cfg, CODE_BYTES)  # the gate passes
+    with pytest.raises(SizeLimitError):
+        pack_artifact(raw, CompressConfig(brotli_quality=5, size_limit_bytes=result.total_bytes - 1), CODE_BYTES)
+    again, _, _ = allocated(limit)
+    assert serialize(again) == raw
+    widths = {row["bits"] for row in rows if row["method"].startswith("gptq")}
+    assert len(widths) > 1, "at the int6 budget the allocation should mix widths"
+
+
+def test_more_bytes_buy_less_error_and_too_few_bytes_are_refused():
+    limit = int6_bytes()
+    small, large = allocated(limit - 15_000)[2], allocated(limit + 30_000)[2]
+    assert sum(t["distortion"] for t in large.tensors) < sum(t["distortion"] for t in small.tensors)
+    assert small.total_bytes <= limit - 15_000 and large.total_bytes <= limit + 30_000
+    with pytest.raises(SizeFitError, match="cheapest"):
+        allocated(limit - 100_000)
+
+
+def test_the_stage_allocates_and_the_report_says_what_each_tensor_got(small_workdir):  # noqa: F811
+    quantize = {"passthrough_max_numel": 0, "method": "allocate", "allocate_bits": [5, 6, 8],
+                "allocate_clip_sigmas": [10.0, 16.0], "lqer_rank": 4}
+    stage.run({"quantize": quantize, "compress": {"brotli_quality": 5, "size_limit_bytes": 300_000}}, PIPELINE)
+    report = json.loads(Path(layout.QUANTIZE_REPORT).read_text())
+    allocation = report["allocation"]
+    assert allocation["total_bytes"] <= 300_000 == allocation["size_limit_bytes"]
+    qm = deserialize(Path(layout.QUANTIZE_MODEL).read_bytes())
+    assert len(qm.tensors) - len(report["tensors"]) == 2 * sum(t["lqer_rank"] > 0 for t in allocation["tensors"])
+    for entry in allocation["tensors"]:
+        assert isinstance(qm.tensors[entry["name"]], QuantizedTensor)
+        assert qm.tensors[entry["name"]].bits == entry["bits"]
