@@ -205,8 +205,21 @@ def allocate_model(
     show_progress: bool = True,
 ) -> tuple[QuantizedModel, list[dict], AllocationResult]:
     """The quantized model of least total H-weighted error whose submission (``size_of``) fits the limit."""
-    limit = compress_cfg.size_limit_bytes
     candidates, base = model_candidates(model_config, state_dict, hessians, cfg, compress_cfg, device, show_progress)
+    return allocate_within(candidates, base, state_dict, hessians, cfg, compress_cfg.size_limit_bytes, size_of,
+                           show_progress)
+
+
+def allocate_within(
+    candidates: dict[str, list[Candidate]], base: QuantizedModel, state_dict: dict[str, Tensor],
+    hessians: dict[str, Tensor], cfg: QuantizeConfig, limit: int, size_of: Callable[[QuantizedModel], int],
+    show_progress: bool = True,
+) -> tuple[QuantizedModel, list[dict], AllocationResult]:
+    """:func:`allocate_model` on candidates already measured (a sweep of limits reuses them).
+
+    Starts from the cheapest candidates, then re-allocates with the limit less the gap between
+    the last allocation's rates and its measured submission bytes, keeping the best that fits.
+    """
     points = {name: [(c.rate, c.distortion) for c in found] for name, found in candidates.items()}
     rounds: list[dict] = []
 
@@ -240,8 +253,8 @@ def allocate_model(
     for name, index in allocation.choice.items():
         chosen = candidates[name][index]
         plans[name] = dataclasses.replace(plans[name], bits=chosen.bits, clip_sigmas=chosen.clip_sigmas)
-    report = model_report(qm, state_dict, hessians, plans)
     chosen = [{"name": name, "bits": candidates[name][i].bits, "clip_sigmas": candidates[name][i].clip_sigmas,
                "lqer_rank": candidates[name][i].lqer_rank, "rate_bytes": candidates[name][i].rate,
                "distortion": candidates[name][i].distortion} for name, i in allocation.choice.items()]
+    report = model_report(qm, state_dict, hessians, plans)
     return qm, report, AllocationResult(total, limit, allocation.multiplier, rounds, chosen)

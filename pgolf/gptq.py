@@ -630,7 +630,7 @@ def fit_quantize(
     stage's serialize + compress + code bytes).
     """
     plans = [tensor_plan(name, t, cfg) for name, t in state_dict.items()]
-    if not any(p.bits and group_overrides(p.group, cfg)[1] is None for p in plans):
+    if not any(p.uses_gptq and group_overrides(p.group, cfg)[1] is None for p in plans):
         raise ConfigError(
             "quantize: fit_to_size bisects matrix_clip_sigmas, but no quantized tensor follows it "
             "(mlp_clip_sigmas and attn_clip_sigmas both set?): unset an override"

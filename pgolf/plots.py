@@ -143,3 +143,21 @@ def running_bpb_plot(path: str | Path, chunks: list[dict[str, Any]], method: str
     line_plot(path, [row["chunk"] for row in chunks], {"running bpb": [row["running_bpb"] for row in chunks]},
               "chunk (sgd_all, adamw_tail) or document group (lora_doc, phased), in scoring order", "bpb",
               f"TTT {method}: running bpb")
+
+
+def rate_distortion_plot(path: str | Path, points: list[dict[str, Any]], sdclip_bytes: int) -> None:
+    """Bytes against bpb (above) and against the total H-weighted error (below), one line per method."""
+    fig, (bpb_ax, err_ax) = _figure(height=7.0, rows=2)
+    methods = sorted({p["method"] for p in points})
+    for method in methods:
+        curve = sorted((p["total_bytes"], p["bpb"], p["h_error"]) for p in points if p["method"] == method)
+        bpb_ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", label=method)
+        err_ax.plot([c[0] for c in curve], [c[2] for c in curve], "o-", label=method)
+    for ax, label in ((bpb_ax, "validation bpb"), (err_ax, "Σ H-weighted error")):
+        ax.axvline(sdclip_bytes, color="grey", linestyle=":", label="SDClip at the record's settings")
+        ax.set_xlabel("submission bytes (artifact + code)")
+        ax.set_ylabel(label)
+        ax.legend()
+    err_ax.set_yscale("log")
+    bpb_ax.set_title("Rate–distortion: bytes against quantized bpb and H-weighted error")
+    _save(fig, path)

@@ -1,0 +1,226 @@
+"""Quantization methods side by side at equal bytes, and their rate–distortion curves.
+
+For a trained model and its Hessians (a run directory in the pipeline's layout: the
+research preset's ``out/train/model.pt``, ``out/calibrate/hessians.pt`` and ``data/``), it
+quantizes with the record's SDClip settings, takes that submission's total bytes (artifact
++ code, as the compress stage counts them) as the budget, and gives every other method the
+same budget: Hessian-aware SDClip, QuantGate and LQER each with ``fit_to_size`` (the clip
+bisected to fit), the rate–distortion allocator alone and with every lever. It prints, per
+method, the total bytes, the validation bpb of what the artifact decodes to, the
+quantization tax (bpb less the trained weights' bpb) and that tax as a share of SDClip's.
+Further ``--run`` directories (other seeds) score the trained weights, SDClip and the
+allocator again: the spread of their taxes is the run-to-run noise. Unless ``--no-curve``,
+it also sweeps SDClip's clip sigmas and runs the allocator at each of the resulting byte
+counts, and writes the points (bytes against bpb and against the total H-weighted error)
+to ``OUT/rd_curve.csv`` and ``OUT/rd_curve.png``, with the taxes at SDClip's byte count
+read off each curve. Usage::
+
+    python -m benchmarks.bench_allocate --run runs/research [--run runs/research_seed2]
+        [--params presets/research.yaml] [--out rd_report] [--max-val-tokens N] [--no-curve]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pgolf import layout
+from pgolf.allocate import allocate_within, model_candidates
+from pgolf.checkpoint import build_model, load_model
+from pgolf.codec import QuantizedModel, dequantize
+from pgolf.config import (CalibrateConfig, CompressConfig, EvaluateConfig, ModelConfig, QuantizeConfig, TokenizeConfig,
+                          TrainConfig, load_params, section)
+from pgolf.distributed import init_distributed
+from pgolf.evaluate import evaluate_model, validation_set
+from pgolf.hessians import load_hessians
+from pgolf.lqer import h_weighted_error
+from pgolf.model import GPT
+from pgolf.plots import rate_distortion_plot, write_csv
+from pgolf.shards import dataset_path
+from pgolf.submission import code_bytes, quantize_for_size, submission_bytes
+from pgolf.submit import RunConfigs
+from pgolf.tokenizer import tokenizer_file
+
+# Each method's changes to the params' quantize section; all but the first are held to SDClip's bytes.
+METHODS: dict[str, dict[str, Any]] = {
+    "sdclip (record settings)": {},
+    "sdclip, fit to the bytes": {"fit_to_size": True},
+    "hessian_sdclip (PR #1412)": {"scale_search": "hessian_sdclip", "fit_to_size": True},
+    "quantgate (04-22)": {"gate_int8": True, "fit_to_size": True},
+    "lqer r8 int4, worst 6 (PR #1797)": {"lqer_rank": 8, "lqer_bits": 4, "lqer_max_tensors": 6, "fit_to_size": True},
+    "allocate": {"method": "allocate"},
+    "allocate + hessian_sdclip + lqer + quantgate": {"method": "allocate", "scale_search": "hessian_sdclip",
+                                                     "lqer_rank": 8, "lqer_bits": 4, "gate_int8": True},
+}
+SEED_METHODS = ("sdclip (record settings)", "allocate", "allocate + hessian_sdclip + lqer + quantgate")
+SWEEP = (8.0, 10.0, 12.85, 16.0, 20.0, 26.0)
+
+
+@dataclasses.dataclass
+class Run:
+    """One trained model, its Hessians, its validation set and the params it was made with."""
+
+    directory: Path
+    params: dict
+    model_config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    hessians: dict[str, torch.Tensor]
+    evaluate: EvaluateConfig
+    tokens: torch.Tensor
+    tables: Any
+    ctx: Any
+
+    def code(self, quantize: QuantizeConfig, compress: CompressConfig) -> int:
+        """The code bytes of this run's exported script with these quantize and compress settings."""
+        configs = RunConfigs(model=self.model_config, train=section(self.params, "train", TrainConfig),
+                             calibrate=section(self.params, "calibrate", CalibrateConfig), quantize=quantize,
+                             compress=compress, evaluate=self.evaluate)
+        return code_bytes(compress.code_files, configs.baked(), compress.compress_code)
+
+    def bpb(self, model: GPT, name: str) -> float:
+        scores = evaluate_model(name, model.to(self.ctx.device), self.tokens, self.tables, self.evaluate, self.ctx)
+        return scores.get("sliding_val_bpb", scores.get("val_bpb"))
+
+    def quantized_bpb(self, qm: QuantizedModel, name: str) -> float:
+        model = GPT(qm.model_config)
+        model.load_state_dict(dequantize(qm))
+        return self.bpb(model, name)
+
+    def h_error(self, qm: QuantizedModel) -> float:
+        """Σ tr((W − Ŵ) H (W − Ŵ)ᵀ) over the tensors with a Hessian: what the allocator minimises."""
+        decoded = dequantize(qm)
+        return sum(h_weighted_error(self.state_dict[n].float() - decoded[n], h) for n, h in self.hessians.items()
+                   if n in decoded)
+
+
+def load_run(directory: Path, params_path: Path, max_val_tokens: int | None) -> Run:
+    params = load_params(params_path)
+    model_config, state_dict = load_model(directory / layout.TRAIN_MODEL)
+    evaluate = section(params, "evaluate", EvaluateConfig)
+    if max_val_tokens is not None:
+        evaluate = dataclasses.replace(evaluate, max_val_tokens=max_val_tokens)
+    data_dir = directory / section(params, "tokenize", TokenizeConfig).data_dir
+    vocab = model_config.vocab_size
+    tokens, tables = validation_set(dataset_path(data_dir, vocab), tokenizer_file(data_dir, vocab), vocab, evaluate)
+    return Run(directory, params, model_config, state_dict, load_hessians(directory / layout.CALIBRATE_HESSIANS),
+               evaluate, tokens, tables, init_distributed(evaluate.device))
+
+
+def quantize_method(run: Run, changes: dict[str, Any], limit: int) -> tuple[QuantizedModel, int, float]:
+    """The method's quantized model, its submission bytes (artifact + code) and its seconds."""
+    quantize = dataclasses.replace(section(run.params, "quantize", QuantizeConfig), **changes)
+    compress = dataclasses.replace(section(run.params, "compress", CompressConfig), size_limit_bytes=limit)
+    code = run.code(quantize, compress)
+    sized = compress if (quantize.fit_to_size or quantize.method == "allocate") else None
+    start = time.perf_counter()
+    qm, _, _ = quantize_for_size(run.model_config, run.state_dict, run.hessians, quantize, sized, code,
+                                 run.ctx.device)
+    return qm, submission_bytes(qm, compress, code), time.perf_counter() - start
+
+
+def compare_methods(run: Run, names: list[str]) -> list[dict]:
+    """Each method's row; the first (SDClip at the params' settings) sets the byte budget of the rest."""
+    prequant = run.bpb(build_model(run.directory / layout.TRAIN_MODEL), "trained")
+    rows = []
+    budget = section(run.params, "compress", CompressConfig).size_limit_bytes
+    for name in names:
+        qm, total, seconds = quantize_method(run, METHODS[name], budget)
+        bpb = run.quantized_bpb(qm, name)
+        if not rows:
+            budget = total
+        rows.append({"run": str(run.directory), "method": name, "total_bytes": total, "budget_bytes": budget,
+                     "prequant_bpb": prequant, "bpb": bpb, "tax": bpb - prequant, "h_error": run.h_error(qm),
+                     "quantize_s": round(seconds, 1)})
+    for row in rows:
+        row["tax_vs_sdclip"] = row["tax"] / rows[0]["tax"] if rows[0]["tax"] else float("nan")
+    return rows
+
+
+def curves(run: Run, sdclip_bytes: int) -> list[dict]:
+    """SDClip over the clip sweep, and the full allocator at each byte count the sweep reached."""
+    quantize = section(run.params, "quantize", QuantizeConfig)
+    points = []
+    for clip in SWEEP:
+        qm, total, _ = quantize_method(run, {"matrix_clip_sigmas": clip}, 2**62)
+        points.append({"method": "sdclip", "clip_sigmas": clip, "total_bytes": total,
+                       "bpb": run.quantized_bpb(qm, f"sdclip {clip}"), "h_error": run.h_error(qm)})
+    allocator = dataclasses.replace(quantize, **METHODS["allocate + hessian_sdclip + lqer + quantgate"])
+    compress = section(run.params, "compress", CompressConfig)
+    candidates, base = model_candidates(run.model_config, run.state_dict, run.hessians, allocator, compress,
+                                        run.ctx.device)
+    for target in sorted({p["total_bytes"] for p in points} | {sdclip_bytes}):
+        limited = dataclasses.replace(compress, size_limit_bytes=target)
+        code = run.code(allocator, limited)
+        try:
+            qm, _, result = allocate_within(candidates, base, run.state_dict, run.hessians, allocator, target,
+                                            lambda trial: submission_bytes(trial, limited, code), show_progress=False)
+        except ValueError as error:  # below the cheapest candidates
+            print(f"allocate at {target:,} bytes: {error}")
+            continue
+        points.append({"method": "allocate", "clip_sigmas": "", "total_bytes": result.total_bytes,
+                       "bpb": run.quantized_bpb(qm, f"allocate {target:,}"), "h_error": run.h_error(qm)})
+    return points
+
+
+def read_off(points: list[dict], method: str, at_bytes: int) -> float:
+    """The bpb of ``method``'s curve at ``at_bytes``, linear between the neighbouring points."""
+    curve = sorted((p["total_bytes"], p["bpb"]) for p in points if p["method"] == method)
+    below = [p for p in curve if p[0] <= at_bytes]
+    above = [p for p in curve if p[0] >= at_bytes]
+    if not below or not above:
+        return float("nan")
+    (x0, y0), (x1, y1) = below[-1], above[0]
+    return y0 if x1 == x0 else y0 + (y1 - y0) * (at_bytes - x0) / (x1 - x0)
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"\n{rows[0]['run']}: trained weights {rows[0]['prequant_bpb']:.5f} bpb; budget {rows[0]['total_bytes']:,} "
+          "bytes (SDClip at the record's settings)")
+    print(f"{'method':46s} {'bytes':>10s} {'bpb':>9s} {'tax':>9s} {'x SDClip':>8s} {'Σ H-err':>10s} {'quant s':>7s}")
+    for row in rows:
+        print(f"{row['method']:46s} {row['total_bytes']:>10,} {row['bpb']:9.5f} {row['tax']:+9.5f} "
+              f"{row['tax_vs_sdclip']:8.3f} {row['h_error']:10.4g} {row['quantize_s']:7.1f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, action="append", required=True,
+                        help="a run directory (out/train/model.pt, out/calibrate/hessians.pt, data/); repeatable")
+    parser.add_argument("--params", type=Path, default=Path("presets/research.yaml"))
+    parser.add_argument("--out", type=Path, default=Path("rd_report"))
+    parser.add_argument("--max-val-tokens", type=int, default=None, help="override evaluate.max_val_tokens")
+    parser.add_argument("--no-curve", action="store_true", help="skip the sweep (the side-by-side table only)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    all_rows = []
+    for index, directory in enumerate(args.run):
+        run = load_run(directory, args.params, args.max_val_tokens)
+        rows = compare_methods(run, list(METHODS) if index == 0 else list(SEED_METHODS))
+        print_rows(rows)
+        all_rows += rows
+        if index == 0 and not args.no_curve:
+            points = curves(run, rows[0]["total_bytes"])
+            write_csv(args.out / "rd_curve.csv", points)
+            rate_distortion_plot(args.out / "rd_curve.png", points, rows[0]["total_bytes"])
+            prequant, budget = rows[0]["prequant_bpb"], rows[0]["total_bytes"]
+            sd, al = read_off(points, "sdclip", budget), read_off(points, "allocate", budget)
+            print(f"\nread off the curves at {budget:,} bytes: SDClip tax {sd - prequant:+.5f}, "
+                  f"allocator tax {al - prequant:+.5f} ({(al - prequant) / (sd - prequant):.3f} x SDClip's); "
+                  f"{args.out / 'rd_curve.csv'}, {args.out / 'rd_curve.png'}")
+    write_csv(args.out / "methods.csv", all_rows)
+    if len(args.run) > 1:
+        for method in SEED_METHODS:
+            taxes = [r["tax"] for r in all_rows if r["method"] == method]
+            print(f"{method}: taxes {', '.join(f'{t:+.5f}' for t in taxes)} over {len(taxes)} seeds "
+                  f"(spread {max(taxes) - min(taxes):.5f})")
+        prequants = sorted({r["prequant_bpb"] for r in all_rows})
+        print(f"trained weights' bpb over the seeds: {', '.join(f'{p:.5f}' for p in prequants)}")
+
+
+if __name__ == "__main__":
+    main()
