@@ -37,7 +37,7 @@ from pgolf.config import (CalibrateConfig, CompressConfig, EvaluateConfig, Model
                           TrainConfig, load_params, section)
 from pgolf.distributed import init_distributed
 from pgolf.evaluate import evaluate_model, validation_set
-from pgolf.hessians import load_hessians
+from pgolf.hessians import load_hessians, load_output_sensitivity
 from pgolf.lqer import h_weighted_error
 from pgolf.model import GPT
 from pgolf.plots import rate_distortion_plot, write_csv
@@ -53,11 +53,16 @@ METHODS: dict[str, dict[str, Any]] = {
     "hessian_sdclip (PR #1412)": {"scale_search": "hessian_sdclip", "fit_to_size": True},
     "quantgate (04-22)": {"gate_int8": True, "fit_to_size": True},
     "lqer r8 int4, worst 6 (PR #1797)": {"lqer_rank": 8, "lqer_bits": 4, "lqer_max_tensors": 6, "fit_to_size": True},
-    "allocate": {"method": "allocate"},
-    "allocate + hessian_sdclip + lqer + quantgate": {"method": "allocate", "scale_search": "hessian_sdclip",
-                                                     "lqer_rank": 8, "lqer_bits": 4, "gate_int8": True},
+    "allocate (H-weighted error)": {"method": "allocate"},
+    "allocate (loss-weighted error)": {"method": "allocate", "allocate_distortion": "loss"},
+    "allocate (loss) + lqer + quantgate": {"method": "allocate", "allocate_distortion": "loss",
+                                           "lqer_rank": 8, "lqer_bits": 4, "gate_int8": True},
+    "allocate (loss) + hessian_sdclip + lqer + quantgate": {
+        "method": "allocate", "allocate_distortion": "loss", "scale_search": "hessian_sdclip",
+        "lqer_rank": 8, "lqer_bits": 4, "gate_int8": True},
 }
-SEED_METHODS = ("sdclip (record settings)", "allocate", "allocate + hessian_sdclip + lqer + quantgate")
+BEST = "allocate (loss) + lqer + quantgate"
+SEED_METHODS = ("sdclip (record settings)", "allocate (loss-weighted error)", BEST)
 SWEEP = (8.0, 10.0, 12.85, 16.0, 20.0, 26.0)
 
 
@@ -70,6 +75,7 @@ class Run:
     model_config: ModelConfig
     state_dict: dict[str, torch.Tensor]
     hessians: dict[str, torch.Tensor]
+    sensitivity: dict[str, torch.Tensor]  # {} unless calibrate.output_sensitivity was on
     evaluate: EvaluateConfig
     tokens: torch.Tensor
     tables: Any
@@ -107,8 +113,9 @@ def load_run(directory: Path, params_path: Path, max_val_tokens: int | None) -> 
     data_dir = directory / section(params, "tokenize", TokenizeConfig).data_dir
     vocab = model_config.vocab_size
     tokens, tables = validation_set(dataset_path(data_dir, vocab), tokenizer_file(data_dir, vocab), vocab, evaluate)
-    return Run(directory, params, model_config, state_dict, load_hessians(directory / layout.CALIBRATE_HESSIANS),
-               evaluate, tokens, tables, init_distributed(evaluate.device))
+    hessians_path = directory / layout.CALIBRATE_HESSIANS
+    return Run(directory, params, model_config, state_dict, load_hessians(hessians_path),
+               load_output_sensitivity(hessians_path), evaluate, tokens, tables, init_distributed(evaluate.device))
 
 
 def quantize_method(run: Run, changes: dict[str, Any], limit: int) -> tuple[QuantizedModel, int, float]:
@@ -119,7 +126,7 @@ def quantize_method(run: Run, changes: dict[str, Any], limit: int) -> tuple[Quan
     sized = compress if (quantize.fit_to_size or quantize.method == "allocate") else None
     start = time.perf_counter()
     qm, _, _ = quantize_for_size(run.model_config, run.state_dict, run.hessians, quantize, sized, code,
-                                 run.ctx.device)
+                                 run.ctx.device, run.sensitivity)
     return qm, submission_bytes(qm, compress, code), time.perf_counter() - start
 
 
@@ -149,10 +156,10 @@ def curves(run: Run, sdclip_bytes: int) -> list[dict]:
         qm, total, _ = quantize_method(run, {"matrix_clip_sigmas": clip}, 2**62)
         points.append({"method": "sdclip", "clip_sigmas": clip, "total_bytes": total,
                        "bpb": run.quantized_bpb(qm, f"sdclip {clip}"), "h_error": run.h_error(qm)})
-    allocator = dataclasses.replace(quantize, **METHODS["allocate + hessian_sdclip + lqer + quantgate"])
+    allocator = dataclasses.replace(quantize, **METHODS[BEST])
     compress = section(run.params, "compress", CompressConfig)
     candidates, base = model_candidates(run.model_config, run.state_dict, run.hessians, allocator, compress,
-                                        run.ctx.device)
+                                        run.ctx.device, sensitivity=run.sensitivity)
     for target in sorted({p["total_bytes"] for p in points} | {sdclip_bytes}):
         limited = dataclasses.replace(compress, size_limit_bytes=target)
         code = run.code(allocator, limited)

@@ -5,7 +5,10 @@ Every candidate, ``allocate_bits`` × ``allocate_clip_sigmas`` (and with ``lqer_
 also with its low-rank correction), is quantized by GPTQ with the Hessian factors cached
 per shape batch, so a try costs one GPTQ pass. A candidate's rate is the bytes the
 configured compressor makes of the tensor alone; its distortion is GPTQ's H-weighted
-error ``tr((W − Ŵ) H (W − Ŵ)ᵀ)``, the output energy the layer loses. Minimising
+error ``tr((W − Ŵ) H (W − Ŵ)ᵀ)``, the output energy the layer loses, or with
+``allocate_distortion: loss`` the same per output row weighted by the row's output
+sensitivity ``E[(∂ℓ/∂y_i)²]`` (:func:`pgolf.hessians.collect_output_sensitivity`): the
+Gauss–Newton estimate of the loss it costs, comparable across layers. Minimising
 ``Σ D + λ Σ R`` for one multiplier λ picks, in each tensor, the point of the lower convex
 hull of its (R, D) candidates where the hull's slope passes −λ; lowering λ walks all
 hulls' segments in the order of their slopes (:func:`allocate`). One compressed stream
@@ -124,11 +127,24 @@ def candidate_configs(cfg: QuantizeConfig) -> list[QuantizeConfig]:
     ]
 
 
+def row_weights(name: str, cfg: QuantizeConfig, sensitivity: dict[str, Tensor] | None) -> Tensor | None:
+    """The weights of a tensor's rows in its distortion: None (all 1) unless ``allocate_distortion`` is loss."""
+    if cfg.allocate_distortion == "hessian":
+        return None
+    if not sensitivity or name not in sensitivity:
+        raise ValueError(f"quantize: allocate_distortion loss needs the output sensitivity of {name}, and the "
+                         "Hessians file has none: set calibrate.output_sensitivity true and calibrate again")
+    return sensitivity[name]
+
+
 def model_candidates(
     model_config: ModelConfig, state_dict: dict[str, Tensor], hessians: dict[str, Tensor], cfg: QuantizeConfig,
     compress_cfg: CompressConfig, device: torch.device | str = "cpu", show_progress: bool = True,
+    sensitivity: dict[str, Tensor] | None = None,
 ) -> tuple[dict[str, list[Candidate]], QuantizedModel]:
     """Every GPTQ tensor's candidates, and the model of the first config (for the tensors that do not vary)."""
+    weights_of_rows = {name: row_weights(name, cfg, sensitivity) for name, t in state_dict.items()
+               if tensor_plan(name, t, cfg).uses_gptq}
     factor_cache: FactorCache = {}
     configs = candidate_configs(cfg)
     candidates: dict[str, list[Candidate]] = {}
@@ -142,20 +158,21 @@ def model_candidates(
                 plan = tensor_plan(name, tensor, trial)
                 if plan.uses_gptq:
                     candidates.setdefault(name, []).extend(
-                        tensor_candidates(name, tensor, qm.tensors[name], plan, hessians[name], cfg, compress_cfg,
-                                          model_config))
+                        tensor_candidates(name, tensor, qm.tensors[name], plan, hessians[name], weights_of_rows[name], cfg,
+                                          compress_cfg, model_config))
             bar.update(1)
     return candidates, base
 
 
 def tensor_candidates(
-    name: str, weight: Tensor, quantized: QuantizedTensor, plan: TensorPlan, hessian: Tensor, cfg: QuantizeConfig,
-    compress_cfg: CompressConfig, model_config: ModelConfig,
+    name: str, weight: Tensor, quantized: QuantizedTensor, plan: TensorPlan, hessian: Tensor,
+    rows: Tensor | None, cfg: QuantizeConfig, compress_cfg: CompressConfig, model_config: ModelConfig,
 ) -> list[Candidate]:
-    """The candidate of one quantized tensor, and (with ``lqer_rank``) the same with its correction."""
+    """The candidate of one quantized tensor, and (with ``lqer_rank``) the same with its correction;
+    ``rows``: the distortion's row weights (None: plain H-weighted error)."""
     def candidate(entries: dict[str, QuantizedTensor], rank: int, approx: Tensor) -> Candidate:
         return Candidate(plan.bits, plan.clip_sigmas, rank, tensors_alone_bytes(model_config, entries, compress_cfg),
-                         h_weighted_error(weight.float() - approx, hessian), entries)
+                         h_weighted_error(weight.float() - approx, hessian, rows), entries)
 
     plain_approx = quantized.dequantize()
     found = [candidate({name: quantized}, 0, plain_approx)]
@@ -202,10 +219,11 @@ class AllocationResult:
 def allocate_model(
     model_config: ModelConfig, state_dict: dict[str, Tensor], hessians: dict[str, Tensor], cfg: QuantizeConfig,
     compress_cfg: CompressConfig, size_of: Callable[[QuantizedModel], int], device: torch.device | str = "cpu",
-    show_progress: bool = True,
+    show_progress: bool = True, sensitivity: dict[str, Tensor] | None = None,
 ) -> tuple[QuantizedModel, list[dict], AllocationResult]:
-    """The quantized model of least total H-weighted error whose submission (``size_of``) fits the limit."""
-    candidates, base = model_candidates(model_config, state_dict, hessians, cfg, compress_cfg, device, show_progress)
+    """The quantized model of least total distortion whose submission (``size_of``) fits the limit."""
+    candidates, base = model_candidates(model_config, state_dict, hessians, cfg, compress_cfg, device, show_progress,
+                                        sensitivity)
     return allocate_within(candidates, base, state_dict, hessians, cfg, compress_cfg.size_limit_bytes, size_of,
                            show_progress)
 

@@ -264,6 +264,9 @@ class CalibrateConfig(Section):
     seq_len: Positive = 2048
     seed: Seed = 1337
     device: Device = "auto"
+    # also each weight's output sensitivity E[(∂ℓ/∂y)²] (a backward pass per batch), for
+    # quantize.allocate_distortion: loss
+    output_sensitivity: bool = False
 
     def check(self) -> None:
         _require(self.calibration_batch_tokens % self.seq_len == 0, "calibration_batch_tokens",
@@ -310,6 +313,9 @@ class QuantizeConfig(Section):
     method: Literal["fixed", "allocate"] = "fixed"
     allocate_bits: list[Bits] = field(default_factory=lambda: [5, 6, 7, 8])
     allocate_clip_sigmas: list[PositiveFloat] = field(default_factory=lambda: [8.0, 10.0, 12.85, 16.0, 20.0])
+    # hessian: each tensor's tr(ΔHΔᵀ); loss: its rows weighted by the output sensitivities that
+    # calibrate.output_sensitivity collects, so layers compare in loss (pgolf.allocate)
+    allocate_distortion: Literal["hessian", "loss"] = "hessian"
 
     def check(self) -> None:
         _require(self.fit_min_clip_sigmas < self.fit_max_clip_sigmas, "fit_max_clip_sigmas",

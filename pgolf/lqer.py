@@ -18,10 +18,14 @@ from torch import Tensor
 from pgolf.codec import LQER_SUFFIXES, QuantizedTensor, round_rows
 
 
-def h_weighted_error(diff: Tensor, hessian: Tensor) -> float:
-    """``tr(D H Dᵀ)`` of a difference [rows, cols] under [cols, cols]: the output energy it costs."""
+def h_weighted_error(diff: Tensor, hessian: Tensor, row_weights: Tensor | None = None) -> float:
+    """``tr(D H Dᵀ)`` of a difference [rows, cols] under [cols, cols]: the output energy it costs.
+
+    With ``row_weights`` [rows] (output sensitivities) each row's share is weighted: ``Σ_i w_i (D H Dᵀ)_ii``.
+    """
     diff = diff.double()
-    return float(((diff @ hessian.double()) * diff).sum())
+    per_row = ((diff @ hessian.double()) * diff).sum(dim=1)  # [rows]
+    return float(per_row.sum() if row_weights is None else (per_row * row_weights.double()).sum())
 
 
 def damped(hessian: Tensor, damping: float) -> Tensor:

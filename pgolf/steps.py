@@ -17,7 +17,7 @@ from torch import Tensor
 from pgolf.checkpoint import build_model
 from pgolf.config import CalibrateConfig, ModelConfig, TrainConfig
 from pgolf.distributed import DistContext
-from pgolf.hessians import calibration_batches, collect_hessians
+from pgolf.hessians import calibration_batches, collect_hessians, collect_output_sensitivity
 from pgolf.loader import make_loader
 from pgolf.model import GPT
 from pgolf.runtime import resolve_device, seed_everything
@@ -46,7 +46,11 @@ def calibration_model(model_path: Path, cfg: CalibrateConfig) -> GPT:
     return build_model(model_path, resolve_device(cfg.device))
 
 
-def calibration_hessians(model: GPT, dataset_dir: Path, cfg: CalibrateConfig) -> dict[str, Tensor]:
-    """GPTQ Hessians of ``model`` (on its device) from the training shards of ``dataset_dir`` (checked by the caller)."""
+def calibration_hessians(model: GPT, dataset_dir: Path, cfg: CalibrateConfig
+                         ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """GPTQ Hessians of ``model`` (on its device) from the training shards of ``dataset_dir`` (checked by
+    the caller), and with ``cfg.output_sensitivity`` the weights' output sensitivities (else {})."""
     batches = calibration_batches(shard_files(dataset_dir, "train"), cfg)
-    return collect_hessians(model, batches, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    hessians = collect_hessians(model, batches, device)
+    return hessians, collect_output_sensitivity(model, batches, device) if cfg.output_sensitivity else {}

@@ -210,9 +210,11 @@ def needs_size(cfg: QuantizeConfig) -> bool:
 
 def quantize_for_size(model_config: ModelConfig, state_dict: dict[str, Tensor], hessians: dict[str, Tensor],
                       cfg: QuantizeConfig, compress_cfg: CompressConfig | None, code: int, device: torch.device | str,
+                      sensitivity: dict[str, Tensor] | None = None,
                       ) -> tuple[QuantizedModel, list[dict], FitResult | AllocationResult | None]:
     """GPTQ at ``cfg``'s clip; or, given ``compress_cfg``, at the clip that fits the submission's real size
-    (``fit_to_size``) or with the bits and clips that the rate–distortion allocation chooses within it."""
+    (``fit_to_size``) or with the bits and clips that the rate–distortion allocation chooses within it
+    (its errors weighted by the output ``sensitivity`` when ``allocate_distortion`` is loss)."""
     if compress_cfg is None:
         return (*quantize_model(model_config, state_dict, hessians, cfg, device), None)
 
@@ -220,7 +222,8 @@ def quantize_for_size(model_config: ModelConfig, state_dict: dict[str, Tensor], 
         return submission_bytes(trial, compress_cfg, code)
 
     if cfg.method == "allocate":
-        return allocate_model(model_config, state_dict, hessians, cfg, compress_cfg, size_of, device)
+        return allocate_model(model_config, state_dict, hessians, cfg, compress_cfg, size_of, device,
+                              sensitivity=sensitivity)
     return fit_quantize(model_config, state_dict, hessians, cfg, size_of, compress_cfg.size_limit_bytes, device)
 
 

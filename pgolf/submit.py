@@ -145,12 +145,13 @@ def make_artifact(cfgs: RunConfigs, model_file: Path, dataset_dir: Path, artifac
                   ) -> dict[str, Any]:
     """Calibrate, quantize and compress the trained model into ``artifact_file``; its sizes."""
     start = time.perf_counter()
-    hessians = calibration_hessians(calibration_model(model_file, cfgs.calibrate), dataset_dir, cfgs.calibrate)
+    hessians, sensitivity = calibration_hessians(calibration_model(model_file, cfgs.calibrate), dataset_dir,
+                                                 cfgs.calibrate)
     print(f"GPTQ:collected {len(hessians)} Hessians in {time.perf_counter() - start:.1f}s", flush=True)
     model_config, state_dict = load_model(model_file)
     sized_by = cfgs.compress if needs_size(cfgs.quantize) else None
     qm, _, search = quantize_for_size(model_config, state_dict, hessians, cfgs.quantize, sized_by, code,
-                                      resolve_device(cfgs.quantize.device))
+                                      resolve_device(cfgs.quantize.device), sensitivity)
     raw = serialize(qm)
     blob = pack_artifact(raw, cfgs.compress, code)
     artifact_file.write_bytes(blob)

@@ -5,7 +5,9 @@ file), switches looping on, runs ``calibration_batches`` batches of
 ``calibration_batch_tokens`` training tokens through it, drawn from the training
 shards by the training sampler with the calibration seed, and writes the
 Hessians ``Σ XᵀX / batches`` (REFERENCE.md section 4) to
-``out/calibrate/hessians.pt``.
+``out/calibrate/hessians.pt``; with ``output_sensitivity`` the same file also carries each
+weight's output sensitivity (a backward pass per batch), which the rate–distortion
+allocator can weigh its errors by.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ def run(params: dict, ws: Workspace) -> None:
     vocab = model.config.vocab_size
     dataset_dir = ws.input(dataset_path(data_dir, vocab))
     check_dataset(dataset_dir, ws.input(tokenizer_file(data_dir, vocab)), vocab, scan=("train",))
-    hessians = calibration_hessians(model, dataset_dir, cfg)
+    hessians, sensitivity = calibration_hessians(model, dataset_dir, cfg)
     destination = ws.output(layout.CALIBRATE_HESSIANS)
     with stage_outputs() as out:
-        save_hessians(out.path(destination), hessians)
+        save_hessians(out.path(destination), hessians, sensitivity)
         out.write_json(ws.output(layout.CALIBRATE_PROVENANCE), record)
     print(f"[pgolf calibrate] {len(hessians)} Hessians from {cfg.calibration_batches} batches -> {destination}",
           flush=True)

@@ -19,7 +19,7 @@ from pgolf.checkpoint import load_model
 from pgolf.codec import serialize
 from pgolf.config import CompressConfig, QuantizeConfig, section, to_dict
 from pgolf.gptq import FitResult, check_hessians, report_totals
-from pgolf.hessians import load_hessians
+from pgolf.hessians import load_hessians, load_output_sensitivity
 from pgolf.plots import quantization_plots
 from pgolf.provenance import log_provenance
 from pgolf.runtime import resolve_device
@@ -34,10 +34,11 @@ def run(params: dict, ws: Workspace) -> None:
     model_path, hessians_path = ws.input(layout.TRAIN_MODEL), ws.input(layout.CALIBRATE_HESSIANS)
     model_config, state_dict = load_model(model_path)
     hessians = load_hessians(hessians_path)
+    sensitivity = load_output_sensitivity(hessians_path) if cfg.allocate_distortion == "loss" else None
     check_hessians(state_dict, hessians, cfg, source=f"{hessians_path} against {model_path}")
     code = read_code_bytes(ws.input(layout.BUNDLE_CODE_BYTES)) if compress_cfg is not None else 0
     qm, rows, search = quantize_for_size(model_config, state_dict, hessians, cfg, compress_cfg, code,
-                                         resolve_device(cfg.device))
+                                         resolve_device(cfg.device), sensitivity)
     limit = compress_cfg.size_limit_bytes if compress_cfg is not None else 0
     fit = search if isinstance(search, FitResult) else None
     if fit is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -11,10 +12,11 @@ import torch
 
 from pgolf import layout
 from pgolf.allocate import allocate, allocate_model, lower_hull
-from pgolf.codec import QuantizedTensor, compress, deserialize, serialize
+from pgolf.codec import QuantizedTensor, compress, dequantize, deserialize, serialize
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
 from pgolf.gptq import SizeFitError, quantize_model
-from pgolf.hessians import collect_hessians
+from pgolf.hessians import collect_hessians, collect_output_sensitivity
+from pgolf.lqer import h_weighted_error
 from pgolf.model import GPT
 from pgolf.submission import SizeLimitError, pack_artifact, submission_bytes
 from stages import quantize as stage
@@ -159,3 +161,22 @@ def test_the_stage_allocates_and_the_report_says_what_each_tensor_got(small_work
     for entry in allocation["tensors"]:
         assert isinstance(qm.tensors[entry["name"]], QuantizedTensor)
         assert qm.tensors[entry["name"]].bits == entry["bits"]
+
+
+def test_loss_weighted_distortion_needs_the_sensitivities_and_uses_them():
+    model, hessians = model_with_hessians()
+    limit = int6_bytes()
+    cfg = dataclasses.replace(ALLOCATE, allocate_distortion="loss")
+    compress_cfg = CompressConfig(brotli_quality=5, size_limit_bytes=limit)
+    size_of = lambda qm: submission_bytes(qm, compress_cfg, CODE_BYTES)  # noqa: E731
+    with pytest.raises(ValueError, match="calibrate.output_sensitivity"):
+        allocate_model(model.config, model.state_dict(), hessians, cfg, compress_cfg, size_of, show_progress=False)
+    batches = [torch.randint(0, 512, (2, 65), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    sensitivity = collect_output_sensitivity(model, batches, "cpu", show_progress=False)
+    qm, _, result = allocate_model(model.config, model.state_dict(), hessians, cfg, compress_cfg, size_of,
+                                   show_progress=False, sensitivity=sensitivity)
+    assert result.total_bytes <= limit
+    name = result.tensors[0]["name"]
+    decoded = dequantize(qm)[name]
+    assert result.tensors[0]["distortion"] == pytest.approx(
+        h_weighted_error(model.state_dict()[name].float() - decoded, hessians[name], sensitivity[name]), rel=1e-9)

@@ -108,6 +108,22 @@ def test_a_logging_setting_reruns_nothing(micro_repo):
     assert "Running stage" not in output
 
 
+def test_the_allocator_runs_as_an_experiment_within_the_limit_and_exp_show_compares(micro_repo):
+    limit = total_bytes(micro_repo)  # the last run's submission: the allocator gets exactly its bytes
+    output = run(["dvc", "exp", "run", "-S", "quantize.method=allocate", "-S", f"compress.size_limit_bytes={limit}"],
+                 micro_repo)
+    for stage in ("quantize", "compress", "evaluate"):
+        assert f"Running stage '{stage}'" in output
+    for stage in ("tokenize", "train", "calibrate", "prequant"):
+        assert f"Running stage '{stage}'" not in output
+    assert total_bytes(micro_repo) <= limit
+    report = json.loads((micro_repo / "out" / "quantize" / "report.json").read_text())
+    assert report["allocation"]["total_bytes"] == total_bytes(micro_repo)
+    table = run(["dvc", "exp", "show", "--csv", "--keep", "quantize.method|sliding_val_bpb", "--drop", ".*"],
+                micro_repo)
+    assert "allocate" in table and "fixed" in table
+
+
 def tracked_outputs(repo: Path) -> dict[str, bytes]:
     """Every file under the pipeline's output and data directories, by path."""
     return {str(path.relative_to(repo)): path.read_bytes()
