@@ -91,3 +91,21 @@ def test_output_sensitivity_is_the_mean_squared_per_token_gradient_of_each_outpu
     assert load_output_sensitivity(tmp_path / "h.pt").keys() == sensitivity.keys()
     save_hessians(tmp_path / "plain.pt", hessians)
     assert load_output_sensitivity(tmp_path / "plain.pt") == {}
+
+
+def test_the_tied_embeddings_sensitivity_is_the_gradient_before_the_softcap():
+    model, _ = model_with_hessians()
+    ids = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(3))
+    sensitivity = collect_output_sensitivity(model, [ids], "cpu", show_progress=False)["tok_emb.weight"]
+    hidden = {}
+    handle = model.final_norm.register_forward_hook(lambda m, i, out: hidden.setdefault("x", out.detach()))
+    with torch.no_grad():
+        model.forward_logits(ids[:, :-1])
+    handle.remove()
+    pre_cap = (hidden["x"] @ model.tok_emb.weight.T).detach().requires_grad_(True)  # [B, T, V]
+    cap = model.config.logit_softcap
+    loss = torch.nn.functional.cross_entropy((cap * torch.tanh(pre_cap / cap)).flatten(0, 1), ids[:, 1:].flatten(),
+                                             reduction="sum")
+    loss.backward()
+    per_token = pre_cap.grad.reshape(-1, pre_cap.shape[-1])  # [tokens, V]
+    torch.testing.assert_close(sensitivity, per_token.pow(2).mean(dim=0), rtol=1e-4, atol=1e-10)
