@@ -7,7 +7,9 @@ quantizes with the record's SDClip settings, takes that submission's total bytes
 same budget: Hessian-aware SDClip, QuantGate and LQER each with ``fit_to_size`` (the clip
 bisected to fit), the rate–distortion allocator alone and with every lever. It prints, per
 method, the total bytes, the validation bpb of what the artifact decodes to, the
-quantization tax (bpb less the trained weights' bpb) and that tax as a share of SDClip's.
+quantization tax (bpb less the trained weights' bpb) and that tax as a share of SDClip's
+(scored on plain windows of the evaluate section's validation set; ``--sliding``: on
+sliding windows, as the evaluate stage's headline, about twice as slow).
 Further ``--run`` directories (other seeds) score the trained weights, SDClip and the
 allocator again: the spread of their taxes is the run-to-run noise. Unless ``--no-curve``,
 it also sweeps SDClip's clip sigmas and runs the allocator at each of the resulting byte
@@ -16,7 +18,7 @@ to ``OUT/rd_curve.csv`` and ``OUT/rd_curve.png``, with the taxes at SDClip's byt
 read off each curve. Usage::
 
     python -m benchmarks.bench_allocate --run runs/research [--run runs/research_seed2]
-        [--params presets/research.yaml] [--out rd_report] [--max-val-tokens N] [--no-curve]
+        [--params presets/research.yaml] [--out rd_report] [--max-val-tokens N] [--no-curve] [--sliding]
 """
 
 from __future__ import annotations
@@ -46,24 +48,28 @@ from pgolf.submission import code_bytes, quantize_for_size, submission_bytes
 from pgolf.submit import RunConfigs
 from pgolf.tokenizer import tokenizer_file
 
-# Each method's changes to the params' quantize section; all but the first are held to SDClip's bytes.
+FINE_CLIPS = [7.0, 8.0, 9.0, 10.0, 11.0, 12.85, 14.0, 16.0, 18.0, 20.0, 23.0]
+# Each method's changes to the params' quantize section (compress keys under "compress");
+# all but the first are held to SDClip's bytes.
 METHODS: dict[str, dict[str, Any]] = {
     "sdclip (record settings)": {},
     "sdclip, fit to the bytes": {"fit_to_size": True},
     "hessian_sdclip (PR #1412)": {"scale_search": "hessian_sdclip", "fit_to_size": True},
+    "loss_sdclip (rows by sensitivity)": {"scale_search": "loss_sdclip", "fit_to_size": True},
     "quantgate (04-22)": {"gate_int8": True, "fit_to_size": True},
     "lqer r8 int4, worst 6 (PR #1797)": {"lqer_rank": 8, "lqer_bits": 4, "lqer_max_tensors": 6, "fit_to_size": True},
     "allocate (H-weighted error)": {"method": "allocate"},
     "allocate (loss-weighted error)": {"method": "allocate", "allocate_distortion": "loss"},
-    "allocate (loss) + lqer + quantgate": {"method": "allocate", "allocate_distortion": "loss",
-                                           "lqer_rank": 8, "lqer_bits": 4, "gate_int8": True},
-    "allocate (loss) + hessian_sdclip + lqer + quantgate": {
-        "method": "allocate", "allocate_distortion": "loss", "scale_search": "hessian_sdclip",
-        "lqer_rank": 8, "lqer_bits": 4, "gate_int8": True},
+    "allocate (loss) + loss_sdclip": {"method": "allocate", "allocate_distortion": "loss",
+                                      "scale_search": "loss_sdclip"},
+    "allocate (loss) + loss_sdclip, 11 clips": {"method": "allocate", "allocate_distortion": "loss",
+                                                "scale_search": "loss_sdclip", "allocate_clip_sigmas": FINE_CLIPS},
+    "allocate (loss) + loss_sdclip, ans coder": {"method": "allocate", "allocate_distortion": "loss",
+                                                 "scale_search": "loss_sdclip", "compress": {"compressor": "ans"}},
 }
-BEST = "allocate (loss) + lqer + quantgate"
+BEST = "allocate (loss) + loss_sdclip"
 SEED_METHODS = ("sdclip (record settings)", "allocate (loss-weighted error)", BEST)
-SWEEP = (8.0, 10.0, 12.85, 16.0, 20.0, 26.0)
+SWEEP = (9.0, 12.85, 16.0, 20.0, 26.0)
 
 
 @dataclasses.dataclass
@@ -104,10 +110,11 @@ class Run:
                    if n in decoded)
 
 
-def load_run(directory: Path, params_path: Path, max_val_tokens: int | None) -> Run:
+def load_run(directory: Path, params_path: Path, max_val_tokens: int | None, sliding: bool) -> Run:
     params = load_params(params_path)
     model_config, state_dict = load_model(directory / layout.TRAIN_MODEL)
-    evaluate = section(params, "evaluate", EvaluateConfig)
+    evaluate = dataclasses.replace(section(params, "evaluate", EvaluateConfig), eval_plain=not sliding,
+                                   eval_sliding=sliding)
     if max_val_tokens is not None:
         evaluate = dataclasses.replace(evaluate, max_val_tokens=max_val_tokens)
     data_dir = directory / section(params, "tokenize", TokenizeConfig).data_dir
@@ -119,9 +126,15 @@ def load_run(directory: Path, params_path: Path, max_val_tokens: int | None) -> 
 
 
 def quantize_method(run: Run, changes: dict[str, Any], limit: int) -> tuple[QuantizedModel, int, float]:
-    """The method's quantized model, its submission bytes (artifact + code) and its seconds."""
+    """The method's quantized model, its submission bytes (artifact + code) and its seconds.
+
+    ``changes``: quantize keys, and under ``"compress"`` any compress keys.
+    """
+    changes = dict(changes)
+    compress_changes = changes.pop("compress", {})
     quantize = dataclasses.replace(section(run.params, "quantize", QuantizeConfig), **changes)
-    compress = dataclasses.replace(section(run.params, "compress", CompressConfig), size_limit_bytes=limit)
+    compress = dataclasses.replace(section(run.params, "compress", CompressConfig), size_limit_bytes=limit,
+                                   **compress_changes)
     code = run.code(quantize, compress)
     sized = compress if (quantize.fit_to_size or quantize.method == "allocate") else None
     start = time.perf_counter()
@@ -202,11 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("rd_report"))
     parser.add_argument("--max-val-tokens", type=int, default=None, help="override evaluate.max_val_tokens")
     parser.add_argument("--no-curve", action="store_true", help="skip the sweep (the side-by-side table only)")
+    parser.add_argument("--sliding", action="store_true",
+                        help="score by sliding windows as the evaluate stage does (about 2x slower; default: plain)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     all_rows = []
     for index, directory in enumerate(args.run):
-        run = load_run(directory, args.params, args.max_val_tokens)
+        run = load_run(directory, args.params, args.max_val_tokens, args.sliding)
         rows = compare_methods(run, list(METHODS) if index == 0 else list(SEED_METHODS))
         print_rows(rows)
         all_rows += rows

@@ -152,7 +152,7 @@ def model_candidates(
     with progress_bar(total=len(configs), desc="allocate candidates", unit="config", show=show_progress) as bar:
         for trial in configs:
             qm, _ = quantize_model(model_config, state_dict, hessians, trial, device, show_progress=False,
-                                   factor_cache=factor_cache)
+                                   factor_cache=factor_cache, sensitivity=sensitivity)
             base = base or qm
             for name, tensor in state_dict.items():
                 plan = tensor_plan(name, tensor, trial)

@@ -296,8 +296,9 @@ class QuantizeConfig(Section):
     fit_tolerance: PositiveFloat = 0.01
     device: Device = "auto"  # where GPTQ runs
     # The seeds' export (SEEDS_SPEC §4.6, §5.2, §6); the defaults are the record's SDClip GPTQ.
-    # record | PR #1412's per-row clip (hessian_clip_lambda) | PR #576 | PR #1218
-    scale_search: Literal["sdclip", "hessian_sdclip", "row_percentiles", "matrix_percentiles"] = "sdclip"
+    # record | PR #1412's per-row clip (hessian_clip_lambda) | each row's step by its output sensitivity
+    # (needs calibrate.output_sensitivity) | PR #576 | PR #1218
+    scale_search: Literal["sdclip", "hessian_sdclip", "loss_sdclip", "row_percentiles", "matrix_percentiles"] = "sdclip"
     gptq_column_order: Literal["descending", "ascending"] = "descending"  # ascending: PR #576
     gptq_dense_inverse: bool = False  # PR #576: spread errors through H⁻¹ itself, not its Cholesky factor
     table_clip_quantile: Fraction = 0.0  # > 0: int8 per-row rounding of the embedding tables at this |w| quantile
@@ -317,17 +318,22 @@ class QuantizeConfig(Section):
     # calibrate.output_sensitivity collects, so layers compare in loss (pgolf.allocate)
     allocate_distortion: Literal["hessian", "loss"] = "hessian"
 
+    @property
+    def uses_output_sensitivity(self) -> bool:
+        """Whether quantizing needs the output sensitivities that calibrate collects."""
+        return self.scale_search == "loss_sdclip" or (self.method == "allocate" and self.allocate_distortion == "loss")
+
     def check(self) -> None:
         _require(self.fit_min_clip_sigmas < self.fit_max_clip_sigmas, "fit_max_clip_sigmas",
                  self.fit_max_clip_sigmas, f"must exceed fit_min_clip_sigmas ({self.fit_min_clip_sigmas})")
-        clip_sigmas_used = self.scale_search in ("sdclip", "hessian_sdclip")
+        clip_sigmas_used = self.scale_search in ("sdclip", "hessian_sdclip", "loss_sdclip")
         _require(not self.fit_to_size or clip_sigmas_used, "fit_to_size", self.fit_to_size,
                  f"bisects matrix_clip_sigmas, which scale_search {self.scale_search!r} does not use")
         _require(self.method == "fixed" or not self.fit_to_size, "method", self.method,
                  "sizes the artifact itself: set fit_to_size false")
         _require(self.method == "fixed" or (clip_sigmas_used and self.table_clip_quantile == 0),
                  "method", self.method,
-                 "chooses bits and clip sigmas: needs scale_search sdclip or hessian_sdclip and no table rounding")
+                 "chooses bits and clip sigmas: needs an SDClip scale_search and no table rounding")
         _require(bool(self.allocate_bits), "allocate_bits", self.allocate_bits, "must list at least one width")
         _require(bool(self.allocate_clip_sigmas), "allocate_clip_sigmas", self.allocate_clip_sigmas,
                  "must list at least one clip")

@@ -144,6 +144,26 @@ def hessian_row_factors(weights: Tensor, diag: Tensor, strength: float) -> Tenso
     return 1.0 + strength * (ratio.clamp(max=4.0) - 1.0)
 
 
+SENSITIVITY_FACTOR_RANGE = (1 / 3, 3.0)  # how far loss_sdclip may move a row's step from the tensor's
+
+
+def sensitivity_row_factors(weights: Tensor, sensitivity: Tensor) -> Tensor:
+    """loss_sdclip's per-row clip factors of [N, rows, cols] weights from output sensitivities [N, rows].
+
+    A row's GPTQ error is about its step² times a factor of H that all rows share, and it costs
+    ``G_i`` times that in loss, while its bytes fall as log2 of the step: the least loss for the
+    bytes makes ``G_i · step_i²`` equal across rows (reverse water-filling), so ``step_i ∝
+    G_i^(-1/2)``. As SDClip's step is ``k σ_i / qmax``, the factor is ``(G_i σ_i²)^(-1/2)``,
+    normalised to a geometric mean of 1 within the tensor (the tensor's bytes stay about the
+    same) and kept within SENSITIVITY_FACTOR_RANGE so that no row clips away its weights.
+    """
+    energy = (sensitivity.float() * weights.float().var(dim=-1)).clamp_min(1e-30)  # [N, rows]
+    log_factor = -0.5 * energy.log()
+    log_factor = log_factor - log_factor.mean(dim=-1, keepdim=True)
+    low, high = SENSITIVITY_FACTOR_RANGE
+    return log_factor.exp().clamp(low, high)
+
+
 @dataclass(frozen=True)
 class HessianFactors:
     """What GPTQ needs of N Hessians, independent of bits and clip sigmas (so reusable)."""
@@ -333,17 +353,19 @@ def prune_smallest(state_dict: dict[str, Tensor], fraction: float, min_numel: in
 
 
 def quantize_batch(weights: Tensor, factors: HessianFactors, plans: list[TensorPlan], cfg: QuantizeConfig,
-                   progress: tqdm | None) -> tuple[Tensor, Tensor]:
-    """Codes [N, rows, cols] and fp16 scales [N, rows] of one same-shape batch, by ``cfg.scale_search``."""
+                   progress: tqdm | None, sensitivity: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Codes [N, rows, cols] and fp16 scales [N, rows] of one same-shape batch, by ``cfg.scale_search``
+    (``sensitivity`` [N, rows]: the output sensitivities loss_sdclip needs)."""
     bits = [plan.bits for plan in plans]
     if cfg.scale_search == "matrix_percentiles":
         return gptq_best_matrix_percentile(weights, factors, bits, cfg.block_size, progress)
     scale = None
     clip_sigmas = torch.tensor([plan.clip_sigmas for plan in plans], dtype=torch.float32, device=weights.device)
-    if cfg.scale_search == "hessian_sdclip":
+    if cfg.scale_search in ("hessian_sdclip", "loss_sdclip"):
         qmax = torch.tensor([quant_max(b) for b in bits], dtype=torch.float32, device=weights.device)  # [N]
-        row_clip = clip_sigmas[:, None] * hessian_row_factors(weights, factors.diag, cfg.hessian_clip_lambda)
-        scale = row_scales(weights.float(), row_clip, qmax)  # [N, rows]
+        row_factors = (hessian_row_factors(weights, factors.diag, cfg.hessian_clip_lambda)
+                       if cfg.scale_search == "hessian_sdclip" else sensitivity_row_factors(weights, sensitivity))
+        scale = row_scales(weights.float(), clip_sigmas[:, None] * row_factors, qmax)  # [N, rows]
     if cfg.scale_search == "row_percentiles":
         # PR #576 quantizes with the fp32 scales and stores them in fp16.
         scale = torch.stack([best_row_percentile_scales(w[None].float(), quant_max(b))[0]
@@ -431,6 +453,18 @@ def check_hessians(
         raise ValueError(f"{source}: Hessians do not fit the model: " + "; ".join(problems[:10]))
 
 
+def check_sensitivity(state_dict: dict[str, Tensor], plans: dict[str, TensorPlan],
+                      sensitivity: dict[str, Tensor] | None) -> None:
+    """An error unless every GPTQ tensor has an output sensitivity of one value per row."""
+    for name, plan in plans.items():
+        found = (sensitivity or {}).get(name)
+        if plan.uses_gptq and (found is None or tuple(found.shape) != (state_dict[name].shape[0],)):
+            raise ValueError(f"quantize: scale_search loss_sdclip needs the output sensitivity of {name} "
+                             f"[{state_dict[name].shape[0]}], and the Hessians file has "
+                             f"{'none' if found is None else list(found.shape)}: set calibrate.output_sensitivity "
+                             "true and calibrate again")
+
+
 def shape_batches(names: list[str], state_dict: dict[str, Tensor]) -> list[list[str]]:
     """Tensor names grouped by shape, so each group runs as one GPTQ batch."""
     batches: dict[tuple[int, ...], list[str]] = {}
@@ -461,14 +495,18 @@ def quantize_model(
     device: torch.device | str = "cpu",
     show_progress: bool = True,
     factor_cache: FactorCache | None = None,
+    sensitivity: dict[str, Tensor] | None = None,
 ) -> tuple[QuantizedModel, list[dict]]:
     """Quantize a whole state dict: GPTQ where planned, fp16 elsewhere; plus the report rows.
 
     Same-shape matrices run as one batch on ``device``. ``factor_cache`` keeps each
-    batch's Hessian factors for later calls with other bits or clip sigmas.
+    batch's Hessian factors for later calls with other bits or clip sigmas. ``sensitivity``:
+    calibrate's output sensitivities by weight name (scale_search loss_sdclip needs them).
     """
     plans = {name: tensor_plan(name, t, cfg) for name, t in state_dict.items()}
     check_hessians(state_dict, hessians, cfg)
+    if cfg.scale_search == "loss_sdclip":
+        check_sensitivity(state_dict, plans, sensitivity)
     weights = prune_smallest(state_dict, cfg.prune_fraction, cfg.passthrough_max_numel)
     gptq_names = [name for name, plan in plans.items() if plan.uses_gptq]
     factor_cache = {} if factor_cache is None else factor_cache
@@ -486,8 +524,9 @@ def quantize_model(
                 stacked = stacked.to(device)
                 factor_cache[key] = prepare_hessians(stacked, cfg.damping, cfg.gptq_column_order == "ascending",
                                                      cfg.gptq_dense_inverse)
+            rows = torch.stack([sensitivity[n] for n in names]).to(device) if cfg.scale_search == "loss_sdclip" else None
             codes, scales = quantize_batch(torch.stack([weights[n] for n in names]).to(device), factor_cache[key],
-                                           [plans[n] for n in names], cfg, bar)
+                                           [plans[n] for n in names], cfg, bar, rows)
             for name, code, scale in zip(names, codes.cpu(), scales.cpu()):
                 clip_sigmas = plans[name].clip_sigmas if "sdclip" in cfg.scale_search else 0.0  # percentile scales
                 tensors[name] = QuantizedTensor(code, scale, plans[name].bits, clip_sigmas)
@@ -623,6 +662,7 @@ def fit_quantize(
     size_of: Callable[[QuantizedModel], int],
     size_limit_bytes: int,
     device: torch.device | str = "cpu",
+    sensitivity: dict[str, Tensor] | None = None,
 ) -> tuple[QuantizedModel, list[dict], FitResult]:
     """``quantize_model`` at the clip sigmas that ``fit_clip_sigmas`` finds.
 
@@ -641,8 +681,8 @@ def fit_quantize(
     def size_at(clip_sigmas: float) -> int:
         trial = dataclasses.replace(cfg, matrix_clip_sigmas=clip_sigmas)
         results[clip_sigmas] = quantize_model(
-            model_config, state_dict, hessians, trial, device, show_progress=False, factor_cache=factor_cache
-        )
+            model_config, state_dict, hessians, trial, device, show_progress=False, factor_cache=factor_cache,
+            sensitivity=sensitivity)
         size = size_of(results[clip_sigmas][0])
         tqdm.write(f"fit_to_size: matrix_clip_sigmas={clip_sigmas:.4f} -> {size:,} bytes (limit {size_limit_bytes:,})")
         return size

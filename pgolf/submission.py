@@ -216,7 +216,7 @@ def quantize_for_size(model_config: ModelConfig, state_dict: dict[str, Tensor], 
     (``fit_to_size``) or with the bits and clips that the rate–distortion allocation chooses within it
     (its errors weighted by the output ``sensitivity`` when ``allocate_distortion`` is loss)."""
     if compress_cfg is None:
-        return (*quantize_model(model_config, state_dict, hessians, cfg, device), None)
+        return (*quantize_model(model_config, state_dict, hessians, cfg, device, sensitivity=sensitivity), None)
 
     def size_of(trial: QuantizedModel) -> int:
         return submission_bytes(trial, compress_cfg, code)
@@ -224,7 +224,8 @@ def quantize_for_size(model_config: ModelConfig, state_dict: dict[str, Tensor], 
     if cfg.method == "allocate":
         return allocate_model(model_config, state_dict, hessians, cfg, compress_cfg, size_of, device,
                               sensitivity=sensitivity)
-    return fit_quantize(model_config, state_dict, hessians, cfg, size_of, compress_cfg.size_limit_bytes, device)
+    return fit_quantize(model_config, state_dict, hessians, cfg, size_of, compress_cfg.size_limit_bytes, device,
+                        sensitivity)
 
 
 def pack_artifact(raw: bytes, cfg: CompressConfig, code: int) -> bytes:

@@ -34,7 +34,7 @@ def run(params: dict, ws: Workspace) -> None:
     model_path, hessians_path = ws.input(layout.TRAIN_MODEL), ws.input(layout.CALIBRATE_HESSIANS)
     model_config, state_dict = load_model(model_path)
     hessians = load_hessians(hessians_path)
-    sensitivity = load_output_sensitivity(hessians_path) if cfg.allocate_distortion == "loss" else None
+    sensitivity = load_output_sensitivity(hessians_path) if cfg.uses_output_sensitivity else None
     check_hessians(state_dict, hessians, cfg, source=f"{hessians_path} against {model_path}")
     code = read_code_bytes(ws.input(layout.BUNDLE_CODE_BYTES)) if compress_cfg is not None else 0
     qm, rows, search = quantize_for_size(model_config, state_dict, hessians, cfg, compress_cfg, code,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import sentencepiece as spm
@@ -80,3 +81,18 @@ def test_embedded_corpus_trains_a_full_8192_piece_tokenizer(embedded):
     model = train_tokenizer(training_texts(iter_documents(path), 5_000_000), 8192)
     assert spm.SentencePieceProcessor(model_proto=model).vocab_size() == 8192
 
+
+
+def test_the_research_corpus_is_larger_deterministic_and_its_validation_split_a_fair_sample(tmp_path):
+    info = write_embedded_corpus(tmp_path / "research.jsonl", corpus="stdlib_torch")
+    assert info["source"] == "python-stdlib-and-torch-docstrings" and "torch" in info["packages"]
+    assert info["bytes"] > 10_000_000 and info["documents"] > 15_000
+    again = write_embedded_corpus(tmp_path / "again.jsonl", max_docs=50, corpus="stdlib_torch")
+    with open(tmp_path / "research.jsonl", encoding="utf-8") as whole, \
+            open(tmp_path / "again.jsonl", encoding="utf-8") as cut:
+        assert [next(whole) for _ in range(50)] == cut.readlines() and again["documents"] == 50
+    first = [json.loads(line)["text"] for line in open(tmp_path / "research.jsonl", encoding="utf-8")][:1000]
+    torch_like = sum(("tensor" in t.lower()) for t in first) / len(first)
+    assert 0.05 < torch_like < 0.8  # the first documents (validation) mix the packages, not one package's files
+    with pytest.raises(CorpusError, match="unknown embedded corpus"):
+        write_embedded_corpus(tmp_path / "bad.jsonl", corpus="wikipedia")

@@ -21,6 +21,7 @@ from pgolf.gptq import (
     quantize_model,
     tensor_plan,
 )
+from pgolf.hessians import collect_output_sensitivity
 from test_allocate import model_with_hessians
 
 ALL_GPTQ = QuantizeConfig(passthrough_max_numel=0)  # both golden sets quantize every linear
@@ -202,3 +203,22 @@ def test_gate_int8_rounds_the_gates_to_int8_rows_and_leaves_other_control_tensor
     assert isinstance(stored, QuantizedTensor) and stored.bits == 8
     assert torch.allclose(stored.dequantize(), model.state_dict()["skip_gates"], atol=float(stored.scale.max()) / 2 + 1e-6)
     assert next(r for r in rows if r["name"] == "skip_gates")["method"] == "round int8"
+
+
+def test_loss_sdclip_gives_each_row_the_step_its_output_sensitivity_asks_for():
+    model, hessians = model_with_hessians()
+    state = model.state_dict()
+    batches = [torch.randint(0, 512, (2, 65), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    sensitivity = collect_output_sensitivity(model, batches, "cpu", show_progress=False)
+    cfg = QuantizeConfig(passthrough_max_numel=0, scale_search="loss_sdclip")
+    with pytest.raises(ValueError, match="calibrate.output_sensitivity"):
+        quantize_model(model.config, state, hessians, cfg, show_progress=False)
+    aware, _ = quantize_model(model.config, state, hessians, cfg, show_progress=False, sensitivity=sensitivity)
+    plain, _ = quantize_model(model.config, state, hessians, QuantizeConfig(passthrough_max_numel=0),
+                              show_progress=False)
+    name = "blocks.1.attn.c_q.weight"
+    factor = aware.tensors[name].scale.float() / plain.tensors[name].scale.float()  # [rows]
+    assert abs(float(factor.log().mean())) < 0.05  # bytes about the same: geometric mean 1
+    expected = (sensitivity[name] * state[name].float().var(dim=1)).pow(-0.5)
+    inside = (factor > 0.34) & (factor < 2.9)  # away from the clamp
+    assert float(torch.corrcoef(torch.stack([factor[inside].log(), expected[inside].log()]))[0, 1]) > 0.99
