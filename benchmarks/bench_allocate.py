@@ -19,6 +19,7 @@ read off each curve. Usage::
 
     python -m benchmarks.bench_allocate --run runs/research [--run runs/research_seed2]
         [--params presets/research.yaml] [--out rd_report] [--max-val-tokens N] [--no-curve] [--sliding]
+        [--seed-methods]
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ METHODS: dict[str, dict[str, Any]] = {
                                                  "scale_search": "loss_sdclip", "compress": {"compressor": "ans"}},
 }
 BEST = "allocate (loss) + loss_sdclip"
-SEED_METHODS = ("sdclip (record settings)", "allocate (loss-weighted error)", BEST)
+SEED_METHODS = ("sdclip (record settings)", BEST, "allocate (loss) + loss_sdclip, ans coder")
 SWEEP = (9.0, 12.85, 16.0, 20.0, 26.0)
 
 
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("rd_report"))
     parser.add_argument("--max-val-tokens", type=int, default=None, help="override evaluate.max_val_tokens")
     parser.add_argument("--no-curve", action="store_true", help="skip the sweep (the side-by-side table only)")
+    parser.add_argument("--seed-methods", action="store_true",
+                        help="on every run only SDClip and the allocators the seeds compare (no sweep)")
     parser.add_argument("--sliding", action="store_true",
                         help="score by sliding windows as the evaluate stage does (about 2x slower; default: plain)")
     args = parser.parse_args(argv)
@@ -222,10 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     all_rows = []
     for index, directory in enumerate(args.run):
         run = load_run(directory, args.params, args.max_val_tokens, args.sliding)
-        rows = compare_methods(run, list(METHODS) if index == 0 else list(SEED_METHODS))
+        every = index == 0 and not args.seed_methods
+        rows = compare_methods(run, list(METHODS) if every else list(SEED_METHODS))
         print_rows(rows)
         all_rows += rows
-        if index == 0 and not args.no_curve:
+        if every and not args.no_curve:
             points = curves(run, rows[0]["total_bytes"])
             write_csv(args.out / "rd_curve.csv", points)
             rate_distortion_plot(args.out / "rd_curve.png", points, rows[0]["total_bytes"])
