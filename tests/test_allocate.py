@@ -13,14 +13,13 @@ import torch
 from pgolf import layout
 from pgolf.allocate import allocate, allocate_model, lower_hull
 from pgolf.codec import QuantizedTensor, compress, dequantize, deserialize, serialize
-from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
+from pgolf.config import CompressConfig, QuantizeConfig
 from pgolf.gptq import SizeFitError, quantize_model
-from pgolf.hessians import collect_hessians, collect_output_sensitivity
+from pgolf.hessians import collect_output_sensitivity
 from pgolf.lqer import h_weighted_error
-from pgolf.model import GPT
 from pgolf.submission import SizeLimitError, pack_artifact, submission_bytes
 from stages import quantize as stage
-from test_quantize_stage import CODE_BYTES, PIPELINE, small_workdir  # noqa: F401 (a fixture)
+from test_quantize_stage import CODE_BYTES, PIPELINE, model_with_hessians, small_workdir  # noqa: F401 (a fixture)
 
 FAST = CompressConfig(brotli_quality=5)
 
@@ -93,17 +92,6 @@ def test_at_every_lambda_solution_the_allocation_is_optimal_for_arbitrary_candid
 def test_the_hull_drops_dominated_and_concave_points():
     points = [(10, 5.0), (12, 5.0), (20, 3.0), (30, 2.9), (40, 0.5), (15, 6.0)]
     assert lower_hull(points) == [0, 2, 4]
-
-
-def model_with_hessians(seed: int = 0) -> tuple[GPT, dict[str, torch.Tensor]]:
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(vocab_size=512, num_layers=2, model_dim=128, embedding_dim=128, num_heads=4,
-                            num_kv_heads=2, rope_dims=8, xsa_last_n=2, num_loops=0, loop_start=0, loop_end=0))
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    batches = [torch.randint(0, 512, (2, 64)) for _ in range(2)]
-    return model, collect_hessians(model, batches, "cpu", show_progress=False)
 
 
 ALLOCATE = QuantizeConfig(passthrough_max_numel=0, method="allocate", allocate_bits=[5, 6, 8],

@@ -56,19 +56,25 @@ def test_record_threshold_keeps_the_tiny_matrices_in_fp16(workdir, golden_tiny):
     assert qm.tensors["blocks.0.mlp.fc.weight"].dtype == torch.float16  # 16,384 elements
 
 
-@pytest.fixture()
-def small_workdir(tmp_path, monkeypatch) -> Path:
-    """A random 2-layer model of width 128 whose matrices exceed the fp16 threshold when set to 0."""
-    monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
+def model_with_hessians(seed: int = 0) -> tuple[GPT, dict[str, torch.Tensor]]:
+    """A random 2-layer model of width 128 whose matrices exceed the fp16 threshold when set to 0, and its Hessians."""
+    torch.manual_seed(seed)
     model = GPT(ModelConfig(vocab_size=512, num_layers=2, model_dim=128, embedding_dim=128, num_heads=4,
                             num_kv_heads=2, rope_dims=8, xsa_last_n=2, num_loops=0, loop_start=0, loop_end=0))
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
     batches = [torch.randint(0, 512, (2, 64)) for _ in range(2)]
+    return model, collect_hessians(model, batches, "cpu", show_progress=False)
+
+
+@pytest.fixture()
+def small_workdir(tmp_path, monkeypatch) -> Path:
+    """The random model of ``model_with_hessians`` as the train and calibrate stages' outputs."""
+    monkeypatch.chdir(tmp_path)
+    model, hessians = model_with_hessians()
     save_model(Path(layout.TRAIN_MODEL), model.config, model.state_dict())
-    save_hessians(Path(layout.CALIBRATE_HESSIANS), collect_hessians(model, batches, "cpu", show_progress=False))
+    save_hessians(Path(layout.CALIBRATE_HESSIANS), hessians)
     write_json(Path(layout.BUNDLE_CODE_BYTES), {"code_bytes": CODE_BYTES})
     return tmp_path
 
