@@ -1,7 +1,7 @@
 """Bytes and seconds of every compressor on the same quantized models, side by side.
 
 For each model it prints, per compressor (brotli, lzma, zstd and the model-based ``ans``
-coder of ``pgolf.entropy``): the artifact's bytes, bits per quantized weight, compress
+coder of ``pgolf.artifact.ans``): the artifact's bytes, bits per quantized weight, compress
 and decompress seconds, and the order-0 entropy of the codes (each tensor under its own
 histogram, the bound of a coder that models codes one by one without context), plus
 each coder's size and time relative to brotli measured in the same run.
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.codec import QuantizedModel, QuantizedTensor, compress, decompress, deserialize, serialize
+from pgolf.artifact.codec import QuantizedModel, QuantizedTensor, compress, decompress, deserialize, serialize
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
-from pgolf.model import GPT
+from pgolf.model.gpt import GPT
 
 
 def random_codes(rows: int, cols: int, bits: int, clip_sigmas: float, generator: torch.Generator) -> QuantizedTensor:

@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from pgolf.codec import COMPRESSORS, compress, serialize
+from pgolf.artifact.codec import COMPRESSORS, compress, serialize
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
-from pgolf.gptq import quantize_model, report_totals
+from pgolf.quant.gptq import quantize_model, report_totals
 from pgolf.runtime import resolve_device
 
 LAYER_SHAPES = {

@@ -1,6 +1,6 @@
 """Training throughput (tokens/s) of one process for a params file's ``model:`` and ``train:``.
 
-Runs the train stage's loop (``pgolf.train.train``: compile warm-up, then timed steps with
+Runs the train stage's loop (``pgolf.train.loop.train``: compile warm-up, then timed steps with
 looping switched on half-way, EMA, all optimisers) on random token ids, which cost the same
 as real text, and prints the tokens per second of the timed steps. Usage::
 
@@ -20,9 +20,9 @@ from torch import Tensor
 
 from pgolf.config import ModelConfig, TrainConfig, load_params, section
 from pgolf.distributed import DistContext
-from pgolf.model import GPT, count_parameters
+from pgolf.model.gpt import GPT, count_parameters
 from pgolf.runtime import resolve_device
-from pgolf.train import train
+from pgolf.train.loop import train
 
 
 class RandomBatches:

@@ -1,6 +1,6 @@
 """Test-time training throughput (scored tokens/s) of each ``ttt.method`` for a params file's ``model:`` and ``ttt:``.
 
-Runs ``pgolf.ttt.run_ttt`` on a random model over a synthetic validation stream of random
+Runs ``pgolf.eval.ttt.run_ttt`` on a random model over a synthetic validation stream of random
 documents (``[BOS] + ids`` of random lengths, which cost the same as real text) and prints,
 per method, the scored tokens per second, the optimiser steps and the seconds, after an untimed
 warm-up on a short prefix. Usage::
@@ -19,11 +19,11 @@ import json
 import torch
 
 from pgolf.config import TTT_METHODS, ModelConfig, TTTConfig, load_params, section
-from pgolf.model import GPT, count_parameters
+from pgolf.model.gpt import GPT, count_parameters
 from pgolf.runtime import resolve_device
-from pgolf.shards import BOS_ID
-from pgolf.tokenizer import ByteTables
-from pgolf.ttt import run_ttt
+from pgolf.data.shards import BOS_ID
+from pgolf.data.tokenizer import ByteTables
+from pgolf.eval.ttt import run_ttt
 
 
 def random_stream(num_tokens: int, vocab_size: int, mean_doc_len: int, seed: int = 0) -> torch.Tensor:

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pgolf import layout
+from pgolf.pipeline import layout
 from pgolf.config import TrainConfig, load_params, section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def check_tests(opts: Options, log: Path) -> dict:
 
 
 def flash_kernel_name() -> str | None:
-    """Which flash kernel pgolf.model imported (the same lookup order), or None."""
+    """Which flash kernel pgolf.model.gpt imported (the same lookup order), or None."""
     if importlib.util.find_spec("flash_attn_interface") is not None:
         return "FlashAttention-3 (flash_attn_interface)"
     if importlib.util.find_spec("flash_attn") is not None:
@@ -176,7 +176,7 @@ def time_fwd_bwd(attention: Callable, q, k, v, repeats: int = 20) -> float:
 
 def check_attention(opts: Options, log: Path) -> dict:
     """pgolf's flash path against SDPA on the record's shapes: 48 x 2048 tokens, 8 heads / 4 KV heads of 64."""
-    from pgolf.model import FLASH_ATTENTION, sdpa_attention
+    from pgolf.model.gpt import FLASH_ATTENTION, sdpa_attention
 
     torch.manual_seed(0)
     shapes = {"q": (48, 2048, 8, 64), "k": (48, 2048, 4, 64), "v": (48, 2048, 4, 64)}  # [B, T, H, D]

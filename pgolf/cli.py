@@ -3,7 +3,7 @@
 ``pgolf STAGE [--params FILE] [--set section.key=value ...] [--out DIR]`` calls the
 ``main`` of ``stages/STAGE.py``, the same code that the DVC stage command runs; by hand
 its outputs go under ``runs/`` (``--out``), never into what DVC tracks
-(``pgolf.stage``). ``pgolf params`` prints the complete params, defaults filled in.
+(``pgolf.pipeline.stage``). ``pgolf params`` prints the complete params, defaults filled in.
 Stage modules are imported only when named, so this module imports no stage at load.
 """
 
@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from pgolf.config import ConfigError, load_params, render_params
-from pgolf.stage import one_line, stage_parser
+from pgolf.pipeline.stage import one_line, stage_parser
 
 # command -> module under stages/ ("import" is a keyword, so its module has another name)
 STAGE_MODULES = {"tokenize": "tokenize", "train": "train", "calibrate": "calibrate", "bundle": "bundle",

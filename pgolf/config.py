@@ -84,7 +84,7 @@ PositiveFloat = Annotated[float, Range(gt=0.0)]
 NonNegative = Annotated[float, Range(ge=0.0)]
 Fraction = Annotated[float, Range(ge=0.0, le=1.0)]
 Decay = Annotated[float, Range(ge=0.0, lt=1.0)]  # momenta and Adam betas
-Bits = Annotated[int, Range(ge=2, le=8)]  # codes are stored as int8 (pgolf.gptq.SUPPORTED_BITS)
+Bits = Annotated[int, Range(ge=2, le=8)]  # codes are stored as int8 (pgolf.quant.gptq.SUPPORTED_BITS)
 Seed = Annotated[int, Range(ge=0, le=2**32 - 1)]  # numpy's seed range
 VocabSize = Annotated[int, Range(ge=1, le=2**16)]  # ids are stored as uint16
 Device = Literal["auto", "cpu", "cuda"]
@@ -310,12 +310,12 @@ class QuantizeConfig(Section):
     lqer_bits: Bits = 4  # bits of the correction's factors
     lqer_max_tensors: Count = 0  # method fixed: correct the tensors with the largest H-weighted error (0: all)
     # fixed: the bits and clips above; allocate: bits and clip per tensor by rate–distortion, within
-    # compress.size_limit_bytes (pgolf.allocate)
+    # compress.size_limit_bytes (pgolf.quant.allocate)
     method: Literal["fixed", "allocate"] = "fixed"
     allocate_bits: list[Bits] = field(default_factory=lambda: [5, 6, 7, 8])
     allocate_clip_sigmas: list[PositiveFloat] = field(default_factory=lambda: [8.0, 10.0, 12.85, 16.0, 20.0])
     # hessian: each tensor's tr(ΔHΔᵀ); loss: its rows weighted by the output sensitivities that
-    # calibrate.output_sensitivity collects, so layers compare in loss (pgolf.allocate)
+    # calibrate.output_sensitivity collects, so layers compare in loss (pgolf.quant.allocate)
     allocate_distortion: Literal["hessian", "loss"] = "hessian"
 
     @property
@@ -343,7 +343,7 @@ class QuantizeConfig(Section):
 class CompressConfig(Section):
     """Pickle-free serialisation, byte shuffle and entropy coding (section 6)."""
 
-    compressor: Literal["brotli", "lzma", "zstd", "ans"] = "brotli"  # ans: pgolf.entropy's model-based coder
+    compressor: Literal["brotli", "lzma", "zstd", "ans"] = "brotli"  # ans: pgolf.artifact.ans's model-based coder
     brotli_quality: Annotated[int, Range(ge=0, le=11)] = 11
     lzma_preset: Annotated[int, Range(ge=0, le=9)] = 6
     zstd_level: Annotated[int, Range(ge=1, le=22)] = 22
@@ -351,7 +351,7 @@ class CompressConfig(Section):
     size_limit_bytes: Positive = 16_000_000
     compress_code: bool = True  # ship the code as one brotli stream, as the records' self-extracting scripts
     # the exported script's entry module (first) and any others; their import closure ships
-    code_files: list[str] = field(default_factory=lambda: ["pgolf/submit.py"])
+    code_files: list[str] = field(default_factory=lambda: ["pgolf/submit/runner.py"])
 
 
 @dataclass(frozen=True)

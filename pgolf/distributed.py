@@ -3,7 +3,7 @@
 A run is one process or N processes started by ``torchrun`` (which sets
 ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``). The process group uses NCCL on
 GPUs and gloo on the CPU. ``launch_torchrun`` starts a module under torchrun
-from a single process (``pgolf.stage`` relaunches stages with it, so ``pgolf
+from a single process (``pgolf.pipeline.stage`` relaunches stages with it, so ``pgolf
 train`` and ``pgolf evaluate`` honour ``nproc_per_node`` themselves).
 """
 

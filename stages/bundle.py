@@ -1,7 +1,7 @@
 """DVC stage ``bundle``: the run's params + pgolf's modules -> the submission's ``train_gpt.py``.
 
-Builds the script a records folder ships (``pgolf.submission.script_text``): the import
-closure of ``compress.code_files`` (the runner ``pgolf/submit.py``) and every section the
+Builds the script a records folder ships (``pgolf.submit.bundle.script_text``): the import
+closure of ``compress.code_files`` (the runner ``pgolf/submit/runner.py``) and every section the
 runner reads, baked in. Writes it to ``out/bundle/train_gpt.py`` and its length, the code
 bytes that quantize's size search and compress's gate count, to
 ``out/bundle/code_bytes.json`` alone, so a new script of the same length re-runs neither.
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import sys
 
-from pgolf import layout
+from pgolf.pipeline import layout
 from pgolf.atomic import stage_outputs
 from pgolf.config import (CalibrateConfig, CompressConfig, EvaluateConfig, ModelConfig, QuantizeConfig, TrainConfig,
                           section)
-from pgolf.provenance import log_provenance
-from pgolf.stage import Workspace, run_stage
-from pgolf.submission import import_closure, script_text
-from pgolf.submit import RunConfigs
+from pgolf.pipeline.provenance import log_provenance
+from pgolf.pipeline.stage import Workspace, run_stage
+from pgolf.submit.bundle import import_closure, script_text
+from pgolf.submit.runner import RunConfigs
 
 
 def run(params: dict, ws: Workspace) -> None:

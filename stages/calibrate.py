@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import sys
 
-from pgolf import layout
+from pgolf.pipeline import layout
 from pgolf.atomic import stage_outputs
 from pgolf.config import CalibrateConfig, TokenizeConfig, section, to_dict
-from pgolf.hessians import save_hessians
-from pgolf.provenance import log_provenance
-from pgolf.shards import check_dataset, dataset_path
-from pgolf.stage import Workspace, run_stage
-from pgolf.steps import calibration_hessians, calibration_model
-from pgolf.tokenizer import tokenizer_file
+from pgolf.quant.calibrate import save_hessians
+from pgolf.pipeline.provenance import log_provenance
+from pgolf.data.shards import check_dataset, dataset_path
+from pgolf.pipeline.stage import Workspace, run_stage
+from pgolf.quant.calibrate import calibration_hessians, calibration_model
+from pgolf.data.tokenizer import tokenizer_file
 
 
 def run(params: dict, ws: Workspace) -> None:

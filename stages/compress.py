@@ -2,7 +2,7 @@
 
 Reads ``out/quantize/quantized.bin``, compresses it as ``compress:`` says and adds the
 code bytes a submission ships: the length of the script the bundle stage wrote
-(``pgolf.submission``). Over ``size_limit_bytes`` the stage
+(``pgolf.submit.bundle``). Over ``size_limit_bytes`` the stage
 fails, naming size, limit and overshoot, and writes nothing. Otherwise it commits
 ``out/compress/artifact.ptz``, each tensor's compressed size (CSV and plot) and
 ``out/compress/metrics.json``.
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import sys
 
-from pgolf import layout
+from pgolf.pipeline import layout
 from pgolf.atomic import stage_outputs
-from pgolf.codec import deserialize
+from pgolf.artifact.codec import deserialize
 from pgolf.config import CompressConfig, section, to_dict
-from pgolf.plots import tensor_size_plot, write_csv
-from pgolf.provenance import log_provenance
-from pgolf.stage import Workspace, run_stage
-from pgolf.submission import pack_artifact, read_code_bytes, tensor_size_rows
+from pgolf.pipeline.plots import tensor_size_plot, write_csv
+from pgolf.pipeline.provenance import log_provenance
+from pgolf.pipeline.stage import Workspace, run_stage
+from pgolf.submit.bundle import pack_artifact, read_code_bytes, tensor_size_rows
 
 
 def run(params: dict, ws: Workspace) -> None:

@@ -4,7 +4,7 @@ Fetches, from the challenge's dataset repository on the Hugging Face hub, every
 validation shard, the first ``--train-shards`` train shards and the tokenizer of
 ``--variant`` (default: ``sp{tokenize.vocab_size}`` of the params file) into
 ``DEST/datasets/fineweb10B_sp{V}/`` and ``DEST/tokenizers/fineweb_{V}_bpe.model``
-(see ``pgolf.download``). It prints the disk the missing files need before
+(see ``pgolf.data.download``). It prints the disk the missing files need before
 fetching anything; run it again after an interruption to fetch only what is
 missing. Then point ``tokenize.shards_path`` and ``tokenize.tokenizer_path`` at
 what it wrote (``presets/record.yaml`` already does, for ``--dest downloads``).
@@ -16,9 +16,9 @@ import json
 import sys
 
 from pgolf.config import TokenizeConfig, section
-from pgolf.download import DEFAULT_REPO_ID, REMOTE_ROOT, download_dataset
-from pgolf.provenance import log_provenance
-from pgolf.stage import Workspace, run_stage, stage_parser
+from pgolf.data.download import DEFAULT_REPO_ID, REMOTE_ROOT, download_dataset
+from pgolf.pipeline.provenance import log_provenance
+from pgolf.pipeline.stage import Workspace, run_stage, stage_parser
 
 
 def run(

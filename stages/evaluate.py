@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import sys
 
-from pgolf import layout
+from pgolf.pipeline import layout
 from pgolf.atomic import stage_outputs
-from pgolf.checkpoint import build_model
-from pgolf.codec import artifact_model
+from pgolf.model.files import build_model
+from pgolf.artifact.codec import artifact_model
 from pgolf.config import EvaluateConfig, TokenizeConfig, section, to_dict
 from pgolf.distributed import init_distributed, shutdown
-from pgolf.evaluate import checked_validation_set, evaluate_model, tax_against_prequant
-from pgolf.provenance import log_provenance
-from pgolf.shards import dataset_path
-from pgolf.stage import Workspace, run_stage, stage_parser
-from pgolf.tokenizer import tokenizer_file
+from pgolf.eval.score import checked_validation_set, evaluate_model, tax_against_prequant
+from pgolf.pipeline.provenance import log_provenance
+from pgolf.data.shards import dataset_path
+from pgolf.pipeline.stage import Workspace, run_stage, stage_parser
+from pgolf.data.tokenizer import tokenizer_file
 
 # --weights: (model file, how to build it, metrics key, metrics file, provenance file)
 WEIGHTS = {

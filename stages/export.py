@@ -3,7 +3,7 @@
 Reads the bundle stage's ``train_gpt.py`` (byte for byte what compress counted) and the
 stages' metrics and provenance, and writes ``out/export/`` (``--dest DIR`` elsewhere):
 ``train_gpt.py``, ``submission.json``, ``README.md``, ``requirements.txt``,
-``compliance.json`` and ``logs/`` (``pgolf.export``). ``--measured DIR`` takes the times of
+``compliance.json`` and ``logs/`` (``pgolf.submit.export``). ``--measured DIR`` takes the times of
 a run of the exported script in DIR (its ``final_metrics.json`` and ``*.log``) into the
 compliance report and the logs.
 """
@@ -13,10 +13,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pgolf import layout
+from pgolf.pipeline import layout
 from pgolf.config import ExportConfig, section
-from pgolf.export import LOGGED, RunRecord, export_date, read_json, records_name, write_records_folder
-from pgolf.stage import Workspace, run_stage, stage_parser
+from pgolf.submit.export import LOGGED, RunRecord, export_date, read_json, records_name, write_records_folder
+from pgolf.pipeline.stage import Workspace, run_stage, stage_parser
 
 
 def run(params: dict, ws: Workspace, dest: str | None = None, measured: str | None = None) -> None:

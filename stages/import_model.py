@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pgolf import layout
-from pgolf.checkpoint import check_state_dict, save_model
+from pgolf.pipeline import layout
+from pgolf.model.files import check_state_dict, save_model
 from pgolf.config import ModelConfig, section, to_dict
-from pgolf.model import GPT
-from pgolf.provenance import log_provenance
-from pgolf.stage import Workspace, run_stage, stage_parser
+from pgolf.model.gpt import GPT
+from pgolf.pipeline.provenance import log_provenance
+from pgolf.pipeline.stage import Workspace, run_stage, stage_parser
 
 
 def read_reference_state_dict(path: Path) -> dict[str, Tensor]:

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import sys
 
-from pgolf import layout
+from pgolf.pipeline import layout
 from pgolf.atomic import stage_outputs
-from pgolf.checkpoint import load_model
-from pgolf.codec import serialize
+from pgolf.model.files import load_model
+from pgolf.artifact.codec import serialize
 from pgolf.config import CompressConfig, QuantizeConfig, section, to_dict
-from pgolf.gptq import FitResult, check_hessians, report_totals
-from pgolf.hessians import load_hessians, load_output_sensitivity
-from pgolf.plots import quantization_plots
-from pgolf.provenance import log_provenance
+from pgolf.quant.gptq import FitResult, check_hessians, report_totals
+from pgolf.quant.calibrate import load_hessians, load_output_sensitivity
+from pgolf.pipeline.plots import quantization_plots
+from pgolf.pipeline.provenance import log_provenance
 from pgolf.runtime import resolve_device
-from pgolf.stage import Workspace, run_stage
-from pgolf.submission import needs_size, quantize_for_size, read_code_bytes
+from pgolf.pipeline.stage import Workspace, run_stage
+from pgolf.submit.bundle import needs_size, quantize_for_size, read_code_bytes
 
 
 def run(params: dict, ws: Workspace) -> None:

@@ -1,4 +1,4 @@
-"""DVC stage ``ttt``: score-first test-time training of the artifact (pgolf/ttt.py).
+"""DVC stage ``ttt``: score-first test-time training of the artifact (pgolf/eval/ttt.py).
 
 Loads the decompressed artifact (what a submission ships), adapts and scores the validation
 split with ``ttt.method``, and commits ``out/ttt/metrics.json`` (score, work, seconds, the
@@ -12,18 +12,18 @@ from __future__ import annotations
 import json
 import sys
 
-from pgolf import layout
+from pgolf.pipeline import layout
 from pgolf.atomic import stage_outputs
-from pgolf.codec import artifact_model
+from pgolf.artifact.codec import artifact_model
 from pgolf.config import EvaluateConfig, TokenizeConfig, TTTConfig, section, to_dict
 from pgolf.distributed import init_distributed, shutdown
-from pgolf.evaluate import checked_validation_set
-from pgolf.plots import running_bpb_plot, write_csv
-from pgolf.provenance import log_provenance
-from pgolf.shards import dataset_path
-from pgolf.stage import Workspace, run_stage
-from pgolf.tokenizer import tokenizer_file
-from pgolf.ttt import run_ttt, ttt_metrics
+from pgolf.eval.score import checked_validation_set
+from pgolf.pipeline.plots import running_bpb_plot, write_csv
+from pgolf.pipeline.provenance import log_provenance
+from pgolf.data.shards import dataset_path
+from pgolf.pipeline.stage import Workspace, run_stage
+from pgolf.data.tokenizer import tokenizer_file
+from pgolf.eval.ttt import run_ttt, ttt_metrics
 
 
 def run(params: dict, ws: Workspace) -> None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pgolf.config import ModelConfig, TrainConfig
-from pgolf.shards import MANIFEST_NAME, file_sha256, validate_dataset
+from pgolf.data.shards import MANIFEST_NAME, file_sha256, validate_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pgolf.loader import MicroBatch
+from pgolf.data.loader import MicroBatch
 
 
 class RecordedBatches:

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgolf import layout
-from pgolf.allocate import allocate, allocate_model, lower_hull
-from pgolf.codec import QuantizedTensor, compress, dequantize, deserialize, serialize
+from pgolf.pipeline import layout
+from pgolf.quant.allocate import allocate, allocate_model, lower_hull
+from pgolf.artifact.codec import QuantizedTensor, compress, dequantize, deserialize, serialize
 from pgolf.config import CompressConfig, QuantizeConfig
-from pgolf.gptq import SizeFitError, quantize_model
-from pgolf.hessians import collect_output_sensitivity
-from pgolf.lqer import h_weighted_error
-from pgolf.submission import SizeLimitError, pack_artifact, submission_bytes
+from pgolf.quant.gptq import SizeFitError, quantize_model
+from pgolf.quant.calibrate import collect_output_sensitivity
+from pgolf.quant.lqer import h_weighted_error
+from pgolf.submit.bundle import SizeLimitError, pack_artifact, submission_bytes
 from stages import quantize as stage
 from test_quantize_stage import CODE_BYTES, PIPELINE, model_with_hessians, small_workdir  # noqa: F401 (a fixture)
 

@@ -316,8 +316,8 @@ def tokenize_params(path: Path, shared: Path, num_val_docs: int, shard_size: int
 @pytest.mark.slow
 def test_sigkill_of_the_tokenize_stage_replacing_a_dataset_always_leaves_a_complete_one(tmp_path, shared_dir):
     """Kill ``stages.tokenize`` at each rename, in the deletion of the old dataset and in its fsyncs."""
-    from pgolf.shards import check_dataset, dataset_path
-    from pgolf.tokenizer import tokenizer_file
+    from pgolf.data.shards import check_dataset, dataset_path
+    from pgolf.data.tokenizer import tokenizer_file
 
     old_params = tokenize_params(tmp_path / "old.yaml", shared_dir, num_val_docs=50, shard_size=40_000)
     new_params = tokenize_params(tmp_path / "new.yaml", shared_dir, num_val_docs=60, shard_size=30_000)

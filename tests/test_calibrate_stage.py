@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from conftest import write_manifest
-from pgolf import layout
-from pgolf.checkpoint import build_model, save_model
+from pgolf.pipeline import layout
+from pgolf.model.files import build_model, save_model
 from pgolf.config import CalibrateConfig, ModelConfig, section
-from pgolf.hessians import calibration_batches, collect_hessians, load_hessians
-from pgolf.model import GPT
-from pgolf.shards import dataset_path, shard_name, write_shard
-from pgolf.stage import Workspace
-from pgolf.tokenizer import tokenizer_file
+from pgolf.quant.calibrate import calibration_batches, collect_hessians, load_hessians
+from pgolf.model.gpt import GPT
+from pgolf.data.shards import dataset_path, shard_name, write_shard
+from pgolf.pipeline.stage import Workspace
+from pgolf.data.tokenizer import tokenizer_file
 from stages import calibrate as stage
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it

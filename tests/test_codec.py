@@ -15,7 +15,7 @@ import pytest
 import torch
 import zstandard
 
-from pgolf.codec import (
+from pgolf.artifact.codec import (
     ArtifactError,
     artifact_model,
     QuantizedModel,
@@ -31,7 +31,7 @@ from pgolf.codec import (
     serialize,
 )
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
-from pgolf.submission import quantize_for_size
+from pgolf.submit.bundle import quantize_for_size
 from test_allocate import model_with_hessians
 
 

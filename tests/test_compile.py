@@ -23,11 +23,11 @@ from recorded_batches import RecordedBatches
 from test_train import one_thread  # noqa: F401  (autouse: one thread, as for the other tiny models)
 from pgolf.config import ModelConfig, TrainConfig
 from pgolf.distributed import DistContext
-from pgolf.evaluate import eval_sliding
-from pgolf.model import GPT
-from pgolf.optim import is_control_tensor
-from pgolf.tokenizer import ByteTables
-from pgolf.train import Trainer, train
+from pgolf.eval.score import eval_sliding
+from pgolf.model.gpt import GPT
+from pgolf.train.optim import is_control_tensor
+from pgolf.data.tokenizer import ByteTables
+from pgolf.train.loop import Trainer, train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from pgolf import layout
+from pgolf.pipeline import layout
 from pgolf.atomic import write_bytes, write_json
-from pgolf.codec import QuantizedModel, QuantizedTensor, decompress, serialize
+from pgolf.artifact.codec import QuantizedModel, QuantizedTensor, decompress, serialize
 from pgolf.config import ModelConfig
-from pgolf.stage import Workspace
+from pgolf.pipeline.stage import Workspace
 from stages import compress as stage
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it

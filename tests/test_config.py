@@ -21,7 +21,7 @@ from pgolf.config import (
     require_sections,
     section,
 )
-from pgolf.model import GPT, count_parameters
+from pgolf.model.gpt import GPT, count_parameters
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAM_FILES = [REPO_ROOT / "params.yaml", *sorted((REPO_ROOT / "presets").glob("*.yaml"))]

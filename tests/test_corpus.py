@@ -8,8 +8,8 @@ import json
 import pytest
 import sentencepiece as spm
 
-from pgolf.corpus import MIN_DOC_CHARS, CorpusError, iter_documents, write_embedded_corpus
-from pgolf.tokenizer import train_tokenizer, training_texts
+from pgolf.data.corpus import MIN_DOC_CHARS, CorpusError, iter_documents, write_embedded_corpus
+from pgolf.data.tokenizer import train_tokenizer, training_texts
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """dvc.yaml cannot drift from the code: each stage lists exactly the code and params it reads.
 
 What a stage reads is derived from its module: the code is the import closure of
-``stages/NAME.py`` (``pgolf.submission.import_closure``), the params are the sections it
+``stages/NAME.py`` (``pgolf.submit.bundle.import_closure``), the params are the sections it
 builds with ``section(params, "NAME", Config)`` (every key that affects outputs, see
 ``pgolf.config.run_setting``) and the single keys it reads as ``section(...).key``. Keys
 that appear in the stage's command (``${train.nproc_per_node}``) are tracked by DVC there.
@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgolf import config, layout
-from pgolf.submission import import_closure
+from pgolf import config
+
+from pgolf.pipeline import layout
+from pgolf.submit.bundle import import_closure
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DVC_YAML = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text(encoding="utf-8"))
@@ -100,14 +102,14 @@ def test_stage_lists_exactly_the_params_it_reads(name):
 
 
 def test_paths_come_from_the_layout_module():
-    """Every ${NAME} that is not a params key is a path declared in pgolf/layout.py."""
-    assert DVC_YAML["vars"] == ["pgolf/layout.py"]
+    """Every ${NAME} that is not a params key is a path declared in pgolf/pipeline/layout.py."""
+    assert DVC_YAML["vars"] == ["pgolf/pipeline/layout.py"]
     declared = {name for name in vars(layout) if name.isupper()}
     for name, stage in STAGES.items():
         text = yaml.safe_dump(stage)
         for variable in TEMPLATE.findall(text):
             if "." not in variable:
-                assert variable in declared, f"dvc.yaml stage {name}: ${{{variable}}} is not in pgolf/layout.py"
+                assert variable in declared, f"dvc.yaml stage {name}: ${{{variable}}} is not in pgolf/pipeline/layout.py"
 
 
 def test_run_settings_are_not_listed():

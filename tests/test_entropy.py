@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf import entropy
-from pgolf.codec import ArtifactError, QuantizedModel, QuantizedTensor, compress, decompress, load_artifact, serialize
+from pgolf.artifact import ans  
+from pgolf.artifact.codec import ArtifactError, QuantizedModel, QuantizedTensor, compress, decompress, load_artifact, serialize
 from pgolf.config import CompressConfig, ModelConfig
 
 ANS = CompressConfig(compressor="ans")
@@ -93,7 +93,7 @@ def test_a_model_without_tensors_round_trips():
 
 def test_header_names_the_coder_and_its_version(blob):
     magic, version, compressor, coder_version = struct.unpack_from("<4sBBB", blob)
-    assert (magic, version, compressor, coder_version) == (b"PGAZ", 2, 4, entropy.CODER_VERSION)
+    assert (magic, version, compressor, coder_version) == (b"PGAZ", 2, 4, ans.CODER_VERSION)
 
 
 def test_output_is_deterministic(raw, blob):
@@ -111,13 +111,13 @@ def test_stream_bytes_are_pinned():
              ("passthrough", "float32", 0)]
     specs, offset = [], 0
     for array, (role, dtype, bits) in zip(arrays, roles):
-        specs.append(entropy.ArraySpec(role, dtype, array.shape, offset, bits))
+        specs.append(ans.ArraySpec(role, dtype, array.shape, offset, bits))
         offset += array.nbytes
     payload = b"".join(array.tobytes() for array in arrays)
-    stream = entropy.encode_model(b"a fixed header", specs, memoryview(payload))
+    stream = ans.encode_model(b"a fixed header", specs, memoryview(payload))
     assert hashlib.sha256(stream).hexdigest()[:16] == PINNED_DIGEST, hashlib.sha256(stream).hexdigest()[:16]
-    head, body = entropy.decode_head(stream)
-    assert head == b"a fixed header" and entropy.decode_payload(body, specs, len(payload)) == payload
+    head, body = ans.decode_head(stream)
+    assert head == b"a fixed header" and ans.decode_payload(body, specs, len(payload)) == payload
 
 
 PINNED_DIGEST = "13cd3eb39d3f24f1"
@@ -136,7 +136,7 @@ def test_columns_of_different_widths_cost_less_than_brotli():
 def test_rows_repeating_earlier_rows_are_coded_as_differences():
     generator = torch.Generator().manual_seed(4)
     tensor = repeated_rows(generator)
-    predicted, references = entropy._references(tensor.q.numpy())
+    predicted, references = ans._references(tensor.q.numpy())
     assert set(predicted.tolist()) == set(range(96, 160)) and np.all(references < predicted)
     fresh = QuantizedTensor((torch.randn(160, 40, generator=generator) * 6).round().to(torch.int8), tensor.scale, 8, 20.0)
     with_repeats, without = (len(compress(serialize(QuantizedModel(CONFIG, {"e": t})), ANS)) for t in (tensor, fresh))
@@ -148,10 +148,10 @@ def test_scales_under_a_bell_round_trip_and_beat_brotli():
     scales = [(torch.randn(n, generator=generator) * 1e-4 + 2e-3).half() for n in (512, 1, 300)]
     data = b"".join(scale.numpy().tobytes() for scale in scales)
     counts = [len(scale) for scale in scales]
-    section = entropy._encode_bytes(data, 2, counts)
+    section = ans._encode_bytes(data, 2, counts)
     method, size = struct.unpack_from("<BI", section)
-    assert method == entropy.BELL and size < len(brotli.compress(data, quality=11))
-    assert entropy._decode_bytes(method, memoryview(section)[5:], len(data), 2, "test", counts) == data
+    assert method == ans.BELL and size < len(brotli.compress(data, quality=11))
+    assert ans._decode_bytes(method, memoryview(section)[5:], len(data), 2, "test", counts) == data
 
 
 def test_incompressible_passthrough_is_stored_raw():
@@ -194,7 +194,7 @@ def test_wrong_coder_id_is_an_artifact_error(blob):
 
 
 def test_wrong_coder_version_is_an_artifact_error(blob):
-    with pytest.raises(ArtifactError, match=f"ans coder version 7 is not supported \\(this code reads {entropy.CODER_VERSION}\\)"):
+    with pytest.raises(ArtifactError, match=f"ans coder version 7 is not supported \\(this code reads {ans.CODER_VERSION}\\)"):
         load_artifact(blob[:6] + bytes([7]) + blob[7:])
 
 
@@ -214,29 +214,29 @@ def test_declared_length_bounds_the_output(raw, blob):
 
 
 def test_table_beyond_the_codes_bits_is_refused():
-    reader = entropy._Reader(memoryview(bytes([0, 200]) + bytes(201)))
-    table = entropy._Table.read(reader, "test")
-    spec = entropy.ArraySpec("codes", "int8", (1, 1), 0, 6)
+    reader = ans._Reader(memoryview(bytes([0, 200]) + bytes(201)))
+    table = ans._Table.read(reader, "test")
+    spec = ans.ArraySpec("codes", "int8", (1, 1), 0, 6)
     assert table.lo + len(table.values) > 2**spec.bits - 1  # what _decode_codes refuses
-    with pytest.raises(entropy.StreamError, match="every symbol probability 0"):
-        entropy._Table.read(entropy._Reader(memoryview(bytes([0, 1, 255, 255]))), "test")
+    with pytest.raises(ans.StreamError, match="every symbol probability 0"):
+        ans._Table.read(ans._Reader(memoryview(bytes([0, 1, 255, 255]))), "test")
 
 
 def test_step_weights_are_exact_integer_roots():
-    weights = entropy._step_weights()
-    assert weights[0] == 2.0**52 and weights[16] == 2.0**51 and weights[entropy.ABSENT] == 0
-    assert all(w == int(w) for w in weights) and np.all(np.diff(weights[: entropy.ABSENT]) < 0)
+    weights = ans._step_weights()
+    assert weights[0] == 2.0**52 and weights[16] == 2.0**51 and weights[ans.ABSENT] == 0
+    assert all(w == int(w) for w in weights) and np.all(np.diff(weights[: ans.ABSENT]) < 0)
     assert abs(weights[8] / 2**52 - 2**-0.5) < 1e-15
 
 
 def test_histogram_tables_keep_probabilities_within_a_step():
     counts = np.array([0, 5, 100, 1000, 3, 0, 0, 1])
-    table = entropy._table(counts)
-    assert table.lo == 1 and len(table.values) == 7 and table.values[4] == entropy.ABSENT
+    table = ans._table(counts)
+    assert table.lo == 1 and len(table.values) == 7 and table.values[4] == ans.ABSENT
     present = counts[1:] > 0
     weights = table.probabilities()
     ratio = (weights / weights.max())[present] / (counts[1:][present] / 1000)
-    assert np.all(np.abs(np.log2(ratio)) <= 0.5 / entropy.LOG_STEPS + 1e-12)
+    assert np.all(np.abs(np.log2(ratio)) <= 0.5 / ans.LOG_STEPS + 1e-12)
 
 
 def test_large_brotli_sections_round_trip():
@@ -244,6 +244,6 @@ def test_large_brotli_sections_round_trip():
     generator = torch.Generator().manual_seed(6)
     data = torch.randint(0, 4, (3 << 20,), generator=generator, dtype=torch.uint8).numpy().tobytes()
     body = brotli.compress(data, quality=1)
-    assert entropy._decode_bytes(entropy.BROTLI, memoryview(body), len(data), 1, "test") == data
-    with pytest.raises(entropy.StreamError, match="truncated"):
-        entropy._decode_bytes(entropy.BROTLI, memoryview(body)[: len(body) // 2], len(data), 1, "test")
+    assert ans._decode_bytes(ans.BROTLI, memoryview(body), len(data), 1, "test") == data
+    with pytest.raises(ans.StreamError, match="truncated"):
+        ans._decode_bytes(ans.BROTLI, memoryview(body)[: len(body) // 2], len(data), 1, "test")

@@ -15,16 +15,16 @@ import torch
 import yaml
 
 from conftest import write_manifest
-from pgolf import layout
+from pgolf.pipeline import layout
 from pgolf.atomic import write_bytes
-from pgolf.checkpoint import build_model, save_model
-from pgolf.codec import QuantizedModel, QuantizedTensor, compress, dequantize, serialize
+from pgolf.model.files import build_model, save_model
+from pgolf.artifact.codec import QuantizedModel, QuantizedTensor, compress, dequantize, serialize
 from pgolf.config import CompressConfig, ModelConfig
-from pgolf.evaluate import eval_plain, eval_sliding
-from pgolf.model import GPT
-from pgolf.shards import load_validation_tokens
-from pgolf.stage import Workspace
-from pgolf.tokenizer import byte_tables
+from pgolf.eval.score import eval_plain, eval_sliding
+from pgolf.model.gpt import GPT
+from pgolf.data.shards import load_validation_tokens
+from pgolf.pipeline.stage import Workspace
+from pgolf.data.tokenizer import byte_tables
 from stages import evaluate as stage
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it

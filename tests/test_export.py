@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pgolf.config import CompressConfig
-from pgolf.submission import SizeLimitError, import_closure, pack_artifact, read_bundle
+from pgolf.submit.bundle import SizeLimitError, import_closure, pack_artifact, read_bundle
 from test_pipeline_dvc import micro_repo, run  # noqa: F401 (micro_repo: a fixture)
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def test_code_bytes_are_the_exported_scripts_bytes(pipeline, submission_run):
     info = json.loads((pipeline / "out" / "export" / "submission.json").read_text())
     assert info["bytes_code"] == len(script) and info["bytes_total"] == counted["total_bytes"]
     # the bundle is exactly the runner's import closure, nothing listed by hand
-    assert sorted(read_bundle(script.decode())["files"]) == import_closure(["pgolf/submit.py"], pipeline)
+    assert sorted(read_bundle(script.decode())["files"]) == import_closure(["pgolf/submit/runner.py"], pipeline)
 
 
 def test_the_gate_refuses_script_plus_model_over_the_limit(pipeline):

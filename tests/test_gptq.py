@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from pgolf.codec import QuantizedTensor, compress, serialize
+from pgolf.artifact.codec import QuantizedTensor, compress, serialize
 from pgolf.config import CompressConfig, ConfigError, ModelConfig, QuantizeConfig
-from pgolf.gptq import (
+from pgolf.quant.gptq import (
     SizeFitError,
     TensorPlan,
     check_hessians,
@@ -21,7 +21,7 @@ from pgolf.gptq import (
     quantize_model,
     tensor_plan,
 )
-from pgolf.hessians import collect_output_sensitivity
+from pgolf.quant.calibrate import collect_output_sensitivity
 from test_allocate import model_with_hessians
 
 ALL_GPTQ = QuantizeConfig(passthrough_max_numel=0)  # both golden sets quantize every linear

@@ -7,9 +7,9 @@ import pickle
 import pytest
 import torch
 
-from pgolf.hessians import (collect_hessians, collect_output_sensitivity, load_hessians, load_output_sensitivity,
+from pgolf.quant.calibrate import (collect_hessians, collect_output_sensitivity, load_hessians, load_output_sensitivity,
                             save_hessians)
-from pgolf.model import GPT
+from pgolf.model.gpt import GPT
 from test_allocate import model_with_hessians
 
 

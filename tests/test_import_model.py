@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from conftest import model_config_from_reference
-from pgolf import layout
-from pgolf.checkpoint import build_model, load_model
+from pgolf.pipeline import layout
+from pgolf.model.files import build_model, load_model
 from stages import import_model
 
 

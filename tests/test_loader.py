@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.loader import TrainLoader, epoch_length, plan_epoch
-from pgolf.shards import write_shard
+from pgolf.data.loader import TrainLoader, epoch_length, plan_epoch
+from pgolf.data.shards import write_shard
 
 SEQ = 16
 

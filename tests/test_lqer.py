@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from pgolf.codec import dequantize
+from pgolf.artifact.codec import dequantize
 from pgolf.config import QuantizeConfig
-from pgolf.gptq import quantize_model
-from pgolf.lqer import h_weighted_error, low_rank_correction
+from pgolf.quant.gptq import quantize_model
+from pgolf.quant.lqer import h_weighted_error, low_rank_correction
 from test_allocate import model_with_hessians
 
 

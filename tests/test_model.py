@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from pgolf.config import ModelConfig
-from pgolf.model import GPT, count_parameters, layer_order, sdpa_attention
+from pgolf.model.gpt import GPT, count_parameters, layer_order, sdpa_attention
 
 
 def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -80,7 +80,7 @@ def test_attention_paths_agree():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for the flash paths")
 def test_gpu_attention_matches_sdpa():
-    from pgolf.model import causal_attention
+    from pgolf.model.gpt import causal_attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 256, h, 64, device="cuda", dtype=torch.bfloat16) for h in (8, 4, 4))

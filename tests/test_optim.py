@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pgolf.config import ModelConfig, TrainConfig
-from pgolf.model import GPT
-from pgolf.optim import MuonEqR, build_optimizers, muon_momentum_at, newton_schulz, split_parameters
+from pgolf.model.gpt import GPT
+from pgolf.train.optim import MuonEqR, build_optimizers, muon_momentum_at, newton_schulz, split_parameters
 
 TINY = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, embedding_dim=32, num_heads=2, num_kv_heads=1,
                    rope_dims=8, rope_train_seq_len=16, xsa_last_n=2, num_loops=1, loop_start=0, loop_end=0)

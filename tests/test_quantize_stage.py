@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgolf import layout
+from pgolf.pipeline import layout
 from pgolf.atomic import write_json
-from pgolf.checkpoint import save_model
-from pgolf.codec import QuantizedTensor, compress, deserialize
+from pgolf.model.files import save_model
+from pgolf.artifact.codec import QuantizedTensor, compress, deserialize
 from pgolf.config import CompressConfig, ModelConfig
-from pgolf.hessians import collect_hessians, save_hessians
-from pgolf.model import GPT
-from pgolf.stage import Workspace
+from pgolf.quant.calibrate import collect_hessians, save_hessians
+from pgolf.model.gpt import GPT
+from pgolf.pipeline.stage import Workspace
 from stages import quantize as stage
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it

@@ -23,9 +23,9 @@ from test_checkpoint import CONFIG, flip_bit_in_tensor_data
 from pgolf import cli
 from pgolf.config import TrainConfig
 from pgolf.distributed import init_distributed
-from pgolf.model import GPT
-from pgolf.shards import read_shard, write_shard
-from pgolf.train import Trainer, TrainingDiverged, train
+from pgolf.model.gpt import GPT
+from pgolf.data.shards import read_shard, write_shard
+from pgolf.train.loop import Trainer, TrainingDiverged, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Every stage of dvc.yaml, in order, as `pgolf` arguments; `--out .` writes the pipeline's own tree.
@@ -158,7 +158,7 @@ def test_a_flipped_bit_in_the_model_file_is_named(work, capsys, stage):
 
 
 def test_prequant_evaluation_refuses_non_finite_weights(work, capsys):
-    from pgolf.checkpoint import FORMAT, VERSION, save_tagged
+    from pgolf.model.files import FORMAT, VERSION, save_tagged
 
     payload = torch.load(work / "out" / "train" / "model.pt", weights_only=True)
     payload["state_dict"]["tok_emb.weight"][0, 0] = float("nan")
@@ -244,7 +244,7 @@ def test_the_checks_refuse_only_what_is_wrong(work):
 
 
 def test_evaluate_refuses_an_artifact_with_non_finite_weights(work, capsys):
-    from pgolf.codec import compress, load_artifact, serialize
+    from pgolf.artifact.codec import compress, load_artifact, serialize
     from pgolf.config import CompressConfig
 
     path = work / "out" / "compress" / "artifact.ptz"

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pgolf.config import ConfigError, TrainConfig, load_params
-from pgolf.loader import CoprimeLoader, SequentialLoader, make_loader
-from pgolf.shards import write_shard
+from pgolf.data.loader import CoprimeLoader, SequentialLoader, make_loader
+from pgolf.data.shards import write_shard
 from test_seeds_parity import golden
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
-from pgolf.model import GPT, SmearGate
+from pgolf.model.gpt import GPT, SmearGate
 
 BASE = ModelConfig(vocab_size=128, num_layers=4, model_dim=32, embedding_dim=32, num_heads=2, num_kv_heads=2,
                    rope_dims=8, rope_train_seq_len=32, xsa_last_n=4, num_loops=0, skip_gates_enabled=False)

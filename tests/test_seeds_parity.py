@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from pgolf.config import ModelConfig, QuantizeConfig, TrainConfig, section
-from pgolf.gptq import (TensorPlan, best_row_percentile_scales, prepare_hessians, prune_smallest, quantize_batch,
+from pgolf.quant.gptq import (TensorPlan, best_row_percentile_scales, prepare_hessians, prune_smallest, quantize_batch,
                         quantize_model, round_table)
-from pgolf.model import GPT, BigramHash, CastedLinear, FakeQuant, count_parameters
-from pgolf.optim import build_optimizers, muon_momentum_at
+from pgolf.model.gpt import GPT, BigramHash, CastedLinear, FakeQuant, count_parameters
+from pgolf.train.optim import build_optimizers, muon_momentum_at
 from conftest import ASSETS_DIR
 
 # The tiny configurations of tools/make_golden_seeds.py, in pgolf's names.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgolf import layout
+from pgolf.pipeline import layout
 from pgolf.config import ModelConfig, QuantizeConfig, TrainConfig, load_params, section
 from conftest import REPO_ROOT
 from stages import bundle, calibrate, compress, evaluate, quantize, tokenize, train

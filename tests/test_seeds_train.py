@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
-from pgolf.model import GPT, CastedLinear, FakeQuant
-from pgolf.train import Trainer, schedule_scale, train, warmdown_iters_scale
+from pgolf.model.gpt import GPT, CastedLinear, FakeQuant
+from pgolf.train.loop import Trainer, schedule_scale, train, warmdown_iters_scale
 from test_seeds_model import noisy
 from test_train import CPU, TINY_TRAIN, random_batches
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.shards import (
+from pgolf.data.shards import (
     HEADER_BYTES, MANIFEST_NAME, ShardError, ShardWriter, check_dataset, dataset_path, file_sha256,
     load_validation_tokens, read_shard, shard_files, split_documents, validate_dataset, write_shard,
 )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
-from pgolf import layout
-from pgolf.stage import Workspace, one_line, run_stage, workspace
+from pgolf.pipeline import layout
+from pgolf.pipeline.stage import Workspace, one_line, run_stage, workspace
 
 
 def test_dvc_runs_write_the_pipeline_paths_and_hand_runs_their_own_directory():

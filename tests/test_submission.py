@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pgolf.submission import (SizeLimitError, check_size, code_bytes, import_closure, read_bundle, script_text,
+from pgolf.submit.bundle import (SizeLimitError, check_size, code_bytes, import_closure, read_bundle, script_text,
                               shipped_source)
 
 
@@ -72,10 +72,10 @@ def test_the_script_runs_its_entry_and_refuses_an_uncounted_project_module(tmp_p
 
 def test_the_shipped_code_is_everything_the_runner_imports():
     """The runner's closure holds training, quantization, compression and evaluation, and no stage."""
-    closure = import_closure(["pgolf/submit.py"])
-    assert {"pgolf/train.py", "pgolf/gptq.py", "pgolf/codec.py", "pgolf/evaluate.py", "pgolf/steps.py"} <= set(closure)
+    closure = import_closure(["pgolf/submit/runner.py"])
+    assert {"pgolf/train/loop.py", "pgolf/quant/gptq.py", "pgolf/artifact/codec.py", "pgolf/eval/score.py", "pgolf/quant/calibrate.py"} <= set(closure)
     assert not any(name.startswith("stages/") for name in closure)
-    assert "pgolf/plots.py" not in closure and "pgolf/export.py" not in closure
+    assert "pgolf/pipeline/plots.py" not in closure and "pgolf/submit/export.py" not in closure
 
 
 def test_the_gate_names_size_limit_and_overshoot():

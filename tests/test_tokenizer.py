@@ -8,8 +8,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from pgolf.corpus import CorpusError
-from pgolf.tokenizer import (
+from pgolf.data.corpus import CorpusError
+from pgolf.data.tokenizer import (
     TRAINER_SETTINGS, ByteCheck, TokenizerError, byte_tables, count_bytes, document_byte_counts, load_tokenizer,
     model_settings, train_tokenizer, training_texts,
 )

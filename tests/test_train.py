@@ -17,15 +17,15 @@ import yaml
 
 from conftest import model_config_from_reference, train_config_from_reference, write_manifest
 from recorded_batches import RecordedBatches
-from pgolf import layout
-from pgolf.checkpoint import build_model, load_model
+from pgolf.pipeline import layout
+from pgolf.model.files import build_model, load_model
 from pgolf.config import ModelConfig, TrainConfig
 from pgolf.distributed import DistContext
-from pgolf.model import GPT
-from pgolf.shards import write_shard
-from pgolf.stage import Workspace
-from pgolf.train import (CHECKPOINT_NAME, cast_mixed_precision, load_checkpoint, lr_scale,
-                         train, training_fraction)
+from pgolf.model.gpt import GPT
+from pgolf.data.shards import write_shard
+from pgolf.pipeline.stage import Workspace
+from pgolf.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from pgolf.train.loop import cast_mixed_precision, lr_scale, train, training_fraction
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
 

@@ -19,15 +19,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pgolf.ttt as ttt
+import pgolf.eval.ttt as ttt
 from conftest import REPO_ROOT
-from pgolf import layout
+from pgolf.pipeline import layout
 from pgolf.config import ModelConfig, TTTConfig
-from pgolf.evaluate import Window, eval_sliding, score_batch_tokens
-from pgolf.model import GPT
-from pgolf.shards import BOS_ID
-from pgolf.stage import Workspace
-from pgolf.tokenizer import ByteTables, count_bytes
+from pgolf.eval.score import Window, eval_sliding, score_batch_tokens
+from pgolf.model.gpt import GPT
+from pgolf.data.shards import BOS_ID
+from pgolf.pipeline.stage import Workspace
+from pgolf.data.tokenizer import ByteTables, count_bytes
 from test_evaluate_stage import BATCH, MAX_TOKENS, SEQ_LEN, STRIDE, VAL_TARGETS
 from test_evaluate_stage import workdir as stage_workdir  # noqa: F401 (a fixture: artifact + FineWeb val)
 
@@ -288,7 +288,7 @@ WORKER = textwrap.dedent("""
     import dataclasses, json, sys
     import torch
     from pgolf.distributed import init_distributed, shutdown
-    from pgolf.ttt import run_ttt
+    from pgolf.eval.ttt import run_ttt
     from test_ttt import METHODS, TABLES, make_model, make_stream
     ctx = init_distributed("cpu")
     results = {}

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pgolf.shards import read_shard
+from pgolf.data.shards import read_shard
 
 MicroBatch = tuple[Tensor, Tensor]  # inputs [B, T], targets [B, T], int64
 

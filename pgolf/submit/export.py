@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from pgolf import layout
+from pgolf.pipeline import layout
 from pgolf.atomic import atomic_path
 from pgolf.config import ExportConfig
-from pgolf.submission import read_bundle
+from pgolf.submit.bundle import read_bundle
 
 TRACK = "10min_16mb"
 TIME_LIMIT_S = 600.0
@@ -137,7 +137,7 @@ def compliance(run: RunRecord, cfg: ExportConfig) -> dict[str, Any]:
             "the artifact's load, plain and sliding evaluation, timed by the exported script"),
         "no_training_data_in_eval": _rule(
             None, None, "pass",
-            "evaluation reads only the fineweb_val_* shards and the tokenizer (pgolf.evaluate.validation_set); "
+            "evaluation reads only the fineweb_val_* shards and the tokenizer (pgolf.eval.score.validation_set); "
             "calibration reads training shards inside the training phase, before the artifact is written"),
         "no_network": _rule(
             sorted(imported & NETWORK_MODULES), [], "pass" if not imported & NETWORK_MODULES else "fail",
@@ -235,7 +235,7 @@ torchrun --standalone --nproc_per_node=8 train_gpt.py   # or: python train_gpt.p
 It trains, calibrates, GPTQ-quantizes and compresses, writes `final_model.ptz` and
 `final_metrics.json`, and prints the quantized and sliding-window `val_bpb` and the
 submission size. `train_gpt.py` is a bootstrap and a brotli-compressed bundle of pgolf's
-modules (the import closure of `pgolf/submit.py`) with the run's params baked in; its
+modules (the import closure of `pgolf/submit/runner.py`) with the run's params baked in; its
 {info['bytes_code']:,} bytes are the code bytes counted.
 
 ## Settings

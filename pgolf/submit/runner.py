@@ -1,6 +1,6 @@
 """The submission's runner: train, calibrate, quantize, compress and evaluate in one process group.
 
-The exported ``train_gpt.py`` (``pgolf.submission.script_text``) bundles this module's import
+The exported ``train_gpt.py`` (``pgolf.submit.bundle.script_text``) bundles this module's import
 closure with the run's params and calls :func:`main`, as the challenge runs it: ``torchrun
 --standalone --nproc_per_node=N train_gpt.py`` (or ``python train_gpt.py``) in a folder with
 the challenge's data layout (``./data/datasets/fineweb10B_sp{V}/``,
@@ -27,20 +27,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pgolf.checkpoint import build_model, load_model, save_model
-from pgolf.codec import artifact_model, serialize
+from pgolf.model.files import build_model, load_model, save_model
+from pgolf.artifact.codec import artifact_model, serialize
 from pgolf.config import (SECTIONS, CalibrateConfig, CompressConfig, EvaluateConfig, ModelConfig, QuantizeConfig,
                           TrainConfig, from_dict, output_keys, to_dict)
 from pgolf.distributed import DistContext, barrier, init_distributed, shutdown
-from pgolf.evaluate import evaluate_model, validation_set
-from pgolf.gptq import FitResult
-from pgolf.model import GPT, count_parameters
+from pgolf.eval.score import evaluate_model, validation_set
+from pgolf.quant.gptq import FitResult
+from pgolf.model.gpt import GPT, count_parameters
 from pgolf.runtime import enable_tf32, resolve_device
-from pgolf.shards import check_headers, dataset_path
-from pgolf.steps import calibration_hessians, calibration_model, train_model
-from pgolf.submission import needs_size, pack_artifact, quantize_for_size
-from pgolf.tokenizer import ByteTables, tokenizer_file
-from pgolf.train import run_metrics
+from pgolf.data.shards import check_headers, dataset_path
+from pgolf.quant.calibrate import calibration_hessians, calibration_model
+from pgolf.train.loop import train_model
+from pgolf.submit.bundle import needs_size, pack_artifact, quantize_for_size
+from pgolf.data.tokenizer import ByteTables, tokenizer_file
+from pgolf.train.loop import run_metrics
 
 DATA_DIR = "data"  # the challenge's layout, relative to the folder the script runs in
 MODEL_FILE = "final_model.pt"

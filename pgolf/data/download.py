@@ -36,9 +36,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pgolf.shards import file_sha256
-from pgolf.shards import SPLITS, ShardError, dataset_path, read_header, shard_name
-from pgolf.tokenizer import load_tokenizer, tokenizer_file
+from pgolf.data.shards import file_sha256
+from pgolf.data.shards import SPLITS, ShardError, dataset_path, read_header, shard_name
+from pgolf.data.tokenizer import load_tokenizer, tokenizer_file
 
 DEFAULT_REPO_ID = "kevclark/parameter-golf"  # sp4096 and sp8192; "willdepueoai/parameter-golf" has sp1024
 REMOTE_ROOT = "datasets"  # the repository folder that holds the export (the challenge's default)

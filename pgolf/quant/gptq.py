@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from pgolf.codec import QuantizedModel, QuantizedTensor, dequantize, quant_max, round_rows
+from pgolf.artifact.codec import QuantizedModel, QuantizedTensor, dequantize, quant_max, round_rows
 from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
-from pgolf.lqer import correction_names, worst_tensor_corrections
+from pgolf.quant.lqer import correction_names, worst_tensor_corrections
 from pgolf.runtime import progress_bar
 
 MIN_SCALE = 1e-10

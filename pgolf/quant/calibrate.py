@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pgolf.checkpoint import load_tagged, save_tagged
+from pgolf.model.files import build_model, load_tagged, save_tagged
 from pgolf.config import CalibrateConfig
-from pgolf.loader import TrainLoader
-from pgolf.model import GPT, CastedLinear
-from pgolf.runtime import autocast, progress_bar
+from pgolf.data.loader import TrainLoader
+from pgolf.model.gpt import GPT, CastedLinear
+from pgolf.data.shards import shard_files
+from pgolf.runtime import autocast, progress_bar, resolve_device, seed_everything
 
 FORMAT = "pgolf-hessians"
 VERSION = 1
@@ -94,7 +95,7 @@ def collect_output_sensitivity(
 
     With it a weight error Δ costs about ``½ Σ_i G_i (Δ H Δᵀ)_ii`` of loss per token (the
     Gauss–Newton quadratic with the output factor's diagonal), which makes the H-weighted
-    errors of different layers comparable (:mod:`pgolf.allocate`). Each batch is run forward
+    errors of different layers comparable (:mod:`pgolf.quant.allocate`). Each batch is run forward
     and backward on the next-token loss; a looped layer averages over its passes. The tied
     embedding's rows are the head's logits, whose gradient is taken before the softcap.
     """
@@ -174,3 +175,19 @@ def load_output_sensitivity(path: str | Path) -> dict[str, Tensor]:
                                               for n, g in found.items()):
         raise ValueError(f"{path}: output_sensitivity is not a dict of vectors by weight name")
     return {name: g.float() for name, g in found.items()}
+
+
+def calibration_model(model_path: Path, cfg: CalibrateConfig) -> GPT:
+    """The trained model of ``model_path`` on the calibration device, the calibration seed set."""
+    seed_everything(cfg.seed)
+    return build_model(model_path, resolve_device(cfg.device))
+
+
+def calibration_hessians(model: GPT, dataset_dir: Path, cfg: CalibrateConfig
+                         ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """GPTQ Hessians of ``model`` (on its device) from the training shards of ``dataset_dir`` (checked by
+    the caller), and with ``cfg.output_sensitivity`` the weights' output sensitivities (else {})."""
+    batches = calibration_batches(shard_files(dataset_dir, "train"), cfg)
+    device = next(model.parameters()).device
+    hessians = collect_hessians(model, batches, device)
+    return hessians, collect_output_sensitivity(model, batches, device) if cfg.output_sensitivity else {}

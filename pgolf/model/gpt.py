@@ -32,7 +32,7 @@ Delta = Callable[[Tensor], Tensor]  # an additive correction computed from a sub
 
 @dataclass(frozen=True)
 class BlockDeltas:
-    """Low-rank corrections for one application of a block (test-time training, pgolf/lora.py).
+    """Low-rank corrections for one application of a block (test-time training, pgolf/eval/lora.py).
 
     ``q``, ``k``, ``v`` and ``o`` read the attention's normalised input; ``q``/``k``/``v`` are
     added to their projections and ``o`` to the attention output after its projection. ``mlp``

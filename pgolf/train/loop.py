@@ -34,25 +34,20 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pgolf.checkpoint import load_tagged, save_tagged
+from pgolf.train.checkpoint import (CHECKPOINT_NAME, check_resumable, load_checkpoint, rng_state,
+                                    save_checkpoint, set_rng_state)
 from pgolf.config import TrainConfig, to_dict
 from pgolf.distributed import DistContext, any_rank, barrier
-from pgolf.evaluate import eval_plain
-from pgolf.model import CastedLinear, FakeQuant, GPT
-from pgolf.optim import Optimizers, build_optimizers, is_control_tensor, muon_momentum_at
-from pgolf.runtime import autocast, mixed_precision, progress_bar, use_compile
-from pgolf.tokenizer import ByteTables
+from pgolf.eval.score import eval_plain
+from pgolf.model.gpt import CastedLinear, FakeQuant, GPT
+from pgolf.train.optim import Optimizers, build_optimizers, is_control_tensor, muon_momentum_at
+from pgolf.runtime import autocast, mixed_precision, progress_bar, seed_everything, use_compile
+from pgolf.data.loader import make_loader
+from pgolf.data.shards import load_validation_tokens, shard_files
+from pgolf.data.tokenizer import ByteTables, byte_tables
 
 MicroBatch = tuple[Tensor, Tensor]  # inputs [B, T], targets [B, T]
 Validator = Callable[[GPT], tuple[float, float]]  # model -> (val_loss, val_bpb)
-
-CHECKPOINT_FORMAT = "pgolf-train-checkpoint"
-CHECKPOINT_VERSION = 1
-CHECKPOINT_NAME = "last.pt"
-# Settings a resumed run may change: they do not alter the trajectory.
-RESUMABLE_CHANGES = frozenset({"checkpoint_every", "train_log_every", "val_loss_every",
-                               "nproc_per_node", "device", "compile"})
-
 
 class BatchSource(Protocol):
     """Where a run's micro-batches come from: this rank's share of any step."""
@@ -187,40 +182,6 @@ def swa_add(swa: dict[str, Tensor], model: nn.Module) -> None:
             swa[name].add_(t.detach().float())
         else:
             swa[name] = t.detach().float().clone()
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write a resume checkpoint whole or not at all."""
-    save_tagged(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, state)
-
-
-def load_checkpoint(path: Path) -> dict:
-    return load_tagged(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "training checkpoint")
-
-
-def check_resumable(state: dict, model: GPT, cfg: TrainConfig, path: Path) -> None:
-    """Refuse a checkpoint of another model or of settings that change the trajectory."""
-    if state["model_config"] != to_dict(model.config):
-        raise ValueError(f"{path}: checkpoint of another model config; delete it to start afresh")
-    saved, now = state["train_config"], to_dict(cfg)
-    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
-    if changed:
-        details = ", ".join(f"train.{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(f"{path}: settings changed since this checkpoint ({details}); delete it to start afresh")
-
-
-def rng_state() -> dict[str, Tensor | list[Tensor]]:
-    cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
-    return {"torch": torch.get_rng_state(), "cuda": cuda}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(cuda_state, index)
 
 
 # ---------------------------------------------------------------- the loop
@@ -536,3 +497,17 @@ def run_metrics(result: TrainResult, num_params: int, ctx: DistContext) -> dict:
     if result.val_history:
         metrics |= {"val_loss": result.val_history[-1]["val_loss"], "val_bpb": result.val_history[-1]["val_bpb"]}
     return metrics
+
+
+def train_model(model_cfg: ModelConfig, cfg: TrainConfig, dataset_dir: Path, tokenizer_path: Path,
+                ctx: DistContext, checkpoints: Path | None) -> tuple[GPT, TrainResult]:
+    """A model of ``model_cfg`` trained on the shards of ``dataset_dir`` (this rank's share; checked by the caller)."""
+    loader = make_loader(cfg.loader, shard_files(dataset_dir, "train"), cfg.train_seq_len, cfg.seed,
+                         cfg.train_batch_tokens, cfg.grad_accum_steps, ctx.rank, ctx.world_size)
+    validate = None
+    if cfg.val_loss_every > 0:
+        tokens = load_validation_tokens(dataset_dir, cfg.train_seq_len, cfg.val_max_tokens)  # [N]
+        validate = plain_validator(tokens, byte_tables(tokenizer_path, model_cfg.vocab_size), cfg, ctx.device)
+    seed_everything(cfg.seed)
+    model = GPT(model_cfg)
+    return model, train(model, cfg, loader, ctx, checkpoints, validate=validate)

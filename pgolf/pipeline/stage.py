@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pgolf import layout
+from pgolf.pipeline import layout
 from pgolf.config import ConfigError, load_params
 from pgolf.distributed import launch_torchrun, under_torchrun
 
@@ -33,7 +33,7 @@ STAGE_SECTIONS = {"tokenize": ("tokenize",), "download": ("tokenize",), "train":
 
 @dataclass(frozen=True)
 class Workspace:
-    """Where a run reads and writes the pipeline's paths (``pgolf.layout``)."""
+    """Where a run reads and writes the pipeline's paths (``pgolf.pipeline.layout``)."""
 
     root: Path  # Path(".") for the pipeline itself
 

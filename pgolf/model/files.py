@@ -23,7 +23,7 @@ from torch import Tensor
 
 from pgolf.atomic import atomic_path, recover
 from pgolf.config import ConfigError, ModelConfig, from_dict, to_dict
-from pgolf.model import GPT
+from pgolf.model.gpt import GPT
 
 FORMAT = "pgolf-model"
 VERSION = 2  # 2: with a payload checksum; version 1 files (without one) are still read

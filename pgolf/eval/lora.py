@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pgolf.model import GPT, BlockDeltas, layer_order
+from pgolf.model.gpt import GPT, BlockDeltas, layer_order
 
 KINDS = ("q", "k", "v", "o", "mlp")
 

@@ -4,7 +4,7 @@ GPTQ produces a :class:`QuantizedModel` (int codes with one fp16 scale per row, 
 fp16 tensors kept as they are). :func:`serialize` turns it into plain bytes that only
 describe arrays, so reading an artifact can never run code; :func:`compress` byte-shuffles
 those bytes (docs/DESIGN.md §6) and codes them with brotli, lzma or zstd, or codes the
-model's arrays under explicit probability models (``ans``, :mod:`pgolf.entropy`), inside a
+model's arrays under explicit probability models (``ans``, :mod:`pgolf.artifact.ans`), inside a
 small container that names the coder and its version, so :func:`decompress` needs no
 parameters. Decompression stops once the output passes the declared raw length. Anything
 wrong with a file is an :class:`ArtifactError` that says what and where.
@@ -23,7 +23,7 @@ that the stride-2 shuffle puts all low bytes of the fp16 values together and all
 bytes together.
 
 A quantized entry named ``<name>.lqer_a`` [rows, r] with a partner ``<name>.lqer_b`` [r, cols]
-is a low-rank correction of tensor ``<name>`` (:mod:`pgolf.lqer`): dequantized, ``<name>``
+is a low-rank correction of tensor ``<name>`` (:mod:`pgolf.quant.lqer`): dequantized, ``<name>``
 is its own ``q · scale`` plus the product of the two.
 
 Compressed artifact ("PGAZ", version 2)::
@@ -33,8 +33,8 @@ Compressed artifact ("PGAZ", version 2)::
 with compressor 1 brotli, 2 lzma, 3 zstd (coder version 1: ``stream`` is the library's
 stream of the shuffle ``b"BSHF" | u8 stride | shuffled bytes``, the reference's shuffle
 header, written for stride 1 as well so that a stream always says how to undo it) or 4
-ans (``stream`` as :mod:`pgolf.entropy` describes, coder version
-:data:`pgolf.entropy.CODER_VERSION`). Version 1, written before the coder version byte,
+ans (``stream`` as :mod:`pgolf.artifact.ans` describes, coder version
+:data:`pgolf.artifact.ans.CODER_VERSION`). Version 1, written before the coder version byte,
 is ``b"PGAZ" | u8 1 | u8 compressor (1 or 2) | u64 raw_len | u32 crc32 | stream`` and
 still loads.
 """
@@ -57,10 +57,10 @@ import torch
 import zstandard
 from torch import Tensor
 
-from pgolf import entropy
-from pgolf.checkpoint import check_finite, check_state_dict
+from pgolf.artifact import ans  
+from pgolf.model.files import check_finite, check_state_dict
 from pgolf.config import CompressConfig, ConfigError, ModelConfig, from_dict, to_dict
-from pgolf.model import GPT
+from pgolf.model.gpt import GPT
 
 
 class ArtifactError(ValueError):
@@ -355,7 +355,7 @@ def compress(raw: bytes, cfg: CompressConfig) -> bytes:
     if cfg.compressor not in COMPRESSORS:
         raise ValueError(f"compress.compressor: unknown {cfg.compressor!r} (known: {', '.join(COMPRESSORS)})")
     if cfg.compressor == "ans":
-        stream, coder_version = _ans_compress(raw), entropy.CODER_VERSION
+        stream, coder_version = _ans_compress(raw), ans.CODER_VERSION
     else:
         stream, coder_version = _general_compress(byte_shuffle(raw, cfg.shuffle_stride), cfg), GENERAL_CODER_VERSION
     prefix = _ARTIFACT_PREFIX.pack(
@@ -383,7 +383,7 @@ def decompress(blob: bytes) -> bytes:
     if compressor not in names:
         raise ArtifactError(f"artifact names unknown compressor id {compressor} (known: {names})")
     name = names[compressor]
-    expected_version = entropy.CODER_VERSION if name == "ans" else GENERAL_CODER_VERSION
+    expected_version = ans.CODER_VERSION if name == "ans" else GENERAL_CODER_VERSION
     if coder_version != expected_version:
         raise ArtifactError(
             f"artifact's {name} coder version {coder_version} is not supported (this code reads {expected_version})"
@@ -428,7 +428,7 @@ def _read_prefix(blob: bytes) -> tuple[int, int, int, int, bytes]:
 
 def _inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
     """The output of a brotli / lzma / zstd ``stream``, refused once it passes ``limit`` bytes."""
-    pieces = {"brotli": entropy.brotli_pieces, "lzma": _lzma_pieces, "zstd": _zstd_pieces}[name](stream)
+    pieces = {"brotli": ans.brotli_pieces, "lzma": _lzma_pieces, "zstd": _zstd_pieces}[name](stream)
     out = bytearray()
     try:
         for piece in pieces:
@@ -437,7 +437,7 @@ def _inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
                 raise ArtifactError(
                     f"artifact's {name} stream inflates beyond the {limit:,} bytes its header declares: refused"
                 )
-    except (brotli.error, lzma.LZMAError, zstandard.ZstdError, entropy.StreamError) as exc:
+    except (brotli.error, lzma.LZMAError, zstandard.ZstdError, ans.StreamError) as exc:
         raise ArtifactError(f"artifact's {name} stream is corrupt or truncated: {exc}") from None
     if len(out) < limit:
         raise ArtifactError(
@@ -452,7 +452,7 @@ def _lzma_pieces(stream: bytes) -> Iterator[bytes]:
     chunk = stream
     while not decoder.eof:
         if decoder.needs_input and not chunk:
-            raise entropy.StreamError("it ends before its last block (truncated or corrupt)")
+            raise ans.StreamError("it ends before its last block (truncated or corrupt)")
         yield decoder.decompress(chunk, max_length=_PIECE)
         chunk = b""
 
@@ -464,30 +464,30 @@ def _zstd_pieces(stream: bytes) -> Iterator[bytes]:
 
 
 def _ans_compress(raw: bytes) -> bytes:
-    """pgolf.entropy's stream of a serialized model: its header, then every array under its own model."""
+    """pgolf.artifact.ans's stream of a serialized model: its header, then every array under its own model."""
     deserialize(raw)  # the entropy coder reads the layout: refuse anything that is not a valid model
     payload_start, header = _split_header(raw)
     payload = memoryview(raw)[payload_start:]
     specs = _array_specs(header, len(payload))
     end = max((spec.offset + spec.nbytes for spec in specs), default=0)
-    if end != len(payload) or entropy.rebuild_payload(specs, payload, len(payload)) != payload:
-        raise ValueError("the serialized model has bytes between or after its arrays: not pgolf.codec.serialize output")
-    return entropy.encode_model(raw[:payload_start], specs, payload)
+    if end != len(payload) or ans.rebuild_payload(specs, payload, len(payload)) != payload:
+        raise ValueError("the serialized model has bytes between or after its arrays: not pgolf.artifact.codec.serialize output")
+    return ans.encode_model(raw[:payload_start], specs, payload)
 
 
 def _ans_decompress(stream: bytes, raw_len: int) -> bytes:
     try:
-        head, body = entropy.decode_head(stream)
+        head, body = ans.decode_head(stream)
         if len(head) > raw_len:
-            raise entropy.StreamError(f"its model header of {len(head):,} bytes exceeds the declared {raw_len:,}")
+            raise ans.StreamError(f"its model header of {len(head):,} bytes exceeds the declared {raw_len:,}")
         payload_start, header = _split_header(head)
         specs = _array_specs(header, raw_len - payload_start)
         end = max((spec.offset + spec.nbytes for spec in specs), default=0)
         if payload_start + end != raw_len:  # serialize ends the payload with its last array
-            raise entropy.StreamError(f"the header's arrays end at byte {payload_start + end:,}, "
+            raise ans.StreamError(f"the header's arrays end at byte {payload_start + end:,}, "
                                       f"the artifact declares {raw_len:,}")
-        payload = entropy.decode_payload(body, specs, end)
-    except (entropy.StreamError, ArtifactError) as exc:
+        payload = ans.decode_payload(body, specs, end)
+    except (ans.StreamError, ArtifactError) as exc:
         raise ArtifactError(f"artifact's ans stream is corrupt or truncated: {exc}") from None
     return head + payload
 
@@ -505,7 +505,7 @@ def _split_header(raw: bytes) -> tuple[int, dict[str, Any]]:
     return payload_start, _parse_header(raw[_MODEL_PREFIX.size:payload_start])
 
 
-def _array_specs(header: dict[str, Any], payload_len: int) -> list[entropy.ArraySpec]:
+def _array_specs(header: dict[str, Any], payload_len: int) -> list[ans.ArraySpec]:
     """Every array of the payload as the entropy coder sees it, validated against ``payload_len``."""
     specs = []
     for index, entry in enumerate(header["tensors"]):
@@ -517,11 +517,11 @@ def _array_specs(header: dict[str, Any], payload_len: int) -> list[entropy.Array
                 _check_array(entry["scale_dtype"], [rows], entry["scale_offset"], entry["scale_nbytes"], payload_len)
                 if entry["dtype"] != "int8" or len(shape) != 2 or entry["bits"] not in range(2, 9):
                     raise ArtifactError(f"codes must be 2-D int8 of 2..8 bits, got {entry['dtype']} {shape}")
-                specs.append(entropy.ArraySpec("codes", "int8", tuple(shape), entry["offset"], entry["bits"]))
-                specs.append(entropy.ArraySpec("scale", entry["scale_dtype"], (rows,), entry["scale_offset"], 0))
+                specs.append(ans.ArraySpec("codes", "int8", tuple(shape), entry["offset"], entry["bits"]))
+                specs.append(ans.ArraySpec("scale", entry["scale_dtype"], (rows,), entry["scale_offset"], 0))
             else:
                 _check_array(entry["dtype"], shape, entry["offset"], entry["nbytes"], payload_len)
-                specs.append(entropy.ArraySpec("passthrough", entry["dtype"], tuple(shape), entry["offset"], 0))
+                specs.append(ans.ArraySpec("passthrough", entry["dtype"], tuple(shape), entry["offset"], 0))
         except (KeyError, TypeError, AttributeError) as exc:
             raise ArtifactError(f"header tensor #{index}: bad or missing field {exc}") from None
     return specs

@@ -7,14 +7,14 @@ per shape batch, so a try costs one GPTQ pass. A candidate's rate is the bytes t
 configured compressor makes of the tensor alone; its distortion is GPTQ's H-weighted
 error ``tr((W − Ŵ) H (W − Ŵ)ᵀ)``, the output energy the layer loses, or with
 ``allocate_distortion: loss`` the same per output row weighted by the row's output
-sensitivity ``E[(∂ℓ/∂y_i)²]`` (:func:`pgolf.hessians.collect_output_sensitivity`): the
+sensitivity ``E[(∂ℓ/∂y_i)²]`` (:func:`pgolf.quant.calibrate.collect_output_sensitivity`): the
 Gauss–Newton estimate of the loss it costs, comparable across layers. Minimising
 ``Σ D + λ Σ R`` for one multiplier λ picks, in each tensor, the point of the lower convex
 hull of its (R, D) candidates where the hull's slope passes −λ; lowering λ walks all
 hulls' segments in the order of their slopes (:func:`allocate`). One compressed stream
 of the whole model is not the sum of the tensors' streams, so the budget is corrected by
 the measured gap until the real artifact, counted exactly as the compress stage counts
-it (:func:`pgolf.submission.submission_bytes`), fits ``compress.size_limit_bytes``.
+it (:func:`pgolf.submit.bundle.submission_bytes`), fits ``compress.size_limit_bytes``.
 Everything is in a fixed order, so the same inputs give the same artifact.
 """
 
@@ -29,10 +29,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from pgolf.codec import LQER_SUFFIXES, QuantizedModel, QuantizedTensor, tensors_alone_bytes
+from pgolf.artifact.codec import LQER_SUFFIXES, QuantizedModel, QuantizedTensor, tensors_alone_bytes
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
-from pgolf.gptq import FactorCache, SizeFitError, TensorPlan, model_report, ordered_tensors, quantize_model, tensor_plan
-from pgolf.lqer import correction_names, h_weighted_error, low_rank_correction
+from pgolf.quant.gptq import FactorCache, SizeFitError, TensorPlan, model_report, ordered_tensors, quantize_model, tensor_plan
+from pgolf.quant.lqer import correction_names, h_weighted_error, low_rank_correction
 from pgolf.runtime import progress_bar
 
 MAX_ROUNDS = 8  # budget corrections; the gap between rate sums and the real size settles in two or three

@@ -25,10 +25,10 @@ from torch import Tensor
 
 from pgolf.config import EvaluateConfig
 from pgolf.distributed import DistContext
-from pgolf.model import GPT
+from pgolf.model.gpt import GPT
 from pgolf.runtime import autocast, progress_bar, use_compile
-from pgolf.shards import check_dataset, load_validation_tokens
-from pgolf.tokenizer import ByteTables, byte_tables, count_bytes
+from pgolf.data.shards import check_dataset, load_validation_tokens
+from pgolf.data.tokenizer import ByteTables, byte_tables, count_bytes
 
 
 class EvalScore(NamedTuple):

@@ -4,7 +4,7 @@ The tokenize stage's work. From a documents file (or the embedded corpus) it
 trains or reuses a SentencePiece tokenizer and streams every document through
 it into challenge-format shards, using all cores and constant memory; from
 published shards it validates them and links them into place. Either way the
-validation split passes the byte check of ``pgolf.tokenizer.ByteCheck`` and a
+validation split passes the byte check of ``pgolf.data.tokenizer.ByteCheck`` and a
 manifest records what went in and what came out.
 """
 
@@ -24,13 +24,13 @@ import numpy as np
 from tqdm import tqdm
 
 from pgolf.config import TokenizeConfig
-from pgolf.corpus import CorpusError, iter_documents, write_embedded_corpus
+from pgolf.data.corpus import CorpusError, iter_documents, write_embedded_corpus
 from pgolf.runtime import progress_bar
-from pgolf.shards import (
+from pgolf.data.shards import (
     HEADER_INTS, MAGIC, SPLITS, TOKEN_DTYPE, VERSION, ShardWriter, dataset_path, file_sha256, read_shard,
     shard_files, split_documents, validate_dataset,
 )
-from pgolf.tokenizer import (
+from pgolf.data.tokenizer import (
     ByteCheck, byte_tables, load_tokenizer, model_settings, train_tokenizer, training_texts,
 )
 

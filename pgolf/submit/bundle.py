@@ -3,7 +3,7 @@
 The challenge's size is compressed model bytes + code bytes, at most 16,000,000 (decimal).
 The code is the exported ``train_gpt.py`` (``script_text``): a short bootstrap and a bundle
 of the import closure of the entry modules (``compress.code_files``: the runner
-``pgolf/submit.py``), every ``pgolf`` module they import, directly or not, found by reading
+``pgolf/submit/runner.py``), every ``pgolf`` module they import, directly or not, found by reading
 their import statements, with the run's params baked in. Its code bytes are the script's
 length, never a list kept by hand. With ``compress.compress_code`` the bundle travels as one
 brotli-11 stream in base 85 (as the records' self-extracting scripts), otherwise as text.
@@ -24,13 +24,13 @@ import torch
 from torch import Tensor
 
 from pgolf import __version__
-from pgolf.allocate import AllocationResult, allocate_model
-from pgolf.codec import QuantizedModel, QuantizedTensor, compress, compressed_tensor_sizes, decompress, serialize
+from pgolf.quant.allocate import AllocationResult, allocate_model
+from pgolf.artifact.codec import QuantizedModel, QuantizedTensor, compress, compressed_tensor_sizes, decompress, serialize
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
-from pgolf.gptq import FitResult, fit_quantize, quantize_model
+from pgolf.quant.gptq import FitResult, fit_quantize, quantize_model
 
 PACKAGE = "pgolf"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class SizeLimitError(ValueError):
@@ -38,17 +38,17 @@ class SizeLimitError(ValueError):
 
 
 def imported_modules(path: Path) -> set[str]:
-    """The ``pgolf`` modules one source file imports (``pgolf.x`` names)."""
+    """The ``pgolf`` names one source file imports: modules, and for ``from pgolf.room import x`` both
+    ``pgolf.room`` and ``pgolf.room.x`` (``x`` may be a module or a name; ``module_file`` tells)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     names: set[str] = set()
     for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names if alias.name.split(".")[0] == PACKAGE}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module == PACKAGE:  # from pgolf import layout
-                names |= {f"{PACKAGE}.{alias.name}" for alias in node.names}
-            elif node.module.split(".")[0] == PACKAGE:
-                names.add(node.module)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.split(".")[0] == PACKAGE:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
     return names
 
 
@@ -74,8 +74,20 @@ def module_file(name: str, root: Path) -> Path | None:
     return None
 
 
+def package_inits(name: str, root: Path) -> list[Path]:
+    """The ``__init__.py`` of every package above module ``name``: importing it runs each of them."""
+    parts = name.split(".")[:-1]
+    inits = [root.joinpath(*parts[:depth], "__init__.py") for depth in range(1, len(parts) + 1)]
+    return [init for init in inits if init.is_file()]
+
+
 def import_closure(entry_files: list[str], root: Path = REPO_ROOT) -> list[str]:
-    """Every project file the entry files need, themselves included (paths relative to ``root``)."""
+    """Every project file the entry files need, themselves included (paths relative to ``root``).
+
+    A module is found by reading import statements (``import pgolf.a.b``, ``from pgolf.a import b``,
+    ``from pgolf.a.b import f``), and importing it runs the ``__init__.py`` of each package above it,
+    so those are in the closure too.
+    """
     missing = [name for name in entry_files if not (root / name).is_file()]
     if missing:
         raise FileNotFoundError(f"compress.code_files: not found under {root}: {', '.join(missing)}")
@@ -86,13 +98,13 @@ def import_closure(entry_files: list[str], root: Path = REPO_ROOT) -> list[str]:
         if path in seen:
             continue
         seen.add(path)
-        for module in imported_modules(path):
-            source = module_file(module, root)
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        pending.extend(package_inits(module, root))
+        for name in imported_modules(path):
+            source = module_file(name, root)
             if source is not None:
                 pending.append(source)
-    package_init = root / PACKAGE / "__init__.py"
-    if package_init.is_file() and any(p.parent == root / PACKAGE for p in seen):
-        seen.add(package_init)  # importing any pgolf module runs the package's __init__
+                pending.extend(package_inits(name, root))
     return sorted(str(p.relative_to(root)) for p in seen)
 
 

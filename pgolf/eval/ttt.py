@@ -12,7 +12,7 @@ along the #1394 sliding windows: a window belongs to the chunk of its first scor
 and chunk c trains on its own tokens, cut into ``seq_len`` sequences and capped at the last
 target scored so far, for ``epochs`` epochs at a cosine learning rate over the chunks.
 Style B (``lora_doc``: PR #1586; ``phased``: the 04-22 record) freezes the model and gives
-each document fresh low-rank adapters (pgolf/lora.py); a document is scored in chunks of
+each document fresh low-rank adapters (pgolf/eval/lora.py); a document is scored in chunks of
 ``lora_chunk_tokens`` predictions with context from that document only, one optimiser step
 after each chunk. ``phased`` pauses at fixed document counts and runs SGD on all base weights
 over the documents scored so far. Work is split over processes with collectives only, and
@@ -34,12 +34,12 @@ from torch import Tensor, nn
 
 from pgolf.config import TTTConfig
 from pgolf.distributed import DistContext
-from pgolf.evaluate import EvalScore, Window, rank_share, score_batch_tokens, score_from_sums, sliding_windows
-from pgolf.lora import DocumentLoRA
-from pgolf.model import GPT, AttentionFn
+from pgolf.eval.score import EvalScore, Window, rank_share, score_batch_tokens, score_from_sums, sliding_windows
+from pgolf.eval.lora import DocumentLoRA
+from pgolf.model.gpt import GPT, AttentionFn
 from pgolf.runtime import use_compile
-from pgolf.shards import BOS_ID
-from pgolf.tokenizer import ByteTables, count_bytes
+from pgolf.data.shards import BOS_ID
+from pgolf.data.tokenizer import ByteTables, count_bytes
 
 SLIDING_METHODS = ("sgd_all", "adamw_tail")
 TAIL_NAME_PARTS = ("norm", "scale", "lm_head")  # PR #576 also trains every parameter named so

@@ -1,10 +1,10 @@
 """Where the pipeline keeps every stage's outputs: declared once, read by the stages and by dvc.yaml.
 
-``dvc.yaml`` loads this file as template variables (``vars: [pgolf/layout.py]``: DVC reads
+``dvc.yaml`` loads this file as template variables (``vars: [pgolf/pipeline/layout.py]``: DVC reads
 the top-level literals of a Python file) and writes ``${TRAIN_MODEL}`` wherever the stages
 write ``layout.TRAIN_MODEL``, so a path cannot drift between the two. Paths are relative to
 the pipeline's root; a stage run by hand writes the same tree under its own directory
-(``pgolf.stage.Workspace``). Only literals belong here, or DVC could not read them.
+(``pgolf.pipeline.stage.Workspace``). Only literals belong here, or DVC could not read them.
 """
 
 OUT_DIR = "out"

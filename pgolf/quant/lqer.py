@@ -4,7 +4,7 @@ GPTQ leaves a residual ``E = W − Ŵ``. Its best rank-``r`` approximation in th
 matters, the Hessian-weighted ``tr(E H Eᵀ) = ‖E L‖²`` with ``H = L Lᵀ``, comes from the
 SVD of ``E L``: ``A B = U_r S_r V_rᵀ L⁻¹``. The factors travel as two small quantized
 tensors (``bits``-bit codes, one fp16 scale per row) named ``<name>.lqer_a`` [rows, r] and
-``<name>.lqer_b`` [r, cols], and :func:`pgolf.codec.dequantize` adds ``A B`` back. ``B`` is
+``<name>.lqer_b`` [r, cols], and :func:`pgolf.artifact.codec.dequantize` adds ``A B`` back. ``B`` is
 quantized first and ``A`` then refitted to the quantized ``B̂`` by least squares in the
 same norm, so the factors' own rounding costs little. A correction is kept only when it
 lowers the tensor's H-weighted error: it can never make a tensor worse.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pgolf.codec import LQER_SUFFIXES, QuantizedTensor, round_rows
+from pgolf.artifact.codec import LQER_SUFFIXES, QuantizedTensor, round_rows
 
 
 def h_weighted_error(diff: Tensor, hessian: Tensor, row_weights: Tensor | None = None) -> float:
