@@ -6,7 +6,7 @@ Runs, in order, and writes what each found to ``OUT/gpu_check.json`` and ``OUT/g
     python -m benchmarks.gpu_check --fineweb ../shared/fineweb --out gpu_report [--train-seconds 120]
 
 1. ``tests``: ``pytest -m gpu`` (compiled training and evaluation against eager on CUDA) and
-   the flash-against-SDPA test of ``tests/test_model.py``;
+   the flash-against-SDPA test of ``tests/model/test_gpt.py``;
 2. ``attention``: the flash kernel pgolf would use against PyTorch's SDPA on the record's
    attention shapes in bf16: largest difference, forward + backward milliseconds of each;
 3. ``throughput``: ``benchmarks.bench_train`` on the record config (compile on, bf16) on one
@@ -144,7 +144,7 @@ def check_tests(opts: Options, log: Path) -> dict:
     require_dependencies()
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     marked = pytest_summary(run_logged(pytest + ["-m", "gpu", "tests"], log))
-    attention = pytest_summary(run_logged(pytest + ["tests/test_model.py::test_gpu_attention_matches_sdpa"], log))
+    attention = pytest_summary(run_logged(pytest + ["tests/model/test_gpt.py::test_gpu_attention_matches_sdpa"], log))
     if "skipped" in marked or "skipped" in attention:
         raise CheckFailed(f"GPU tests skipped on a GPU: {marked}; {attention}")
     return {"pytest -m gpu": marked, "test_gpu_attention_matches_sdpa": attention}
@@ -191,7 +191,7 @@ def check_attention(opts: Options, log: Path) -> dict:
         difference = (FLASH_ATTENTION(q, k, v).float() - reference.float()).abs().max().item()
     figures |= {"flash": kernel, "max_abs_difference": difference,
                 "flash_fwd_bwd_ms": round(time_fwd_bwd(FLASH_ATTENTION, q, k, v), 3)}
-    if difference > 2e-2:  # bf16 outputs of unit scale: the tolerance of tests/test_model.py
+    if difference > 2e-2:  # bf16 outputs of unit scale: the tolerance of tests/model/test_gpt.py
         raise CheckFailed(f"{kernel} differs from SDPA by {difference:.3e} (limit 2e-2)")
     return figures
 

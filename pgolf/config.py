@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 def run_setting(default: Any) -> Any:
     """A field that changes how a run goes (logging, checkpoints, workers), not what it produces.
 
-    ``dvc.yaml`` does not list such keys, so changing one re-runs nothing (tests/test_dvc_yaml.py).
+    ``dvc.yaml`` does not list such keys, so changing one re-runs nothing (tests/pipeline/test_deps.py).
     """
     return field(default=default, metadata={"affects_outputs": False})
 

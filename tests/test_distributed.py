@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_manifest
+from tests.conftest import write_manifest
 from pgolf.model.files import load_model
 from pgolf.config import ModelConfig, TrainConfig
 from pgolf.distributed import any_rank, init_distributed, under_torchrun

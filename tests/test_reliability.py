@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from recorded_batches import RecordedBatches
-from test_checkpoint import CONFIG, flip_bit_in_tensor_data
+from tests.train.recorded_batches import RecordedBatches
+from tests.model.test_files import CONFIG, flip_bit_in_tensor_data
 
 from pgolf import cli
 from pgolf.config import TrainConfig

@@ -454,7 +454,7 @@ def global_sgd_phase(
 
 def compliance(result: TTTResult) -> dict:
     """The four conditions of issue #1017, how this implementation meets each, and the test proving it."""
-    test = "tests/test_ttt.py::"
+    test = "tests/eval/test_ttt.py::"
     return {
         "causal_prefix": {"holds": True, "how": "each prediction's logits come from its prefix in the stream "
                           "(style A) or in its document (style B) and the state left by earlier chunks",

@@ -156,7 +156,7 @@ def compliance(run: RunRecord, cfg: ExportConfig) -> dict[str, Any]:
             None, None, "pass",
             f"condition 4: one left-to-right pass, every target scored exactly once (plain windows partition the "
             f"tokens; sliding windows of {evaluate['eval_seq_len']} at stride {evaluate['eval_stride']} score "
-            "disjoint ranges: tests/test_evaluate.py::test_sliding_windows_score_every_target_exactly_once)"),
+            "disjoint ranges: tests/eval/test_score.py::test_sliding_windows_score_every_target_exactly_once)"),
     }
     return {"track": TRACK, "declared_hardware": cfg.hardware, "rules": rules,
             "all_pass": all(rule["status"] == "pass" for rule in rules.values())}

@@ -20,7 +20,7 @@ from pgolf.quant.gptq import (TensorPlan, best_row_percentile_scales, prepare_he
                         quantize_model, round_table)
 from pgolf.model.gpt import GPT, BigramHash, CastedLinear, FakeQuant, count_parameters
 from pgolf.train.optim import build_optimizers, muon_momentum_at
-from conftest import ASSETS_DIR
+from tests.conftest import ASSETS_DIR
 
 # The tiny configurations of tools/make_golden_seeds.py, in pgolf's names.
 TINY_576 = ModelConfig(
@@ -159,7 +159,7 @@ def test_pr576_fake_quant_forward():
 
 
 def test_full_size_parameter_counts_are_the_prs_logs():
-    from test_seeds_presets import preset_model_config  # the presets' own model sections
+    from tests.submit.test_presets import preset_model_config  # the presets' own model sections
 
     assert count_parameters(GPT(preset_model_config("pr576"))) == 33_580_124  # PR #576's log
     assert count_parameters(GPT(preset_model_config("pr1218"))) == 34_401_371  # PR #1218's train_seed1337.log
@@ -169,7 +169,7 @@ def test_full_size_parameter_counts_are_the_prs_logs():
 def test_whole_model_export_matches_the_pr(name):
     # The PR's export of the tiny model (its Hessians, #576's pruning, its mixed quantizer) with the size
     # threshold at 200 instead of 65,536, against quantize_model with the preset's quantize section.
-    from test_seeds_presets import preset
+    from tests.submit.test_presets import preset
 
     export = golden(name)["export"]
     cfg = dataclasses.replace(section(preset(name), "quantize", QuantizeConfig),

@@ -38,7 +38,7 @@ from pgolf.data.dataset import build_dataset  # noqa: E402
 from stages import download as download_stage  # noqa: E402
 from stages import tokenize  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 REPO_ID = "stand-in/parameter-golf"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 VOCAB = 1024

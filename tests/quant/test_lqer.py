@@ -8,7 +8,7 @@ from pgolf.artifact.codec import dequantize
 from pgolf.config import QuantizeConfig
 from pgolf.quant.gptq import quantize_model
 from pgolf.quant.lqer import h_weighted_error, low_rank_correction
-from test_allocate import model_with_hessians
+from tests.quant.test_allocate import model_with_hessians
 
 
 def random_hessian(cols: int, generator: torch.Generator) -> torch.Tensor:

@@ -24,7 +24,7 @@ from pgolf import config
 from pgolf.pipeline import layout
 from pgolf.submit.bundle import import_closure
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DVC_YAML = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text(encoding="utf-8"))
 STAGES = DVC_YAML["stages"]
 PARAMS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_manifest
+from tests.conftest import write_manifest
 from pgolf.pipeline import layout
 from pgolf.atomic import write_bytes
 from pgolf.model.files import build_model, save_model

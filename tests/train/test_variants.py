@@ -10,8 +10,8 @@ import torch
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
 from pgolf.model.gpt import GPT, CastedLinear, FakeQuant
 from pgolf.train.loop import Trainer, schedule_scale, train, warmdown_iters_scale
-from test_seeds_model import noisy
-from test_train import CPU, TINY_TRAIN, random_batches
+from tests.model.test_variants import noisy
+from tests.train.test_loop import CPU, TINY_TRAIN, random_batches
 
 QAT_MODEL = ModelConfig(vocab_size=64, num_layers=2, model_dim=16, embedding_dim=16, num_heads=2, num_kv_heads=1,
                         rope_dims=4, rope_train_seq_len=16, xsa_last_n=2, num_loops=0, bigram_vocab_size=32,

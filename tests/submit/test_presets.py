@@ -11,7 +11,7 @@ import yaml
 
 from pgolf.pipeline import layout
 from pgolf.config import ModelConfig, QuantizeConfig, TrainConfig, load_params, section
-from conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 from stages import bundle, calibrate, compress, evaluate, quantize, tokenize, train
 
 PRESETS = REPO_ROOT / "presets"

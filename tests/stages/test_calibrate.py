@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_manifest
+from tests.conftest import write_manifest
 from pgolf.pipeline import layout
 from pgolf.model.files import build_model, save_model
 from pgolf.config import CalibrateConfig, ModelConfig, section

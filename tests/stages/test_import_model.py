@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import model_config_from_reference
+from tests.conftest import model_config_from_reference
 from pgolf.pipeline import layout
 from pgolf.model.files import build_model, load_model
 from stages import import_model

@@ -21,7 +21,7 @@ import pytest
 
 from pgolf.config import CompressConfig
 from pgolf.submit.bundle import SizeLimitError, import_closure, pack_artifact, read_bundle
-from test_pipeline_dvc import micro_repo, run  # noqa: F401 (micro_repo: a fixture)
+from tests.pipeline.test_dvc import micro_repo, run  # noqa: F401 (micro_repo: a fixture)
 
 pytestmark = pytest.mark.slow
 

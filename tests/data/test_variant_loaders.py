@@ -13,7 +13,7 @@ import torch
 from pgolf.config import ConfigError, TrainConfig, load_params
 from pgolf.data.loader import CoprimeLoader, SequentialLoader, make_loader
 from pgolf.data.shards import write_shard
-from test_seeds_parity import golden
+from tests.quant.test_variant_parity import golden
 
 
 def shard_dir(tmp_path, name: str):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import pgolf.eval.ttt as ttt
-from conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 from pgolf.pipeline import layout
 from pgolf.config import ModelConfig, TTTConfig
 from pgolf.eval.score import Window, eval_sliding, score_batch_tokens
@@ -28,8 +28,8 @@ from pgolf.model.gpt import GPT
 from pgolf.data.shards import BOS_ID
 from pgolf.pipeline.stage import Workspace
 from pgolf.data.tokenizer import ByteTables, count_bytes
-from test_evaluate_stage import BATCH, MAX_TOKENS, SEQ_LEN, STRIDE, VAL_TARGETS
-from test_evaluate_stage import workdir as stage_workdir  # noqa: F401 (a fixture: artifact + FineWeb val)
+from tests.stages.test_evaluate import BATCH, MAX_TOKENS, SEQ_LEN, STRIDE, VAL_TARGETS
+from tests.stages.test_evaluate import workdir as stage_workdir  # noqa: F401 (a fixture: artifact + FineWeb val)
 
 PIPELINE = Workspace.pipeline()  # the stages as DVC runs them
 
@@ -289,7 +289,7 @@ WORKER = textwrap.dedent("""
     import torch
     from pgolf.distributed import init_distributed, shutdown
     from pgolf.eval.ttt import run_ttt
-    from test_ttt import METHODS, TABLES, make_model, make_stream
+    from tests.eval.test_ttt import METHODS, TABLES, make_model, make_stream
     ctx = init_distributed("cpu")
     results = {}
     for method in sys.argv[2:]:

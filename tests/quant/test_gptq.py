@@ -22,7 +22,7 @@ from pgolf.quant.gptq import (
     tensor_plan,
 )
 from pgolf.quant.calibrate import collect_output_sensitivity
-from test_allocate import model_with_hessians
+from tests.quant.test_allocate import model_with_hessians
 
 ALL_GPTQ = QuantizeConfig(passthrough_max_numel=0)  # both golden sets quantize every linear
 

@@ -19,7 +19,7 @@ from pgolf.quant.calibrate import collect_output_sensitivity
 from pgolf.quant.lqer import h_weighted_error
 from pgolf.submit.bundle import SizeLimitError, pack_artifact, submission_bytes
 from stages import quantize as stage
-from test_quantize_stage import CODE_BYTES, PIPELINE, model_with_hessians, small_workdir  # noqa: F401 (a fixture)
+from tests.stages.test_quantize import CODE_BYTES, PIPELINE, model_with_hessians, small_workdir  # noqa: F401 (a fixture)
 
 FAST = CompressConfig(brotli_quality=5)
 

@@ -32,7 +32,7 @@ from pgolf.artifact.codec import (
 )
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
 from pgolf.submit.bundle import quantize_for_size
-from test_allocate import model_with_hessians
+from tests.quant.test_allocate import model_with_hessians
 
 
 def small_model(seed: int = 0) -> QuantizedModel:

@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import model_config_from_reference, train_config_from_reference, write_manifest
-from recorded_batches import RecordedBatches
+from tests.conftest import model_config_from_reference, train_config_from_reference, write_manifest
+from tests.train.recorded_batches import RecordedBatches
 from pgolf.pipeline import layout
 from pgolf.model.files import build_model, load_model
 from pgolf.config import ModelConfig, TrainConfig

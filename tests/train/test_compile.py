@@ -18,9 +18,9 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT
-from recorded_batches import RecordedBatches
-from test_train import one_thread  # noqa: F401  (autouse: one thread, as for the other tiny models)
+from tests.conftest import REPO_ROOT
+from tests.train.recorded_batches import RecordedBatches
+from tests.train.test_loop import one_thread  # noqa: F401  (autouse: one thread, as for the other tiny models)
 from pgolf.config import ModelConfig, TrainConfig
 from pgolf.distributed import DistContext
 from pgolf.eval.score import eval_sliding

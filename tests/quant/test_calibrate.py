@@ -10,7 +10,7 @@ import torch
 from pgolf.quant.calibrate import (collect_hessians, collect_output_sensitivity, load_hessians, load_output_sensitivity,
                             save_hessians)
 from pgolf.model.gpt import GPT
-from test_allocate import model_with_hessians
+from tests.quant.test_allocate import model_with_hessians
 
 
 @pytest.fixture(scope="module")
