@@ -54,8 +54,8 @@ from pgolf.model.gpt import GPT
 from pgolf.pipeline import layout
 from pgolf.pipeline.plots import rate_distortion_plot, write_csv
 from pgolf.quant.allocate import allocate_within, model_candidates
-from pgolf.quant.calibrate import load_hessians, load_output_sensitivity
 from pgolf.quant.fit import quantize_for_size
+from pgolf.quant.hessians import load_hessians, load_output_sensitivity
 from pgolf.quant.lqer import h_weighted_error
 from pgolf.submit.bundle import code_bytes
 from pgolf.submit.runner import RunConfigs

@@ -50,7 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ("tests", "attention", "throughput", "pipeline")
 GPU_ONLY = ("tests", "attention")
 # (name, pgolf command): the stages of dvc.yaml in its order; prequant scores the trained weights
-STAGES = (("tokenize", ["tokenize"]), ("train", ["train"]), ("prequant", ["evaluate", "--weights", "trained"]),
+STAGES = (("tokenize", ["tokenize"]), ("train", ["train"]), ("prequant", ["prequant"]),
           ("calibrate", ["calibrate"]), ("quantize", ["quantize"]), ("compress", ["compress"]),
           ("evaluate", ["evaluate"]))
 METRICS = {"train": layout.TRAIN_METRICS, "prequant": layout.PREQUANT_METRICS, "compress": layout.COMPRESS_METRICS,

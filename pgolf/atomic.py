@@ -25,7 +25,9 @@ line naming the operation and the path; it is both an ``OSError`` and a
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
+import io
 import json
 import os
 import re
@@ -280,6 +282,9 @@ class StageOutputs:
     def write_json(self, dest: str | Path, obj: Any) -> None:
         self.write_text(dest, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
+    def write_csv(self, dest: str | Path, rows: list[dict[str, Any]]) -> None:
+        self.write_text(dest, csv_text(rows, dest))
+
     def commit(self) -> None:
         _commit(self._pairs)
         self._pairs = []
@@ -319,6 +324,17 @@ def atomic_open(path: str | Path, mode: str = "wb", **kwargs: Any) -> Iterator[I
             raise _error("write", Path(path), exc) from exc
         with handle:
             yield handle
+
+
+def csv_text(rows: list[dict[str, Any]], dest: str | Path) -> str:
+    """Rows of equal keys as CSV with a header: plot data, which DVC and the plots stage read."""
+    if not rows:
+        raise ValueError(f"{dest}: no rows to write")
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

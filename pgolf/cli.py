@@ -16,9 +16,9 @@ from pgolf.config import ConfigError, load_params, render_params
 from pgolf.pipeline.stage import one_line, stage_parser
 
 # command -> module under stages/ ("import" is a keyword, so its module has another name)
-STAGE_MODULES = {"tokenize": "tokenize", "train": "train", "calibrate": "calibrate", "bundle": "bundle",
-                 "quantize": "quantize", "compress": "compress", "evaluate": "evaluate", "ttt": "ttt", "export": "export",
-                 "import": "import_model", "download": "download"}
+STAGE_MODULES = {"download": "download", "tokenize": "tokenize", "import": "import_model", "train": "train",
+                 "prequant": "prequant", "calibrate": "calibrate", "bundle": "bundle", "quantize": "quantize",
+                 "compress": "compress", "evaluate": "evaluate", "ttt": "ttt", "plots": "plots", "export": "export"}
 
 
 def print_params(argv: list[str]) -> int:
@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: pgolf {{{','.join(STAGE_MODULES)},params}} [--params FILE] [--set section.key=value ...] "
               "[--out DIR]")
         print("  pgolf params ...  prints the complete params (every key, defaults filled in)")
-        print("  pgolf evaluate --weights trained  scores the trained weights (the prequant stage)")
         print("  pgolf download --variant sp8192 --train-shards 128  fetches the challenge's published data")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(f"stages.{STAGE_MODULES[argv[0]]}")

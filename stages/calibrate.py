@@ -21,7 +21,8 @@ from pgolf.data.tokenizer import tokenizer_file
 from pgolf.pipeline import layout
 from pgolf.pipeline.provenance import log_provenance
 from pgolf.pipeline.stage import Workspace, run_stage
-from pgolf.quant.calibrate import calibration_hessians, calibration_model, save_hessians
+from pgolf.quant.calibrate import calibration_hessians, calibration_model
+from pgolf.quant.hessians import save_hessians
 
 
 def run(params: dict, ws: Workspace) -> None:

@@ -4,20 +4,20 @@ Reads ``out/quantize/quantized.bin``, compresses it as ``compress:`` says and ad
 code bytes a submission ships: the length of the script the bundle stage wrote
 (``pgolf.submit.bundle``). Over ``size_limit_bytes`` the stage
 fails, naming size, limit and overshoot, and writes nothing. Otherwise it commits
-``out/compress/artifact.ptz``, each tensor's compressed size (CSV and plot) and
+``out/compress/artifact.ptz``, each tensor's compressed size (plot data) and
 ``out/compress/metrics.json``.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from pgolf.artifact.format import deserialize
 from pgolf.artifact.size import pack_artifact, read_code_bytes, tensor_size_rows
-from pgolf.atomic import stage_outputs
+from pgolf.atomic import csv_text, stage_outputs
 from pgolf.config import CompressConfig, section, to_dict
 from pgolf.pipeline import layout
-from pgolf.pipeline.plots import tensor_size_plot, write_csv
 from pgolf.pipeline.provenance import log_provenance
 from pgolf.pipeline.stage import Workspace, run_stage
 
@@ -36,8 +36,9 @@ def run(params: dict, ws: Workspace) -> None:
     rows = tensor_size_rows(qm, cfg)
     with stage_outputs() as out:
         out.write_bytes(ws.output(layout.COMPRESS_ARTIFACT), blob)
-        write_csv(out.path(ws.output(layout.COMPRESS_SIZES)), rows)
-        tensor_size_plot(out.path(ws.output(layout.COMPRESS_SIZES_PLOT)), rows)
+        plots = out.path(ws.output(layout.COMPRESS_PLOTS))
+        plots.mkdir()
+        (plots / Path(layout.COMPRESS_SIZES).name).write_text(csv_text(rows, layout.COMPRESS_SIZES))
         out.write_json(ws.output(layout.COMPRESS_PROVENANCE), record)
         out.write_json(ws.output(layout.COMPRESS_METRICS), {
             "artifact_bytes": len(blob), "code_bytes": code, "total_bytes": len(blob) + code,

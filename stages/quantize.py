@@ -12,19 +12,19 @@ against the submission's real size.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from pgolf.artifact.format import serialize
 from pgolf.artifact.size import read_code_bytes
-from pgolf.atomic import stage_outputs
+from pgolf.atomic import csv_text, stage_outputs
 from pgolf.config import CompressConfig, QuantizeConfig, section, to_dict
 from pgolf.model.files import load_model
 from pgolf.pipeline import layout
-from pgolf.pipeline.plots import quantization_plots
 from pgolf.pipeline.provenance import log_provenance
 from pgolf.pipeline.stage import Workspace, run_stage
-from pgolf.quant.calibrate import load_hessians, load_output_sensitivity
 from pgolf.quant.fit import FitResult, needs_size, quantize_for_size
 from pgolf.quant.gptq import check_hessians, report_totals
+from pgolf.quant.hessians import load_hessians, load_output_sensitivity
 from pgolf.runtime import resolve_device
 
 
@@ -56,12 +56,24 @@ def run(params: dict, ws: Workspace) -> None:
         report["fit" if fit is not None else "allocation"] = search.summary(limit)
     with stage_outputs() as out:
         out.write_bytes(ws.output(layout.QUANTIZE_MODEL), raw)
-        quantization_plots(out.path(ws.output(layout.QUANTIZE_PLOTS)), rows, fit, limit)
+        plot_data(out.path(ws.output(layout.QUANTIZE_PLOTS)), rows, fit, limit)
         out.write_json(ws.output(layout.QUANTIZE_PROVENANCE), record)
         out.write_json(ws.output(layout.QUANTIZE_REPORT), report)
     totals = report["totals"]
     print(f"[pgolf quantize] {totals['quantized_tensors']} of {totals['tensors']} tensors quantized, "
           f"{len(raw):,} serialized bytes, H-weighted error {totals['h_rel_error_weighted']:.3e}", flush=True)
+
+
+def plot_data(directory: Path, rows: list[dict], fit: FitResult | None, limit: int) -> None:
+    """Per-tensor error rows and, after a size search, its tries (the chosen one marked)."""
+    directory.mkdir()
+    tensors = [{**row, "shape": "x".join(map(str, row["shape"]))} for row in rows]
+    (directory / Path(layout.QUANTIZE_TENSORS).name).write_text(csv_text(tensors, layout.QUANTIZE_TENSORS))
+    if fit is not None:
+        points = [{"step": step, "clip_sigmas": p.clip_sigmas, "total_bytes": p.total_bytes, "fits": p.fits,
+                   "size_limit_bytes": limit, "chosen": p.clip_sigmas == fit.clip_sigmas}
+                  for step, p in enumerate(fit.points)]
+        (directory / Path(layout.QUANTIZE_FIT).name).write_text(csv_text(points, layout.QUANTIZE_FIT))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
-from pgolf.atomic import stage_outputs
+from pgolf.atomic import csv_text, stage_outputs
 from pgolf.config import ModelConfig, TokenizeConfig, TrainConfig, section, to_dict
 from pgolf.data.shards import check_dataset, dataset_path
 from pgolf.data.tokenizer import tokenizer_file
@@ -22,7 +23,6 @@ from pgolf.distributed import barrier, init_distributed, shutdown
 from pgolf.model.files import save_model
 from pgolf.model.gpt import count_parameters
 from pgolf.pipeline import layout
-from pgolf.pipeline.plots import training_plot, write_csv
 from pgolf.pipeline.provenance import log_provenance
 from pgolf.pipeline.stage import Workspace, run_stage
 from pgolf.runtime import enable_tf32
@@ -55,13 +55,18 @@ def run(params: dict, ws: Workspace) -> None:
 def write_outputs(ws: Workspace, model_cfg: ModelConfig, result: TrainResult, metrics: dict, record: dict) -> None:
     with stage_outputs() as out:
         save_model(out.path(ws.output(layout.TRAIN_MODEL)), model_cfg, result.final_state)
-        write_csv(out.path(ws.output(layout.TRAIN_CURVE)), result.history)
+        plots = out.path(ws.output(layout.TRAIN_PLOTS))
+        plots.mkdir()
+        write_curve(plots, layout.TRAIN_CURVE, result.history)
         if result.val_history:
-            write_csv(out.path(ws.output(layout.TRAIN_VAL_CURVE)), result.val_history)
-        training_plot(out.path(ws.output(layout.TRAIN_PLOT)), result.history, result.val_history)
+            write_curve(plots, layout.TRAIN_VAL_CURVE, result.val_history)
         out.write_json(ws.output(layout.TRAIN_PROVENANCE), record)
         out.write_json(ws.output(layout.TRAIN_METRICS), metrics)
     print(f"[pgolf train] wrote {ws.output(layout.TRAIN_MODEL)}: {json.dumps(metrics)}", flush=True)
+
+
+def write_curve(plots: Path, curve: str, rows: list[dict]) -> None:
+    (plots / Path(curve).name).write_text(csv_text(rows, curve), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

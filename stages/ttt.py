@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
-from pgolf.artifact.compress import artifact_model
-from pgolf.atomic import stage_outputs
+from pgolf.artifact.load import artifact_model
+from pgolf.atomic import csv_text, stage_outputs
 from pgolf.config import EvaluateConfig, TokenizeConfig, TTTConfig, section, to_dict
 from pgolf.data.shards import dataset_path
 from pgolf.data.tokenizer import tokenizer_file
@@ -21,7 +22,6 @@ from pgolf.distributed import init_distributed, shutdown
 from pgolf.eval.score import checked_validation_set
 from pgolf.eval.ttt import run_ttt, ttt_metrics
 from pgolf.pipeline import layout
-from pgolf.pipeline.plots import running_bpb_plot, write_csv
 from pgolf.pipeline.provenance import log_provenance
 from pgolf.pipeline.stage import Workspace, run_stage
 
@@ -61,8 +61,7 @@ def commit(ws: Workspace, metrics: dict, chunks: list[dict], record: dict) -> No
         plots = out.path(ws.output(layout.TTT_PLOTS))
         plots.mkdir()
         if chunks:
-            write_csv(plots / "chunks.csv", chunks)
-            running_bpb_plot(plots / "running_bpb.png", chunks, metrics["method"])
+            (plots / Path(layout.TTT_CHUNKS).name).write_text(csv_text(chunks, layout.TTT_CHUNKS))
         out.write_json(ws.output(layout.TTT_PROVENANCE), record)
         out.write_json(ws.output(layout.TTT_METRICS), metrics)
 

@@ -29,7 +29,7 @@ from tests.train.recorded_batches import RecordedBatches
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Every stage of dvc.yaml, in order, as `pgolf` arguments; `--out .` writes the pipeline's own tree.
-STAGES = [["tokenize"], ["train"], ["evaluate", "--weights", "trained"], ["calibrate"], ["bundle"], ["quantize"],
+STAGES = [["tokenize"], ["train"], ["prequant"], ["calibrate"], ["bundle"], ["quantize"],
           ["compress"], ["evaluate"]]
 DATASET = Path("data/datasets/fineweb10B_sp1024")
 TOKENIZER = Path("data/tokenizers/fineweb_1024_bpe.model")
@@ -151,7 +151,7 @@ def test_a_different_tokenizer_of_the_same_size_is_named(work, capsys):
 # ---------------------------------------------------------------- model files: checksum and finite weights
 
 
-@pytest.mark.parametrize("stage", [["calibrate"], ["evaluate", "--weights", "trained"]], ids=["calibrate", "prequant"])
+@pytest.mark.parametrize("stage", [["calibrate"], ["prequant"]], ids=["calibrate", "prequant"])
 def test_a_flipped_bit_in_the_model_file_is_named(work, capsys, stage):
     flip_bit_in_tensor_data(work / "out" / "train" / "model.pt")
     fails_cleanly(work, capsys, stage, "out/train/model.pt: model file is corrupt")
@@ -164,7 +164,7 @@ def test_prequant_evaluation_refuses_non_finite_weights(work, capsys):
     payload["state_dict"]["tok_emb.weight"][0, 0] = float("nan")
     save_tagged(work / "out" / "train" / "model.pt", FORMAT, VERSION,
                 {"model_config": payload["model_config"], "state_dict": payload["state_dict"]})
-    fails_cleanly(work, capsys, ["evaluate", "--weights", "trained"],
+    fails_cleanly(work, capsys, ["prequant"],
                   "out/train/model.pt: non-finite weights (NaN or inf) in tok_emb.weight")
 
 
@@ -244,8 +244,9 @@ def test_the_checks_refuse_only_what_is_wrong(work):
 
 
 def test_evaluate_refuses_an_artifact_with_non_finite_weights(work, capsys):
-    from pgolf.artifact.compress import compress, load_artifact
+    from pgolf.artifact.compress import compress
     from pgolf.artifact.format import serialize
+    from pgolf.artifact.load import load_artifact
     from pgolf.config import CompressConfig
 
     path = work / "out" / "compress" / "artifact.ptz"

@@ -25,21 +25,17 @@ import lzma
 import struct
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import brotli
 import numpy as np
-import torch
 import zstandard
 from torch import Tensor
 
 from pgolf.artifact import ans
 from pgolf.artifact.format import check_array, deserialize, serialize, split_header
-from pgolf.artifact.tensors import ArtifactError, QuantizedModel, QuantizedTensor, dequantize
+from pgolf.artifact.tensors import ArtifactError, QuantizedModel, QuantizedTensor
 from pgolf.config import CompressConfig, ModelConfig
-from pgolf.model.files import check_finite, check_state_dict
-from pgolf.model.gpt import GPT
 
 ARTIFACT_MAGIC = b"PGAZ"
 
@@ -275,20 +271,5 @@ def tensors_alone_bytes(model_config: ModelConfig, tensors: dict[str, QuantizedT
     return artifact_bytes(tensors) - artifact_bytes({})
 
 
-def load_artifact(blob: bytes) -> QuantizedModel:
-    """Decompress and deserialize an artifact in one step."""
-    return deserialize(decompress(blob))
 
 
-def artifact_model(path: str | Path, device: torch.device | str = "cpu") -> GPT:
-    """The model a submission scores: the artifact decompressed, deserialized and dequantized."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: artifact not found (run the compress stage first)")
-    qm = load_artifact(path.read_bytes())
-    model = GPT(qm.model_config)
-    state = dequantize(qm)
-    check_state_dict(model, state, str(path))
-    check_finite(state, str(path))
-    model.load_state_dict(state)
-    return model.to(device)

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -252,3 +252,14 @@ def checked_validation_set(dataset_dir: Path, tokenizer_path: Path, vocab_size: 
     """``validation_set`` of a pipeline dataset, first held to its manifest (the validation split read whole)."""
     check_dataset(dataset_dir, tokenizer_path, vocab_size, scan=("val",))
     return validation_set(dataset_dir, tokenizer_path, vocab_size, cfg)
+
+
+def score_validation(label: str, model: GPT, source: Path, dataset_dir: Path, tokenizer_path: Path,
+                     cfg: EvaluateConfig, ctx: DistContext) -> dict[str, Any]:
+    """The evaluate and prequant stages' metrics of ``model`` (read from ``source``): its scores on the
+    checked validation split."""
+    tokens, tables = checked_validation_set(dataset_dir, tokenizer_path, model.config.vocab_size, cfg)
+    if ctx.is_main:
+        print(f"[pgolf evaluate] {source}: {tokens.numel() - 1:,} validation targets on {ctx.world_size} x "
+              f"{ctx.device}", flush=True)
+    return {"val_tokens": tokens.numel() - 1, label: evaluate_model(label, model, tokens, tables, cfg, ctx)}

@@ -1,8 +1,10 @@
-"""Plot data and PNG images that DVC shows and a user can open offline.
+"""The PNG images of the stages' plot data, which a user can open offline.
 
-DVC's HTML plots load vega from a CDN, so every stage also renders its plots
-as PNG files (listed as DVC plots, shown as images) beside the CSV data that
-``dvc plots diff`` reads. Writes are atomic.
+Stages write their plot data as CSV (``dvc plots diff`` reads it); DVC's HTML plots load
+vega from a CDN, so the plots stage (``stages/plots.py``) renders every CSV as a PNG too,
+here. Only the plots stage imports this module, so a change to a picture re-runs nothing
+else. Each ``*_plot`` function takes the rows of its CSV as ``csv.DictReader`` gives them
+(strings), writes atomically, and the benchmarks use the same functions.
 """
 
 from __future__ import annotations
@@ -10,21 +12,18 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pgolf.atomic import atomic_open, atomic_path
-
-if TYPE_CHECKING:  # only for annotations: plotting needs no GPTQ
-    from pgolf.quant.fit import FitResult
+from pgolf.atomic import atomic_path
 
 
-def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        raise ValueError(f"{path}: no rows to write")
-    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a plot-data CSV (empty when the stage wrote none)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def _figure(width: float = 8.0, height: float = 4.5, rows: int = 1):
@@ -82,52 +81,49 @@ def bar_plot(
     _save(fig, path)
 
 
-def training_plot(path: str | Path, history: list[dict[str, Any]], val_history: list[dict[str, Any]]) -> None:
+def training_plot(path: str | Path, history: list[dict[str, str]], val_history: list[dict[str, str]]) -> None:
     """Training loss (and validation loss when it was computed) above the learning-rate schedule."""
     fig, (loss_ax, lr_ax) = _figure(height=6.0, rows=2)
-    steps = [row["step"] for row in history]
-    loss_ax.plot(steps, [row["train_loss"] for row in history], label="train loss")
+    steps = [int(row["step"]) for row in history]
+    loss_ax.plot(steps, [float(row["train_loss"]) for row in history], label="train loss")
     if val_history:
-        loss_ax.plot([row["step"] for row in val_history], [row["val_loss"] for row in val_history],
+        loss_ax.plot([int(row["step"]) for row in val_history], [float(row["val_loss"]) for row in val_history],
                      marker="o", label="validation loss")
     loss_ax.set(ylabel="loss (nats)", title="Training")
     loss_ax.legend()
     loss_ax.grid(alpha=0.3)
-    lr_ax.plot(steps, [row["lr_scale"] for row in history], color="tab:green")
+    lr_ax.plot(steps, [float(row["lr_scale"]) for row in history], color="tab:green")
     lr_ax.set(xlabel="step", ylabel="lr multiplier", ylim=(0, 1.05))
     lr_ax.grid(alpha=0.3)
     _save(fig, path)
 
 
-def quantization_plots(directory: Path, rows: list[dict[str, Any]], fit: FitResult | None, limit: int) -> None:
-    """Per-tensor error (CSV + bar chart) and, after a size search, its points (CSV + line plot)."""
-    write_csv(directory / "tensors.csv", [{**row, "shape": "x".join(map(str, row["shape"]))} for row in rows])
-    quantized = [row for row in rows if row["h_rel_error"] is not None and row["method"] != "fp16"]
-    if quantized:
-        bar_plot(directory / "tensor_errors.png", [row["name"] for row in quantized],
-                 [row["h_rel_error"] for row in quantized], "tensor",
-                 "tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)", "H-weighted relative quantization error")
-    if fit is None:
-        return
-    points = sorted(fit.points, key=lambda p: p.clip_sigmas)
-    write_csv(directory / "fit_search.csv", [
-        {"step": fit.points.index(p), "clip_sigmas": p.clip_sigmas, "total_bytes": p.total_bytes,
-         "fits": p.fits, "size_limit_bytes": limit} for p in points
-    ])
-    line_plot(directory / "fit_search.png", [p.clip_sigmas for p in points],
-              {"submission bytes": [p.total_bytes for p in points], "size limit": [limit] * len(points)},
-              "matrix_clip_sigmas", "bytes", f"Size search: chose {fit.clip_sigmas:.4f}")
+def tensor_error_plot(path: str | Path, rows: list[dict[str, str]]) -> None:
+    """The H-weighted relative error of every quantized tensor."""
+    quantized = [row for row in rows if row["h_rel_error"] not in ("", "None") and row["method"] != "fp16"]
+    bar_plot(path, [row["name"] for row in quantized], [float(row["h_rel_error"]) for row in quantized], "tensor",
+             "tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)", "H-weighted relative quantization error")
 
 
-def tensor_size_plot(path: str | Path, rows: list[dict[str, Any]]) -> None:
+def fit_search_plot(path: str | Path, points: list[dict[str, str]]) -> None:
+    """The size search's tries: submission bytes against matrix_clip_sigmas, with the limit."""
+    points = sorted(points, key=lambda p: float(p["clip_sigmas"]))
+    chosen = next(float(p["clip_sigmas"]) for p in points if p["chosen"] == "True")
+    line_plot(path, [float(p["clip_sigmas"]) for p in points],
+              {"submission bytes": [int(p["total_bytes"]) for p in points],
+               "size limit": [int(p["size_limit_bytes"]) for p in points]},
+              "matrix_clip_sigmas", "bytes", f"Size search: chose {chosen:.4f}")
+
+
+def tensor_size_plot(path: str | Path, rows: list[dict[str, str]]) -> None:
     """Bits per weight of every tensor, coloured by kind, with its share of the bytes in the label."""
     fig, ax = _figure(width=max(8.0, 0.22 * len(rows)), height=5.5)
-    total = sum(row["compressed_bytes"] for row in rows) or 1
+    total = sum(int(row["compressed_bytes"]) for row in rows) or 1
     colours = {"quantized": "tab:blue", "passthrough": "tab:orange"}
     for kind, colour in colours.items():
         xs = [i for i, row in enumerate(rows) if row["kind"] == kind]
-        ax.bar(xs, [rows[i]["bits_per_weight"] for i in xs], color=colour, label=kind)
-    labels = [f"{row['tensor']} ({100 * row['compressed_bytes'] / total:.1f}%)" for row in rows]
+        ax.bar(xs, [float(rows[i]["bits_per_weight"]) for i in xs], color=colour, label=kind)
+    labels = [f"{row['tensor']} ({100 * int(row['compressed_bytes']) / total:.1f}%)" for row in rows]
     ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
     # log scale: a tiny passthrough tensor pays its stream's fixed overhead, hundreds of bits per weight
     ax.set_yscale("log")
@@ -138,11 +134,12 @@ def tensor_size_plot(path: str | Path, rows: list[dict[str, Any]]) -> None:
     _save(fig, path)
 
 
-def running_bpb_plot(path: str | Path, chunks: list[dict[str, Any]], method: str) -> None:
+def running_bpb_plot(path: str | Path, chunks: list[dict[str, str]]) -> None:
     """Test-time training: the bpb of everything scored so far, chunk by chunk in scoring order."""
-    line_plot(path, [row["chunk"] for row in chunks], {"running bpb": [row["running_bpb"] for row in chunks]},
+    line_plot(path, [int(row["chunk"]) for row in chunks],
+              {"running bpb": [float(row["running_bpb"]) for row in chunks]},
               "chunk (sgd_all, adamw_tail) or document group (lora_doc, phased), in scoring order", "bpb",
-              f"TTT {method}: running bpb")
+              "Test-time training: running bpb")
 
 
 def rate_distortion_plot(path: str | Path, points: list[dict[str, Any]], sdclip_bytes: int) -> None:

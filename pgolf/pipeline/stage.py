@@ -28,7 +28,8 @@ Params = dict[str, dict[str, Any]]
 # defaults (quantize reads compress: too, when fit_to_size is on, and checks that itself).
 STAGE_SECTIONS = {"tokenize": ("tokenize",), "download": ("tokenize",), "train": ("tokenize", "model", "train"),
                   "calibrate": ("tokenize", "calibrate"), "quantize": ("quantize",), "compress": ("compress",),
-                  "evaluate": ("tokenize", "evaluate"), "ttt": ("tokenize", "ttt"), "import": ("model",)}
+                  "evaluate": ("tokenize", "evaluate"), "prequant": ("tokenize", "evaluate"), "ttt": ("tokenize", "ttt"),
+                  "import": ("model",)}
 
 
 @dataclass(frozen=True)

@@ -71,12 +71,12 @@ def package_inits(name: str, root: Path) -> list[Path]:
     return [init for init in inits if init.is_file()]
 
 
-def import_closure(entry_files: list[str], root: Path = REPO_ROOT) -> list[str]:
+def import_closure(entry_files: list[str], root: Path = REPO_ROOT, exclude: frozenset[str] = frozenset()) -> list[str]:
     """Every project file the entry files need, themselves included (paths relative to ``root``).
 
     A module is found by reading import statements (``import pgolf.a.b``, ``from pgolf.a import b``,
     ``from pgolf.a.b import f``), and importing it runs the ``__init__.py`` of each package above it,
-    so those are in the closure too.
+    so those are in the closure too. Files in ``exclude`` are neither listed nor followed.
     """
     missing = [name for name in entry_files if not (root / name).is_file()]
     if missing:
@@ -85,7 +85,7 @@ def import_closure(entry_files: list[str], root: Path = REPO_ROOT) -> list[str]:
     pending = [root / name for name in entry_files]
     while pending:
         path = pending.pop()
-        if path in seen:
+        if path in seen or str(path.relative_to(root)) in exclude:
             continue
         seen.add(path)
         module = ".".join(path.relative_to(root).with_suffix("").parts)

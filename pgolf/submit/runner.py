@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pgolf.artifact.compress import artifact_model
 from pgolf.artifact.format import serialize
+from pgolf.artifact.load import artifact_model
 from pgolf.artifact.size import pack_artifact
 from pgolf.config import (
     SECTIONS,

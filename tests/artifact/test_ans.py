@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from pgolf.artifact import ans
-from pgolf.artifact.compress import compress, decompress, load_artifact
+from pgolf.artifact.compress import compress, decompress
 from pgolf.artifact.format import serialize
+from pgolf.artifact.load import load_artifact
 from pgolf.artifact.tensors import ArtifactError, QuantizedModel, QuantizedTensor
 from pgolf.config import CompressConfig, ModelConfig
 

@@ -15,16 +15,9 @@ import pytest
 import torch
 import zstandard
 
-from pgolf.artifact.compress import (
-    artifact_model,
-    byte_shuffle,
-    byte_unshuffle,
-    compress,
-    compressed_tensor_sizes,
-    decompress,
-    load_artifact,
-)
+from pgolf.artifact.compress import byte_shuffle, byte_unshuffle, compress, compressed_tensor_sizes, decompress
 from pgolf.artifact.format import deserialize, serialize
+from pgolf.artifact.load import artifact_model, load_artifact
 from pgolf.artifact.tensors import ArtifactError, QuantizedModel, QuantizedTensor, dequantize
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
 from pgolf.quant.fit import quantize_for_size

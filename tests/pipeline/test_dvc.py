@@ -1,14 +1,16 @@
 """The researcher's loop through DVC itself, on the micro preset.
 
-Copies the repository into a fresh git repo, runs ``dvc repro``, then retunes
-quantization with ``dvc exp run -S`` and checks from DVC's own output that
-training and calibration were not run again and that the artifact changed.
+Copies the repository into a fresh git repo and runs ``dvc repro`` once (the baseline,
+committed); every test starts from that baseline (tracked files reset, DVC's cached outputs
+checked out), so each passes alone and in any order. The tests retune with ``dvc exp run
+-S`` or edit the code, and read from DVC's own output which stages ran.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+COMPUTE = ("tokenize", "train", "prequant", "calibrate", "quantize", "compress", "evaluate")
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +49,7 @@ def copy_checkout(dest: Path) -> None:
 
 @pytest.fixture(scope="module")
 def micro_repo(tmp_path_factory) -> Path:
+    """A copy of the checkout as a fresh git repository whose params are the micro preset."""
     if shutil.which("dvc") is None:
         pytest.fail("the dvc executable is not on PATH: install the project with `pip install -e '.[test]'`")
     repo = tmp_path_factory.mktemp("pipeline")
@@ -57,70 +61,131 @@ def micro_repo(tmp_path_factory) -> Path:
     return repo
 
 
+@pytest.fixture(scope="module")
+def baseline_repo(micro_repo) -> tuple[Path, str]:
+    """The micro preset run by ``dvc repro`` and committed; its output."""
+    output = run(["dvc", "repro"], micro_repo)
+    run(["git", "add", "-A"], micro_repo)
+    run(["git", "commit", "-qm", "baseline run"], micro_repo)
+    return micro_repo, output
+
+
+@pytest.fixture
+def baseline(baseline_repo) -> Path:
+    """The baseline, as committed: what earlier tests changed (params, code, outputs) is undone."""
+    repo, _ = baseline_repo
+    run(["git", "reset", "-q", "--hard"], repo)
+    run(["git", "clean", "-fdq"], repo)  # untracked files go; ignored ones (DVC's cached outputs) stay
+    shutil.rmtree(repo / "runs", ignore_errors=True)  # hand runs (ignored by git)
+    run(["dvc", "checkout", "--force"], repo)
+    assert "Running stage" not in run(["dvc", "repro"], repo)  # the baseline is complete and up to date
+    return repo
+
+
+def ran(output: str) -> set[str]:
+    """The stages DVC ran (or, with --dry, would run) according to its output."""
+    return set(re.findall(r"Running stage '([\w-]+)'", output))
+
+
 def total_bytes(repo: Path) -> int:
     return json.loads((repo / "out" / "compress" / "metrics.json").read_text())["total_bytes"]
 
 
-def test_repro_then_retune_quantization_reruns_only_what_follows(micro_repo):
-    first = run(["dvc", "repro"], micro_repo)
-    for stage in ("tokenize", "train", "prequant", "calibrate", "quantize", "compress", "evaluate"):
-        assert f"Running stage '{stage}'" in first
-    evaluation = json.loads((micro_repo / "out" / "evaluate" / "metrics.json").read_text())
+def test_repro_runs_every_stage(baseline_repo):
+    repo, output = baseline_repo
+    assert set(COMPUTE) | {"bundle", "ttt", "plots", "export"} <= ran(output)
+    evaluation = json.loads((repo / "out" / "evaluate" / "metrics.json").read_text())
     assert evaluation["quantized"]["val_bpb"] > 0
-    size_before = total_bytes(micro_repo)
-    run(["git", "add", "-A"], micro_repo)
-    run(["git", "commit", "-qm", "baseline run"], micro_repo)
+    assert (repo / "out" / "plots" / "images" / "train_loss.png").read_bytes()[:4] == b"\x89PNG"
 
-    retune = run(["dvc", "exp", "run", "-S", "quantize.matrix_clip_sigmas=30"], micro_repo)
-    for stage in ("quantize", "compress", "evaluate"):
-        assert f"Running stage '{stage}'" in retune
-    for stage in ("tokenize", "train", "calibrate", "prequant"):  # the unquantized score stays cached
-        assert f"Running stage '{stage}'" not in retune
-    assert total_bytes(micro_repo) < size_before
 
-    diff = run(["dvc", "metrics", "diff"], micro_repo)
-    assert "total_bytes" in diff
+def test_retuning_quantization_reruns_only_what_follows(baseline):
+    size_before = total_bytes(baseline)
+    retune = run(["dvc", "exp", "run", "-S", "quantize.matrix_clip_sigmas=30"], baseline)
+    assert {"quantize", "compress", "evaluate"} <= ran(retune)
+    assert not ran(retune) & {"tokenize", "train", "calibrate", "prequant"}  # the unquantized score stays cached
+    assert total_bytes(baseline) < size_before
+    assert "total_bytes" in run(["dvc", "metrics", "diff"], baseline)
     # experiments keep their metrics in git: `dvc exp show` has both runs' sizes side by side
-    table = run(["dvc", "exp", "show", "--csv", "--keep", "total_bytes$|matrix_clip_sigmas", "--drop", ".*"], micro_repo)
-    assert str(size_before) in table and str(total_bytes(micro_repo)) in table
+    table = run(["dvc", "exp", "show", "--csv", "--keep", "total_bytes$|matrix_clip_sigmas", "--drop", ".*"],
+                baseline)
+    assert str(size_before) in table and str(total_bytes(baseline)) in table
 
 
-def test_compressor_change_reruns_from_quantize(micro_repo):
+def test_compressor_change_reruns_from_quantize(baseline):
     """quantize.fit_to_size measures sizes with the compressor, so quantize lists the compress keys."""
-    output = run(["dvc", "exp", "run", "-S", "compress.compressor=lzma"], micro_repo)
-    for stage in ("quantize", "compress", "evaluate"):
-        assert f"Running stage '{stage}'" in output
-    for stage in ("tokenize", "train", "calibrate", "prequant"):
-        assert f"Running stage '{stage}'" not in output
+    output = run(["dvc", "exp", "run", "-S", "compress.compressor=lzma"], baseline)
+    assert {"quantize", "compress", "evaluate"} <= ran(output)
+    assert not ran(output) & {"tokenize", "train", "calibrate", "prequant"}
 
 
-def test_eval_stride_change_reruns_the_evaluations_alone(micro_repo):
-    output = run(["dvc", "exp", "run", "-S", "evaluate.eval_stride=32"], micro_repo)
-    for stage in ("prequant", "evaluate"):
-        assert f"Running stage '{stage}'" in output
-    for stage in ("tokenize", "train", "calibrate", "quantize", "compress"):
-        assert f"Running stage '{stage}'" not in output
+def test_eval_stride_change_reruns_the_evaluations_alone(baseline):
+    output = run(["dvc", "exp", "run", "-S", "evaluate.eval_stride=32"], baseline)
+    assert {"prequant", "evaluate"} <= ran(output)
+    assert not ran(output) & {"tokenize", "train", "calibrate", "quantize", "compress"}
 
 
-def test_a_logging_setting_reruns_nothing(micro_repo):
-    output = run(["dvc", "exp", "run", "-S", "train.train_log_every=3"], micro_repo)
+def test_a_logging_setting_reruns_nothing(baseline):
+    output = run(["dvc", "exp", "run", "-S", "train.train_log_every=3"], baseline)
     assert "Stage 'train' didn't change, skipping" in output
-    assert "Running stage" not in output
+    assert not ran(output)
 
 
-def test_the_allocator_runs_as_an_experiment_within_the_limit_and_exp_show_compares(micro_repo):
-    limit = total_bytes(micro_repo)  # the last run's submission: the allocator gets exactly its bytes
+def append_comment(repo: Path, file: str) -> None:
+    with (repo / file).open("a", encoding="utf-8") as handle:
+        handle.write("# an edit that changes the file's hash\n")
+
+
+def add_quantize_key(repo: Path) -> None:
+    """A new key in the quantize section of the schema, in params.yaml, and dvc.yaml regenerated."""
+    config = repo / "pgolf" / "config.py"
+    text = config.read_text(encoding="utf-8")
+    anchor = "    allocate_distortion:"
+    assert anchor in text
+    config.write_text(text.replace(anchor, "    probe_key: int = 0\n" + anchor, 1), encoding="utf-8")
+    params = repo / "params.yaml"
+    params.write_text(params.read_text(encoding="utf-8").replace("quantize:\n", "quantize:\n  probe_key: 0\n", 1),
+                      encoding="utf-8")
+    run([sys.executable, "-m", "pgolf.pipeline.deps", "--write"], repo)
+
+
+EDITS = {
+    "gptq": lambda repo: append_comment(repo, "pgolf/quant/gptq.py"),
+    "ans coder": lambda repo: append_comment(repo, "pgolf/artifact/ans.py"),
+    "a plot": lambda repo: append_comment(repo, "pgolf/pipeline/plots.py"),
+    "quantize schema": add_quantize_key,
+    "stage frame": lambda repo: append_comment(repo, "pgolf/pipeline/stage.py"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_a_code_change_after_training_leaves_training_and_calibration_cached(baseline, edit):
+    EDITS[edit](baseline)
+    output = run(["dvc", "repro", "--dry"], baseline)
+    assert not ran(output) & {"tokenize", "train", "calibrate", "prequant"}, output
+    expected = {"gptq": {"quantize", "bundle"}, "ans coder": {"quantize", "compress", "evaluate", "bundle"},
+                "a plot": {"plots"}, "quantize schema": {"quantize", "bundle"}, "stage frame": set()}[edit]
+    assert expected <= ran(output), output
+
+
+def test_a_change_to_the_training_loop_reruns_training(baseline):
+    append_comment(baseline, "pgolf/train/loop.py")
+    output = run(["dvc", "repro", "--dry"], baseline)
+    assert {"train", "bundle"} <= ran(output)
+    assert not ran(output) & {"tokenize"}
+
+
+def test_the_allocator_runs_as_an_experiment_within_the_limit_and_exp_show_compares(baseline):
+    limit = total_bytes(baseline)  # the baseline's submission: the allocator gets exactly its bytes
     output = run(["dvc", "exp", "run", "-S", "quantize.method=allocate", "-S", f"compress.size_limit_bytes={limit}"],
-                 micro_repo)
-    for stage in ("quantize", "compress", "evaluate"):
-        assert f"Running stage '{stage}'" in output
-    for stage in ("tokenize", "train", "calibrate", "prequant"):
-        assert f"Running stage '{stage}'" not in output
-    assert total_bytes(micro_repo) <= limit
-    report = json.loads((micro_repo / "out" / "quantize" / "report.json").read_text())
-    assert report["allocation"]["total_bytes"] == total_bytes(micro_repo)
+                 baseline)
+    assert {"quantize", "compress", "evaluate"} <= ran(output)
+    assert not ran(output) & {"tokenize", "train", "calibrate", "prequant"}
+    assert total_bytes(baseline) <= limit
+    report = json.loads((baseline / "out" / "quantize" / "report.json").read_text())
+    assert report["allocation"]["total_bytes"] == total_bytes(baseline)
     table = run(["dvc", "exp", "show", "--csv", "--keep", "quantize.method|sliding_val_bpb", "--drop", ".*"],
-                micro_repo)
+                baseline)
     assert "allocate" in table and "fixed" in table
 
 
@@ -130,14 +195,14 @@ def tracked_outputs(repo: Path) -> dict[str, bytes]:
             for top in ("out", "data") for path in sorted((repo / top).rglob("*")) if path.is_file()}
 
 
-def test_stages_run_by_hand_never_touch_what_dvc_tracks(micro_repo):
-    before = tracked_outputs(micro_repo)
+def test_stages_run_by_hand_never_touch_what_dvc_tracks(baseline):
+    before = tracked_outputs(baseline)
     cli = [sys.executable, "-m", "pgolf.cli"]
-    run([*cli, "quantize", "--params", "presets/micro.yaml", "--set", "quantize.matrix_clip_sigmas=20"], micro_repo)
-    run([*cli, "compress", "--params", "presets/micro.yaml"], micro_repo)
-    scored = run([*cli, "evaluate", "--params", "presets/micro.yaml", "--set", "evaluate.eval_stride=16"], micro_repo)
-    assert tracked_outputs(micro_repo) == before
-    hand = micro_repo / "runs" / "out"
+    run([*cli, "quantize", "--params", "presets/micro.yaml", "--set", "quantize.matrix_clip_sigmas=20"], baseline)
+    run([*cli, "compress", "--params", "presets/micro.yaml"], baseline)
+    scored = run([*cli, "evaluate", "--params", "presets/micro.yaml", "--set", "evaluate.eval_stride=16"], baseline)
+    assert tracked_outputs(baseline) == before
+    hand = baseline / "runs" / "out"
     assert str(Path("runs") / "out" / "compress" / "artifact.ptz") in scored  # it scored the hand-made artifact
-    assert json.loads((hand / "compress" / "metrics.json").read_text())["total_bytes"] != total_bytes(micro_repo)
+    assert json.loads((hand / "compress" / "metrics.json").read_text())["total_bytes"] != total_bytes(baseline)
     assert json.loads((hand / "evaluate" / "metrics.json").read_text())["quantized"]["val_bpb"] > 0

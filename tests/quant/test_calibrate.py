@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from pgolf.model.gpt import GPT
-from pgolf.quant.calibrate import (
-    collect_hessians,
-    collect_output_sensitivity,
-    load_hessians,
-    load_output_sensitivity,
-    save_hessians,
-)
+from pgolf.quant.calibrate import collect_hessians, collect_output_sensitivity
+from pgolf.quant.hessians import load_hessians, load_output_sensitivity, save_hessians
 from tests.quant.test_allocate import model_with_hessians
 
 

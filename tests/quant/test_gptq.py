@@ -9,10 +9,10 @@ import torch
 
 from pgolf.artifact.compress import compress
 from pgolf.artifact.format import serialize
+from pgolf.artifact.size import SizeFitError
 from pgolf.artifact.tensors import QuantizedTensor
 from pgolf.config import CompressConfig, ConfigError, ModelConfig, QuantizeConfig
 from pgolf.quant.calibrate import collect_output_sensitivity
-from pgolf.artifact.size import SizeFitError
 from pgolf.quant.fit import fit_clip_sigmas, fit_quantize
 from pgolf.quant.gptq import (
     TensorPlan,

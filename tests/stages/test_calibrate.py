@@ -15,7 +15,8 @@ from pgolf.model.files import build_model, save_model
 from pgolf.model.gpt import GPT
 from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace
-from pgolf.quant.calibrate import calibration_batches, collect_hessians, load_hessians
+from pgolf.quant.calibrate import calibration_batches, collect_hessians
+from pgolf.quant.hessians import load_hessians
 from stages import calibrate as stage
 from tests.conftest import write_manifest
 

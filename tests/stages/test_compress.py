@@ -18,6 +18,7 @@ from pgolf.config import ModelConfig
 from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace
 from stages import compress as stage
+from tests.stages.test_plots import rendered
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
 
@@ -73,7 +74,7 @@ def test_writes_per_tensor_sizes_for_dvc_plots(workdir):
     fc = rows[0]
     assert (fc["kind"], fc["bits"], fc["numel"]) == ("quantized", "6", str(64 * 48))
     assert 0 < int(fc["compressed_bytes"]) < 64 * 48
-    assert Path(layout.COMPRESS_SIZES_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rendered("tensor_sizes.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_size_gate_fails_with_size_limit_and_overshoot_and_writes_nothing(workdir):

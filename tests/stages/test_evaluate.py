@@ -26,6 +26,7 @@ from pgolf.model.gpt import GPT
 from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace
 from stages import evaluate as stage
+from stages import prequant as prequant_stage
 from tests.conftest import write_manifest
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
@@ -105,7 +106,7 @@ def test_artifact_scores_exactly_as_the_weights_before_serialization(workdir):
 
 
 def test_prequant_scores_the_trained_weights_and_evaluate_adds_the_tax(workdir):
-    stage.run(params(), PIPELINE, weights="trained")
+    prequant_stage.run(params(), PIPELINE)
     prequant = json.loads(Path(layout.PREQUANT_METRICS).read_text())
     assert prequant["unquantized"] == scores_of(build_model(Path(layout.TRAIN_MODEL)))
     stage.run(params(), PIPELINE)

@@ -31,6 +31,24 @@ def test_the_closure_follows_every_project_import_and_nothing_else(tmp_path):
         "pgolf/__init__.py", "pgolf/a.py", "pgolf/b.py", "pgolf/c.py", "pgolf/entry.py"]
 
 
+def test_the_closure_resolves_subpackages_and_runs_their_inits(tmp_path):
+    """``from pgolf.room import module``, ``from pgolf.room.module import f`` and ``import pgolf.room.module``
+    each bring the module and every package ``__init__`` above it; a name imported from a module is no file."""
+    for name in ("pgolf/__init__.py", "pgolf/room/__init__.py", "pgolf/deep/__init__.py", "pgolf/deep/er/__init__.py"):
+        write(tmp_path, name, "")
+    write(tmp_path, "pgolf/entry.py", "from pgolf.room import a\nfrom pgolf.room.b import f\nimport pgolf.deep.er.c\n")
+    write(tmp_path, "pgolf/room/a.py", "from pgolf.room import helper_name\n")
+    write(tmp_path, "pgolf/room/b.py", "def f():\n    pass\n")
+    write(tmp_path, "pgolf/deep/er/c.py", "")
+    write(tmp_path, "pgolf/room/unused.py", "")
+    assert import_closure(["pgolf/entry.py"], tmp_path) == [
+        "pgolf/__init__.py", "pgolf/deep/__init__.py", "pgolf/deep/er/__init__.py", "pgolf/deep/er/c.py",
+        "pgolf/entry.py", "pgolf/room/__init__.py", "pgolf/room/a.py", "pgolf/room/b.py"]
+    assert import_closure(["pgolf/entry.py"], tmp_path, exclude=frozenset({"pgolf/room/a.py"})) == [
+        "pgolf/__init__.py", "pgolf/deep/__init__.py", "pgolf/deep/er/__init__.py", "pgolf/deep/er/c.py",
+        "pgolf/entry.py", "pgolf/room/__init__.py", "pgolf/room/b.py"]
+
+
 def test_code_bytes_are_the_scripts_length_and_its_bundle_the_closure(tmp_path):
     source = "def f(x):\n    return x + 1\n" * 200
     write(tmp_path, "pgolf/__init__.py", "")
@@ -73,7 +91,7 @@ def test_the_script_runs_its_entry_and_refuses_an_uncounted_project_module(tmp_p
 def test_the_shipped_code_is_everything_the_runner_imports():
     """The runner's closure holds training, quantization, compression and evaluation, and no stage."""
     closure = import_closure(["pgolf/submit/runner.py"])
-    assert {"pgolf/train/loop.py", "pgolf/quant/gptq.py", "pgolf/artifact/codec.py", "pgolf/eval/score.py", "pgolf/quant/calibrate.py"} <= set(closure)
+    assert {"pgolf/train/loop.py", "pgolf/quant/gptq.py", "pgolf/artifact/compress.py", "pgolf/eval/score.py", "pgolf/quant/calibrate.py"} <= set(closure)
     assert not any(name.startswith("stages/") for name in closure)
     assert "pgolf/pipeline/plots.py" not in closure and "pgolf/submit/export.py" not in closure
 

@@ -1,0 +1,51 @@
+"""DVC stage ``prequant``: val_loss and val_bpb of the trained weights, before any quantization.
+
+Scores ``out/train/model.pt`` with the same ``evaluate:`` settings (and code) as the
+evaluate stage scores the artifact, so their difference is the quantization tax. It depends
+on nothing that quantization or compression changes, so DVC keeps it cached through every
+quantization experiment.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pgolf.atomic import stage_outputs
+from pgolf.config import EvaluateConfig, TokenizeConfig, section, to_dict
+from pgolf.data.shards import dataset_path
+from pgolf.data.tokenizer import tokenizer_file
+from pgolf.distributed import init_distributed, shutdown
+from pgolf.eval.score import score_validation
+from pgolf.model.files import build_model
+from pgolf.pipeline import layout
+from pgolf.pipeline.provenance import log_provenance
+from pgolf.pipeline.stage import Workspace, run_stage
+
+
+def run(params: dict, ws: Workspace) -> None:
+    cfg = section(params, "evaluate", EvaluateConfig)
+    data_dir = section(params, "tokenize", TokenizeConfig).data_dir
+    ctx = init_distributed(cfg.device)
+    try:
+        record = log_provenance("prequant", {"evaluate": to_dict(cfg), "data_dir": data_dir,
+                                             "world_size": ctx.world_size}) if ctx.is_main else {}
+        model_file = ws.input(layout.TRAIN_MODEL)
+        model = build_model(model_file, ctx.device)
+        vocab = model.config.vocab_size
+        metrics = score_validation("unquantized", model, model_file, ws.input(dataset_path(data_dir, vocab)),
+                                   ws.input(tokenizer_file(data_dir, vocab)), cfg, ctx)
+        if ctx.is_main:
+            with stage_outputs() as out:
+                out.write_json(ws.output(layout.PREQUANT_PROVENANCE), record)
+                out.write_json(ws.output(layout.PREQUANT_METRICS), metrics)
+    finally:
+        shutdown(ctx)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("prequant", run, argv,
+                     processes=lambda params: section(params, "evaluate", EvaluateConfig).nproc_per_node)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
