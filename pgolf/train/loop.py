@@ -228,7 +228,7 @@ class Trainer:
         self.optimizers.zero_grad()
         micro_batches = self.batches.micro_batches(step)
         total = torch.zeros((), device=self.ctx.device)
-        self.tokens_per_step = sum(inputs.numel() for inputs, _ in micro_batches) * self.ctx.world_size
+        self.tokens_per_step = sum(batch[0].numel() for batch in micro_batches) * self.ctx.world_size
         clip_local = self.cfg.grad_clip_scope == "local"
         for index, (inputs, targets, *segments) in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
