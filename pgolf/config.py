@@ -173,7 +173,7 @@ class ModelConfig(Section):
     parallel_start_layer: Count = 0  # > 0: decoder layers from this index on run two residual lanes (#1855: 8)
     parallel_final_lane: Literal["mean", "attn", "mlp"] = "mean"  # what leaves the lanes: their mean, or one lane
     attn_gate: Literal["none", "sparse"] = "none"  # sparse: σ(scale · W · n[:gate_window]) per head (#1855)
-    attn_gate_scale: float = 1.0  # the sparse gate's pre-activation scale (#1855: 0.5)
+    attn_gate_scale: PositiveFloat = 1.0  # the sparse gate's pre-activation scale (#1855: 0.5)
     gate_window: Positive = 12  # input channels of the sparse attention gate and the modded SmearGate
 
     def check(self) -> None:
