@@ -171,5 +171,6 @@ def test_gpu_check_without_cuda_says_so_and_reports_every_check_skipped(tmp_path
     assert "no CUDA device: skipping GPU checks" in proc.stdout.splitlines()
     report = json.loads((tmp_path / "report" / "gpu_check.json").read_text())
     assert [(c["name"], c["status"]) for c in report["checks"]] == [
-        ("tests", "skipped"), ("attention", "skipped"), ("throughput", "skipped"), ("pipeline", "skipped")]
+        ("tests", "skipped"), ("attention", "skipped"), ("throughput", "skipped"), ("frontier", "skipped"),
+        ("pipeline", "skipped")]
     assert "| pipeline | skipped |" in (tmp_path / "report" / "gpu_check.md").read_text()
