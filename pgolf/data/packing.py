@@ -10,6 +10,8 @@ here, so every path cuts documents the same way.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from torch import Tensor
 
@@ -35,7 +37,7 @@ def build_cu_seqlens(doc_starts: list[int], length: int, max_segment: int = 0,
     padded = -(-len(bounds) // bucket) * bucket
     cu_seqlens = torch.full((padded,), length, dtype=torch.int32)
     cu_seqlens[: len(bounds)] = torch.tensor(bounds, dtype=torch.int32)
-    return cu_seqlens, max(b - a for a, b in zip(bounds, bounds[1:]))
+    return cu_seqlens, max(end - start for start, end in pairwise(bounds))
 
 
 def row_cu_seqlens(row: Tensor, max_segment: int, bucket: int = CU_BUCKET) -> Tensor:

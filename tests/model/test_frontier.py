@@ -189,3 +189,41 @@ def test_packed_rows_are_one_row():
                                     num_kv_heads=1, rope_dims=8, vocab_size=64, num_loops=0, parallel_start_layer=1))
     with pytest.raises(ValueError, match="one packed row"):
         model.forward_logits(torch.zeros(2, 8, dtype=torch.long), cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+
+
+def test_pgolf_import_reads_the_records_banked_weights(golden, tmp_path):
+    """A final_model.pt of #1855 keeps its matrices in banks; `pgolf import` writes them under pgolf's names."""
+    from pgolf.model.files import build_model
+    from stages.import_model import import_model
+
+    source = tmp_path / "final_model.pt"
+    torch.save(golden["state_dict"], source)
+    import_model(source, frontier_config(golden["config"]), tmp_path / "model.pt")
+    model = build_model(tmp_path / "model.pt").eval()
+    model.looping_active = True
+    ref = golden["model"]
+    assert_rel_close(token_nll(run(model, ref["x"], ref["cu_seqlens"])[1], ref["y"]), ref["nll_loop"], rel=1e-5)
+    truncated = dict(golden["state_dict"], kv_bank=golden["state_dict"]["kv_bank"][:5])
+    with pytest.raises(ValueError, match=r"kv_bank \(5 slots\)"):
+        unbank_state_dict(truncated)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"parallel_start_layer": 4}, "parallel_start_layer"),  # inside the loop range 3..5
+    ({"parallel_start_layer": 11}, "parallel_start_layer"),
+    ({"gate_window": 600}, "gate_window"),
+    ({"attn_gate": "dense"}, "attn_gate"),
+    ({"smear_gate": "bos"}, "smear_gate"),
+])
+def test_bad_frontier_options_are_refused(change, message):
+    from pgolf.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(FRONTIER, **change)
+
+
+def test_modded_smear_gate_at_init_leaves_the_output_unchanged():
+    from tests.model.test_variants import logits_with_extras
+
+    plain, extended = logits_with_extras({"smear_gate": "modded"})  # λ = 0: identity at initialisation
+    assert torch.equal(plain, extended)

@@ -45,10 +45,10 @@ def context(device: str) -> DistContext:
     return DistContext(rank=0, world_size=1, local_rank=0, device=torch.device(device))
 
 
-def perturbed_model(seed: int = 0) -> GPT:
-    """A model whose every layer matters (no zero-initialised projections), so looping changes the loss."""
+def perturbed_model(seed: int = 0, cfg: ModelConfig = MICRO_MODEL) -> GPT:
+    """A model whose every layer (and gate, lane, smear) matters: nothing at its zero or identity init."""
     torch.manual_seed(seed)
-    model = GPT(MICRO_MODEL)
+    model = GPT(cfg)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))

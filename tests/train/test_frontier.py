@@ -21,7 +21,7 @@ from pgolf.train.loop import lr_scale, train, training_fraction
 from pgolf.train.optim import POLAR_EXPRESS_COEFFS, MuonEqR, build_optimizers, muon_momentum_at, newton_schulz
 from tests.conftest import SHARED_DIR, _load, _require
 from tests.train.recorded_batches import RecordedBatches
-from tests.train.test_compile import context, loss_and_grads
+from tests.train.test_compile import context, loss_and_grads, perturbed_model
 from tests.train.test_loop import one_thread  # noqa: F401  (autouse: one thread, as for the other tiny models)
 
 GOLDEN = SHARED_DIR / "golden" / "golden_frontier_tiny.pt"
@@ -123,13 +123,7 @@ def packed_batches(steps: int) -> RecordedBatches:
 
 
 def perturbed_frontier(seed: int = 0) -> GPT:
-    """Every gate, lane and smear away from its initial identity, so each carries signal."""
-    torch.manual_seed(seed)
-    model = GPT(MICRO_FRONTIER)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return model
+    return perturbed_model(seed, MICRO_FRONTIER)
 
 
 @pytest.mark.slow  # two fullgraph compiles with backward: about 2 minutes on 2 cores
