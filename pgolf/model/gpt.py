@@ -19,6 +19,7 @@ GPU, else PyTorch's scaled-dot-product attention (packed rows: FlashAttention-3'
 varlen kernel, else flex attention on a GPU and masked SDPA on the CPU); all
 paths compute the same function (tests check them against attention written out).
 """
+
 from __future__ import annotations
 
 import math
