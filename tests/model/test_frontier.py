@@ -10,6 +10,7 @@ relative; the BOS isolation exact.
 from __future__ import annotations
 
 import dataclasses
+from itertools import pairwise
 
 import pytest
 import torch
@@ -17,8 +18,14 @@ from torch import Tensor
 
 from pgolf.config import ModelConfig
 from pgolf.data.shards import BOS_ID
-from pgolf.model.gpt import (GPT, count_parameters, document_attention, flex_document_attention, layer_order,
-                             sdpa_attention)
+from pgolf.model.gpt import (
+    GPT,
+    count_parameters,
+    document_attention,
+    flex_document_attention,
+    layer_order,
+    sdpa_attention,
+)
 from stages.import_model import unbank_state_dict
 from tests.conftest import SHARED_DIR, _load, _require, model_config_from_reference
 from tests.model.test_gpt import assert_rel_close, math_attention
@@ -173,7 +180,7 @@ def test_packed_attention_is_attention_within_each_segment(path):
     bounds = [0, 9, 40, 41, 70]
     cu_seqlens = torch.tensor(bounds + [70] * 3, dtype=torch.int32)
     attention = document_attention(cu_seqlens, 70) if path == "sdpa" else flex_document_attention(cu_seqlens, 70)
-    expected = torch.cat([math_attention(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in zip(bounds, bounds[1:])], dim=1)
+    expected = torch.cat([math_attention(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in pairwise(bounds)], dim=1)
     torch.testing.assert_close(attention(q, k, v), expected, rtol=1e-5, atol=1e-5)
 
 

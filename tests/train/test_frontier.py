@@ -98,7 +98,7 @@ def test_schedule_with_min_lr_is_the_records(golden):
 def test_frontier_tensors_join_the_control_group():
     model = GPT(MICRO_FRONTIER)
     optimizers = build_optimizers(model, MICRO_TRAIN)
-    token, muon, control = optimizers.all
+    _, muon, control = optimizers.all
     names = {id(p): name for name, p in model.named_parameters()}
     control_names = {names[id(p)] for p in control.param_groups[0]["params"]}
     assert {"parallel_post_lambdas", "parallel_resid_lambdas", "smear_gate.weight", "smear_lambda",
