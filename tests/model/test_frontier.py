@@ -234,3 +234,22 @@ def test_modded_smear_gate_at_init_leaves_the_output_unchanged():
 
     plain, extended = logits_with_extras({"smear_gate": "modded"})  # λ = 0: identity at initialisation
     assert torch.equal(plain, extended)
+
+
+def test_lora_reaches_every_slot_of_the_lanes(golden):
+    """TTT's adapters (pgolf/eval/lora.py) reach the parallel blocks; zero B leaves the logits exact."""
+    from pgolf.eval.lora import DocumentLoRA
+
+    model = golden_model(golden, looping=True)
+    x = golden["model"]["dense_x"][:1]  # one 128-token row
+    lora = DocumentLoRA(model, num_docs=1, rank=2)
+    lora.reset([0])
+    with torch.no_grad():
+        plain = model.forward_logits(x)
+        assert torch.equal(model.forward_logits(x, adapter=lora), plain)
+        last_slot = lora.num_slots - 1  # layer 6: a lane layer
+        for kind in ("q", "k", "v", "o", "mlp"):
+            factor = lora.factors[(last_slot, kind)]
+            lora.B.zero_()
+            lora.B[0, factor.b_offset: factor.b_offset + factor.out_features * lora.rank] = 0.1
+            assert not torch.equal(model.forward_logits(x, adapter=lora), plain), kind
