@@ -2,7 +2,9 @@
 
 Runs the train stage's loop (``pgolf.train.loop.train``: compile warm-up, then timed steps with
 looping switched on half-way, EMA, all optimisers) on random token ids, which cost the same
-as real text, and prints the tokens per second of the timed steps. Usage::
+as real text, and prints the tokens per second of the timed steps. With ``train.loader: packed``
+each micro-batch is one packed row whose documents start at random, ``MEAN_DOC_TOKENS`` long on
+average (the frontier's validation documents), so attention runs on segments as in training. Usage::
 
     python -m benchmarks.bench_train --params presets/micro.yaml [--steps 20] [--device cpu]
     python -m benchmarks.bench_train --params presets/record.yaml --steps 10 --device cuda
@@ -19,25 +21,37 @@ import torch
 from torch import Tensor
 
 from pgolf.config import ModelConfig, TrainConfig, load_params, section
+from pgolf.data.packing import row_cu_seqlens
+from pgolf.data.shards import BOS_ID
 from pgolf.distributed import DistContext
 from pgolf.model.gpt import GPT, count_parameters
 from pgolf.runtime import resolve_device
 from pgolf.train.loop import train
 
 
+MEAN_DOC_TOKENS = 957  # FRONTIER_SPEC §1.5: the mean CaseOps validation document
+
+
 class RandomBatches:
-    """Uniform random token ids in the shapes of the train stage's micro-batches."""
+    """Uniform random token ids in the shapes of the train stage's micro-batches (packed rows for ``packed``)."""
 
     def __init__(self, cfg: TrainConfig, vocab_size: int, seed: int = 0):
         self.per_step = cfg.grad_accum_steps
         self.batch_size = cfg.train_batch_tokens // (cfg.grad_accum_steps * cfg.train_seq_len)
         self.seq_len, self.vocab_size, self.seed = cfg.train_seq_len, vocab_size, seed
+        self.packed = cfg.loader == "packed"
 
-    def micro_batches(self, step: int) -> Sequence[tuple[Tensor, Tensor]]:
+    def micro_batches(self, step: int) -> Sequence[tuple[Tensor, ...]]:
         generator = torch.Generator().manual_seed(self.seed + step)
-        tokens = torch.randint(0, self.vocab_size, (self.per_step, self.batch_size, self.seq_len + 1),
+        tokens = torch.randint(2, self.vocab_size, (self.per_step, self.batch_size, self.seq_len + 1),
                                generator=generator)  # [A, B, T+1]
-        return [(t[:, :-1], t[:, 1:]) for t in tokens]
+        if not self.packed:
+            return [(t[:, :-1], t[:, 1:]) for t in tokens]
+        rows = tokens.view(self.per_step, -1)[:, : self.batch_size * self.seq_len + 1]  # [A, L+1]: one row each
+        starts = torch.rand(rows.shape, generator=generator) < 1.0 / MEAN_DOC_TOKENS  # [A, L+1]
+        starts[:, 0] = True
+        rows = torch.where(starts, BOS_ID, rows)
+        return [(row[None, :-1], row[None, 1:], row_cu_seqlens(row[:-1], self.seq_len)) for row in rows]
 
     def state_dict(self) -> dict:
         return {"seed": self.seed}
@@ -80,6 +94,7 @@ def main() -> None:
         "train_time_s": round(result.elapsed_s, 3),
         "step_ms": round(1000 * result.elapsed_s / result.steps, 1),
         "tokens_per_s": round(tokens / result.elapsed_s, 1),
+        "loader": cfg.loader,
     }
     print(json.dumps(report, indent=2))
 

@@ -11,7 +11,10 @@ Runs, in order, and writes what each found to ``OUT/gpu_check.json`` and ``OUT/g
    attention shapes in bf16: largest difference, forward + backward milliseconds of each;
 3. ``throughput``: ``benchmarks.bench_train`` on the record config (compile on, bf16) on one
    GPU, looping off and on: tokens/s against the record's 0.97 M per H100 (7.73 M on 8, looping off);
-4. ``pipeline``: the record config trained for ``--train-seconds`` on the FineWeb sample in
+4. ``frontier``: the same on ``presets/frontier.yaml`` (PR #1855: packed 98,304-token rows with
+   segment attention, FlashAttention-3 varlen when installed, else flex attention): tokens/s against
+   its 8.2 M on 8×H100 before looping and 5.6 M after (1.03 M and 0.70 M per H100);
+5. ``pipeline``: the record config trained for ``--train-seconds`` on the FineWeb sample in
    ``--fineweb`` (its ``fineweb10B_sp8192/`` shards and the sp8192 tokenizer), then prequant,
    calibrate, quantize, compress and evaluate, each by ``python -m pgolf.cli`` in a scratch
    directory.
@@ -47,7 +50,7 @@ from pgolf.config import TrainConfig, load_params, section
 from pgolf.pipeline import layout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ("tests", "attention", "throughput", "pipeline")
+CHECKS = ("tests", "attention", "throughput", "frontier", "pipeline")
 GPU_ONLY = ("tests", "attention")
 # (name, pgolf command): the stages of dvc.yaml in its order; prequant scores the trained weights
 STAGES = (("tokenize", ["tokenize"]), ("train", ["train"]), ("prequant", ["prequant"]),
@@ -57,6 +60,9 @@ METRICS = {"train": layout.TRAIN_METRICS, "prequant": layout.PREQUANT_METRICS, "
            "evaluate": layout.EVALUATE_METRICS}
 RUNTIME_IMPORTS = ("brotli", "sentencepiece", "yaml", "tqdm", "matplotlib", "google.protobuf", "pytest")
 RECORD_TOKENS_PER_S_PER_H100 = 0.97e6  # 7.73 M tokens/s on 8xH100 (docs/DESIGN.md §3)
+# PR #1855, seed 42 (FRONTIER_SPEC §0.4): 8.2 M tokens/s on 8xH100 before looping, 5.6 M after
+FRONTIER_TOKENS_PER_S_PER_H100 = {"looping_off": 8.2e6 / 8, "looping_on": 5.6e6 / 8}
+FRONTIER_PARAMS = REPO_ROOT / "presets" / "frontier.yaml"
 NO_CUDA = "no CUDA device: skipping GPU checks"
 
 
@@ -81,6 +87,8 @@ class Options:
     device: str
     params: Path
     overrides: tuple[str, ...]
+    frontier_params: Path
+    frontier_overrides: tuple[str, ...]
     train_seconds: float
     bench_steps: int
     bench_warmup_steps: int
@@ -196,23 +204,42 @@ def check_attention(opts: Options, log: Path) -> dict:
     return figures
 
 
+def looping_runs(params: Path, overrides: tuple[str, ...], opts: Options, log: Path) -> dict:
+    """benchmarks.bench_train on ``params``, looping off throughout and then on throughout (compile auto)."""
+    command = [sys.executable, "-m", "benchmarks.bench_train", "--params", str(params), "--device", opts.device,
+               "--steps", str(opts.bench_steps), "--warmup-steps", str(opts.bench_warmup_steps),
+               "--set", "train.compile=auto"]
+    for override in overrides:
+        command += ["--set", override]
+    # enable_looping_at is a training fraction: 1.0 is never reached before the end, 0.0 at once
+    return {phase: last_json_object(run_logged(command + ["--set", f"train.enable_looping_at={at}"], log))
+            for phase, at in (("looping_off", 1.0), ("looping_on", 0.0))}
+
+
 def check_throughput(opts: Options, log: Path) -> dict:
-    """benchmarks.bench_train on ``--params``, looping off throughout and then on throughout.
+    """The record's config (``--params``) on one device.
 
     Compile auto: on, with bf16, on the GPU (off on a CPU rehearsal). The record's 7.73 M
     tokens/s on 8 GPUs is its rate before looping switches on (steps 500 to 1500 of its logs).
     """
-    command = [sys.executable, "-m", "benchmarks.bench_train", "--params", str(opts.params), "--device", opts.device,
-               "--steps", str(opts.bench_steps), "--warmup-steps", str(opts.bench_warmup_steps),
-               "--set", "train.compile=auto"]
-    for override in opts.overrides:
-        command += ["--set", override]
-    # enable_looping_at is a training fraction: 1.0 is never reached before the end, 0.0 at once
-    runs = {phase: last_json_object(run_logged(command + ["--set", f"train.enable_looping_at={at}"], log))
-            for phase, at in (("looping_off", 1.0), ("looping_on", 0.0))}
+    runs = looping_runs(opts.params, opts.overrides, opts, log)
     off = runs["looping_off"]["tokens_per_s"]
     return runs | {"record_anchor_tokens_per_s_per_h100": RECORD_TOKENS_PER_S_PER_H100,
                    "looping_off_fraction_of_record_anchor": round(off / RECORD_TOKENS_PER_S_PER_H100, 3)}
+
+
+def check_frontier(opts: Options, log: Path) -> dict:
+    """presets/frontier.yaml on one device (``--frontier-set`` overrides it), against PR #1855's logged rates."""
+    from pgolf.model.gpt import FLASH_VARLEN
+
+    runs = looping_runs(opts.frontier_params, opts.frontier_overrides, opts, log)
+    fractions = {phase: round(runs[phase]["tokens_per_s"] / anchor, 3)
+                 for phase, anchor in FRONTIER_TOKENS_PER_S_PER_H100.items()}
+    attention = "masked SDPA (CPU)" if opts.device == "cpu" else \
+        "FlashAttention-3 varlen" if FLASH_VARLEN is not None else "flex attention"
+    return runs | {"attention": attention,
+                   "frontier_anchor_tokens_per_s_per_h100": FRONTIER_TOKENS_PER_S_PER_H100,
+                   "fraction_of_frontier_anchor": fractions}
 
 
 def pipeline_params(opts: Options) -> dict:
@@ -261,7 +288,8 @@ def check_pipeline(opts: Options, log: Path) -> dict:
 
 
 CHECK_FUNCTIONS: dict[str, Callable[[Options, Path], dict]] = {
-    "tests": check_tests, "attention": check_attention, "throughput": check_throughput, "pipeline": check_pipeline,
+    "tests": check_tests, "attention": check_attention, "throughput": check_throughput, "frontier": check_frontier,
+    "pipeline": check_pipeline,
 }
 
 
@@ -309,6 +337,11 @@ def headline(result: CheckResult) -> str:
         return (f"looping off {off['tokens_per_s']:,.0f} tokens/s ({off['step_ms']} ms per "
                 f"{off['tokens_per_step']:,}-token step, {f['looping_off_fraction_of_record_anchor']:.2f} of the "
                 f"record's 0.97 M per H100), looping on {on['tokens_per_s']:,.0f} tokens/s; {off['device']}")
+    if result.name == "frontier":
+        off, on, share = f["looping_off"], f["looping_on"], f["fraction_of_frontier_anchor"]
+        return (f"{f['attention']}: looping off {off['tokens_per_s']:,.0f} tokens/s ({share['looping_off']:.2f} of "
+                f"PR #1855's 1.03 M per H100), looping on {on['tokens_per_s']:,.0f} ({share['looping_on']:.2f} of "
+                f"0.70 M); {off['step_ms']} / {on['step_ms']} ms per {off['tokens_per_step']:,}-token step")
     if result.name == "pipeline":
         m = f["metrics"]
         prequant = m["prequant"].get("unquantized", {}).get("sliding_val_bpb")
@@ -346,6 +379,10 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, list[str]]:
                         help="cuda (default); cpu rehearses the throughput and pipeline checks")
     parser.add_argument("--params", type=Path, default=REPO_ROOT / "presets" / "record.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--frontier-params", type=Path, default=FRONTIER_PARAMS,
+                        help="the frontier check's params (default: presets/frontier.yaml)")
+    parser.add_argument("--frontier-set", dest="frontier_overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE")
     parser.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
     parser.add_argument("--train-seconds", type=float, default=120.0, help="the pipeline's training budget")
     parser.add_argument("--bench-steps", type=int, default=20, help="timed throughput steps (looping on half-way)")
@@ -359,7 +396,9 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, list[str]]:
     checks = [c for c in CHECKS if c in requested]
     tokenizer = args.tokenizer or args.fineweb / ".." / "tokenizers" / "fineweb_8192_bpe.model"
     opts = Options(fineweb=args.fineweb, tokenizer=tokenizer, out=args.out, device=args.device,
-                   params=args.params.resolve(), overrides=tuple(args.overrides), train_seconds=args.train_seconds,
+                   params=args.params.resolve(), overrides=tuple(args.overrides),
+                   frontier_params=args.frontier_params.resolve(), frontier_overrides=tuple(args.frontier_overrides),
+                   train_seconds=args.train_seconds,
                    bench_steps=args.bench_steps, bench_warmup_steps=args.bench_warmup_steps,
                    keep_work_dir=args.keep_work_dir)
     return opts, checks

@@ -163,10 +163,18 @@ class ModelConfig(Section):
     mlp_leaky_slope: NonNegative = 0.5
     bigram_vocab_size: Count = 0  # BigramHash buckets (#576: 8192); 0: no BigramHash
     bigram_dim: Positive = 128
-    smear_gate: bool = False  # #576's SmearGate after the embedding norm
+    # true: #576's SmearGate after the embedding norm; modded: #1855's, on the raw embedding, BOS-masked
+    smear_gate: bool | Literal["modded"] = False
     ve_layers: list[Count] = field(default_factory=list)  # layers given value embeddings (#576, #1218: [9, 10])
     ve_dim: Positive = 128
     scaled_proj_init: bool = False  # #576: orthogonal ".proj" weights (not zero-initialised) times 1/sqrt(2 L)
+    # The frontier's options (PR #1855: ../shared/FRONTIER_SPEC.md §2.3, §3.3, §3.5, §3.6); off, the record's model.
+    rope_ntk_scaling: bool = True  # rescale the rotary base beyond rope_train_seq_len (#1855, ROPE_YARN=0: false)
+    parallel_start_layer: Count = 0  # > 0: decoder layers from this index on run two residual lanes (#1855: 8)
+    parallel_final_lane: Literal["mean", "attn", "mlp"] = "mean"  # what leaves the lanes: their mean, or one lane
+    attn_gate: Literal["none", "sparse"] = "none"  # sparse: σ(scale · W · n[:gate_window]) per head (#1855)
+    attn_gate_scale: PositiveFloat = 1.0  # the sparse gate's pre-activation scale (#1855: 0.5)
+    gate_window: Positive = 12  # input channels of the sparse attention gate and the modded SmearGate
 
     def check(self) -> None:
         _require(self.model_dim % self.num_heads == 0, "model_dim", self.model_dim,
@@ -186,6 +194,17 @@ class ModelConfig(Section):
         _require(all(layer < self.num_layers for layer in self.ve_layers)
                  and len(set(self.ve_layers)) == len(self.ve_layers), "ve_layers", self.ve_layers,
                  f"must be distinct layer indices in 0..{self.num_layers - 1}")
+        # The lanes replace the residual stream from their first layer on: every later decoder step
+        # must be a lane layer, so the looped range lies wholly before them.
+        _require(self.parallel_start_layer < self.num_layers and (
+                 self.parallel_start_layer == 0 or self.num_loops == 0 or self.parallel_start_layer > self.loop_end),
+                 "parallel_start_layer", self.parallel_start_layer,
+                 f"must be 0 (off) or a layer after the loop range (loop_end {self.loop_end}) and below "
+                 f"num_layers ({self.num_layers})")
+        read_widths = ([self.model_dim] if self.attn_gate == "sparse" else []) + \
+            ([self.embedding_dim] if self.smear_gate == "modded" else [])
+        _require(all(self.gate_window <= width for width in read_widths), "gate_window", self.gate_window,
+                 f"must be at most the width the gates read ({min(read_widths, default=0)})")
 
 
 @dataclass(frozen=True)
@@ -229,7 +248,16 @@ class TrainConfig(Section):
     swa_every: Count = 0  # > 0: average the weights every this many steps once the lr multiplier is below swa_threshold
     swa_threshold: Fraction = 0.2
     final_weights: Literal["ema", "swa"] = "ema"  # the declared choice (PR #576 picked by a validation eval: not allowed)
-    loader: Literal["shuffled", "coprime", "sequential"] = "shuffled"  # the record | PR #1218 | PR #576
+    # the record | PR #1218 | PR #576 | PR #1855's BOS-aligned document packing (one row per micro-batch,
+    # attention inside each document in segments of at most train_seq_len)
+    loader: Literal["shuffled", "coprime", "sequential", "packed"] = "shuffled"
+    # packed: spans of this many ranks start together in a shard or move on to the next one (PR #1855's
+    # 8 GPUs); a setting, not the process count, so the data is the same on any number of processes
+    packed_ranks: Positive = 8
+    # The frontier's optimiser (PR #1855: FRONTIER_SPEC §4.1, §4.4); the defaults are the record's.
+    muon_ns_coeffs: Literal["fixed", "polar_express"] = "fixed"  # one tuple every step | five tuples in turn
+    muon_bf16: bool = False  # #1855: gradient and momentum in bf16, the shape factor applied with the lr in fp32
+    grad_clip_scope: Literal["global", "local"] = "global"  # clip the averaged gradient | each rank's own first
     nproc_per_node: Positive = 1
     device: Device = "auto"
     compile: Compile = "auto"

@@ -1,7 +1,8 @@
 """``pgolf import FINAL_MODEL_PT``: a reference ``final_model.pt`` as the train stage's output.
 
 The record's ``train_gpt.py`` saves its EMA weights as a plain state dict in its
-own parameter names. This command reads one (``weights_only=True``), checks
+own parameter names (the frontier's, PR #1855, keeps its block matrices in four
+3-D banks, which are read back into the per-layer names). This command reads one (``weights_only=True``), checks
 every name and shape against ``GPT`` built from the ``model:`` section, and
 writes it as the train stage's model file of the hand-run workspace (``runs/``
 unless ``--out`` says otherwise), so ``pgolf calibrate``, ``quantize``,
@@ -35,7 +36,29 @@ def read_reference_state_dict(path: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise ValueError(f"{path}: expected a state dict (parameter name -> tensor)")
-    return state
+    return unbank_state_dict(state) if "mlp_up_bank" in state else state
+
+
+# PR #1855's banks (FRONTIER_SPEC §3.7): slot i is layer i's first matrix, slot n + i its second.
+BANKS = {"qo_bank": ("attn.c_q", "attn.proj"), "kv_bank": ("attn.c_k", "attn.c_v"),
+         "mlp_up_bank": ("mlp.fc",), "mlp_down_bank": ("mlp.proj",)}
+
+
+def unbank_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A banked state dict under the per-layer names ``blocks.i.attn.c_q.weight`` etc.; the rest as is."""
+    num_layers = state["mlp_up_bank"].size(0)
+    misfit = [f"{bank} ({'missing' if bank not in state else f'{state[bank].size(0)} slots'})"
+              for bank, matrices in BANKS.items()
+              if bank not in state or state[bank].size(0) != len(matrices) * num_layers]
+    if misfit:
+        raise ValueError(f"a banked state dict of {num_layers} layers needs every bank with one slot per layer "
+                         f"and matrix: {', '.join(misfit)}")
+    out = {name: t for name, t in state.items() if name not in BANKS}
+    for bank, matrices in BANKS.items():
+        for slot, name in enumerate(matrices):
+            for layer in range(num_layers):
+                out[f"blocks.{layer}.{name}.weight"] = state[bank][slot * num_layers + layer]
+    return out
 
 
 def import_model(source: Path, cfg: ModelConfig, destination: Path) -> dict[str, Tensor]:

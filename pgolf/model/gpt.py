@@ -8,9 +8,16 @@ and depth recurrence: a range of layers is run several times once
 dict written by the record's ``train_gpt.py`` loads as is. The seeds' options
 (PR #576 and #1218, ``ModelConfig``; off by default) add BigramHash, SmearGate,
 value embeddings, relu² and #576's scaled projection init, under the PRs' own
-parameter names, and ``set_fake_quant`` turns #576's QAT on in every linear. Attention runs
-through FlashAttention-3 or flash-attn when importable on a GPU, else PyTorch's
-scaled-dot-product attention; all paths compute the same function (a test checks them against attention written out).
+parameter names, and ``set_fake_quant`` turns #576's QAT on in every linear.
+The frontier's options (PR #1855, FRONTIER_SPEC §2–§3; off by default) add
+document-packed rows, whose attention stays inside each segment that
+``cu_seqlens`` delimits, a rotary base that does not rescale on long rows,
+two residual lanes in the last layers, a sparse per-head gate on the attention
+output and the modded-nanogpt SmearGate on the raw embedding, masked at each
+BOS. Attention runs through FlashAttention-3 or flash-attn when importable on a
+GPU, else PyTorch's scaled-dot-product attention (packed rows: FlashAttention-3's
+varlen kernel, else flex attention on a GPU and masked SDPA on the CPU); all
+paths compute the same function (tests check them against attention written out).
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from pgolf.config import ModelConfig
+from pgolf.data.shards import BOS_ID
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 Delta = Callable[[Tensor], Tensor]  # an additive correction computed from a sub-layer's input
@@ -107,14 +116,17 @@ class CastedLinear(nn.Linear):
 # ---------------------------------------------------------------- attention
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention via PyTorch; inputs and output are [B, T, H, D]."""
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Causal attention via PyTorch, or attention under ``mask`` ([T, T], True: may attend); [B, T, H, D]."""
     group = q.size(2) // k.size(2)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
     if group > 1:
         k = k.repeat_interleave(group, dim=1)  # [B, H, T, D]
         v = v.repeat_interleave(group, dim=1)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D]
+    if mask is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D]
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return y.transpose(1, 2)  # [B, T, H, D]
 
 
@@ -133,16 +145,84 @@ def _import_flash_attention() -> AttentionFn | None:
     return lambda q, k, v: fa2(q, k, v, causal=True)
 
 
+def _import_flash_varlen() -> Callable[..., Tensor] | None:
+    """FlashAttention-3's varlen kernel (the frontier's packed rows), else None."""
+    try:
+        from flash_attn_interface import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
 # Looked up at import, not on first use: torch.compile cannot trace an import that fails
 # (fullgraph would stop at it), while a module global is a constant to it.
 FLASH_ATTENTION: AttentionFn | None = _import_flash_attention()
+FLASH_VARLEN = _import_flash_varlen()
+
+
+def _flash_dtype(q: Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Dispatch: flash kernels need a GPU and 16-bit inputs; otherwise SDPA."""
-    if FLASH_ATTENTION is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    if FLASH_ATTENTION is not None and _flash_dtype(q):
         return FLASH_ATTENTION(q, k, v)
     return sdpa_attention(q, k, v)
+
+
+def segment_ids(cu_seqlens: Tensor, length: int) -> Tensor:
+    """[T] the segment of each position of a packed row; ``cu_seqlens`` may repeat ``length`` as padding."""
+    starts = torch.zeros(length + 1, dtype=torch.int32, device=cu_seqlens.device)  # [T + 1]
+    starts.scatter_add_(0, cu_seqlens.long(), torch.ones_like(cu_seqlens, dtype=torch.int32))  # ends land at T
+    return starts[:length].cumsum(0)  # [T]
+
+
+def document_mask(cu_seqlens: Tensor, length: int) -> Tensor:
+    """[T, T] causal attention within each segment: what the packed row allows, written out."""
+    segments = segment_ids(cu_seqlens, length)  # [T]
+    causal = torch.ones(length, length, dtype=torch.bool, device=cu_seqlens.device).tril()  # [T, T]
+    return causal & (segments[:, None] == segments[None, :])
+
+
+def flex_document_attention(cu_seqlens: Tensor, length: int) -> AttentionFn:
+    """Flex attention under the segments' block mask: memory linear in T (fused kernels under torch.compile)."""
+    segments = segment_ids(cu_seqlens, length)  # [T]
+
+    def same_segment_causal(batch, head, q_index, kv_index):
+        return (q_index >= kv_index) & (segments[q_index] == segments[kv_index])
+
+    block_mask = create_block_mask(same_segment_causal, None, None, length, length, device=cu_seqlens.device)
+
+    def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True).transpose(1, 2)  # [B, T, H, D]
+
+    return attention
+
+
+def document_attention(cu_seqlens: Tensor, length: int, max_seqlen: int | None = None) -> AttentionFn:
+    """Causal attention that stays inside each segment ``[cu[i], cu[i+1])`` of one packed row [1, T, H, D].
+
+    The mask (or block mask) is built once here and shared by every layer of a forward pass. On a
+    GPU: FlashAttention-3's varlen kernel for 16-bit inputs (``max_seqlen``: the longest segment,
+    None: the row), else flex attention; on the CPU, SDPA under the written-out mask.
+    """
+    if not cu_seqlens.is_cuda:
+        mask = document_mask(cu_seqlens, length)  # [T, T]
+        return lambda q, k, v: sdpa_attention(q, k, v, mask)
+    flex = flex_document_attention(cu_seqlens, length)
+    if FLASH_VARLEN is None:
+        return flex
+    longest = length if max_seqlen is None else max_seqlen
+
+    def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if not _flash_dtype(q):
+            return flex(q, k, v)
+        return FLASH_VARLEN(q[0], k[0], v[0], cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                            max_seqlen_q=longest, max_seqlen_k=longest, causal=True)[None]  # [1, T, H, D]
+
+    return attention
 
 
 # ---------------------------------------------------------------- rotary
@@ -151,15 +231,16 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 class Rotary(nn.Module):
     """Rotary embedding on the first ``rope_dims`` dims of each head."""
 
-    def __init__(self, rope_dims: int, base: float, train_seq_len: int):
+    def __init__(self, rope_dims: int, base: float, train_seq_len: int, ntk_scaling: bool = True):
         super().__init__()
         self.rope_dims = rope_dims
         self.base = base
         self.train_seq_len = train_seq_len
+        self.ntk_scaling = ntk_scaling  # off for packed rows, whose attention spans no more than a segment
 
     def cos_sin(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         base = self.base
-        if seq_len > self.train_seq_len:
+        if self.ntk_scaling and seq_len > self.train_seq_len:
             # NTK-style base scaling keeps the longest wavelength ahead of the context.
             scale = seq_len / self.train_seq_len
             base = base * scale ** (self.rope_dims / (self.rope_dims - 2))
@@ -199,8 +280,12 @@ class CausalSelfAttention(nn.Module):
         self.c_v = CastedLinear(cfg.model_dim, kv_dim, bias=False)
         self.proj = CastedLinear(cfg.model_dim, cfg.model_dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
-        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base, cfg.rope_train_seq_len)
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base, cfg.rope_train_seq_len, cfg.rope_ntk_scaling)
         self.use_xsa = use_xsa
+        # #1855's sparse gate: head h's output times σ(scale · W_h · x[:window]), zero-initialised (σ = 1/2)
+        self.attn_gate_w = nn.Parameter(torch.zeros(cfg.num_heads, cfg.gate_window)) \
+            if cfg.attn_gate == "sparse" else None
+        self.gate_window, self.gate_scale = cfg.gate_window, cfg.attn_gate_scale
 
     def forward(self, x: Tensor, attention: AttentionFn, v_embed: Tensor | None = None,
                 deltas: BlockDeltas | None = None) -> Tensor:
@@ -219,6 +304,9 @@ class CausalSelfAttention(nn.Module):
         y = attention(q, k, v)  # [B, T, H, D]
         if self.use_xsa:
             y = self.exclude_self_value(y, v)
+        if self.attn_gate_w is not None:
+            gate_logits = F.linear(x[..., : self.gate_window], self.attn_gate_w.to(x.dtype))  # [B, T, H]
+            y = y * torch.sigmoid(self.gate_scale * gate_logits)[..., None]
         return _plus(self.proj(y.reshape(b, t, dim)), d.o, x)
 
     def exclude_self_value(self, y: Tensor, v: Tensor) -> Tensor:
@@ -257,12 +345,37 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, x0: Tensor, attention: AttentionFn, v_embed: Tensor | None = None,
                 deltas: BlockDeltas | None = None) -> Tensor:
+        x_in = self.mix_input(x, x0)
+        x = x_in + self.attention_branch(x_in, attention, v_embed, deltas)
+        return x + self.mlp_branch(x, deltas)
+
+    def parallel(self, lanes: tuple[Tensor, Tensor], x0: Tensor, resid: Tensor, post: Tensor,
+                 attention: AttentionFn, v_embed: Tensor | None = None,
+                 deltas: BlockDeltas | None = None) -> tuple[Tensor, Tensor]:
+        """#1855's two lanes: attention reads lane 0 (mixed with x0), the MLP reads lane 1, side by side.
+
+        ``resid`` [2] scales each lane; ``post`` [2, 2] sends the attention (row 0) and MLP (row 1)
+        outputs into lane 0 (column 0) and lane 1 (column 1).
+        """
+        lane0, lane1 = lanes
+        attn_out = self.attention_branch(self.mix_input(lane0, x0), attention, v_embed, deltas)
+        mlp_out = self.mlp_branch(lane1, deltas)
+        resid, post = resid.to(lane0.dtype), post.to(lane0.dtype)
+        return (resid[0] * lane0 + post[0, 0] * attn_out + post[1, 0] * mlp_out,
+                resid[1] * lane1 + post[0, 1] * attn_out + post[1, 1] * mlp_out)
+
+    def mix_input(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)  # [2, C]
-        x_in = mix[0] * x + mix[1] * x0
-        x = x_in + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x_in) * self.norm_scale, attention, v_embed, deltas)
+        return mix[0] * x + mix[1] * x0
+
+    def attention_branch(self, x_in: Tensor, attention: AttentionFn, v_embed: Tensor | None,
+                         deltas: BlockDeltas | None) -> Tensor:
+        return self.attn_scale.to(x_in.dtype) * self.attn(rms_norm(x_in) * self.norm_scale, attention, v_embed, deltas)
+
+    def mlp_branch(self, x: Tensor, deltas: BlockDeltas | None) -> Tensor:
         mlp_in = rms_norm(x) * self.norm_scale
         mlp_out = _plus(self.mlp(mlp_in), None if deltas is None else deltas.mlp, mlp_in)
-        return x + self.mlp_scale.to(x.dtype) * mlp_out
+        return self.mlp_scale.to(x.dtype) * mlp_out
 
 
 # ---------------------------------------------------------------- the seeds' embeddings (PR #576, #1218)
@@ -374,7 +487,13 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim)) if cfg.skip_gates_enabled else None
         self.bigram = BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, cfg.embedding_dim) \
             if cfg.bigram_vocab_size else None
-        self.smear = SmearGate(cfg.model_dim) if cfg.smear_gate else None
+        self.smear = SmearGate(cfg.model_dim) if cfg.smear_gate is True else None
+        if cfg.smear_gate == "modded":  # #1855: x_t + λ σ(w · x_t[:window]) x_{t-1} on the raw embedding
+            self.smear_gate = CastedLinear(cfg.gate_window, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if cfg.parallel_start_layer:  # #1855's lane mixes, sized for every layer as the record's
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2, 2))
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1))
         self.ve_shared = self.ve_layer_scales = None
         if cfg.ve_layers:
             kv_dim = cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
@@ -402,6 +521,8 @@ class GPT(nn.Module):
         zero_init = {block.attn.proj for block in self.blocks} | {block.mlp.proj for block in self.blocks}
         if self.lm_head is not None:
             zero_init.add(self.lm_head)
+        if self.config.smear_gate == "modded":
+            zero_init.add(self.smear_gate)
         proj_gain = 1.0 / math.sqrt(2 * self.config.num_layers) if self.config.scaled_proj_init else 1.0
         for name, module in self.named_modules():
             if not isinstance(module, nn.Linear):
@@ -414,33 +535,46 @@ class GPT(nn.Module):
                     with torch.no_grad():
                         module.weight.mul_(proj_gain)
 
-    def forward_logits(self, input_ids: Tensor, keep_from: int = 0, adapter: Adapter | None = None) -> Tensor:
+    def forward_logits(self, input_ids: Tensor, keep_from: int = 0, adapter: Adapter | None = None,
+                       cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> Tensor:
         """Logits [B, T - keep_from, V]: positions before ``keep_from`` are context only.
 
         ``adapter`` adds its deltas to every block application (slots numbered in running
         order, so a looped layer gets one slot per pass) and to the head before the softcap.
+        ``cu_seqlens`` ([S] int32, padded with T) makes ``input_ids`` one packed row [1, T] whose
+        attention stays inside each segment ``[cu[i], cu[i+1])``; ``max_seqlen`` is the longest
+        segment (for FlashAttention-3; None: T).
         """
-        x = self.tok_emb(input_ids)  # [B, T, E]
-        if self.bigram is not None:
-            x = x + self.bigram(input_ids)  # before the norm, as PR #576
-        x = rms_norm(x)
-        if self.embed_proj is not None:
-            x = self.embed_proj(x)  # [B, T, C]
-        if self.smear is not None:
-            x = self.smear(x)
+        attention = self.attention
+        if cu_seqlens is not None:
+            if input_ids.size(0) != 1:
+                raise ValueError(f"cu_seqlens needs one packed row [1, T], got a batch of {input_ids.size(0)}")
+            attention = document_attention(cu_seqlens, input_ids.size(1), max_seqlen)
+        x = self.embed(input_ids)  # [B, T, C]
         x0 = x
         value_embeds = self.value_embeddings(input_ids)
         encoder, decoder = layer_order(self.config, self.looping_active)
         skips: list[Tensor] = []
         for slot, i in enumerate(encoder):
             deltas = None if adapter is None else adapter.block(slot)
-            x = self.blocks[i](x, x0, self.attention, value_embeds.get(i), deltas)
+            x = self.blocks[i](x, x0, attention, value_embeds.get(i), deltas)
             skips.append(x)
+        lanes: tuple[Tensor, Tensor] | None = None  # from the first parallel layer on (#1855)
         for step, i in enumerate(decoder):
-            if step < len(self.skip_weights) and skips:
-                x = self.merge_skip(x, skips.pop(), step)
+            skip = skips.pop() if step < len(self.skip_weights) and skips else None
             deltas = None if adapter is None else adapter.block(len(encoder) + step)
-            x = self.blocks[i](x, x0, self.attention, value_embeds.get(i), deltas)
+            if self.config.parallel_start_layer and i >= self.config.parallel_start_layer:
+                lane0, lane1 = (x, x) if lanes is None else lanes
+                if skip is not None:
+                    lane0 = self.merge_skip(lane0, skip, step)  # skips join the attention lane only
+                lanes = self.blocks[i].parallel((lane0, lane1), x0, self.parallel_resid_lambdas[i],
+                                                self.parallel_post_lambdas[i], attention, value_embeds.get(i), deltas)
+                continue
+            if skip is not None:
+                x = self.merge_skip(x, skip, step)
+            x = self.blocks[i](x, x0, attention, value_embeds.get(i), deltas)
+        if lanes is not None:
+            x = self.leave_lanes(lanes)
         x = self.final_norm(x[:, keep_from:])  # [B, T - keep_from, C]
         if self.head_proj is not None:
             x = self.head_proj(x)  # [B, T, E]
@@ -450,6 +584,35 @@ class GPT(nn.Module):
             logits = logits + adapter.head(x)
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """The residual stream's start x0 [B, T, C]: embedding, the seeds' extras, norm, projection."""
+        x = self.tok_emb(input_ids)  # [B, T, E]
+        if self.config.smear_gate == "modded":
+            x = self.smear_previous(x, input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)  # before the norm, as PR #576
+        x = rms_norm(x)
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)  # [B, T, C]
+        if self.smear is not None:
+            x = self.smear(x)
+        return x
+
+    def smear_previous(self, x: Tensor, input_ids: Tensor) -> Tensor:
+        """#1855's SmearGate: x_t + λ σ(w · x_t[:window]) x_{t−1}, except where token t is a BOS.
+
+        The mask keeps a packed row's documents apart: a document's first token never sees the
+        previous document's last (the leak #1797 → #1855 fixed).
+        """
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, : self.config.gate_window]))
+        not_bos = (input_ids[:, 1:] != BOS_ID).to(x.dtype).unsqueeze(-1)  # [B, T - 1, 1]
+        return torch.cat((x[:, :1], x[:, 1:] + gate * x[:, :-1] * not_bos), dim=1)  # [B, T, E]
+
+    def leave_lanes(self, lanes: tuple[Tensor, Tensor]) -> Tensor:
+        """The residual stream after the last parallel layer: the lanes' mean, or one of them."""
+        choice = self.config.parallel_final_lane
+        return lanes[0] if choice == "attn" else lanes[1] if choice == "mlp" else 0.5 * (lanes[0] + lanes[1])
 
     def value_embeddings(self, input_ids: Tensor) -> dict[int, Tensor]:
         """Layer index -> that layer's value embedding [B, T, kv_dim]; the shared table is looked up once."""
@@ -471,8 +634,10 @@ class GPT(nn.Module):
             return x + scaled
         return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[step].to(x.dtype)))
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
-        logits = self.forward_logits(input_ids)  # [B, T, V]
+    def forward(self, input_ids: Tensor, target_ids: Tensor, cu_seqlens: Tensor | None = None,
+                max_seqlen: int | None = None) -> Tensor:
+        """Mean cross-entropy of ``target_ids``; ``cu_seqlens``: a packed row (``forward_logits``)."""
+        logits = self.forward_logits(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)  # [B, T, V]
         return F.cross_entropy(logits.flatten(0, 1).float(), target_ids.flatten())
 
 

@@ -52,7 +52,8 @@ from pgolf.train.checkpoint import (
 )
 from pgolf.train.optim import Optimizers, build_optimizers, is_control_tensor, muon_momentum_at
 
-MicroBatch = tuple[Tensor, Tensor]  # inputs [B, T], targets [B, T]
+# inputs [B, T], targets [B, T]; a packed loader adds cu_seqlens [S] (its row's segments, B = 1)
+MicroBatch = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
 Validator = Callable[[GPT], tuple[float, float]]  # model -> (val_loss, val_bpb)
 
 class BatchSource(Protocol):
@@ -233,25 +234,45 @@ class Trainer:
         self.optimizers.zero_grad()
         micro_batches = self.batches.micro_batches(step)
         total = torch.zeros((), device=self.ctx.device)
-        self.tokens_per_step = sum(inputs.numel() for inputs, _ in micro_batches) * self.ctx.world_size
-        for index, (inputs, targets) in enumerate(micro_batches):
+        self.tokens_per_step = sum(batch[0].numel() for batch in micro_batches) * self.ctx.world_size
+        clip_local = self.cfg.grad_clip_scope == "local"
+        for index, (inputs, targets, *segments) in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            with self._grad_sync(last):
+            packed = {} if not segments else {"cu_seqlens": segments[0].to(self.ctx.device),
+                                              "max_seqlen": self.cfg.train_seq_len}
+            with self._grad_sync(last and not clip_local):
                 with autocast(self.ctx.device, self.bf16):
-                    loss = self.runner(inputs.to(self.ctx.device), targets.to(self.ctx.device))
+                    loss = self.runner(inputs.to(self.ctx.device), targets.to(self.ctx.device), **packed)
                 (loss / len(micro_batches)).backward()
             total += loss.detach()
         self.optimizers.set_schedule(scale, muon_momentum_at(step, self.cfg))
         if self.cfg.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip_norm)
+        if clip_local:
+            self._average_gradients()  # #1855: each rank clipped its own gradient before the average
         self.optimizers.step()
         return self._global_mean(total / len(micro_batches))
 
-    def _grad_sync(self, last: bool):
-        # DDP all-reduces the gradients once, on the last micro-batch.
-        if isinstance(self.runner, DistributedDataParallel) and not last:
+    def _grad_sync(self, sync: bool):
+        # DDP all-reduces the gradients once, on the last micro-batch (never, when clipping locally).
+        if isinstance(self.runner, DistributedDataParallel) and not sync:
             return self.runner.no_sync()
         return contextlib.nullcontext()
+
+    def _average_gradients(self) -> None:
+        """The mean of every rank's gradient, as DDP's all-reduce would have left it."""
+        if not self.ctx.distributed:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        for dtype in {g.dtype for g in grads}:
+            same = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in same])  # one collective per dtype
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= self.ctx.world_size
+            offset = 0
+            for g in same:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
 
     def _global_mean(self, value: Tensor) -> Tensor:
         if self.ctx.distributed:
@@ -509,7 +530,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, dataset_dir: Path, tok
                 ctx: DistContext, checkpoints: Path | None) -> tuple[GPT, TrainResult]:
     """A model of ``model_cfg`` trained on the shards of ``dataset_dir`` (this rank's share; checked by the caller)."""
     loader = make_loader(cfg.loader, shard_files(dataset_dir, "train"), cfg.train_seq_len, cfg.seed,
-                         cfg.train_batch_tokens, cfg.grad_accum_steps, ctx.rank, ctx.world_size)
+                         cfg.train_batch_tokens, cfg.grad_accum_steps, ctx.rank, ctx.world_size, cfg.packed_ranks)
     validate = None
     if cfg.val_loss_every > 0:
         tokens = load_validation_tokens(dataset_dir, cfg.train_seq_len, cfg.val_max_tokens)  # [N]

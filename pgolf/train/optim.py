@@ -2,7 +2,9 @@
 
 docs/DESIGN.md §3: the 2-D weights inside the blocks are updated by
 MuonEq-R (Nesterov momentum, rows normalised, orthogonalised by a bf16
-Newton-Schulz iteration, decoupled weight decay); the tied embedding and the
+Newton-Schulz iteration, decoupled weight decay); the frontier (PR #1855,
+FRONTIER_SPEC §4.1) iterates with Polar Express's five coefficient tuples and
+keeps gradient and momentum in bf16 (``muon_ns_coeffs``, ``muon_bf16``). The tied embedding and the
 small control tensors (gains, scales, mixes, skip weights and gates) by AdamW
 with their own learning rates and weight decays; an untied output head by
 Adam. ``build_optimizers`` splits a ``GPT``'s parameters into these groups and
@@ -18,7 +20,19 @@ from torch import Tensor, nn
 from pgolf.config import TrainConfig
 
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
-CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates")
+# PR #1344's per-iteration minimax tuples, used once each in order: fewer steps take a prefix, more
+# steps still these five (FRONTIER_SPEC §4.1; the record's comment about repeating the last is wrong).
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+# #1855 adds the sparse attention gates, the lane mixes and its SmearGate to the control tensors.
+CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
+                           "attn_gate_w", "parallel_post_lambdas", "parallel_resid_lambdas", "smear_gate",
+                           "smear_lambda")
 # PR #576 and #1218 (SEEDS_SPEC §4.2, §4.3): the BigramHash and value-embedding tables join the token
 # embedding's AdamW, their projections Muon; their scales and the SmearGate are control tensors.
 TOKEN_TABLES = ("tok_emb.", "bigram.embed.", "ve_shared.embed.")
@@ -29,30 +43,47 @@ def is_control_tensor(name: str) -> bool:
     return any(pattern in name for pattern in CONTROL_TENSOR_PATTERNS)
 
 
-def newton_schulz(update: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalise a matrix in bf16 (quintic Newton-Schulz)."""
-    a, b, c = NEWTON_SCHULZ_COEFFS
+def newton_schulz(update: Tensor, steps: int, coeffs: str = "fixed", eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalise a matrix in bf16 (quintic Newton-Schulz).
+
+    ``fixed``: the record's tuple ``steps`` times; ``polar_express``: the five tuples in turn.
+    Each keeps the bf16 order of operations of the code it comes from, so both match their
+    records bit for bit: #1394 forms (c·A)·A, #1855 c·(A·A).
+    """
     x = update.bfloat16()  # [rows, cols]
     x = x / (x.norm() + eps)
     transposed = update.size(0) > update.size(1)
     if transposed:
         x = x.T  # [cols, rows]: iterate on the wide side
-    for _ in range(steps):
-        gram = x @ x.T
-        # (c * gram) @ gram, not c * (gram @ gram): the bf16 rounding follows the reference.
-        poly = b * gram + (c * gram) @ gram
-        x = a * x + poly @ x
+    if coeffs == "polar_express":
+        for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+            gram = x @ x.T
+            x = a * x + (b * gram + c * (gram @ gram)) @ x
+    else:
+        a, b, c = NEWTON_SCHULZ_COEFFS
+        for _ in range(steps):
+            gram = x @ x.T
+            x = a * x + (b * gram + (c * gram) @ gram) @ x
     return x.T if transposed else x
 
 
-def muon_direction(grad: Tensor, buffer: Tensor, momentum: float, steps: int, row_normalize: bool) -> Tensor:
-    """The bf16 MuonEq-R update of one matrix from its gradient and (advanced) momentum ``buffer``."""
+def shape_factor(matrix: Tensor) -> float:
+    """√max(1, rows/cols): Muon's step for tall matrices."""
+    return max(1.0, matrix.size(0) / matrix.size(1)) ** 0.5
+
+
+def muon_direction(grad: Tensor, buffer: Tensor, momentum: float, steps: int, row_normalize: bool,
+                   coeffs: str = "fixed") -> Tensor:
+    """The bf16 MuonEq-R update of one matrix from its gradient and (advanced) momentum ``buffer``.
+
+    Row normalisation takes the norm in fp32 and divides in the update's dtype (fp32, or bf16 with
+    ``muon_bf16``), as both records do.
+    """
     update = grad.add(buffer, alpha=momentum)  # Nesterov
     if row_normalize:
         row_norms = update.float().norm(dim=-1, keepdim=True).clamp_min(1e-7)  # [rows, 1]
         update = update / row_norms.to(update.dtype)
-    update = newton_schulz(update, steps)
-    return update * max(1.0, update.size(0) / update.size(1)) ** 0.5
+    return newton_schulz(update, steps, coeffs)
 
 
 class MuonEqR(torch.optim.Optimizer):
@@ -64,9 +95,9 @@ class MuonEqR(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int,
-                 weight_decay: float, row_normalize: bool):
+                 weight_decay: float, row_normalize: bool, ns_coeffs: str = "fixed", bf16: bool = False):
         defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                        weight_decay=weight_decay, row_normalize=row_normalize)
+                        weight_decay=weight_decay, row_normalize=row_normalize, ns_coeffs=ns_coeffs, bf16=bf16)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -89,14 +120,17 @@ class MuonEqR(torch.optim.Optimizer):
         updates = torch.zeros(total, device=params[0].device, dtype=torch.bfloat16)  # [sum numel]
         offset = 0
         for index, p in enumerate(params):
+            grad = p.grad.bfloat16() if group["bf16"] else p.grad
             state = self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad)
+                state["momentum_buffer"] = torch.zeros_like(grad)
             buffer = state["momentum_buffer"]
-            buffer.mul_(group["momentum"]).add_(p.grad)  # on every rank: any rank's state is the whole state
+            buffer.mul_(group["momentum"]).add_(grad)  # on every rank: any rank's state is the whole state
             if index % world_size == rank:
-                direction = muon_direction(p.grad, buffer, group["momentum"],
-                                           group["backend_steps"], group["row_normalize"])
+                direction = muon_direction(grad, buffer, group["momentum"], group["backend_steps"],
+                                           group["row_normalize"], group["ns_coeffs"])
+                if not group["bf16"]:
+                    direction = direction * shape_factor(p)  # #1394 scales in bf16, #1855 with the lr
                 updates[offset:offset + p.numel()] = direction.reshape(-1)
             offset += p.numel()
         return updates
@@ -108,7 +142,8 @@ class MuonEqR(torch.optim.Optimizer):
         for p in params:
             if weight_decay > 0.0:
                 p.mul_(1.0 - lr * weight_decay)
-            p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-lr)
+            step = -lr * shape_factor(p) if group["bf16"] else -lr
+            p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=step)
             offset += p.numel()
 
 
@@ -183,7 +218,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> Optimizers:
     groups = split_parameters(model)
     muon = MuonEqR(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
                    backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_wd,
-                   row_normalize=cfg.muon_row_normalize)
+                   row_normalize=cfg.muon_row_normalize, ns_coeffs=cfg.muon_ns_coeffs, bf16=cfg.muon_bf16)
     for group in muon.param_groups:
         group["base_lr"] = cfg.matrix_lr
     token_lr = cfg.embed_lr if groups["head"] else cfg.tied_embed_lr

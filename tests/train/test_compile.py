@@ -45,10 +45,10 @@ def context(device: str) -> DistContext:
     return DistContext(rank=0, world_size=1, local_rank=0, device=torch.device(device))
 
 
-def perturbed_model(seed: int = 0) -> GPT:
-    """A model whose every layer matters (no zero-initialised projections), so looping changes the loss."""
+def perturbed_model(seed: int = 0, cfg: ModelConfig = MICRO_MODEL) -> GPT:
+    """A model whose every layer (and gate, lane, smear) matters: nothing at its zero or identity init."""
     torch.manual_seed(seed)
-    model = GPT(MICRO_MODEL)
+    model = GPT(cfg)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
@@ -171,5 +171,6 @@ def test_gpu_check_without_cuda_says_so_and_reports_every_check_skipped(tmp_path
     assert "no CUDA device: skipping GPU checks" in proc.stdout.splitlines()
     report = json.loads((tmp_path / "report" / "gpu_check.json").read_text())
     assert [(c["name"], c["status"]) for c in report["checks"]] == [
-        ("tests", "skipped"), ("attention", "skipped"), ("throughput", "skipped"), ("pipeline", "skipped")]
+        ("tests", "skipped"), ("attention", "skipped"), ("throughput", "skipped"), ("frontier", "skipped"),
+        ("pipeline", "skipped")]
     assert "| pipeline | skipped |" in (tmp_path / "report" / "gpu_check.md").read_text()
