@@ -4,7 +4,8 @@ The exported ``train_gpt.py`` (``pgolf.submit.bundle.script_text``) bundles this
 closure with the run's params and calls :func:`main`, as the challenge runs it: ``torchrun
 --standalone --nproc_per_node=N train_gpt.py`` (or ``python train_gpt.py``) in a folder with
 the challenge's data layout (``./data/datasets/fineweb10B_sp{V}/``,
-``./data/tokenizers/fineweb_{V}_bpe.model``). Each step calls the library function its DVC
+``./data/tokenizers/fineweb_{V}_bpe.model``); it refuses to start when a validation document is
+also in the training shards (``pgolf.data.leakage``). Each step calls the library function its DVC
 stage calls, with the same seeds, so the artifact is byte for byte the pipeline's. Rank 0
 prints the records' log lines (pre-quantization, artifact and submission size, quantized
 and sliding-window ``val_bpb`` with their times) and writes ``final_model.pt``,
@@ -36,6 +37,7 @@ from pgolf.eval.score import evaluate_model, validation_set
 from pgolf.quant.gptq import FitResult
 from pgolf.model.gpt import GPT, count_parameters
 from pgolf.runtime import enable_tf32, resolve_device
+from pgolf.data.leakage import check_no_leaks
 from pgolf.data.shards import check_headers, dataset_path
 from pgolf.quant.calibrate import calibration_hessians, calibration_model
 from pgolf.train.loop import train_model
@@ -102,6 +104,7 @@ def run(cfgs: RunConfigs, root: Path, code: int) -> dict[str, Any]:
     dataset_dir, tokenizer = root / dataset_path(DATA_DIR, vocab), root / tokenizer_file(DATA_DIR, vocab)
     try:
         check_headers(dataset_dir)  # the challenge's data has no manifest: the shard format is what can be checked
+        check_no_leaks(dataset_dir)  # before the training clock: no validation document among the training ones
         metrics = training_phase(cfgs, root, dataset_dir, tokenizer, ctx, code)
         tokens, tables = validation_set(dataset_dir, tokenizer, vocab, cfgs.evaluate)
         metrics |= evaluation_phase(cfgs, root, tokens, tables, ctx)
