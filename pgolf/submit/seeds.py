@@ -199,7 +199,7 @@ def _is_run(folder: Path) -> bool:
 
 
 def run_folders(path: Path) -> list[Path]:
-    """``path`` itself when it is a run folder, else its run folders, every one its ledger lists among them."""
+    """``path`` itself when it is a run folder, else its run folders (every one its ledger lists), in run order."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: runs directory not found")
     if _is_run(path):
@@ -214,7 +214,8 @@ def run_folders(path: Path) -> list[Path]:
                          "tried is part of the evidence")
     if not folders:
         raise ValueError(f"{path}: no run folders (each holds a {METRICS_FILE} and its log)")
-    return folders
+    order = {name: i for i, name in enumerate(started)}  # the order they ran in, then by seed
+    return sorted(folders, key=lambda f: (order.get(f.name, len(order)), _seed_from_name(f.name) or 0, f.name))
 
 
 def gather(paths: list[Path]) -> RunSet:
@@ -237,8 +238,9 @@ def check_pool(runs: tuple[SeedRun, ...]) -> None:
         differs = differing_key(first.params, run.params)
         if differs:
             key, ours, theirs = differs
-            raise PoolError(f"cannot pool {run.folder} with {first.folder}: {key} is {theirs!r} there but {ours!r} "
-                            f"here; only {SEED_KEY} may differ between the seeds of a record")
+            raise PoolError(f"cannot pool {run.folder} with {first.folder}: {key} is {theirs!r} in {run.folder.name} "
+                            f"but {ours!r} in {first.folder.name}; only {SEED_KEY} may differ between the seeds of a "
+                            "record")
         if None not in (first.script_sha256, run.script_sha256) and first.script_sha256 != run.script_sha256:
             raise PoolError(f"cannot pool {run.folder} with {first.folder}: their {SCRIPT} differ (sha256 "
                             f"{run.script_sha256[:16]} and {first.script_sha256[:16]}): the runs ran different code")
