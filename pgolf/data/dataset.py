@@ -25,14 +25,29 @@ from tqdm import tqdm
 
 from pgolf.config import TokenizeConfig
 from pgolf.data.corpus import CorpusError, iter_documents, write_embedded_corpus
-from pgolf.runtime import progress_bar
 from pgolf.data.shards import (
-    HEADER_INTS, MAGIC, SPLITS, TOKEN_DTYPE, VERSION, ShardWriter, dataset_path, file_sha256, read_shard,
-    shard_files, split_documents, validate_dataset,
+    HEADER_INTS,
+    MAGIC,
+    SPLITS,
+    TOKEN_DTYPE,
+    VERSION,
+    ShardWriter,
+    dataset_path,
+    file_sha256,
+    read_shard,
+    shard_files,
+    split_documents,
+    validate_dataset,
 )
 from pgolf.data.tokenizer import (
-    ByteCheck, byte_tables, load_tokenizer, model_settings, train_tokenizer, training_texts,
+    ByteCheck,
+    byte_tables,
+    load_tokenizer,
+    model_settings,
+    train_tokenizer,
+    training_texts,
 )
+from pgolf.runtime import progress_bar
 
 ENCODE_BATCH_DOCS = 1024  # documents per SentencePiece call: amortises threads, bounds memory
 TRAINED = "the tokenizer trained on the documents"

@@ -36,8 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pgolf.data.shards import file_sha256
-from pgolf.data.shards import SPLITS, ShardError, dataset_path, read_header, shard_name
+from pgolf.data.shards import SPLITS, ShardError, dataset_path, file_sha256, read_header, shard_name
 from pgolf.data.tokenizer import load_tokenizer, tokenizer_file
 
 DEFAULT_REPO_ID = "kevclark/parameter-golf"  # sp4096 and sp8192; "willdepueoai/parameter-golf" has sp1024

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pgolf.config import EvaluateConfig
+from pgolf.data.shards import check_dataset, load_validation_tokens
+from pgolf.data.tokenizer import ByteTables, byte_tables, count_bytes
 from pgolf.distributed import DistContext
 from pgolf.model.gpt import GPT
 from pgolf.runtime import autocast, progress_bar, use_compile
-from pgolf.data.shards import check_dataset, load_validation_tokens
-from pgolf.data.tokenizer import ByteTables, byte_tables, count_bytes
 
 
 class EvalScore(NamedTuple):

@@ -12,8 +12,8 @@ import pytest
 import sentencepiece as spm
 
 from pgolf.data.shards import read_shard, shard_files, validate_dataset, write_shard
-from pgolf.pipeline.stage import Workspace
 from pgolf.data.tokenizer import TRAINER_SETTINGS, train_tokenizer
+from pgolf.pipeline.stage import Workspace
 from stages import tokenize
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
