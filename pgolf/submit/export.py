@@ -33,7 +33,7 @@ from pgolf.atomic import atomic_path
 from pgolf.config import ExportConfig
 from pgolf.pipeline import layout
 from pgolf.submit.bundle import read_bundle
-from pgolf.submit.runner import METRICS_FILE
+from pgolf.submit.rundir import METRICS_FILE
 from pgolf.submit.seeds import (REPORT_JSON, REPORT_MD, SCRIPT, RunSet, gather, load_baseline, quantized_score,
                                 seeds_report, submission_fields)
 from pgolf.submit.stats import markdown, seeds_table, tests_section

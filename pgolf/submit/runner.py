@@ -54,13 +54,12 @@ from pgolf.model.gpt import GPT, count_parameters
 from pgolf.quant.calibrate import calibration_hessians, calibration_model
 from pgolf.quant.fit import FitResult, needs_size, quantize_for_size
 from pgolf.runtime import enable_tf32, resolve_device
+from pgolf.submit.rundir import METRICS_FILE, SEED_ENV
 from pgolf.train.loop import run_metrics, train_model
 
 DATA_DIR = "data"  # the challenge's layout, relative to the folder the script runs in
 MODEL_FILE = "final_model.pt"
 ARTIFACT_FILE = "final_model.ptz"
-METRICS_FILE = "final_metrics.json"
-SEED_ENV = "SEED"  # `SEED=42 torchrun ... train_gpt.py`, as the challenge's records are run: sets train.seed
 # record log line prefix of each evaluation (the records' train_gpt.py print these)
 EVAL_LABELS = {"plain": "quantized", "sliding": "quantized_sliding_window"}
 

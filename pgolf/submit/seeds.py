@@ -19,6 +19,7 @@ records by ``tools/published_records.py``). ``pgolf.submit.stats`` turns them in
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from typing import Any
 
 from pgolf.atomic import write_bytes
 from pgolf.config import SECTIONS, output_keys
-from pgolf.submit.runner import METRICS_FILE, SEED_ENV
+from pgolf.submit.rundir import METRICS_FILE, SEED_ENV
 from pgolf.submit.stats import Sample, SeedScore, comparison, markdown, summary
 
 SCRIPT = "train_gpt.py"
@@ -124,7 +125,8 @@ def run_seed(script: Path, seed: int, data_dir: Path, runs_dir: Path, nproc: int
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
     with open(runs_dir / LEDGER, "a", encoding="utf-8") as ledger:
         ledger.write(json.dumps({"seed": seed, "folder": folder.name, "command": command,
-                                 "script_sha256": file_sha256(script)}) + "\n")
+                                 "script_sha256": file_sha256(script),
+                                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat()}) + "\n")
     environment = {**os.environ, SEED_ENV: str(seed)}
     with open(folder / f"train_seed{seed}.log", "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, cwd=folder, env=environment, stdout=subprocess.PIPE,

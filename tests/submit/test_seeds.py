@@ -140,13 +140,14 @@ def test_the_carried_records_are_the_published_seeds():
 
 @pytest.fixture(scope="module")
 def micro_data(tmp_path_factory) -> Path:
-    """The micro preset's dataset in the challenge's layout (the embedded corpus, the shipped 1024-piece tokenizer)."""
+    """The micro preset's dataset in the challenge's layout: the tokenize stage on the embedded corpus."""
+    import yaml
+
     root = tmp_path_factory.mktemp("data")
     params = micro_params()
-    params["tokenize"] |= {"tokenizer_path": str(Path("tests/assets/fineweb_1024_bpe.model").resolve()),
-                           "data_dir": str(root / "data")}
+    params["tokenize"]["data_dir"] = str(root / "data")
     params_file = root / "params.yaml"
-    params_file.write_text(json.dumps(params))
+    params_file.write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if k != "DVC_STAGE"}
     subprocess.run([sys.executable, "-m", "stages.tokenize", "--params", str(params_file), "--out", str(root / "out")],
                    check=True, env=env, capture_output=True, timeout=600)
@@ -235,3 +236,42 @@ def test_the_exported_script_refuses_leaked_data_naming_the_document(micro_data,
     assert "validation document 3 (fineweb_val_000000.bin at token" in result.stderr
     assert f"{val[3].size:,} tokens" in result.stderr and f"is also in {last.name}" in result.stderr
     assert not (folder / "final_model.pt").exists()  # refused before training
+
+
+def test_the_records_folder_carries_every_seed_and_the_tests(tmp_path):
+    from pgolf.config import ExportConfig
+    from pgolf.submit.export import RunRecord, seed_evidence, write_records_folder
+
+    script = exported_script(tmp_path / "export").read_text()
+    runs = tmp_path / "runs"
+    for seed, bpb in ((42, 1.50), (0, 1.52), (1234, 1.49)):
+        make_run(runs, seed, bpb, script=script)
+    (runs / "seed_7").mkdir()
+    (runs / "seed_7" / "train_seed7.log").write_text("killed\n")
+    report, times, logs = seed_evidence(runs, script, ["#1394"], "micro")
+    assert times["training_phase_s"] == 1.0 + 1234 and times["hardware"] == "1xcpu"  # the slowest run's
+    code = len(script.encode())
+    record = RunRecord(script=script, compress={"code_bytes": code, "artifact_bytes": 1000, "limit": 16_000_000},
+                       evaluate={"quantized": {"val_bpb": 1.6, "val_loss": 4.0}}, prequant={}, train={"steps": 6},
+                       measured=times, seeds=report)
+    dest = tmp_path / "records" / "2026-12-01_micro"
+    info = write_records_folder(dest, record, ExportConfig(name="micro", date="2026-12-01"), logs)
+
+    assert info["val_bpb"] == round(np.mean([1.50, 1.52, 1.49]), 8) and info["seeds"] == [0, 42, 1234]
+    assert info["seed_results"]["1234"]["val_bpb"] == 1.49 and info["val_bpb_std"] > 0
+    assert info["unfinished_runs"][0]["folder"] == "seed_7" and info["statistics"]["#1394"]["progression_p"] > 0.99
+    readme = (dest / "README.md").read_text()
+    assert "| 1234 | 1.49000000 | 3.72500000 | 6 |" in readme and "### Against #1394" in readme and "seed_7" in readme
+    rules = json.loads((dest / "compliance.json").read_text())["rules"]
+    assert rules["every_seed_disclosed"]["value"] == 4 and rules["significance_vs_sota"]["status"] == "fail"
+    assert "1235.0 s on 1xcpu" in rules["train_under_600s"]["how"]
+    assert json.loads((dest / "seeds.json").read_text()) == report
+    assert {p.relative_to(dest / "logs").as_posix() for p in (dest / "logs").rglob("*") if p.is_file()} == {
+        "seed_42/train_seed42.log", "seed_42/final_metrics.json", "seed_0/train_seed0.log",
+        "seed_0/final_metrics.json", "seed_1234/train_seed1234.log", "seed_1234/final_metrics.json",
+        "seed_7/train_seed7.log"}
+    assert load_baseline(str(dest)).bpb().tolist() == [1.52, 1.50, 1.49]  # the folder is a baseline in turn
+
+    make_run(tmp_path / "other", 5, 1.5, script="print('not the exported script')")
+    with pytest.raises(ValueError, match="is not the exported one"):
+        seed_evidence(tmp_path / "other", script, [], "micro")
