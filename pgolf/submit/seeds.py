@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from typing import Any
 
 from pgolf.atomic import write_bytes
 from pgolf.config import SECTIONS, output_keys
+from pgolf.data.shards import file_sha256
 from pgolf.submit.rundir import METRICS_FILE, SEED_ENV
 from pgolf.submit.stats import Sample, SeedScore, comparison, markdown, summary
 
@@ -117,6 +117,7 @@ def run_seeds(script: Path, seeds: list[int], data_dir: Path, runs_dir: Path, np
 
 
 def run_seed(script: Path, seed: int, data_dir: Path, runs_dir: Path, nproc: int, echo: Callable[[str], None]) -> int:
+    """One run in ``runs_dir/seed_S/``, entered in the ledger before it starts; its exit code."""
     folder = runs_dir / f"{RUN_PREFIX}{seed}"
     folder.mkdir(parents=True)
     shutil.copyfile(script, folder / SCRIPT)
@@ -135,10 +136,6 @@ def run_seed(script: Path, seed: int, data_dir: Path, runs_dir: Path, nproc: int
             log.write(line)
             echo(line)
         return process.wait()
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------- gathering

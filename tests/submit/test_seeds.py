@@ -135,6 +135,28 @@ def test_the_carried_records_are_the_published_seeds():
         published_record("#9999")
 
 
+def test_the_command_reports_one_line_errors_and_lists_the_published_records(tmp_path, capsys):
+    make_run(tmp_path, 42, 1.50)
+    make_run(tmp_path, 0, 1.52, params={**PARAMS, "quantize": {"matrix_bits": 5}})
+    assert cli(["seeds", "report", str(tmp_path)]) == 2
+    assert "pgolf seeds: error: cannot pool" in capsys.readouterr().err
+    assert cli(["seeds", "run", "--script", "nope.py", "--seeds", "1,x", "--data", ".", "--runs", "r"]) == 2
+    assert "--seeds '1,x': expected comma-separated integers" in capsys.readouterr().err
+    assert cli(["seeds", "published"]) == 0
+    listed = capsys.readouterr().out
+    assert "#1855          3 seeds, mean val_bpb 1.06107587" in listed and "#1586" in listed and "#1394" in listed
+
+
+def test_the_runner_takes_its_seed_from_the_environment():
+    from pgolf.submit.runner import seeded
+
+    params = {"train": {"seed": 1337, "iterations": 6}, "model": {}}
+    assert seeded(params, None) is params
+    assert seeded(params, "42") == {"train": {"seed": 42, "iterations": 6}, "model": {}}
+    with pytest.raises(ValueError, match="SEED='forty-two': not a seed"):
+        seeded(params, "forty-two")
+
+
 # ---------------------------------------------------------------- the exported script, three seeds (micro preset)
 
 
