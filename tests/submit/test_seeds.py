@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -244,7 +245,7 @@ def test_the_exported_script_refuses_leaked_data_naming_the_document(micro_data,
     from pgolf.data.shards import dataset_path, read_shard, shard_files, split_documents, write_shard
 
     data = tmp_path / "data"
-    subprocess.run(["cp", "-rL", str(micro_data), str(data)], check=True)
+    shutil.copytree(micro_data, data)
     dataset = dataset_path(data, 1024)
     val = split_documents(np.asarray(read_shard(shard_files(dataset, "val")[0])), 1, "val")
     last = shard_files(dataset, "train")[-1]
