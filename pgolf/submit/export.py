@@ -269,7 +269,8 @@ pip install -r requirements.txt
 SEED=42 torchrun --standalone --nproc_per_node=8 train_gpt.py   # or: python train_gpt.py (one process)
 ```
 
-`SEED` sets the training seed (`train.seed`; without it, the baked {seed}). It trains, calibrates, GPTQ-quantizes and compresses, writes `final_model.ptz` and
+`SEED` sets the training seed (`train.seed`; without it, the baked {seed}). It trains,
+calibrates, GPTQ-quantizes and compresses, writes `final_model.ptz` and
 `final_metrics.json`, and prints the quantized and sliding-window `val_bpb` and the
 submission size. `train_gpt.py` is a bootstrap and a brotli-compressed bundle of pgolf's
 modules (the import closure of `pgolf/submit/runner.py`) with the run's params baked in; its
