@@ -5,7 +5,10 @@ stages' metrics and provenance, and writes ``out/export/`` (``--dest DIR`` elsew
 ``train_gpt.py``, ``submission.json``, ``README.md``, ``requirements.txt``,
 ``compliance.json`` and ``logs/`` (``pgolf.submit.export``). ``--measured DIR`` takes the times of
 a run of the exported script in DIR (its ``final_metrics.json`` and ``*.log``) into the
-compliance report and the logs.
+compliance report and the logs. ``--seeds RUNS`` takes every run of the script in RUNS
+(``pgolf seeds run``): the mean score, each seed's, their logs, the slowest run's times and,
+with ``--baseline SPEC`` (repeatable; the first is the SOTA the record claims to beat), the
+record's tests (docs/RECORDS.md).
 """
 
 from __future__ import annotations
@@ -16,26 +19,36 @@ from pathlib import Path
 from pgolf.config import ExportConfig, section
 from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace, run_stage, stage_parser
-from pgolf.submit.export import LOGGED, RunRecord, export_date, read_json, records_name, write_records_folder
+from pgolf.submit.export import (LOGGED, RunRecord, export_date, read_json, records_name, seed_evidence,
+                                 write_records_folder)
 
 
-def run(params: dict, ws: Workspace, dest: str | None = None, measured: str | None = None) -> None:
+def run(params: dict, ws: Workspace, dest: str | None = None, measured: str | None = None, seeds: str | None = None,
+        baseline: list[str] | None = None) -> None:
     cfg = section(params, "export", ExportConfig)
     script_path = ws.input(layout.BUNDLE_SCRIPT)
     if not script_path.is_file():
         raise FileNotFoundError(f"{script_path}: not found (run the bundle stage first)")
-    measured_dir = Path(measured) if measured else None
-    record = RunRecord(
-        script=script_path.read_text(encoding="utf-8"),
-        compress=read_json(ws.input(layout.COMPRESS_METRICS)), evaluate=read_json(ws.input(layout.EVALUATE_METRICS)),
-        prequant=read_json(ws.input(layout.PREQUANT_METRICS)), train=read_json(ws.input(layout.TRAIN_METRICS)),
-        measured=read_json(measured_dir / "final_metrics.json") if measured_dir else None,
-    )
+    if measured and seeds:
+        raise ValueError("--measured and --seeds: give one (--seeds takes the times of every run in it)")
+    if baseline and not seeds:
+        raise ValueError("--baseline needs --seeds: the tests compare the seeds' runs with the baseline")
+    script = script_path.read_text(encoding="utf-8")
     logs = {f"{stage}_{kind}.json": ws.input(path) for stage, files in LOGGED.items()
             for kind, path in zip(("provenance", "metrics"), files) if path and ws.input(path).is_file()}
+    measured_dir, evidence, times = Path(measured) if measured else None, None, None
     if measured_dir:
+        times = read_json(measured_dir / "final_metrics.json")
         logs |= {"final_metrics.json": measured_dir / "final_metrics.json"}
         logs |= {log.name: log for log in sorted(measured_dir.glob("*.log"))}
+    if seeds:
+        evidence, times, run_logs = seed_evidence(Path(seeds), script, baseline or [], cfg.name)
+        logs |= run_logs
+    record = RunRecord(
+        script=script, compress=read_json(ws.input(layout.COMPRESS_METRICS)),
+        evaluate=read_json(ws.input(layout.EVALUATE_METRICS)), prequant=read_json(ws.input(layout.PREQUANT_METRICS)),
+        train=read_json(ws.input(layout.TRAIN_METRICS)), measured=times, seeds=evidence,
+    )
     destination = Path(dest) if dest else ws.output(layout.EXPORT_DIR)
     info = write_records_folder(destination, record, cfg, logs)
     print(f"[pgolf export] {destination}: val_bpb {info['val_bpb']:.5f}, {info['bytes_total']:,} bytes "
@@ -48,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dest", default=None, help=f"write the folder here (default: {layout.EXPORT_DIR} of the run)")
     parser.add_argument("--measured", default=None,
                         help="a folder where the exported train_gpt.py ran: its final_metrics.json and *.log")
+    parser.add_argument("--seeds", default=None,
+                        help="a runs directory of the exported train_gpt.py, one folder per seed (pgolf seeds run)")
+    parser.add_argument("--baseline", action="append", default=None, metavar="SPEC",
+                        help="with --seeds: #PR, a records folder or a runs directory to test against; repeatable")
     return run_stage("export", run, argv, parser)
 
 

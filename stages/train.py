@@ -1,7 +1,8 @@
 """DVC stage ``train``: training shards -> EMA weights, training metrics and plots.
 
 Reads the ``model:`` and ``train:`` sections, checks the model's vocabulary
-against the dataset's, and trains on one process or, under ``torchrun``, on N
+against the dataset's and that no validation document is among the training ones
+(``pgolf.data.leakage``), and trains on one process or, under ``torchrun``, on N
 (``pgolf train`` starts torchrun itself when ``train.nproc_per_node`` > 1).
 Rank 0 commits the model (the EMA weights with their model config), the curves,
 the plot, the provenance and the metrics together. A killed run resumes from
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from pgolf.atomic import csv_text, stage_outputs
 from pgolf.config import ModelConfig, TokenizeConfig, TrainConfig, section, to_dict
+from pgolf.data.leakage import check_no_leaks
 from pgolf.data.shards import check_dataset, dataset_path
 from pgolf.data.tokenizer import tokenizer_file
 from pgolf.distributed import barrier, init_distributed, shutdown
@@ -42,6 +44,7 @@ def run(params: dict, ws: Workspace) -> None:
         dataset_dir = ws.input(dataset_path(data_dir, model_cfg.vocab_size))
         tokenizer = ws.input(tokenizer_file(data_dir, model_cfg.vocab_size))
         check_dataset(dataset_dir, tokenizer, model_cfg.vocab_size)
+        check_no_leaks(dataset_dir)
         checkpoints = ws.output(layout.TRAIN_CHECKPOINTS)
         model, result = train_model(model_cfg, cfg, dataset_dir, tokenizer, ctx, checkpoints)
         if ctx.is_main:

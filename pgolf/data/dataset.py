@@ -2,8 +2,11 @@
 
 The tokenize stage's work. From a documents file (or the embedded corpus) it
 trains or reuses a SentencePiece tokenizer and streams every document through
-it into challenge-format shards, using all cores and constant memory; from
-published shards it validates them and links them into place. Either way the
+it into challenge-format shards, using all cores and constant memory, leaving out
+of the training split any document that is a validation document too (a corpus
+may hold the same text twice; the train stage refuses such a leak,
+``pgolf.data.leakage``); from published shards it validates them and links them
+into place. Either way the
 validation split passes the byte check of ``pgolf.data.tokenizer.ByteCheck`` and a
 manifest records what went in and what came out.
 """
@@ -141,7 +144,7 @@ def encode_documents(
         read["bytes"] += len(line)
         progress.update(len(line))
 
-    index = 0
+    index, val_digests, dropped = 0, set(), 0
     with progress, ShardWriter(dataset_tmp, cfg.shard_size) as writer:
         for texts in batched(iter_documents(docs_path, on_line), ENCODE_BATCH_DOCS):
             encoded = sp.encode(texts, out_type=int, num_threads=threads)
@@ -151,9 +154,21 @@ def encode_documents(
                 document = np.empty(len(ids) + 1, dtype=TOKEN_DTYPE)  # [1 + n]
                 document[0] = sp.bos_id()
                 document[1:] = ids
-                writer.add_document("val" if offset < val_count else "train", document)
+                key = hashlib.sha256(document.tobytes()).digest()
+                if offset < val_count:
+                    val_digests.add(key)
+                    writer.add_document("val", document)
+                elif key in val_digests:
+                    dropped += 1
+                else:
+                    writer.add_document("train", document)
             index += len(encoded)
-    return writer.stats, {"sha256": digest.hexdigest(), "bytes": read["bytes"], "documents": index}
+    source = {"sha256": digest.hexdigest(), "bytes": read["bytes"], "documents": index}
+    if dropped:  # recorded only when it happened: a clean corpus keeps the manifest it always had
+        print(f"[pgolf tokenize] left {dropped} training document(s) out: each is also a validation document",
+              flush=True)
+        source["val_duplicates_left_out_of_train"] = dropped
+    return writer.stats, source
 
 
 def batched(items: Iterator[str], size: int) -> Iterator[list[str]]:

@@ -8,13 +8,17 @@ byte for byte what compress counted) and the stages' metrics and provenance, add
 rule of the challenge with its figure, its limit, whether it holds and how that is
 guaranteed. Times measured by running the exported script (its ``final_metrics.json``) are
 used where given; otherwise the timing rules say they were not measured on the declared
-hardware.
+hardware. Given the report of the script's seed runs (``pgolf.submit.seeds``), the folder
+scores the mean of every seed, lists each seed in ``submission.json`` and the README's
+results table, carries every run's log and metrics, writes ``seeds.json``/``seeds.md``,
+judges the time rules by the slowest run and adds the record's tests to the compliance report.
 """
 
 from __future__ import annotations
 
 import ast
 import datetime
+import hashlib
 import json
 import shutil
 import sys
@@ -29,6 +33,10 @@ from pgolf.atomic import atomic_path
 from pgolf.config import ExportConfig
 from pgolf.pipeline import layout
 from pgolf.submit.bundle import read_bundle
+from pgolf.submit.rundir import METRICS_FILE
+from pgolf.submit.seeds import (REPORT_JSON, REPORT_MD, SCRIPT, RunSet, gather, load_baseline, quantized_score,
+                                seeds_report, submission_fields)
+from pgolf.submit.stats import markdown, seeds_table, tests_section
 
 TRACK = "10min_16mb"
 TIME_LIMIT_S = 600.0
@@ -53,7 +61,8 @@ class RunRecord:
     evaluate: dict[str, Any]
     prequant: dict[str, Any]
     train: dict[str, Any]
-    measured: dict[str, Any] | None  # final_metrics.json of the exported script's own run
+    measured: dict[str, Any] | None  # final_metrics.json of the exported script's own run (the slowest of its seeds)
+    seeds: dict[str, Any] | None = None  # pgolf.submit.seeds.seeds_report of the script's runs, one per seed
 
     @property
     def params(self) -> dict[str, dict[str, Any]]:
@@ -62,9 +71,7 @@ class RunRecord:
     @property
     def final(self) -> dict[str, float]:
         """val_loss and val_bpb of the submission: the sliding score when there is one."""
-        quantized = self.evaluate["quantized"]
-        prefix = "sliding_" if "sliding_val_bpb" in quantized else ""
-        return {"val_loss": quantized[f"{prefix}val_loss"], "val_bpb": quantized[f"{prefix}val_bpb"]}
+        return quantized_score(self.evaluate["quantized"])
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -158,8 +165,34 @@ def compliance(run: RunRecord, cfg: ExportConfig) -> dict[str, Any]:
             f"tokens; sliding windows of {evaluate['eval_seq_len']} at stride {evaluate['eval_stride']} score "
             "disjoint ranges: tests/eval/test_score.py::test_sliding_windows_score_every_target_exactly_once)"),
     }
+    rules |= seed_rules(run.seeds)
     return {"track": TRACK, "declared_hardware": cfg.hardware, "rules": rules,
             "all_pass": all(rule["status"] == "pass" for rule in rules.values())}
+
+
+def seed_rules(seeds: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The record's evidence: every seed disclosed, and the tests against the first baseline (the SOTA claimed)."""
+    if seeds is None:
+        how = "one run: export with --seeds RUNS (the script's runs, `pgolf seeds run`) for a record's evidence"
+        return {"significance_vs_sota": _rule(None, 0.01, "not measured", how)}
+    tried = len(seeds["runs"]) + len(seeds["unfinished"])
+    rules = {"every_seed_disclosed": _rule(
+        tried, None, "pass", f"{len(seeds['runs'])} finished and {len(seeds['unfinished'])} unfinished runs: every "
+        "run folder of the runs directory, whose ledger lists every run started (seeds.json)")}
+    if not seeds["baselines"]:
+        rules["significance_vs_sota"] = _rule(None, 0.01, "not measured", "no --baseline given")
+        return rules
+    base = seeds["baselines"][0]
+    rule, step = base["readme_rule"], base["progression"]
+    rules["significance_vs_sota"] = _rule(
+        rule["p"], rule["alpha"], "pass" if rule["passes"] else "fail",
+        f"{rule['improvement_nats']:.5f} nats better than {base['label']} (needed: {rule['margin_nats']}), one-sided "
+        f"Welch p of the margin {rule['p']:.4g} (the README's rule: p < {rule['alpha']})")
+    rules["progression_vs_previous"] = _rule(
+        step["p"], step["alpha"], "pass" if step["passes"] else "fail",
+        f"one-sided Welch p {step['p']:.4g} against {base['label']} on the per-seed bpb (the maintainers' "
+        f"leaderboard test: p < {step['alpha']})")
+    return rules
 
 
 def _all_imports(source: str) -> set[str]:
@@ -200,7 +233,7 @@ def submission_json(run: RunRecord, cfg: ExportConfig, date: str, report: dict[s
         "hardware": cfg.hardware, "pytorch_version": torch.__version__,
         "bytes_total": run.compress["artifact_bytes"] + code, "bytes_code": code,
         "compliance": {name: rule["status"] == "pass" for name, rule in report["rules"].items()},
-    }
+    } | (submission_fields(run.seeds) if run.seeds else {})
 
 
 def readme(run: RunRecord, cfg: ExportConfig, info: dict[str, Any], report: dict[str, Any]) -> str:
@@ -212,15 +245,19 @@ def readme(run: RunRecord, cfg: ExportConfig, info: dict[str, Any], report: dict
                      for name, rule in report["rules"].items())
     settings = "\n".join(f"| `{section}` | " + ", ".join(f"{k}={v}" for k, v in values.items()) + " |"
                          for section, values in run.params.items())
-    return f"""# {cfg.name}: val_bpb {info['val_bpb']:.5f}
-
-{cfg.blurb or 'Exported by pgolf from a DVC pipeline run.'}
-
-| Seed | Steps | Pre-quant BPB | Post-quant BPB | **Sliding BPB** | Artifact | Code | Total |
+    results = f"""| Seed | Steps | Pre-quant BPB | Post-quant BPB | **Sliding BPB** | Artifact | Code | Total |
 |-|-|-|-|-|-|-|-|
 | {seed} | {run.train['steps']} | {_bpb(unquantized.get('val_bpb'))} | {_bpb(quantized.get('val_bpb'))} | \
 **{_bpb(quantized.get('sliding_val_bpb'))}** | {run.compress['artifact_bytes']:,} | {info['bytes_code']:,} | \
 {info['bytes_total']:,} |
+""" if run.seeds is None else f"""{seeds_table(run.seeds)}
+{tests_section(run.seeds, "###")}
+Every run's log and `final_metrics.json` are in `logs/`; `{REPORT_JSON}` holds these figures and tests."""
+    return f"""# {cfg.name}: val_bpb {info['val_bpb']:.5f}
+
+{cfg.blurb or 'Exported by pgolf from a DVC pipeline run.'}
+
+{results}
 
 ## Run
 
@@ -229,10 +266,11 @@ The data in the challenge's layout beside the script (`./data/datasets/fineweb10
 
 ```bash
 pip install -r requirements.txt
-torchrun --standalone --nproc_per_node=8 train_gpt.py   # or: python train_gpt.py (one process)
+SEED=42 torchrun --standalone --nproc_per_node=8 train_gpt.py   # or: python train_gpt.py (one process)
 ```
 
-It trains, calibrates, GPTQ-quantizes and compresses, writes `final_model.ptz` and
+`SEED` sets the training seed (`train.seed`; without it, the baked {seed}). It trains,
+calibrates, GPTQ-quantizes and compresses, writes `final_model.ptz` and
 `final_metrics.json`, and prints the quantized and sliding-window `val_bpb` and the
 submission size. `train_gpt.py` is a bootstrap and a brotli-compressed bundle of pgolf's
 modules (the import closure of `pgolf/submit/runner.py`) with the run's params baked in; its
@@ -277,6 +315,31 @@ def export_date(cfg: ExportConfig) -> str:
     return cfg.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
 
 
+def seed_evidence(runs_dir: Path, script: str, baselines: list[str], label: str
+                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Path]]:
+    """The seeds report of ``script``'s runs in ``runs_dir``, the slowest run's times, and each run's log and metrics."""
+    runset = gather([runs_dir])
+    digest = hashlib.sha256(script.encode("utf-8")).hexdigest()
+    for run in runset.runs:
+        if run.script_sha256 != digest:
+            raise ValueError(f"{run.folder}: its {SCRIPT} (sha256 {str(run.script_sha256)[:16]}) is not the exported "
+                             f"one ({digest[:16]}): the seeds of a record are runs of the script it submits")
+    report = seeds_report(runset, [load_baseline(spec) for spec in baselines], label)
+    logs = {f"{run.folder.name}/{name}": path for run in runset.runs
+            for name, path in ((run.log.name, run.log), (METRICS_FILE, run.folder / METRICS_FILE))}
+    logs |= {f"{u.folder.name}/{u.log.name}": u.log for u in runset.unfinished if u.log is not None}
+    return report, slowest(runset), logs
+
+
+def slowest(runset: RunSet) -> dict[str, Any]:
+    """The measured times the rules are judged by: each phase's longest over the seeds, with where they ran."""
+    metrics = [run.metrics for run in runset.runs]
+    devices = {m["device"] for m in metrics}
+    return {key: max(m[key] for m in metrics) for key in ("training_phase_s", "evaluation_phase_s")} | {
+        "device": devices.pop() if len(devices) == 1 else "mixed",
+        "hardware": " / ".join(sorted({m["hardware"] for m in metrics}))}
+
+
 def write_records_folder(dest: Path, run: RunRecord, cfg: ExportConfig, logs: dict[str, Path]) -> dict[str, Any]:
     """Write the folder at ``dest`` whole or not at all; its submission.json."""
     report = compliance(run, cfg)
@@ -290,5 +353,9 @@ def write_records_folder(dest: Path, run: RunRecord, cfg: ExportConfig, logs: di
         (tmp / "README.md").write_text(readme(run, cfg, info, report), encoding="utf-8")
         (tmp / "logs").mkdir()
         for name, source in logs.items():
+            (tmp / "logs" / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / "logs" / name)
+        if run.seeds is not None:
+            (tmp / REPORT_JSON).write_text(json.dumps(run.seeds, indent=2) + "\n", encoding="utf-8")
+            (tmp / REPORT_MD).write_text(markdown(run.seeds), encoding="utf-8")
     return info

@@ -4,7 +4,8 @@ The exported ``train_gpt.py`` (``pgolf.submit.bundle.script_text``) bundles this
 closure with the run's params and calls :func:`main`, as the challenge runs it: ``torchrun
 --standalone --nproc_per_node=N train_gpt.py`` (or ``python train_gpt.py``) in a folder with
 the challenge's data layout (``./data/datasets/fineweb10B_sp{V}/``,
-``./data/tokenizers/fineweb_{V}_bpe.model``). Each step calls the library function its DVC
+``./data/tokenizers/fineweb_{V}_bpe.model``); it refuses to start when a validation document is
+also in the training shards (``pgolf.data.leakage``). Each step calls the library function its DVC
 stage calls, with the same seeds, so the artifact is byte for byte the pipeline's. Rank 0
 prints the records' log lines (pre-quantization, artifact and submission size, quantized
 and sliding-window ``val_bpb`` with their times) and writes ``final_model.pt``,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from pgolf.config import (
     output_keys,
     to_dict,
 )
+from pgolf.data.leakage import check_no_leaks
 from pgolf.data.shards import check_headers, dataset_path
 from pgolf.data.tokenizer import ByteTables, tokenizer_file
 from pgolf.distributed import DistContext, barrier, init_distributed, shutdown
@@ -51,12 +54,12 @@ from pgolf.model.gpt import GPT, count_parameters
 from pgolf.quant.calibrate import calibration_hessians, calibration_model
 from pgolf.quant.fit import FitResult, needs_size, quantize_for_size
 from pgolf.runtime import enable_tf32, resolve_device
+from pgolf.submit.rundir import METRICS_FILE, SEED_ENV
 from pgolf.train.loop import run_metrics, train_model
 
 DATA_DIR = "data"  # the challenge's layout, relative to the folder the script runs in
 MODEL_FILE = "final_model.pt"
 ARTIFACT_FILE = "final_model.ptz"
-METRICS_FILE = "final_metrics.json"
 # record log line prefix of each evaluation (the records' train_gpt.py print these)
 EVAL_LABELS = {"plain": "quantized", "sliding": "quantized_sliding_window"}
 
@@ -90,14 +93,25 @@ class RunConfigs:
 def main(params: dict[str, dict[str, Any]], script: str) -> int:
     """Run the submission in the current folder; ``script`` is the file whose bytes count as code.
 
-    Bad input (missing data, a size over the limit) is one line on stderr and exit code 2.
+    ``SEED`` in the environment replaces the baked ``train.seed`` (the seeds of a record run
+    one script). Bad input (missing data, a size over the limit, a seed that is not a
+    number) is one line on stderr and exit code 2.
     """
     try:
-        run(RunConfigs.from_baked(params), Path("."), Path(script).stat().st_size)
+        run(RunConfigs.from_baked(seeded(params, os.environ.get(SEED_ENV))), Path("."), Path(script).stat().st_size)
     except (ValueError, OSError) as exc:  # ConfigError, SizeLimitError and FileNotFoundError among them
         print(f"{Path(script).name}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def seeded(params: dict[str, dict[str, Any]], seed: str | None) -> dict[str, dict[str, Any]]:
+    """The baked params with ``train.seed`` set to ``seed`` (a decimal integer) when one is given."""
+    if seed is None:
+        return params
+    if not seed.strip().isdigit():
+        raise ValueError(f"{SEED_ENV}={seed!r}: not a seed (a non-negative integer)")
+    return {**params, "train": {**params["train"], "seed": int(seed)}}
 
 
 def run(cfgs: RunConfigs, root: Path, code: int) -> dict[str, Any]:
@@ -110,11 +124,14 @@ def run(cfgs: RunConfigs, root: Path, code: int) -> dict[str, Any]:
         enable_tf32()
     vocab = cfgs.model.vocab_size
     dataset_dir, tokenizer = root / dataset_path(DATA_DIR, vocab), root / tokenizer_file(DATA_DIR, vocab)
+    log(ctx, f"seed:{cfgs.train.seed}")
     try:
         check_headers(dataset_dir)  # the challenge's data has no manifest: the shard format is what can be checked
+        check_no_leaks(dataset_dir)  # before the training clock: no validation document among the training ones
         metrics = training_phase(cfgs, root, dataset_dir, tokenizer, ctx, code)
         tokens, tables = validation_set(dataset_dir, tokenizer, vocab, cfgs.evaluate)
         metrics |= evaluation_phase(cfgs, root, tokens, tables, ctx)
+        metrics |= {"seed": cfgs.train.seed, "params": cfgs.baked()}  # what `pgolf seeds` pools and compares
         if ctx.is_main:
             (root / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return metrics

@@ -59,6 +59,25 @@ def assert_same_files(left, right, names):
         assert (left / name).read_bytes() == (right / name).read_bytes(), name
 
 
+def test_a_validation_document_repeated_among_training_ones_is_left_out(workdir, sample):
+    """The same text twice in a corpus: once a validation document, so never a training one (pgolf.data.leakage)."""
+    lines = sample["docs"].read_text().splitlines(keepends=True)
+    docs = workdir / "docs.jsonl"
+    docs.write_text("".join(lines[:120] + [lines[7], lines[30]] + lines[120:]))  # two validation documents again
+    assert run(workdir, docs_path=str(docs), tokenizer_path=str(sample["model"]), num_val_docs=50) == 0
+    out = workdir / DATASET.format(8192)
+    assert_same_files(out, sample["shards"], ["fineweb_val_000000.bin", "fineweb_train_000000.bin"])
+    info = manifest(workdir)
+    assert info["input"]["val_duplicates_left_out_of_train"] == 2 and info["splits"]["train"]["documents"] == 100
+    assert "val_duplicates_left_out_of_train" not in manifest_of_clean_sample(workdir, sample)
+
+
+def manifest_of_clean_sample(workdir, sample):
+    shutil.rmtree(workdir / "data")
+    assert run(workdir, docs_path=str(sample["docs"]), tokenizer_path=str(sample["model"]), num_val_docs=50) == 0
+    return manifest(workdir)["input"]
+
+
 def test_sample_with_the_published_tokenizer_gives_the_published_shards(workdir, sample):
     code = run(workdir, docs_path=str(sample["docs"]), tokenizer_path=str(sample["model"]), num_val_docs=50)
     assert code == 0
