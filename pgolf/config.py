@@ -337,11 +337,15 @@ class QuantizeConfig(Section):
     lqer_rank: Count = 0  # > 0: LQER, a rank-r correction of the residual (PR #1797)
     lqer_bits: Bits = 4  # bits of the correction's factors
     lqer_max_tensors: Count = 0  # method fixed: correct the tensors with the largest H-weighted error (0: all)
+    # > 0: rate-aware GPTQ, each code the one of its two neighbours of least H-weighted error + λ·bits
+    # under the ans coder's model of its column (pgolf.quant.gptq.rate_terms); 0: the nearest, as ever
+    rate_lambda: NonNegative = 0.0
     # fixed: the bits and clips above; allocate: bits and clip per tensor by rate–distortion, within
     # compress.size_limit_bytes (pgolf.quant.allocate)
     method: Literal["fixed", "allocate"] = "fixed"
     allocate_bits: list[Bits] = field(default_factory=lambda: [5, 6, 7, 8])
     allocate_clip_sigmas: list[PositiveFloat] = field(default_factory=lambda: [8.0, 10.0, 12.85, 16.0, 20.0])
+    allocate_rate_lambdas: list[NonNegative] = field(default_factory=lambda: [0.0])  # rate_lambda per candidate
     # hessian: each tensor's tr(ΔHΔᵀ); loss: its rows weighted by the output sensitivities that
     # calibrate.output_sensitivity collects, so layers compare in loss (pgolf.quant.allocate)
     allocate_distortion: Literal["hessian", "loss"] = "hessian"
@@ -365,6 +369,11 @@ class QuantizeConfig(Section):
         _require(bool(self.allocate_bits), "allocate_bits", self.allocate_bits, "must list at least one width")
         _require(bool(self.allocate_clip_sigmas), "allocate_clip_sigmas", self.allocate_clip_sigmas,
                  "must list at least one clip")
+        _require(bool(self.allocate_rate_lambdas), "allocate_rate_lambdas", self.allocate_rate_lambdas,
+                 "must list at least one λ (0: nearest codes)")
+        rate_aware = self.rate_lambda > 0 or (self.method == "allocate" and max(self.allocate_rate_lambdas) > 0)
+        _require(not rate_aware or clip_sigmas_used, "rate_lambda", self.rate_lambda,
+                 f"rate-aware GPTQ needs an SDClip scale_search, not {self.scale_search!r}")
 
 
 @dataclass(frozen=True)

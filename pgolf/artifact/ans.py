@@ -618,6 +618,34 @@ def _plan(codes: np.ndarray, bits: int) -> _Plan:
     return _Plan(plain[1], None, *plain[2:], predicted, references, row_classes, row_tables)
 
 
+def code_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """float64 [cols, 2·qmax + 1]: the bits each code value −qmax..qmax would cost in each column of
+    ``codes`` (int8 [rows, cols]) under the model this coder fits to them: the table of the column's
+    class, relative to the column's centre where the plan centres them. Rate-aware GPTQ
+    (:mod:`pgolf.quant.gptq`) chooses codes by it. Predicted rows are priced as roots (their
+    residual model is not a column's); a value the table never saw costs one bit more than its
+    dearest seen value, and a matrix with no root rows costs nothing.
+    """
+    rows, cols = codes.shape
+    qmax = 2 ** (bits - 1) - 1
+    values = np.arange(-qmax, qmax + 1)  # [nsym]
+    priced = np.zeros((cols, len(values)))
+    plan = _plan(codes, bits)
+    for index, table in enumerate(plan.tables):
+        window = np.zeros(len(values))
+        window[table.lo:table.lo + len(table.values)] = table.probabilities()
+        seen = window > 0
+        cost = np.zeros(len(values))
+        cost[seen] = -np.log2(window[seen] / window.sum())
+        cost[~seen] = cost[seen].max() + 1.0
+        members = np.flatnonzero(plan.classes == index)
+        symbols = np.broadcast_to(values + qmax, (len(members), len(values)))  # [members, nsym]
+        if plan.centres is not None:
+            symbols = (values[None, :] - plan.centres[members, None].astype(np.int64) + qmax) % len(values)
+        priced[members] = cost[symbols]
+    return priced
+
+
 def _centred(codes: np.ndarray, centres: np.ndarray | None, order: np.ndarray, qmax: int) -> np.ndarray:
     """Symbols of ``codes`` (int8 [cols in ``order``, n]): ``(q - centre + qmax) mod (2·qmax + 1)``, int32."""
     symbols = codes.astype(np.int32) + qmax

@@ -46,6 +46,7 @@ class Candidate:
 
     bits: int
     clip_sigmas: float
+    rate_lambda: float  # rate-aware GPTQ's λ (0: nearest codes)
     lqer_rank: int
     rate: int  # bytes of the entries compressed alone
     distortion: float  # tr((W − Ŵ) H (W − Ŵ)ᵀ)
@@ -120,12 +121,13 @@ def allocate(candidates: dict[str, list[tuple[int, float]]], budget: int) -> All
 
 
 def candidate_configs(cfg: QuantizeConfig) -> list[QuantizeConfig]:
-    """One quantize config per (bits, clip sigmas) pair, every quantized tensor following it."""
+    """One quantize config per (bits, clip sigmas, rate λ), every quantized tensor following it."""
     return [
         dataclasses.replace(cfg, matrix_bits=bits, matrix_clip_sigmas=clip, embed_bits=bits, embed_clip_sigmas=clip,
                             mlp_bits=None, mlp_clip_sigmas=None, attn_bits=None, attn_clip_sigmas=None,
-                            lqer_rank=0, method="fixed")
+                            lqer_rank=0, method="fixed", rate_lambda=rate_lambda)
         for bits in sorted(set(cfg.allocate_bits)) for clip in sorted(set(cfg.allocate_clip_sigmas))
+        for rate_lambda in sorted(set(cfg.allocate_rate_lambdas))
     ]
 
 
@@ -161,7 +163,7 @@ def model_candidates(
                 if plan.uses_gptq:
                     candidates.setdefault(name, []).extend(
                         tensor_candidates(name, tensor, qm.tensors[name], plan, hessians[name], weights_of_rows[name], cfg,
-                                          compress_cfg, model_config))
+                                          compress_cfg, model_config, trial.rate_lambda))
             bar.update(1)
     return candidates, base
 
@@ -169,11 +171,12 @@ def model_candidates(
 def tensor_candidates(
     name: str, weight: Tensor, quantized: QuantizedTensor, plan: TensorPlan, hessian: Tensor,
     rows: Tensor | None, cfg: QuantizeConfig, compress_cfg: CompressConfig, model_config: ModelConfig,
+    rate_lambda: float = 0.0,
 ) -> list[Candidate]:
     """The candidate of one quantized tensor, and (with ``lqer_rank``) the same with its correction;
-    ``rows``: the distortion's row weights (None: plain H-weighted error)."""
+    ``rows``: the distortion's row weights (None: plain H-weighted error); ``rate_lambda``: the λ it was made with."""
     def candidate(entries: dict[str, QuantizedTensor], rank: int, approx: Tensor) -> Candidate:
-        return Candidate(plan.bits, plan.clip_sigmas, rank, tensors_alone_bytes(model_config, entries, compress_cfg),
+        return Candidate(plan.bits, plan.clip_sigmas, rate_lambda, rank, tensors_alone_bytes(model_config, entries, compress_cfg),
                          h_weighted_error(weight.float() - approx, hessian, rows), entries)
 
     plain_approx = quantized.dequantize()
@@ -274,7 +277,7 @@ def allocate_within(
         chosen = candidates[name][index]
         plans[name] = dataclasses.replace(plans[name], bits=chosen.bits, clip_sigmas=chosen.clip_sigmas)
     chosen = [{"name": name, "bits": candidates[name][i].bits, "clip_sigmas": candidates[name][i].clip_sigmas,
-               "lqer_rank": candidates[name][i].lqer_rank, "rate_bytes": candidates[name][i].rate,
+               "rate_lambda": candidates[name][i].rate_lambda, "lqer_rank": candidates[name][i].lqer_rank, "rate_bytes": candidates[name][i].rate,
                "distortion": candidates[name][i].distortion} for name, i in allocation.choice.items()]
     report = model_report(qm, state_dict, hessians, plans)
     return qm, report, AllocationResult(total, limit, allocation.multiplier, rounds, chosen)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from pgolf.artifact.ans import code_bits
 from pgolf.artifact.tensors import QuantizedModel, QuantizedTensor, dequantize, quant_max
 from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
 from pgolf.quant.lqer import correction_names, worst_tensor_corrections
@@ -160,17 +161,35 @@ def sensitivity_row_factors(weights: Tensor, sensitivity: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class HessianFactors:
-    """What GPTQ needs of N Hessians, independent of bits and clip sigmas (so reusable)."""
+    """What GPTQ needs of N Hessians, independent of bits and clip sigmas (so reusable).
+
+    Column j's rounding error, ``(base_j − q_j·s) / divisor_j``, is subtracted from each later
+    column k times ``spread[j, k]``. The record's GPTQ spreads the error of the updated column
+    through the upper Cholesky factor U of H⁻¹ (divisor U_jj); pgolf computes the same codes
+    from one Cholesky factor of H, H = R Rᵀ with R upper (U = R⁻¹), by spreading the error of
+    the *original* weight, ``w_j − q_j·s``, with ``spread[j, k] = −R_jk / R_kk`` (divisor 1):
+    ``w'_k = w_k + Σ_{j<k} (w_j − q_j s) R_jk / R_kk`` is the same sum, and it needs neither
+    H⁻¹ nor its factor, a third of the factoring work. PR #576 spreads the updated column's
+    error through H⁻¹ itself (``gptq_dense_inverse``).
+    """
 
     diag: Tensor  # [N, cols]: the damped diagonal, original column order
     dead: Tensor  # [N, cols] bool: columns no calibration input reached
     perm: Tensor  # [N, cols]: columns by descending (or ascending) damped diagonal
-    hinv_upper: Tensor  # [N, cols, cols]: upper Cholesky factor of H⁻¹ (PR #576: H⁻¹ itself), permuted order
+    spread: Tensor  # [N, cols, cols]: upper triangle used, permuted order
+    divisor: Tensor  # [N, cols]
+    from_original: bool  # the errors spread are those of the original weights (else of the updated columns)
+    error_weight: Tensor  # [N, cols]: e² = (w' − q s)² · this is the column's share of tr(ΔHΔᵀ) (damped H)
+
+
+def permuted_squares(matrices: Tensor, perm: Tensor) -> Tensor:
+    """[N, n, n] matrices with rows and columns in each matrix's order ``perm`` [N, n]."""
+    return torch.stack([m.index_select(0, p).index_select(1, p) for m, p in zip(matrices, perm, strict=True)])
 
 
 def prepare_hessians(hessians: Tensor, damping: float, ascending: bool = False,
                      dense_inverse: bool = False) -> HessianFactors:
-    """Dead columns, damping, ordering and the upper Cholesky factor of H⁻¹ of [N, cols, cols].
+    """Dead columns, damping, ordering and the factor GPTQ spreads its errors with, of [N, cols, cols].
 
     ``ascending`` and ``dense_inverse`` are PR #576's GPTQ: columns by ascending
     diagonal, errors spread through the rows of H⁻¹ rather than of its Cholesky factor.
@@ -181,40 +200,75 @@ def prepare_hessians(hessians: Tensor, damping: float, ascending: bool = False,
     diag[dead] = 1.0
     diag += damping * diag.mean(dim=-1, keepdim=True)
     perm = torch.argsort(diag, dim=-1, descending=not ascending)  # [N, cols]
-    hessians = torch.take_along_dim(hessians, perm[:, :, None], dim=1)
-    hessians = torch.take_along_dim(hessians, perm[:, None, :], dim=2)  # [N, cols, cols]
-    factor, info = torch.linalg.cholesky_ex(hessians)
+    hessians = permuted_squares(hessians, perm)  # [N, cols, cols]
+    # H = R Rᵀ, R upper: the lower factor of H with its rows and columns reversed, reversed back
+    flipped = hessians.flip(-2, -1) if not dense_inverse else hessians
+    factor, info = torch.linalg.cholesky_ex(flipped)
     if bool(info.any()):
         raise ValueError("quantize: a damped Hessian is not positive definite (not a Σ XᵀX matrix?)")
-    hinv = torch.cholesky_inverse(factor)  # [N, cols, cols]
-    return HessianFactors(diag.clone(), dead, perm,
-                          hinv if dense_inverse else torch.linalg.cholesky(hinv, upper=True))
+    if dense_inverse:
+        hinv = torch.cholesky_inverse(factor)  # [N, cols, cols]
+        divisor = hinv.diagonal(dim1=-2, dim2=-1).clone()  # [N, cols]
+        return HessianFactors(diag.clone(), dead, perm, hinv, divisor, False, divisor.pow(-2))
+    upper = factor.flip(-2, -1)  # R [N, cols, cols]
+    r_diag = upper.diagonal(dim1=-2, dim2=-1)  # [N, cols]
+    return HessianFactors(diag.clone(), dead, perm, -upper / r_diag[:, None, :], torch.ones_like(r_diag), True,
+                          r_diag.square())
 
 
-def quantize_block(block: Tensor, hinv_block: Tensor, scale: Tensor, bound: Tensor, codes: Tensor) -> Tensor:
+@dataclass(frozen=True)
+class RateTerms:
+    """Rate-aware GPTQ's costs, in bits: code q of column j in row r costs
+    ``(x − q)² · row_weight[r] · column_weight[j] + bits[j, q + qmax]``, x the column over the step."""
+
+    row_weight: Tensor  # [N, rows]: the row's error weight over λ
+    column_weight: Tensor  # [N, cols], permuted order
+    bits: Tensor  # [N, cols, 2·max qmax + 1], permuted order: each code's bits under the coder's model
+
+
+def cheapest_codes(x: Tensor, bound: Tensor, rate: RateTerms, j: int) -> Tensor:
+    """Of the two codes around ``x`` [N, rows] (within ±``bound`` [N, 1]), the one of least error + λ·bits."""
+    low = torch.floor(x).clamp_(-bound, bound)
+    high = (low + 1).clamp_(max=bound)
+    weight = rate.row_weight * rate.column_weight[:, j, None]  # [N, rows]
+    bits = rate.bits[:, j]  # [N, symbols]
+    cost_low = (x - low).square_().mul_(weight).add_(bits.gather(1, (low + bound).long()))
+    cost_high = (x - high).square_().mul_(weight).add_(bits.gather(1, (high + bound).long()))
+    return torch.where(cost_high < cost_low, high, low)
+
+
+def quantize_block(block: Tensor, base: Tensor, spread: Tensor, divisor: Tensor, scale: Tensor, bound: Tensor,
+                   codes: Tensor, rate: RateTerms | None, start: int) -> Tensor:
     """Quantize the columns of one block in order, each error spread onto the block's later columns.
 
-    ``block`` [N, B, rows] (column-major, updated in place), ``hinv_block`` [N, B, B],
-    ``scale`` [N, rows], ``bound`` [N, 1]; writes ``codes`` [N, B, rows] and returns the
-    scaled errors [N, B, rows]. Within a block the rank-1 updates run over sub-blocks of
-    SUB_BLOCK columns and a batched matmul carries each sub-block's errors to the rest:
-    the same arithmetic as the reference's column loop, summed in another order.
+    ``block`` [N, B, rows] (column-major, updated in place), ``base`` [N, B, rows] the values
+    whose error spreads (``block`` itself, or the original weights), ``spread`` [N, B, B],
+    ``divisor`` [N, B], ``scale`` [N, rows], ``bound`` [N, 1]; writes ``codes`` [N, B, rows] and
+    returns the spread errors [N, B, rows]. ``rate``: rate-aware choice (columns from ``start``).
+    Within a block the rank-1 updates run over sub-blocks of SUB_BLOCK columns and a batched
+    matmul carries each sub-block's errors to the rest: the same arithmetic as the
+    reference's column loop, summed in another order.
     """
     errors = torch.empty_like(block)  # [N, B, rows]
     width = block.shape[1]
     for sub_start in range(0, width, SUB_BLOCK):
         sub_end = min(sub_start + SUB_BLOCK, width)
         for j in range(sub_start, sub_end):
-            column = block[:, j]  # [N, rows], contiguous
-            code = torch.round(column / scale).clamp_(-bound, bound)  # [N, rows]
+            x = block[:, j] / scale  # [N, rows]; a column is contiguous
+            code = torch.round(x).clamp_(-bound, bound) if rate is None else cheapest_codes(x, bound, rate, start + j)
             codes[:, j] = code
-            error = (column - code * scale) / hinv_block[:, j, j, None]  # [N, rows]
+            error = (base[:, j] - code * scale) / divisor[:, j, None]  # [N, rows]
             errors[:, j] = error
-            block[:, j + 1:sub_end] -= hinv_block[:, j, j + 1:sub_end, None] * error[:, None, :]
+            block[:, j + 1:sub_end] -= spread[:, j, j + 1:sub_end, None] * error[:, None, :]
         if sub_end < width:
-            spread = hinv_block[:, sub_start:sub_end, sub_end:].transpose(1, 2)  # [N, B - sub_end, S]
-            block[:, sub_end:] -= torch.bmm(spread, errors[:, sub_start:sub_end])  # [N, B - sub_end, rows]
+            carry = spread[:, sub_start:sub_end, sub_end:].transpose(1, 2)  # [N, B - sub_end, S]
+            block[:, sub_end:] -= torch.bmm(carry, errors[:, sub_start:sub_end])  # [N, B - sub_end, rows]
     return errors
+
+
+def permuted_columns(weights: Tensor, perm: Tensor) -> Tensor:
+    """[N, rows, cols] -> [N, cols, rows] in each matrix's column order ``perm``: one column contiguous."""
+    return torch.stack([w.T.index_select(0, p) for w, p in zip(weights, perm, strict=True)])
 
 
 def gptq_quantize(
@@ -225,12 +279,14 @@ def gptq_quantize(
     block_size: int = 128,
     progress: tqdm | None = None,
     scale: Tensor | None = None,
+    rate: RateTerms | None = None,
 ) -> tuple[Tensor, Tensor]:
     """GPTQ + SDClip of N same-shape matrices [N, rows, cols], given their Hessians' factors.
 
     ``bits`` and ``clip_sigmas`` hold one value per matrix. Runs on the weights'
     device. Returns the int8 codes [N, rows, cols] (in the original column order)
     and the row scales [N, rows]: fp16 SDClip scales, or ``scale`` when given.
+    ``rate``: choose each code by error + λ·bits (rate-aware GPTQ) rather than the nearest.
     """
     if block_size < 1:
         raise ConfigError(f"quantize: block_size must be at least 1, got {block_size}")
@@ -239,22 +295,22 @@ def gptq_quantize(
     qmax = torch.tensor([quant_max(b) for b in bits], dtype=torch.float32, device=weights.device)  # [N]
     clip = torch.tensor(clip_sigmas, dtype=torch.float32, device=weights.device)  # [N]
     scale = row_scales(weights, clip, qmax) if scale is None else scale.to(weights.device)  # [N, rows]
-    perm, hinv = factors.perm, factors.hinv_upper
-    work = torch.take_along_dim(weights, perm[:, None, :], dim=2)  # [N, rows, cols]
-    work.masked_fill_(torch.take_along_dim(factors.dead, perm, dim=1)[:, None, :], 0.0)
-    work = work.transpose(1, 2).contiguous()  # [N, cols, rows]: one column is contiguous
+    step = scale.float()
+    work = permuted_columns(weights, factors.perm)  # [N, cols, rows]
+    work.masked_fill_(torch.take_along_dim(factors.dead, factors.perm, dim=1)[:, :, None], 0.0)
+    base = work.clone() if factors.from_original else work
     codes = torch.empty_like(work)  # [N, cols, rows]
+    spread, divisor = factors.spread, factors.divisor
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        errors = quantize_block(
-            work[:, start:end], hinv[:, start:end, start:end], scale.float(), qmax[:, None], codes[:, start:end]
-        )  # [N, B, rows]
+        errors = quantize_block(work[:, start:end], base[:, start:end], spread[:, start:end, start:end],
+                                divisor[:, start:end], step, qmax[:, None], codes[:, start:end], rate, start)
         if end < cols:
-            work[:, end:] -= torch.bmm(hinv[:, start:end, end:].transpose(1, 2), errors)  # [N, cols - end, rows]
+            work[:, end:] -= torch.bmm(spread[:, start:end, end:].transpose(1, 2), errors)  # [N, cols - end, rows]
         if progress is not None:
             progress.update(count * (end - start))
-    inverse = torch.argsort(perm, dim=-1)  # [N, cols]
-    codes = torch.take_along_dim(codes, inverse[:, :, None], dim=1)  # [N, cols, rows]
+    inverse = torch.argsort(factors.perm, dim=-1)  # [N, cols]
+    codes = permuted_columns(codes.transpose(1, 2), inverse)  # [N, cols, rows], original order
     return codes.transpose(1, 2).to(torch.int8), scale  # [N, rows, cols], [N, rows]
 
 
@@ -298,10 +354,35 @@ def prune_smallest(state_dict: dict[str, Tensor], fraction: float, min_numel: in
     return pruned
 
 
+RATE_PASSES = 2  # rate-aware GPTQ: the coder's model fitted to the last pass's codes, then GPTQ again
+
+
+def rate_terms(codes: Tensor, scale: Tensor, factors: HessianFactors, bits: list[int], rate_lambda: float,
+               sensitivity: Tensor | None) -> RateTerms:
+    """Rate-aware GPTQ's costs for N matrices, from their codes [N, rows, cols] of a previous pass.
+
+    Code q of row r, column j costs its share of tr(ΔHΔᵀ), ``(x − q)² s_r² e_j`` (``e_j``:
+    ``factors.error_weight``; times the row's output sensitivity when given), in units of the
+    matrix's mean ``s_r² e_j`` (so λ is the same whatever the matrix's scale), plus λ times its
+    bits under the ``ans`` coder's model fitted to the previous codes (:func:`pgolf.artifact.ans.code_bits`).
+    """
+    device, width = codes.device, 2 * max(quant_max(b) for b in bits) + 1
+    table = torch.zeros(codes.shape[0], codes.shape[2], width, dtype=torch.float32)  # [N, cols, symbols]
+    for n, (matrix, b) in enumerate(zip(codes.cpu().numpy(), bits, strict=True)):
+        priced = torch.from_numpy(code_bits(matrix, b)).float()  # [cols, 2 qmax + 1], original column order
+        table[n, :, :priced.shape[1]] = priced
+    table = torch.take_along_dim(table.to(device), factors.perm[:, :, None], dim=1)  # permuted order
+    row = scale.float().square() * (1.0 if sensitivity is None else sensitivity.float())  # [N, rows]
+    row = row / (row.mean(dim=-1, keepdim=True).clamp_min(MIN_SCALE) * rate_lambda)
+    column = factors.error_weight / factors.error_weight.mean(dim=-1, keepdim=True)  # [N, cols], permuted order
+    return RateTerms(row, column, table)
+
+
 def quantize_batch(weights: Tensor, factors: HessianFactors, plans: list[TensorPlan], cfg: QuantizeConfig,
                    progress: tqdm | None, sensitivity: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Codes [N, rows, cols] and fp16 scales [N, rows] of one same-shape batch, by ``cfg.scale_search``
-    (``sensitivity`` [N, rows]: the output sensitivities loss_sdclip needs)."""
+    (``sensitivity`` [N, rows]: the output sensitivities loss_sdclip needs; rate-aware GPTQ weights
+    the rows' errors by them when given)."""
     bits = [plan.bits for plan in plans]
     if cfg.scale_search == "matrix_percentiles":
         return gptq_best_matrix_percentile(weights, factors, bits, cfg.block_size, progress)
@@ -317,6 +398,10 @@ def quantize_batch(weights: Tensor, factors: HessianFactors, plans: list[TensorP
         scale = torch.stack([best_row_percentile_scales(w[None].float(), quant_max(b))[0]
                              for w, b in zip(weights, bits, strict=True)])  # [N, rows]
     codes, used = gptq_quantize(weights, factors, bits, clip_sigmas.tolist(), cfg.block_size, progress, scale=scale)
+    for _ in range(RATE_PASSES if cfg.rate_lambda > 0 else 0):
+        rate = rate_terms(codes, used, factors, bits, cfg.rate_lambda, sensitivity)
+        codes, used = gptq_quantize(weights, factors, bits, clip_sigmas.tolist(), cfg.block_size, scale=scale,
+                                    rate=rate)
     return codes, used.to(torch.float16)
 
 
@@ -329,10 +414,11 @@ def hessian_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
     With H = Σ XᵀX this is Σ‖(W − Ŵ)x‖² / Σ‖Wx‖² over the calibration inputs x,
     so 0 is exact and 1 means the error is as large as the signal.
     """
-    weight, hessian = weight.double(), hessian.double()
-    diff = weight - approx.double()  # [rows, cols]
-    signal = float(((weight @ hessian) * weight).sum())
-    return float(((diff @ hessian) * diff).sum()) / signal if signal > 0 else 0.0
+    weight = weight.float()
+    both = torch.cat([weight, weight - approx.float()])  # [2 rows, cols]: the signal's rows, then the error's
+    energy = ((both @ hessian.float()) * both).sum(dim=-1, dtype=torch.float64)  # [2 rows]; float32 products
+    signal, error = float(energy[:len(weight)].sum()), float(energy[len(weight):].sum())
+    return error / signal if signal > 0 else 0.0
 
 
 def tensor_report(
@@ -470,7 +556,8 @@ def quantize_model(
                 stacked = stacked.to(device)
                 factor_cache[key] = prepare_hessians(stacked, cfg.damping, cfg.gptq_column_order == "ascending",
                                                      cfg.gptq_dense_inverse)
-            rows = torch.stack([sensitivity[n] for n in names]).to(device) if cfg.scale_search == "loss_sdclip" else None
+            rows = (torch.stack([sensitivity[n] for n in names]).to(device)
+                    if sensitivity and all(n in sensitivity for n in names) else None)
             codes, scales = quantize_batch(torch.stack([weights[n] for n in names]).to(device), factor_cache[key],
                                            [plans[n] for n in names], cfg, bar, rows)
             for name, code, scale in zip(names, codes.cpu(), scales.cpu()):
