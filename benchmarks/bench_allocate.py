@@ -5,17 +5,19 @@ research preset's ``out/train/model.pt``, ``out/calibrate/hessians.pt`` and ``da
 quantizes with the record's SDClip settings, takes that submission's total bytes (artifact
 + code, as the compress stage counts them) as the budget, and gives every other method the
 same budget: Hessian-aware SDClip, QuantGate and LQER each with ``fit_to_size`` (the clip
-bisected to fit), the rate–distortion allocator alone and with every lever. It prints, per
+bisected to fit), the rate–distortion allocator alone and with every lever, rate-aware GPTQ
+(``quantize.rate_lambda``; the allocator choosing λ per tensor among RATE_LAMBDAS). It prints, per
 method, the total bytes, the validation bpb of what the artifact decodes to, the
 quantization tax (bpb less the trained weights' bpb) and that tax as a share of SDClip's
 (scored on plain windows of the evaluate section's validation set; ``--sliding``: on
 sliding windows, as the evaluate stage's headline, about twice as slow).
 Further ``--run`` directories (other seeds) score the trained weights, SDClip and the
-allocator again: the spread of their taxes is the run-to-run noise. Unless ``--no-curve``,
-it also sweeps SDClip's clip sigmas and runs the allocator at each of the resulting byte
-counts, and writes the points (bytes against bpb and against the total H-weighted error)
-to ``OUT/rd_curve.csv`` and ``OUT/rd_curve.png``, with the taxes at SDClip's byte count
-read off each curve. Usage::
+allocators of SEED_METHODS again: the spread of their taxes is the run-to-run noise. Unless
+``--no-curve``, it also sweeps SDClip's clip sigmas and runs each allocator of CURVES (brotli,
+``ans``, rate-aware with ``ans``) within each of the resulting byte counts, and writes the points
+(bytes against bpb and against the total H-weighted error) to ``OUT/rd_curve.csv`` and
+``OUT/rd_curve.png``, with the taxes at SDClip's byte count read off each curve and whether
+rate-aware GPTQ scores below the other allocators within every budget. Usage::
 
     python -m benchmarks.bench_allocate --run runs/research [--run runs/research_seed2]
         [--params presets/research.yaml] [--out rd_report] [--max-val-tokens N] [--no-curve] [--sliding]
@@ -61,6 +63,8 @@ from pgolf.submit.bundle import code_bytes
 from pgolf.submit.runner import RunConfigs
 
 FINE_CLIPS = [7.0, 8.0, 9.0, 10.0, 11.0, 12.85, 14.0, 16.0, 18.0, 20.0, 23.0]
+RATE_LAMBDA = 0.1  # rate-aware GPTQ's λ where one is fixed
+RATE_LAMBDAS = [0.0, 0.05, 0.1, 0.2]  # the λ the allocator chooses among
 # Each method's changes to the params' quantize section (compress keys under "compress");
 # all but the first are held to SDClip's bytes.
 METHODS: dict[str, dict[str, Any]] = {
@@ -78,9 +82,19 @@ METHODS: dict[str, dict[str, Any]] = {
                                                 "scale_search": "loss_sdclip", "allocate_clip_sigmas": FINE_CLIPS},
     "allocate (loss) + loss_sdclip, ans coder": {"method": "allocate", "allocate_distortion": "loss",
                                                  "scale_search": "loss_sdclip", "compress": {"compressor": "ans"}},
+    "loss_sdclip + rate-aware GPTQ, ans, fit to the bytes": {"scale_search": "loss_sdclip", "rate_lambda": RATE_LAMBDA,
+                                                             "fit_to_size": True, "compress": {"compressor": "ans"}},
+    "allocate (loss) + loss_sdclip + rate-aware GPTQ, ans": {"method": "allocate", "allocate_distortion": "loss",
+                                                             "scale_search": "loss_sdclip",
+                                                             "allocate_rate_lambdas": RATE_LAMBDAS,
+                                                             "compress": {"compressor": "ans"}},
 }
 BEST = "allocate (loss) + loss_sdclip"
-SEED_METHODS = ("sdclip (record settings)", BEST, "allocate (loss) + loss_sdclip, ans coder")
+BEST_ANS = "allocate (loss) + loss_sdclip, ans coder"
+RATE_AWARE = "allocate (loss) + loss_sdclip + rate-aware GPTQ, ans"
+SEED_METHODS = ("sdclip (record settings)", BEST, BEST_ANS, RATE_AWARE)
+# the allocators whose curves the sweep draws beside SDClip's, by their label there
+CURVES = {"allocate": BEST, "allocate, ans": BEST_ANS, "rate-aware allocate, ans": RATE_AWARE}
 SWEEP = (9.0, 12.85, 16.0, 20.0, 26.0)
 
 
@@ -174,29 +188,40 @@ def compare_methods(run: Run, names: list[str]) -> list[dict]:
 
 
 def curves(run: Run, sdclip_bytes: int) -> list[dict]:
-    """SDClip over the clip sweep, and the full allocator at each byte count the sweep reached."""
+    """SDClip over the clip sweep, and each allocator of CURVES at each byte count the sweep reached."""
     quantize = section(run.params, "quantize", QuantizeConfig)
     points = []
     for clip in SWEEP:
         qm, total, _ = quantize_method(run, {"matrix_clip_sigmas": clip}, 2**62)
-        points.append({"method": "sdclip", "clip_sigmas": clip, "total_bytes": total,
+        points.append({"method": "sdclip", "clip_sigmas": clip, "budget_bytes": total, "total_bytes": total,
                        "bpb": run.quantized_bpb(qm, f"sdclip {clip}"), "h_error": run.h_error(qm)})
-    allocator = dataclasses.replace(quantize, **METHODS[BEST])
-    compress = section(run.params, "compress", CompressConfig)
-    candidates, base = model_candidates(run.model_config, run.state_dict, run.hessians, allocator, compress,
-                                        run.ctx.device, sensitivity=run.sensitivity)
-    for target in sorted({p["total_bytes"] for p in points} | {sdclip_bytes}):
-        limited = dataclasses.replace(compress, size_limit_bytes=target)
-        code = run.code(allocator, limited)
-        try:
-            qm, _, result = allocate_within(candidates, base, run.state_dict, run.hessians, allocator, target,
-                                            lambda trial: submission_bytes(trial, limited, code), show_progress=False)
-        except ValueError as error:  # below the cheapest candidates
-            print(f"allocate at {target:,} bytes: {error}")
-            continue
-        points.append({"method": "allocate", "clip_sigmas": "", "total_bytes": result.total_bytes,
-                       "bpb": run.quantized_bpb(qm, f"allocate {target:,}"), "h_error": run.h_error(qm)})
+    targets = sorted({p["total_bytes"] for p in points} | {sdclip_bytes})
+    for label, method in CURVES.items():
+        changes = dict(METHODS[method])
+        compress = dataclasses.replace(section(run.params, "compress", CompressConfig), **changes.pop("compress", {}))
+        allocator = dataclasses.replace(quantize, **changes)
+        candidates, base = model_candidates(run.model_config, run.state_dict, run.hessians, allocator, compress,
+                                            run.ctx.device, sensitivity=run.sensitivity)
+        for target in targets:
+            limited = dataclasses.replace(compress, size_limit_bytes=target)
+            code = run.code(allocator, limited)
+            try:
+                qm, _, result = allocate_within(candidates, base, run.state_dict, run.hessians, allocator, target,
+                                                lambda trial: submission_bytes(trial, limited, code),
+                                                show_progress=False)
+            except ValueError as error:  # below the cheapest candidates
+                print(f"{label} at {target:,} bytes: {error}")
+                continue
+            points.append({"method": label, "clip_sigmas": "", "budget_bytes": target, "total_bytes": result.total_bytes,
+                           "bpb": run.quantized_bpb(qm, f"{label} {target:,}"), "h_error": run.h_error(qm)})
     return points
+
+
+def below_everywhere(points: list[dict], lower: str, upper: str) -> bool:
+    """Whether ``lower`` scores a lower bpb than ``upper`` within every byte budget of the sweep that both met."""
+    theirs = {p["budget_bytes"]: p["bpb"] for p in points if p["method"] == upper}
+    ours = [(p["budget_bytes"], p["bpb"]) for p in points if p["method"] == lower and p["budget_bytes"] in theirs]
+    return bool(ours) and all(bpb < theirs[budget] for budget, bpb in ours)
 
 
 def read_off(points: list[dict], method: str, at_bytes: int) -> float:
@@ -245,10 +270,14 @@ def main(argv: list[str] | None = None) -> None:
             write_csv(args.out / "rd_curve.csv", points)
             rate_distortion_plot(args.out / "rd_curve.png", points, rows[0]["total_bytes"])
             prequant, budget = rows[0]["prequant_bpb"], rows[0]["total_bytes"]
-            sd, al = read_off(points, "sdclip", budget), read_off(points, "allocate", budget)
-            print(f"\nread off the curves at {budget:,} bytes: SDClip tax {sd - prequant:+.5f}, "
-                  f"allocator tax {al - prequant:+.5f} ({(al - prequant) / (sd - prequant):.3f} x SDClip's); "
+            sd = read_off(points, "sdclip", budget) - prequant
+            print(f"\nread off the curves at {budget:,} bytes: SDClip tax {sd:+.5f}; "
                   f"{args.out / 'rd_curve.csv'}, {args.out / 'rd_curve.png'}")
+            for label in CURVES:
+                tax = read_off(points, label, budget) - prequant
+                print(f"  {label}: tax {tax:+.5f} ({tax / sd:.3f} x SDClip's)")
+            for lower, upper in (("rate-aware allocate, ans", "allocate, ans"), ("rate-aware allocate, ans", "allocate")):
+                print(f"  {lower} below {upper} at every size it reached: {below_everywhere(points, lower, upper)}")
     write_csv(args.out / "methods.csv", all_rows)
     if len(args.run) > 1:
         for method in SEED_METHODS:
