@@ -43,16 +43,17 @@ def run(params: dict, ws: Workspace, weights: str = "artifact") -> None:
                                              "world_size": ctx.world_size}) if ctx.is_main else {}
         model = build(ws.input(model_file), ctx.device)
         vocab = model.config.vocab_size
-        tokens, tables = checked_validation_set(ws.input(dataset_path(data_dir, vocab)),
-                                                ws.input(tokenizer_file(data_dir, vocab)), vocab, cfg)
+        stream = checked_validation_set(ws.input(dataset_path(data_dir, vocab)),
+                                        ws.input(tokenizer_file(data_dir, vocab)), vocab, cfg)
         if ctx.is_main:
-            print(f"[pgolf evaluate] {ws.input(model_file)}: {tokens.numel() - 1:,} validation targets on "
-                  f"{ctx.world_size} x {ctx.device}", flush=True)
-        metrics = {"val_tokens": tokens.numel() - 1, key: evaluate_model(key, model, tokens, tables, cfg, ctx)}
+            print(f"[pgolf evaluate] {ws.input(model_file)}: {stream.tokens.numel() - 1:,} validation targets, "
+                  f"{stream.total_bytes():,} bytes ({stream.rule}) on {ctx.world_size} x {ctx.device}", flush=True)
+        metrics = {"val_tokens": stream.tokens.numel() - 1, "val_bytes": stream.total_bytes(),
+                   key: evaluate_model(key, model, stream, cfg, ctx)}
         if weights == "artifact":
             metrics["artifact_bytes"] = ws.input(model_file).stat().st_size
             metrics |= tax_against_prequant(metrics["quantized"], ws.input(layout.PREQUANT_METRICS),
-                                            ws.input(layout.PREQUANT_PROVENANCE), cfg)
+                                            ws.input(layout.PREQUANT_PROVENANCE), cfg, metrics["val_bytes"])
         if ctx.is_main:
             commit(ws, metrics, metrics_file, provenance_file, record)
     finally:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from pgolf.model.files import build_model, load_model, save_model
 from pgolf.artifact.codec import artifact_model, serialize
@@ -40,7 +39,8 @@ from pgolf.data.shards import check_headers, dataset_path
 from pgolf.quant.calibrate import calibration_hessians, calibration_model
 from pgolf.train.loop import train_model
 from pgolf.submit.bundle import needs_size, pack_artifact, quantize_for_size
-from pgolf.data.tokenizer import ByteTables, tokenizer_file
+from pgolf.data.accounting import ValidationStream
+from pgolf.data.tokenizer import tokenizer_file
 from pgolf.train.loop import run_metrics
 
 DATA_DIR = "data"  # the challenge's layout, relative to the folder the script runs in
@@ -103,8 +103,8 @@ def run(cfgs: RunConfigs, root: Path, code: int) -> dict[str, Any]:
     try:
         check_headers(dataset_dir)  # the challenge's data has no manifest: the shard format is what can be checked
         metrics = training_phase(cfgs, root, dataset_dir, tokenizer, ctx, code)
-        tokens, tables = validation_set(dataset_dir, tokenizer, vocab, cfgs.evaluate)
-        metrics |= evaluation_phase(cfgs, root, tokens, tables, ctx)
+        stream = validation_set(dataset_dir, tokenizer, vocab, cfgs.evaluate)  # bytes: lookup tables or sidecar
+        metrics |= evaluation_phase(cfgs, root, stream, ctx)
         if ctx.is_main:
             (root / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return metrics
@@ -128,17 +128,17 @@ def training_phase(cfgs: RunConfigs, root: Path, dataset_dir: Path, tokenizer: P
     return metrics | {"training_phase_s": time.perf_counter() - start}
 
 
-def evaluation_phase(cfgs: RunConfigs, root: Path, tokens: Tensor, tables: ByteTables, ctx: DistContext
+def evaluation_phase(cfgs: RunConfigs, root: Path, stream: ValidationStream, ctx: DistContext
                      ) -> dict[str, Any]:
     """The trained weights' plain score (for the quantization tax), then the artifact's, timed from its load."""
     plain_only = dataclasses.replace(cfgs.evaluate, eval_plain=True, eval_sliding=False)
-    unquantized = score(build_model(root / MODEL_FILE, ctx.device), tokens, tables, plain_only, ctx,
+    unquantized = score(build_model(root / MODEL_FILE, ctx.device), stream, plain_only, ctx,
                         {"plain": "pre-quantization post-ema"})
     start = time.perf_counter()
-    quantized = score(artifact_model(root / ARTIFACT_FILE, ctx.device), tokens, tables, cfgs.evaluate, ctx,
+    quantized = score(artifact_model(root / ARTIFACT_FILE, ctx.device), stream, cfgs.evaluate, ctx,
                       EVAL_LABELS)
     return {"unquantized": unquantized, "quantized": quantized, "evaluation_phase_s": time.perf_counter() - start,
-            "val_tokens": tokens.numel() - 1, "world_size": ctx.world_size, "device": ctx.device.type,
+            "val_tokens": stream.tokens.numel() - 1, "val_bytes": stream.total_bytes(), "world_size": ctx.world_size, "device": ctx.device.type,
             "hardware": hardware(ctx)}
 
 
@@ -164,7 +164,7 @@ def make_artifact(cfgs: RunConfigs, model_file: Path, dataset_dir: Path, artifac
     return sizes | ({"fit_clip_sigmas": search.clip_sigmas} if isinstance(search, FitResult) else {})
 
 
-def score(model: GPT, tokens: Tensor, tables: ByteTables, cfg: EvaluateConfig, ctx: DistContext, labels: dict[str, str]
+def score(model: GPT, stream: ValidationStream, cfg: EvaluateConfig, ctx: DistContext, labels: dict[str, str]
           ) -> dict[str, float]:
     """The evaluations ``cfg`` switches on, one at a time so that each prints its record line and time."""
     scores: dict[str, float] = {}
@@ -173,7 +173,7 @@ def score(model: GPT, tokens: Tensor, tables: ByteTables, cfg: EvaluateConfig, c
             continue
         alone = dataclasses.replace(cfg, eval_plain=kind == "plain", eval_sliding=kind == "sliding")
         start = time.perf_counter()
-        result = evaluate_model(labels[kind], model, tokens, tables, alone, ctx)
+        result = evaluate_model(labels[kind], model, stream, alone, ctx)
         prefix = "sliding_" if kind == "sliding" else ""
         log(ctx, f"{labels[kind]} val_loss:{result[prefix + 'val_loss']:.8f} val_bpb:{result[prefix + 'val_bpb']:.8f} "
                  f"eval_time:{(time.perf_counter() - start) * 1000:.0f}ms")

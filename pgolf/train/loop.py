@@ -43,8 +43,8 @@ from pgolf.model.gpt import CastedLinear, FakeQuant, GPT
 from pgolf.train.optim import Optimizers, build_optimizers, is_control_tensor, muon_momentum_at
 from pgolf.runtime import autocast, mixed_precision, progress_bar, seed_everything, use_compile
 from pgolf.data.loader import make_loader
-from pgolf.data.shards import load_validation_tokens, shard_files
-from pgolf.data.tokenizer import ByteTables, byte_tables
+from pgolf.data.accounting import ValidationStream, load_validation_stream
+from pgolf.data.shards import shard_files
 
 MicroBatch = tuple[Tensor, Tensor]  # inputs [B, T], targets [B, T]
 Validator = Callable[[GPT], tuple[float, float]]  # model -> (val_loss, val_bpb)
@@ -466,12 +466,12 @@ def train(model: GPT, cfg: TrainConfig, batches: BatchSource, ctx: DistContext,
     return Trainer(model, cfg, batches, ctx, checkpoint_dir, progress, validate, bf16).run(on_step)
 
 
-def plain_validator(tokens: Tensor, tables: ByteTables, cfg: TrainConfig, device: torch.device) -> Validator:
+def plain_validator(stream: ValidationStream, cfg: TrainConfig, device: torch.device) -> Validator:
     """Plain validation loss and bpb of the live model in training-length windows."""
     batch_seqs = cfg.train_batch_tokens // (cfg.grad_accum_steps * cfg.train_seq_len)  # a training micro-batch
 
     def validate(model: GPT) -> tuple[float, float]:
-        score = eval_plain(model, tokens, tables, cfg.train_seq_len, batch_seqs, device)
+        score = eval_plain(model, stream, cfg.train_seq_len, batch_seqs, device)
         return score.loss, score.bpb
 
     return validate
@@ -506,8 +506,9 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, dataset_dir: Path, tok
                          cfg.train_batch_tokens, cfg.grad_accum_steps, ctx.rank, ctx.world_size)
     validate = None
     if cfg.val_loss_every > 0:
-        tokens = load_validation_tokens(dataset_dir, cfg.train_seq_len, cfg.val_max_tokens)  # [N]
-        validate = plain_validator(tokens, byte_tables(tokenizer_path, model_cfg.vocab_size), cfg, ctx.device)
+        stream = load_validation_stream(dataset_dir, tokenizer_path, model_cfg.vocab_size, cfg.train_seq_len,
+                                        cfg.val_max_tokens)
+        validate = plain_validator(stream, cfg, ctx.device)
     seed_everything(cfg.seed)
     model = GPT(model_cfg)
     return model, train(model, cfg, loader, ctx, checkpoints, validate=validate)

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from tests.conftest import write_manifest
+from pgolf.data.accounting import lookup_stream
 from pgolf.pipeline import layout
 from pgolf.atomic import write_bytes
 from pgolf.model.files import build_model, save_model
@@ -89,8 +90,8 @@ def scores_of(model: GPT) -> dict[str, float]:
     model.looping_active = True
     tokens = load_validation_tokens("data/datasets/fineweb10B_sp8192", SEQ_LEN)[: VAL_TARGETS + 1]  # [1985]
     tables = byte_tables("data/tokenizers/fineweb_8192_bpe.model", 8192)
-    plain = eval_plain(model, tokens, tables, SEQ_LEN, BATCH, CPU)
-    sliding = eval_sliding(model, tokens, tables, SEQ_LEN, STRIDE, BATCH, CPU)
+    plain = eval_plain(model, lookup_stream(tokens, tables), SEQ_LEN, BATCH, CPU)
+    sliding = eval_sliding(model, lookup_stream(tokens, tables), SEQ_LEN, STRIDE, BATCH, CPU)
     return {"val_loss": plain.loss, "val_bpb": plain.bpb,
             "sliding_val_loss": sliding.loss, "sliding_val_bpb": sliding.bpb}
 
