@@ -231,8 +231,10 @@ class ByteCheck:
         self.table_bytes += sum(table)
         self.decoded_bytes += sum(decoded)
 
-    def summary(self) -> dict[str, int | bool]:
+    def summary(self) -> dict[str, int | bool | str]:
         return {
+            "rule": "lookup tables",
+            "val_bytes": self.table_bytes,
             "documents": self.documents,
             "table_bytes": self.table_bytes,
             "decoded_bytes": self.decoded_bytes,
