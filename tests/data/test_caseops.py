@@ -25,9 +25,9 @@ from pgolf.data.caseops import (
     ALLCAPS, CAPNEXT, ESC, MARKERS, TITLE, CaseOpsError, decode_caseops, encode_caseops, original_byte_counts,
 )
 from pgolf.data.corpus import embedded_documents, iter_documents, stdlib_torch_documents
-from pgolf.data.dataset import build_dataset
+from pgolf.data.dataset import SidecarCheck, build_dataset
 from pgolf.data.shards import SIDECAR, read_shard, shard_files
-from pgolf.data.tokenizer import encode_with_surfaces
+from pgolf.data.tokenizer import TokenizerError, encode_with_surfaces
 from tests.conftest import ASSETS_DIR
 
 CASEOPS_TOKENIZER = ASSETS_DIR / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
@@ -227,3 +227,18 @@ def test_fewer_threads_or_batches_do_not_change_counts():
     two = [original_byte_counts(s) for _, s in itertools.chain.from_iterable(
         encode_with_surfaces(caseops_tokenizer(), [encode_caseops(t)], 2) for t in texts)]
     assert one == two and [sum(c) for c in one] == [len(t.encode("utf-8")) for t in texts]
+
+
+def test_the_sidecar_check_counts_what_pieces_cover_and_names_what_they_do_not():
+    texts = ["  Hello WORLD \n", "iPhone", "\n\t "]
+    transformed = [encode_caseops(t) for t in texts]
+    check = SidecarCheck("caseops.model")
+    counts = check.add(texts, transformed, encode_with_surfaces(caseops_tokenizer(), transformed, 1))
+    assert [sum(c) for c in counts] == [11, 6, 0]
+    assert check.summary() == {"rule": "byte sidecar", "val_bytes": 17, "documents": 3,
+                                    "text_bytes": 24, "uncovered_bytes": 7, "agree": True}
+    with pytest.raises(TokenizerError, match="caseops.model: validation document 4: the byte sidecar counts 5 bytes "
+                                             "but the document has 6"):
+        check.add(["iPhone"], [transformed[1]], [([1, 2], ["i", "hone"])])  # a piece that lost a letter
+    with pytest.raises(TokenizerError, match="validation document 5: its pieces do not cover its text"):
+        check.add(["ab cd"], ["ab cd"], [([1, 2], ["ab", "d"])])
