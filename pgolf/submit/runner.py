@@ -102,8 +102,9 @@ def run(cfgs: RunConfigs, root: Path, code: int) -> dict[str, Any]:
     dataset_dir, tokenizer = root / dataset_path(DATA_DIR, vocab), root / tokenizer_file(DATA_DIR, vocab)
     try:
         check_headers(dataset_dir)  # the challenge's data has no manifest: the shard format is what can be checked
-        metrics = training_phase(cfgs, root, dataset_dir, tokenizer, ctx, code)
+        # before training: data whose bytes cannot be counted (CaseOps without its sidecar) is refused at once
         stream = validation_set(dataset_dir, tokenizer, vocab, cfgs.evaluate)  # bytes: lookup tables or sidecar
+        metrics = training_phase(cfgs, root, dataset_dir, tokenizer, ctx, code)
         metrics |= evaluation_phase(cfgs, root, stream, ctx)
         if ctx.is_main:
             (root / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
