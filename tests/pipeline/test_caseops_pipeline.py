@@ -1,7 +1,7 @@
 """The micro preset on CaseOps text (``tokenize.text_transform: caseops``), every stage end to end.
 
-Each stage runs through ``pgolf.cli.main`` in a temporary working directory, as in
-tests/test_reliability.py, then the exported ``train_gpt.py`` runs in a folder holding only the
+Each stage runs through ``pgolf.cli.main`` in a temporary working directory
+(``run_micro_stages`` of tests/test_reliability.py), then the exported ``train_gpt.py`` runs in a folder holding only the
 challenge's data layout. Every score must divide by the byte sidecar's bytes, and the validation
 byte total is compared with the plain micro preset's on the same documents.
 """
@@ -21,21 +21,16 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from pgolf import cli
 from pgolf.config import TTTConfig
 from pgolf.data.accounting import load_validation_stream, lookup_stream
 from pgolf.data.corpus import embedded_documents
 from pgolf.data.tokenizer import byte_tables
 from pgolf.artifact.codec import artifact_model
 from pgolf.eval.ttt import run_ttt
+from tests.test_reliability import DATASET, STAGES, TOKENIZER, run_micro_stages
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-STAGES = [["tokenize"], ["train"], ["evaluate", "--weights", "trained"], ["calibrate"], ["bundle"], ["quantize"],
-          ["compress"], ["evaluate"], ["ttt"], ["export"]]
-DATASET = Path("data/datasets/fineweb10B_sp1024")
-TOKENIZER = Path("data/tokenizers/fineweb_1024_bpe.model")
 
 
 def metrics(root: Path, stage: str) -> dict:
@@ -44,28 +39,15 @@ def metrics(root: Path, stage: str) -> dict:
 
 @pytest.fixture(scope="module")
 def caseops_run(tmp_path_factory) -> Path:
-    """The micro preset with CaseOps text, every stage (TTT on), in a fresh working directory."""
-    root = tmp_path_factory.mktemp("caseops-micro")
-    shutil.copy(REPO_ROOT / "presets" / "micro.yaml", root / "params.yaml")
-    text = (root / "params.yaml").read_text()
-    (root / "params.yaml").write_text(text.replace("text_transform: none", "text_transform: caseops")
-                                      .replace("  enabled: false", "  enabled: true"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        for stage in STAGES:
-            assert cli.main([*stage, "--out", "."]) == 0, stage
-    return root
+    """The micro preset with CaseOps text, every stage (TTT on, export too), in a fresh working directory."""
+    changes = {"text_transform: none": "text_transform: caseops", "  enabled: false": "  enabled: true"}
+    return run_micro_stages(tmp_path_factory.mktemp("caseops-micro"), [*STAGES, ["ttt"], ["export"]], changes)
 
 
 @pytest.fixture(scope="module")
 def plain_tokenized(tmp_path_factory) -> Path:
     """The plain micro preset's tokenize stage: the same documents, the lookup-table rule."""
-    root = tmp_path_factory.mktemp("plain-micro")
-    shutil.copy(REPO_ROOT / "presets" / "micro.yaml", root / "params.yaml")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        assert cli.main(["tokenize", "--out", "."]) == 0
-    return root
+    return run_micro_stages(tmp_path_factory.mktemp("plain-micro"), [["tokenize"]])
 
 
 def manifest(root: Path) -> dict:
