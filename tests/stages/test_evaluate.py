@@ -118,13 +118,25 @@ def test_prequant_scores_the_trained_weights_and_evaluate_adds_the_tax(workdir):
     assert quantized["val_bpb"] != unquantized["val_bpb"]
     assert metrics["artifact_bytes"] == Path(layout.COMPRESS_ARTIFACT).stat().st_size
     assert metrics["val_tokens"] == prequant["val_tokens"] == VAL_TARGETS
+    assert metrics["val_bytes"] == prequant["val_bytes"] == lookup_stream(
+        load_validation_tokens("data/datasets/fineweb10B_sp8192", SEQ_LEN)[: VAL_TARGETS + 1],
+        byte_tables("data/tokenizers/fineweb_8192_bpe.model", 8192)).total_bytes()
+
+
+def test_no_tax_against_scores_that_divided_by_other_bytes(workdir, capsys):
+    stage.run(params(), PIPELINE, weights="trained")
+    prequant = json.loads(Path(layout.PREQUANT_METRICS).read_text())
+    Path(layout.PREQUANT_METRICS).write_text(json.dumps(prequant | {"val_bytes": prequant["val_bytes"] + 1}))
+    stage.run(params(), PIPELINE)
+    assert "quantization_tax" not in json.loads(Path(layout.EVALUATE_METRICS).read_text())
+    assert f"divided by {prequant['val_bytes'] + 1} validation bytes" in capsys.readouterr().out
 
 
 def test_each_evaluation_can_be_switched_off(workdir):
     Path(layout.TRAIN_MODEL).unlink()  # the artifact is scored alone
     stage.run(params(eval_sliding=False), PIPELINE)
     metrics = json.loads(Path(layout.EVALUATE_METRICS).read_text())
-    assert set(metrics) == {"artifact_bytes", "val_tokens", "quantized"}  # no prequant scores: no tax
+    assert set(metrics) == {"artifact_bytes", "val_tokens", "val_bytes", "quantized"}  # no prequant scores: no tax
     assert set(metrics["quantized"]) == {"val_loss", "val_bpb"}
     stage.run(params(eval_plain=False), PIPELINE)
     assert set(json.loads(Path(layout.EVALUATE_METRICS).read_text())["quantized"]) == {
