@@ -340,6 +340,8 @@ def check_listed_sidecar(dataset_dir: Path, manifest: dict, read: bool, bos_id: 
     if not names:
         return
     val_tokens = manifest["splits"]["val"].get("file_tokens") or [None] * len(names)
+    if not len(names) == len(listed.get("file_tokens", [])) == len(val_tokens):
+        raise ShardError(f"{where}: {len(names)} byte sidecar files listed for {len(val_tokens)} validation shards")
     for name, tokens, shard_tokens in zip(names, listed["file_tokens"], val_tokens, strict=True):
         path = dataset_dir / name
         if not path.is_file():
