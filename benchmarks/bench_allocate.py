@@ -32,23 +32,34 @@ from typing import Any
 
 import torch
 
+from pgolf.artifact.size import submission_bytes
+from pgolf.artifact.tensors import QuantizedModel, dequantize
+from pgolf.config import (
+    CalibrateConfig,
+    CompressConfig,
+    EvaluateConfig,
+    ModelConfig,
+    QuantizeConfig,
+    TokenizeConfig,
+    TrainConfig,
+    load_params,
+    section,
+)
 from pgolf.data.accounting import ValidationStream
-from pgolf.pipeline import layout
-from pgolf.quant.allocate import allocate_within, model_candidates
-from pgolf.model.files import build_model, load_model
-from pgolf.artifact.codec import QuantizedModel, dequantize
-from pgolf.config import (CalibrateConfig, CompressConfig, EvaluateConfig, ModelConfig, QuantizeConfig, TokenizeConfig,
-                          TrainConfig, load_params, section)
+from pgolf.data.shards import dataset_path
+from pgolf.data.tokenizer import tokenizer_file
 from pgolf.distributed import init_distributed
 from pgolf.eval.score import evaluate_model, validation_set
-from pgolf.quant.calibrate import load_hessians, load_output_sensitivity
-from pgolf.quant.lqer import h_weighted_error
+from pgolf.model.files import build_model, load_model
 from pgolf.model.gpt import GPT
+from pgolf.pipeline import layout
 from pgolf.pipeline.plots import rate_distortion_plot, write_csv
-from pgolf.data.shards import dataset_path
-from pgolf.submit.bundle import code_bytes, quantize_for_size, submission_bytes
+from pgolf.quant.allocate import allocate_within, model_candidates
+from pgolf.quant.calibrate import load_hessians, load_output_sensitivity
+from pgolf.quant.fit import quantize_for_size
+from pgolf.quant.lqer import h_weighted_error
+from pgolf.submit.bundle import code_bytes
 from pgolf.submit.runner import RunConfigs
-from pgolf.data.tokenizer import tokenizer_file
 
 FINE_CLIPS = [7.0, 8.0, 9.0, 10.0, 11.0, 12.85, 14.0, 16.0, 18.0, 20.0, 23.0]
 # Each method's changes to the params' quantize section (compress keys under "compress");

@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.artifact.codec import QuantizedModel, QuantizedTensor, compress, decompress, deserialize, serialize
+from pgolf.artifact.compress import compress, decompress
+from pgolf.artifact.format import deserialize, serialize
+from pgolf.artifact.tensors import QuantizedModel, QuantizedTensor
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
 from pgolf.model.gpt import GPT
 

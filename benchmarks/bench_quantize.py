@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from pgolf.artifact.codec import COMPRESSORS, compress, serialize
+from pgolf.artifact.compress import COMPRESSORS, compress
+from pgolf.artifact.format import serialize
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
 from pgolf.quant.gptq import quantize_model, report_totals
 from pgolf.runtime import resolve_device

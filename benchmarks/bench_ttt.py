@@ -18,13 +18,13 @@ import json
 
 import torch
 
-from pgolf.data.accounting import lookup_stream
 from pgolf.config import TTT_METHODS, ModelConfig, TTTConfig, load_params, section
-from pgolf.model.gpt import GPT, count_parameters
-from pgolf.runtime import resolve_device
+from pgolf.data.accounting import lookup_stream
 from pgolf.data.shards import BOS_ID
 from pgolf.data.tokenizer import ByteTables
 from pgolf.eval.ttt import run_ttt
+from pgolf.model.gpt import GPT, count_parameters
+from pgolf.runtime import resolve_device
 
 
 def random_stream(num_tokens: int, vocab_size: int, mean_doc_len: int, seed: int = 0) -> torch.Tensor:

@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from pgolf.pipeline import layout
 from pgolf.config import TrainConfig, load_params, section
+from pgolf.pipeline import layout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ("tests", "attention", "throughput", "pipeline")

@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import sys
 
-from pgolf.pipeline import layout
 from pgolf.atomic import stage_outputs
-from pgolf.config import (CalibrateConfig, CompressConfig, EvaluateConfig, ModelConfig, QuantizeConfig, TrainConfig,
-                          section)
+from pgolf.config import (
+    CalibrateConfig,
+    CompressConfig,
+    EvaluateConfig,
+    ModelConfig,
+    QuantizeConfig,
+    TrainConfig,
+    section,
+)
+from pgolf.pipeline import layout
 from pgolf.pipeline.provenance import log_provenance
 from pgolf.pipeline.stage import Workspace, run_stage
 from pgolf.submit.bundle import import_closure, script_text

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import sys
 
-from pgolf.pipeline import layout
 from pgolf.atomic import stage_outputs
 from pgolf.config import CalibrateConfig, TokenizeConfig, section, to_dict
-from pgolf.quant.calibrate import save_hessians
-from pgolf.pipeline.provenance import log_provenance
 from pgolf.data.shards import check_dataset, dataset_path
-from pgolf.pipeline.stage import Workspace, run_stage
-from pgolf.quant.calibrate import calibration_hessians, calibration_model
 from pgolf.data.tokenizer import tokenizer_file
+from pgolf.pipeline import layout
+from pgolf.pipeline.provenance import log_provenance
+from pgolf.pipeline.stage import Workspace, run_stage
+from pgolf.quant.calibrate import calibration_hessians, calibration_model, save_hessians
 
 
 def run(params: dict, ws: Workspace) -> None:

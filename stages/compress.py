@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import sys
 
-from pgolf.pipeline import layout
+from pgolf.artifact.format import deserialize
+from pgolf.artifact.size import pack_artifact, read_code_bytes, tensor_size_rows
 from pgolf.atomic import stage_outputs
-from pgolf.artifact.codec import deserialize
 from pgolf.config import CompressConfig, section, to_dict
+from pgolf.pipeline import layout
 from pgolf.pipeline.plots import tensor_size_plot, write_csv
 from pgolf.pipeline.provenance import log_provenance
 from pgolf.pipeline.stage import Workspace, run_stage
-from pgolf.submit.bundle import pack_artifact, read_code_bytes, tensor_size_rows
 
 
 def run(params: dict, ws: Workspace) -> None:

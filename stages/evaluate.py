@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import sys
 
-from pgolf.pipeline import layout
+from pgolf.artifact.compress import artifact_model
 from pgolf.atomic import stage_outputs
-from pgolf.model.files import build_model
-from pgolf.artifact.codec import artifact_model
 from pgolf.config import EvaluateConfig, TokenizeConfig, section, to_dict
+from pgolf.data.shards import dataset_path
+from pgolf.data.tokenizer import tokenizer_file
 from pgolf.distributed import init_distributed, shutdown
 from pgolf.eval.score import checked_validation_set, evaluate_model, tax_against_prequant
+from pgolf.model.files import build_model
+from pgolf.pipeline import layout
 from pgolf.pipeline.provenance import log_provenance
-from pgolf.data.shards import dataset_path
 from pgolf.pipeline.stage import Workspace, run_stage, stage_parser
-from pgolf.data.tokenizer import tokenizer_file
 
 # --weights: (model file, how to build it, metrics key, metrics file, provenance file)
 WEIGHTS = {

@@ -13,10 +13,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pgolf.pipeline import layout
 from pgolf.config import ExportConfig, section
-from pgolf.submit.export import LOGGED, RunRecord, export_date, read_json, records_name, write_records_folder
+from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace, run_stage, stage_parser
+from pgolf.submit.export import LOGGED, RunRecord, export_date, read_json, records_name, write_records_folder
 
 
 def run(params: dict, ws: Workspace, dest: str | None = None, measured: str | None = None) -> None:

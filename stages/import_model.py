@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pgolf.pipeline import layout
-from pgolf.model.files import check_state_dict, save_model
 from pgolf.config import ModelConfig, section, to_dict
+from pgolf.model.files import check_state_dict, save_model
 from pgolf.model.gpt import GPT
+from pgolf.pipeline import layout
 from pgolf.pipeline.provenance import log_provenance
 from pgolf.pipeline.stage import Workspace, run_stage, stage_parser
 

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import sys
 
-from pgolf.pipeline import layout
+from pgolf.artifact.format import serialize
+from pgolf.artifact.size import read_code_bytes
 from pgolf.atomic import stage_outputs
-from pgolf.model.files import load_model
-from pgolf.artifact.codec import serialize
 from pgolf.config import CompressConfig, QuantizeConfig, section, to_dict
-from pgolf.quant.gptq import FitResult, check_hessians, report_totals
-from pgolf.quant.calibrate import load_hessians, load_output_sensitivity
+from pgolf.model.files import load_model
+from pgolf.pipeline import layout
 from pgolf.pipeline.plots import quantization_plots
 from pgolf.pipeline.provenance import log_provenance
-from pgolf.runtime import resolve_device
 from pgolf.pipeline.stage import Workspace, run_stage
-from pgolf.submit.bundle import needs_size, quantize_for_size, read_code_bytes
+from pgolf.quant.calibrate import load_hessians, load_output_sensitivity
+from pgolf.quant.fit import FitResult, needs_size, quantize_for_size
+from pgolf.quant.gptq import check_hessians, report_totals
+from pgolf.runtime import resolve_device
 
 
 def run(params: dict, ws: Workspace) -> None:

@@ -15,14 +15,14 @@ import json
 import sys
 from typing import Any
 
-from pgolf.pipeline import layout
 from pgolf.atomic import stage_outputs
 from pgolf.config import TokenizeConfig, section, to_dict
 from pgolf.data.dataset import build_dataset
-from pgolf.pipeline.provenance import log_provenance
 from pgolf.data.shards import MANIFEST_NAME, SPLITS, dataset_path
-from pgolf.pipeline.stage import Workspace, run_stage
 from pgolf.data.tokenizer import tokenizer_file
+from pgolf.pipeline import layout
+from pgolf.pipeline.provenance import log_provenance
+from pgolf.pipeline.stage import Workspace, run_stage
 
 
 def run(params: dict, ws: Workspace) -> None:

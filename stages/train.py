@@ -14,21 +14,20 @@ from __future__ import annotations
 import json
 import sys
 
-from pgolf.pipeline import layout
 from pgolf.atomic import stage_outputs
-from pgolf.model.files import save_model
 from pgolf.config import ModelConfig, TokenizeConfig, TrainConfig, section, to_dict
+from pgolf.data.shards import check_dataset, dataset_path
+from pgolf.data.tokenizer import tokenizer_file
 from pgolf.distributed import barrier, init_distributed, shutdown
+from pgolf.model.files import save_model
 from pgolf.model.gpt import count_parameters
+from pgolf.pipeline import layout
 from pgolf.pipeline.plots import training_plot, write_csv
 from pgolf.pipeline.provenance import log_provenance
-from pgolf.runtime import enable_tf32
-from pgolf.data.shards import check_dataset, dataset_path
 from pgolf.pipeline.stage import Workspace, run_stage
-from pgolf.train.loop import train_model
-from pgolf.data.tokenizer import tokenizer_file
+from pgolf.runtime import enable_tf32
 from pgolf.train.checkpoint import CHECKPOINT_NAME
-from pgolf.train.loop import TrainResult, run_metrics
+from pgolf.train.loop import TrainResult, run_metrics, train_model
 
 
 def run(params: dict, ws: Workspace) -> None:

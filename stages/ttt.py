@@ -12,18 +12,18 @@ from __future__ import annotations
 import json
 import sys
 
-from pgolf.pipeline import layout
+from pgolf.artifact.compress import artifact_model
 from pgolf.atomic import stage_outputs
-from pgolf.artifact.codec import artifact_model
 from pgolf.config import EvaluateConfig, TokenizeConfig, TTTConfig, section, to_dict
+from pgolf.data.shards import dataset_path
+from pgolf.data.tokenizer import tokenizer_file
 from pgolf.distributed import init_distributed, shutdown
 from pgolf.eval.score import checked_validation_set
+from pgolf.eval.ttt import run_ttt, ttt_metrics
+from pgolf.pipeline import layout
 from pgolf.pipeline.plots import running_bpb_plot, write_csv
 from pgolf.pipeline.provenance import log_provenance
-from pgolf.data.shards import dataset_path
 from pgolf.pipeline.stage import Workspace, run_stage
-from pgolf.data.tokenizer import tokenizer_file
-from pgolf.eval.ttt import run_ttt, ttt_metrics
 
 
 def run(params: dict, ws: Workspace) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from pgolf import atomic
 from pgolf.atomic import OutputError, atomic_open, atomic_path, recover, stage_outputs, write_bytes, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

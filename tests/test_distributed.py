@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import write_manifest
-from pgolf.model.files import load_model
 from pgolf.config import ModelConfig, TrainConfig
-from pgolf.distributed import any_rank, init_distributed, under_torchrun
 from pgolf.data.shards import write_shard
+from pgolf.distributed import any_rank, init_distributed, under_torchrun
+from pgolf.model.files import load_model
+from tests.conftest import write_manifest
 
 MODEL = ModelConfig(vocab_size=64, num_layers=3, model_dim=32, embedding_dim=32, num_heads=2, num_kv_heads=1,
                     rope_dims=8, rope_train_seq_len=16, xsa_last_n=3, num_loops=1, loop_start=1, loop_end=1)

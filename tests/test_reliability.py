@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.train.recorded_batches import RecordedBatches
-from tests.model.test_files import CONFIG, flip_bit_in_tensor_data
 
 from pgolf import cli
 from pgolf.config import TrainConfig
+from pgolf.data.shards import read_shard, write_shard
 from pgolf.distributed import init_distributed
 from pgolf.model.gpt import GPT
-from pgolf.data.shards import read_shard, write_shard
 from pgolf.train.loop import Trainer, TrainingDiverged, train
+from tests.model.test_files import CONFIG, flip_bit_in_tensor_data
+from tests.train.recorded_batches import RecordedBatches
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Every stage of dvc.yaml, in order, as `pgolf` arguments; `--out .` writes the pipeline's own tree.
@@ -252,7 +252,8 @@ def test_the_checks_refuse_only_what_is_wrong(work):
 
 
 def test_evaluate_refuses_an_artifact_with_non_finite_weights(work, capsys):
-    from pgolf.artifact.codec import compress, load_artifact, serialize
+    from pgolf.artifact.compress import compress, load_artifact
+    from pgolf.artifact.format import serialize
     from pgolf.config import CompressConfig
 
     path = work / "out" / "compress" / "artifact.ptz"

@@ -23,7 +23,13 @@ import torch
 from torch import Tensor
 
 from pgolf.data.shards import (
-    MANIFEST_NAME, SIDECAR, ShardError, load_validation_bytes, load_validation_tokens, shard_files, shard_name,
+    MANIFEST_NAME,
+    SIDECAR,
+    ShardError,
+    load_validation_bytes,
+    load_validation_tokens,
+    shard_files,
+    shard_name,
 )
 from pgolf.data.tokenizer import ByteTables, byte_tables, count_bytes, load_tokenizer, marker_pieces
 

@@ -29,15 +29,37 @@ from tqdm import tqdm
 from pgolf.config import TokenizeConfig
 from pgolf.data.caseops import ESC, MARKERS, encode_caseops, original_byte_counts
 from pgolf.data.corpus import CorpusError, iter_documents, write_embedded_corpus
-from pgolf.runtime import progress_bar
 from pgolf.data.shards import (
-    HEADER_INTS, MAGIC, SIDECAR, SPLITS, TOKEN_DTYPE, VERSION, ShardError, ShardWriter, check_sidecar, dataset_path,
-    file_sha256, read_shard, shard_files, shard_name, split_documents, validate_dataset,
+    HEADER_INTS,
+    MAGIC,
+    SIDECAR,
+    SPLITS,
+    TOKEN_DTYPE,
+    VERSION,
+    ShardError,
+    ShardWriter,
+    check_sidecar,
+    dataset_path,
+    file_sha256,
+    read_shard,
+    shard_files,
+    shard_name,
+    split_documents,
+    validate_dataset,
 )
 from pgolf.data.tokenizer import (
-    ByteCheck, TokenizerError, byte_tables, check_reserved_markers, encode_with_surfaces, load_tokenizer,
-    marker_pieces, model_settings, train_tokenizer, training_texts,
+    ByteCheck,
+    TokenizerError,
+    byte_tables,
+    check_reserved_markers,
+    encode_with_surfaces,
+    load_tokenizer,
+    marker_pieces,
+    model_settings,
+    train_tokenizer,
+    training_texts,
 )
+from pgolf.runtime import progress_bar
 
 ENCODE_BATCH_DOCS = 1024  # documents per SentencePiece call: amortises threads, bounds memory
 TRAINED = "the tokenizer trained on the documents"

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pgolf.config import EvaluateConfig
+from pgolf.data.accounting import ValidationStream, load_validation_stream
+from pgolf.data.shards import check_dataset
 from pgolf.distributed import DistContext
 from pgolf.model.gpt import GPT
 from pgolf.runtime import autocast, progress_bar, use_compile
-from pgolf.data.accounting import ValidationStream, load_validation_stream
-from pgolf.data.shards import check_dataset
 
 
 class EvalScore(NamedTuple):

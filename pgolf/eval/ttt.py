@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.config import TTTConfig
-from pgolf.distributed import DistContext
-from pgolf.eval.score import EvalScore, Window, rank_share, score_batch_tokens, score_from_sums, sliding_windows
-from pgolf.eval.lora import DocumentLoRA
-from pgolf.model.gpt import GPT, AttentionFn
-from pgolf.runtime import use_compile
 from pgolf.data.accounting import ValidationStream
 from pgolf.data.shards import BOS_ID
+from pgolf.distributed import DistContext
+from pgolf.eval.lora import DocumentLoRA
+from pgolf.eval.score import EvalScore, Window, rank_share, score_batch_tokens, score_from_sums, sliding_windows
+from pgolf.model.gpt import GPT, AttentionFn
+from pgolf.runtime import use_compile
 
 SLIDING_METHODS = ("sgd_all", "adamw_tail")
 TAIL_NAME_PARTS = ("norm", "scale", "lm_head")  # PR #576 also trains every parameter named so

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pgolf.atomic import atomic_open, atomic_path
 
 if TYPE_CHECKING:  # only for annotations: plotting needs no GPTQ
-    from pgolf.quant.gptq import FitResult
+    from pgolf.quant.fit import FitResult
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:

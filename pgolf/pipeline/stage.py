@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pgolf.pipeline import layout
 from pgolf.config import ConfigError, load_params
 from pgolf.distributed import launch_torchrun, under_torchrun
+from pgolf.pipeline import layout
 
 Params = dict[str, dict[str, Any]]
 # The params sections each stage reads: a params file without one is an error naming it, never the record's

@@ -29,9 +29,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from pgolf.artifact.codec import LQER_SUFFIXES, QuantizedModel, QuantizedTensor, tensors_alone_bytes
+from pgolf.artifact.compress import tensors_alone_bytes
+from pgolf.artifact.size import SizeFitError
+from pgolf.artifact.tensors import LQER_SUFFIXES, QuantizedModel, QuantizedTensor
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
-from pgolf.quant.gptq import FactorCache, SizeFitError, TensorPlan, model_report, ordered_tensors, quantize_model, tensor_plan
+from pgolf.quant.gptq import FactorCache, TensorPlan, model_report, ordered_tensors, quantize_model, tensor_plan
 from pgolf.quant.lqer import correction_names, h_weighted_error, low_rank_correction
 from pgolf.runtime import progress_bar
 

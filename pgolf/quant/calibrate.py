@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pgolf.model.files import build_model, load_tagged, save_tagged
 from pgolf.config import CalibrateConfig
 from pgolf.data.loader import TrainLoader
-from pgolf.model.gpt import GPT, CastedLinear
 from pgolf.data.shards import shard_files
+from pgolf.model.files import build_model, load_tagged, save_tagged
+from pgolf.model.gpt import GPT, CastedLinear
 from pgolf.runtime import autocast, progress_bar, resolve_device, seed_everything
 
 FORMAT = "pgolf-hessians"

@@ -8,29 +8,25 @@ Matrices of the same shape are quantized together as one batch (the
 reference's per-column loop, run once for all of them, on contiguous columns),
 which gives the reference's codes up to float rounding in the error updates. Small tensors stay fp16; the
 embedding, the MLP and the attention groups take their own bits and clip
-sigmas. The seeds' variants (SEEDS_SPEC §4.6, §5.2, §6) are options: PR #576's
+sigmas. The variants (SEEDS_SPEC §4.6, §5.2, §6) are options: PR #576's
 per-row best-of-five percentile scales with the columns in ascending Hessian order
 and its dense H⁻¹, PR #1218's five whole-matrix percentile clips each with a full GPTQ
-run, int8 per-row percentile rounding of the embedding tables, and magnitude pruning
-before any of it. ``fit_clip_sigmas`` bisects ``matrix_clip_sigmas`` so that the
-compressed artifact fits a byte budget (compressed size falls as clip sigmas
-rise: see the seed page of PR #1394).
+run, int8 per-row percentile rounding of the embedding tables (:mod:`pgolf.quant.rounding`),
+and magnitude pruning before any of it. Fitting a byte budget is :mod:`pgolf.quant.fit`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from pgolf.artifact.codec import QuantizedModel, QuantizedTensor, dequantize, quant_max, round_rows
+from pgolf.artifact.tensors import QuantizedModel, QuantizedTensor, dequantize, quant_max
 from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
 from pgolf.quant.lqer import correction_names, worst_tensor_corrections
+from pgolf.quant.rounding import CLIP_PERCENTILES, abs_quantile, best_row_percentile_scales, round_rows, round_table
 from pgolf.runtime import progress_bar
 
 MIN_SCALE = 1e-10
@@ -39,8 +35,6 @@ MIN_FP16_SCALE = 2.0**-24
 SUPPORTED_BITS = range(2, 9)  # codes are stored as int8
 # Columns per rank-1-update sub-block inside a GPTQ block: a speed knob only.
 SUB_BLOCK = 16
-# The row-clip quantiles PR #576 and PR #1218 try (1.0: the row's largest |w|).
-CLIP_PERCENTILES = (0.9990, 0.9995, 0.9999, 0.99999, 1.0)
 TABLE_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
 
 
@@ -267,43 +261,6 @@ def gptq_quantize(
 # ---------------------------------------------------------------- the seeds' scales, tables and pruning
 
 
-def abs_quantile(tensor: Tensor, q: float, dim: int | None = None) -> Tensor:
-    """The ``q`` quantile of |tensor| (linear interpolation, as torch.quantile); q = 1: the maximum."""
-    magnitude = tensor.abs().float()
-    if q >= 1.0:
-        return magnitude.amax() if dim is None else magnitude.amax(dim=dim)
-    if dim is None:
-        magnitude = magnitude.flatten()
-        dim = 0
-    if magnitude.numel() <= 2**24:  # torch.quantile's limit
-        return torch.quantile(magnitude, q, dim=dim)
-    ranked = magnitude.sort(dim=dim).values
-    position = q * (ranked.size(dim) - 1)
-    low = ranked.select(dim, math.floor(position))
-    return low + (ranked.select(dim, math.ceil(position)) - low) * (position - math.floor(position))
-
-
-def percentile_scales(weights: Tensor, q: float, qmax: int) -> Tensor:
-    """fp32 row scales max(quantile(|row|, q) / qmax, 1 / qmax) of [..., rows, cols] -> [..., rows]."""
-    return (abs_quantile(weights, q, dim=-1) / qmax).clamp_min(1.0 / qmax)
-
-
-def best_row_percentile_scales(weights: Tensor, qmax: int) -> Tensor:
-    """PR #576: per row, the percentile scale whose rounding has the least squared error; [N, rows] fp32."""
-    best_scale, best_error = None, None
-    for q in CLIP_PERCENTILES:
-        scale = percentile_scales(weights, q, qmax)  # [N, rows]
-        codes = torch.clamp(torch.round(weights / scale[..., None]), -qmax, qmax)
-        error = (weights - codes * scale[..., None]).pow(2).mean(dim=-1)  # [N, rows]
-        if best_scale is None:
-            best_scale, best_error = scale, error
-        else:
-            improved = error < best_error
-            best_scale = torch.where(improved, scale, best_scale)
-            best_error = torch.where(improved, error, best_error)
-    return best_scale
-
-
 def gptq_best_matrix_percentile(
     weights: Tensor, factors: HessianFactors, bits: list[int], block_size: int, progress: tqdm | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -325,17 +282,6 @@ def gptq_best_matrix_percentile(
             best_scale = torch.where(improved[:, None], scale, best_scale)
             best_error = torch.where(improved, error, best_error)
     return best_codes, best_scale
-
-
-def round_table(table: Tensor, bits: int, clip_quantile: float) -> QuantizedTensor:
-    """The PRs' int8 tables: each row clipped at a quantile of its |w|, then rounded to nearest."""
-    t32 = table.float()  # [rows, cols]
-    qmax = quant_max(bits)
-    clip = abs_quantile(t32, clip_quantile, dim=1)  # [rows]
-    scale = (clip / qmax).clamp_min(1.0 / qmax)  # [rows]
-    clipped = torch.maximum(torch.minimum(t32, clip[:, None]), -clip[:, None])
-    codes = torch.clamp(torch.round(clipped / scale[:, None]), -qmax, qmax).to(torch.int8)
-    return QuantizedTensor(codes, scale.to(torch.float16), bits, 0.0)
 
 
 def prune_smallest(state_dict: dict[str, Tensor], fraction: float, min_numel: int) -> dict[str, Tensor]:
@@ -561,132 +507,3 @@ def model_report(qm: QuantizedModel, state_dict: dict[str, Tensor], hessians: di
         row["lqer_rank"] = factor.q.shape[1] if factor is not None else 0
         rows.append(row)
     return rows
-
-
-# ---------------------------------------------------------------- size targeting
-
-
-@dataclass(frozen=True)
-class FitPoint:
-    """One evaluation of the size search."""
-
-    clip_sigmas: float
-    total_bytes: int
-    fits: bool
-
-
-@dataclass(frozen=True)
-class FitResult:
-    clip_sigmas: float  # the chosen matrix_clip_sigmas (fits the limit)
-    total_bytes: int
-    margin_met: bool  # limit - total_bytes <= margin
-    points: list[FitPoint]
-
-    def summary(self, limit: int) -> dict:
-        """The search's outcome, for the quantize report."""
-        return {
-            "matrix_clip_sigmas": self.clip_sigmas,
-            "total_bytes": self.total_bytes,
-            "size_limit_bytes": limit,
-            "headroom_bytes": limit - self.total_bytes,
-            "margin_met": self.margin_met,
-            "evaluations": len(self.points),
-        }
-
-
-class SizeFitError(ValueError):
-    """Even the largest allowed clip sigmas gives an artifact over the limit."""
-
-
-def fit_clip_sigmas(
-    size_at: Callable[[float], int],
-    cfg: QuantizeConfig,
-    size_limit_bytes: int,
-) -> FitResult:
-    """Smallest ``matrix_clip_sigmas`` whose artifact fits ``size_limit_bytes``, by bisection.
-
-    ``size_at(clip_sigmas)`` returns the submission bytes (compressed + code) at
-    that clip. Size falls as clip sigmas rise, so the answer lies between a clip
-    that is over the limit and one that fits; bisection stops once the fitting
-    side is within ``fit_margin_bytes`` of the limit, or the bracket is narrower
-    than ``fit_tolerance`` (compressed size is not perfectly smooth in the clip).
-    """
-    if not 0 < cfg.fit_min_clip_sigmas < cfg.fit_max_clip_sigmas:
-        raise ConfigError(
-            "quantize: need 0 < fit_min_clip_sigmas < fit_max_clip_sigmas, got "
-            f"{cfg.fit_min_clip_sigmas} and {cfg.fit_max_clip_sigmas}"
-        )
-    points: list[FitPoint] = []
-
-    def evaluate(clip_sigmas: float) -> FitPoint:
-        size = size_at(clip_sigmas)
-        points.append(FitPoint(clip_sigmas, size, size <= size_limit_bytes))
-        return points[-1]
-
-    def done(point: FitPoint) -> bool:
-        return point.fits and size_limit_bytes - point.total_bytes <= cfg.fit_margin_bytes
-
-    start = min(max(cfg.matrix_clip_sigmas, cfg.fit_min_clip_sigmas), cfg.fit_max_clip_sigmas)
-    first = evaluate(start)
-    if done(first):
-        return FitResult(first.clip_sigmas, first.total_bytes, True, points)
-    if first.fits:
-        over = first if first.clip_sigmas <= cfg.fit_min_clip_sigmas else evaluate(cfg.fit_min_clip_sigmas)
-        if over.fits:  # even the smallest clip fits: nothing to trade
-            return FitResult(over.clip_sigmas, over.total_bytes, done(over), points)
-        fit = first
-    else:
-        over = first
-        fit = first if first.clip_sigmas >= cfg.fit_max_clip_sigmas else evaluate(cfg.fit_max_clip_sigmas)
-        if not fit.fits:
-            raise SizeFitError(
-                f"quantize: fit_to_size: even fit_max_clip_sigmas={cfg.fit_max_clip_sigmas:g} gives "
-                f"{fit.total_bytes:,} bytes, over the limit of {size_limit_bytes:,} by "
-                f"{fit.total_bytes - size_limit_bytes:,} (lower the bits or raise fit_max_clip_sigmas)"
-            )
-    while not done(fit) and fit.clip_sigmas - over.clip_sigmas > cfg.fit_tolerance:
-        # Bisect in log space: size tracks bits - log2(clip sigmas).
-        middle = evaluate(math.sqrt(fit.clip_sigmas * over.clip_sigmas))
-        if middle.fits:
-            fit = middle
-        else:
-            over = middle
-    return FitResult(fit.clip_sigmas, fit.total_bytes, done(fit), points)
-
-
-def fit_quantize(
-    model_config: ModelConfig,
-    state_dict: dict[str, Tensor],
-    hessians: dict[str, Tensor],
-    cfg: QuantizeConfig,
-    size_of: Callable[[QuantizedModel], int],
-    size_limit_bytes: int,
-    device: torch.device | str = "cpu",
-    sensitivity: dict[str, Tensor] | None = None,
-) -> tuple[QuantizedModel, list[dict], FitResult]:
-    """``quantize_model`` at the clip sigmas that ``fit_clip_sigmas`` finds.
-
-    ``size_of`` gives the submission bytes of a quantized model (the compress
-    stage's serialize + compress + code bytes).
-    """
-    plans = [tensor_plan(name, t, cfg) for name, t in state_dict.items()]
-    if not any(p.uses_gptq and group_overrides(p.group, cfg)[1] is None for p in plans):
-        raise ConfigError(
-            "quantize: fit_to_size bisects matrix_clip_sigmas, but no quantized tensor follows it "
-            "(mlp_clip_sigmas and attn_clip_sigmas both set?): unset an override"
-        )
-    results: dict[float, tuple[QuantizedModel, list[dict]]] = {}
-    factor_cache: FactorCache = {}  # the Hessians do not change with the clip: factor them once
-
-    def size_at(clip_sigmas: float) -> int:
-        trial = dataclasses.replace(cfg, matrix_clip_sigmas=clip_sigmas)
-        results[clip_sigmas] = quantize_model(
-            model_config, state_dict, hessians, trial, device, show_progress=False, factor_cache=factor_cache,
-            sensitivity=sensitivity)
-        size = size_of(results[clip_sigmas][0])
-        tqdm.write(f"fit_to_size: matrix_clip_sigmas={clip_sigmas:.4f} -> {size:,} bytes (limit {size_limit_bytes:,})")
-        return size
-
-    fit = fit_clip_sigmas(size_at, cfg, size_limit_bytes)
-    qm, rows = results[fit.clip_sigmas]
-    return qm, rows, fit

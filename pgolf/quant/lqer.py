@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pgolf.artifact.codec import LQER_SUFFIXES, QuantizedTensor, round_rows
+from pgolf.artifact.tensors import LQER_SUFFIXES, QuantizedTensor
+from pgolf.quant.rounding import round_rows
 
 
 def h_weighted_error(diff: Tensor, hessian: Tensor, row_weights: Tensor | None = None) -> float:

@@ -1,4 +1,4 @@
-"""What a submission ships and counts: the exported script, its code bytes and the size gate.
+"""The bundler: the exported ``train_gpt.py`` a submission ships, and its code bytes.
 
 The challenge's size is compressed model bytes + code bytes, at most 16,000,000 (decimal).
 The code is the exported ``train_gpt.py`` (``script_text``): a short bootstrap and a bundle
@@ -7,8 +7,8 @@ of the import closure of the entry modules (``compress.code_files``: the runner
 their import statements, with the run's params baked in. Its code bytes are the script's
 length, never a list kept by hand. With ``compress.compress_code`` the bundle travels as one
 brotli-11 stream in base 85 (as the records' self-extracting scripts), otherwise as text.
-The size gate lives here too, so the quantize stage's size search, the compress stage and
-the runner count alike.
+The bundler itself never ships: the runner does not import it. The size gate that counts
+these bytes is :mod:`pgolf.artifact.size`.
 """
 
 from __future__ import annotations
@@ -20,21 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import brotli
-import torch
-from torch import Tensor
 
 from pgolf import __version__
-from pgolf.quant.allocate import AllocationResult, allocate_model
-from pgolf.artifact.codec import QuantizedModel, QuantizedTensor, compress, compressed_tensor_sizes, decompress, serialize
-from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
-from pgolf.quant.gptq import FitResult, fit_quantize, quantize_model
 
 PACKAGE = "pgolf"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-class SizeLimitError(ValueError):
-    """A submission over the size limit."""
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -193,75 +183,3 @@ def code_bytes(entry_files: list[str], params: dict[str, Any], compressed: bool 
     return len(script_text(entry_files, params, compressed, root).encode("utf-8"))
 
 
-def read_code_bytes(path: Path) -> int:
-    """The code bytes that the bundle stage counted (``{"code_bytes": N}``)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (run the bundle stage first)")
-    return int(json.loads(path.read_text(encoding="utf-8"))["code_bytes"])
-
-
-def submission_bytes(qm: QuantizedModel, cfg: CompressConfig, code: int) -> int:
-    """Compressed artifact + code bytes of a quantized model, exactly as the compress stage counts."""
-    return len(compress(serialize(qm), cfg)) + code
-
-
-def check_size(artifact_bytes: int, code: int, limit: int) -> None:
-    """The challenge's gate: compressed artifact + code bytes at most ``limit``."""
-    total = artifact_bytes + code
-    if total > limit:
-        raise SizeLimitError(
-            f"submission too large: {artifact_bytes:,} artifact + {code:,} code = {total:,} bytes, "
-            f"over the limit of {limit:,} by {total - limit:,} bytes (raise quantize clip sigmas or lower bits)"
-        )
-
-
-def needs_size(cfg: QuantizeConfig) -> bool:
-    """Whether quantizing by ``cfg`` measures the submission's size (and so reads ``compress:``)."""
-    return cfg.fit_to_size or cfg.method == "allocate"
-
-
-def quantize_for_size(model_config: ModelConfig, state_dict: dict[str, Tensor], hessians: dict[str, Tensor],
-                      cfg: QuantizeConfig, compress_cfg: CompressConfig | None, code: int, device: torch.device | str,
-                      sensitivity: dict[str, Tensor] | None = None,
-                      ) -> tuple[QuantizedModel, list[dict], FitResult | AllocationResult | None]:
-    """GPTQ at ``cfg``'s clip; or, given ``compress_cfg``, at the clip that fits the submission's real size
-    (``fit_to_size``) or with the bits and clips that the rate–distortion allocation chooses within it
-    (its errors weighted by the output ``sensitivity`` when ``allocate_distortion`` is loss)."""
-    if compress_cfg is None:
-        return (*quantize_model(model_config, state_dict, hessians, cfg, device, sensitivity=sensitivity), None)
-
-    def size_of(trial: QuantizedModel) -> int:
-        return submission_bytes(trial, compress_cfg, code)
-
-    if cfg.method == "allocate":
-        return allocate_model(model_config, state_dict, hessians, cfg, compress_cfg, size_of, device,
-                              sensitivity=sensitivity)
-    return fit_quantize(model_config, state_dict, hessians, cfg, size_of, compress_cfg.size_limit_bytes, device,
-                        sensitivity)
-
-
-def pack_artifact(raw: bytes, cfg: CompressConfig, code: int) -> bytes:
-    """The artifact of a serialized model, its round trip checked and the size gate passed."""
-    blob = compress(raw, cfg)
-    if decompress(blob) != raw:
-        raise ValueError(f"{cfg.compressor} round trip changed the data: artifact not written")
-    check_size(len(blob), code, cfg.size_limit_bytes)
-    return blob
-
-
-def tensor_size_rows(qm: QuantizedModel, cfg: CompressConfig) -> list[dict]:
-    """Each tensor's compressed size (compressed alone) and bits per weight, for the size plot."""
-    rows = []
-    for name, compressed in compressed_tensor_sizes(qm, cfg).items():
-        tensor = qm.tensors[name]
-        quantized = isinstance(tensor, QuantizedTensor)
-        numel = tensor.q.numel() if quantized else tensor.numel()
-        rows.append({
-            "tensor": name,
-            "kind": "quantized" if quantized else "passthrough",
-            "bits": tensor.bits if quantized else 8 * tensor.element_size(),
-            "numel": numel,
-            "compressed_bytes": compressed,
-            "bits_per_weight": round(8 * compressed / max(numel, 1), 4),
-        })
-    return rows

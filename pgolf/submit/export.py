@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from pgolf.pipeline import layout
 from pgolf.atomic import atomic_path
 from pgolf.config import ExportConfig
+from pgolf.pipeline import layout
 from pgolf.submit.bundle import read_bundle
 
 TRACK = "10min_16mb"

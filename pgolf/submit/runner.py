@@ -26,22 +26,32 @@ from typing import Any
 
 import torch
 
-from pgolf.model.files import build_model, load_model, save_model
-from pgolf.artifact.codec import artifact_model, serialize
-from pgolf.config import (SECTIONS, CalibrateConfig, CompressConfig, EvaluateConfig, ModelConfig, QuantizeConfig,
-                          TrainConfig, from_dict, output_keys, to_dict)
+from pgolf.artifact.compress import artifact_model
+from pgolf.artifact.format import serialize
+from pgolf.artifact.size import pack_artifact
+from pgolf.config import (
+    SECTIONS,
+    CalibrateConfig,
+    CompressConfig,
+    EvaluateConfig,
+    ModelConfig,
+    QuantizeConfig,
+    TrainConfig,
+    from_dict,
+    output_keys,
+    to_dict,
+)
+from pgolf.data.accounting import ValidationStream
+from pgolf.data.shards import check_headers, dataset_path
+from pgolf.data.tokenizer import tokenizer_file
 from pgolf.distributed import DistContext, barrier, init_distributed, shutdown
 from pgolf.eval.score import evaluate_model, validation_set
-from pgolf.quant.gptq import FitResult
+from pgolf.model.files import build_model, load_model, save_model
 from pgolf.model.gpt import GPT, count_parameters
-from pgolf.runtime import enable_tf32, resolve_device
-from pgolf.data.shards import check_headers, dataset_path
 from pgolf.quant.calibrate import calibration_hessians, calibration_model
-from pgolf.train.loop import train_model
-from pgolf.submit.bundle import needs_size, pack_artifact, quantize_for_size
-from pgolf.data.accounting import ValidationStream
-from pgolf.data.tokenizer import tokenizer_file
-from pgolf.train.loop import run_metrics
+from pgolf.quant.fit import FitResult, needs_size, quantize_for_size
+from pgolf.runtime import enable_tf32, resolve_device
+from pgolf.train.loop import run_metrics, train_model
 
 DATA_DIR = "data"  # the challenge's layout, relative to the folder the script runs in
 MODEL_FILE = "final_model.pt"

@@ -34,17 +34,23 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pgolf.train.checkpoint import (CHECKPOINT_NAME, check_resumable, load_checkpoint, rng_state,
-                                    save_checkpoint, set_rng_state)
-from pgolf.config import TrainConfig, to_dict
+from pgolf.config import ModelConfig, TrainConfig, to_dict
+from pgolf.data.accounting import ValidationStream, load_validation_stream
+from pgolf.data.loader import make_loader
+from pgolf.data.shards import shard_files
 from pgolf.distributed import DistContext, any_rank, barrier
 from pgolf.eval.score import eval_plain
-from pgolf.model.gpt import CastedLinear, FakeQuant, GPT
-from pgolf.train.optim import Optimizers, build_optimizers, is_control_tensor, muon_momentum_at
+from pgolf.model.gpt import GPT, CastedLinear, FakeQuant
 from pgolf.runtime import autocast, mixed_precision, progress_bar, seed_everything, use_compile
-from pgolf.data.loader import make_loader
-from pgolf.data.accounting import ValidationStream, load_validation_stream
-from pgolf.data.shards import shard_files
+from pgolf.train.checkpoint import (
+    CHECKPOINT_NAME,
+    check_resumable,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from pgolf.train.optim import Optimizers, build_optimizers, is_control_tensor, muon_momentum_at
 
 MicroBatch = tuple[Tensor, Tensor]  # inputs [B, T], targets [B, T]
 Validator = Callable[[GPT], tuple[float, float]]  # model -> (val_loss, val_bpb)

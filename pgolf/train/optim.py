@@ -11,7 +11,6 @@ Adam. ``build_optimizers`` splits a ``GPT``'s parameters into these groups and
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn

@@ -6,13 +6,14 @@ import hashlib
 import struct
 
 import brotli
-
 import numpy as np
 import pytest
 import torch
 
-from pgolf.artifact import ans  
-from pgolf.artifact.codec import ArtifactError, QuantizedModel, QuantizedTensor, compress, decompress, load_artifact, serialize
+from pgolf.artifact import ans
+from pgolf.artifact.compress import compress, decompress, load_artifact
+from pgolf.artifact.format import serialize
+from pgolf.artifact.tensors import ArtifactError, QuantizedModel, QuantizedTensor
 from pgolf.config import CompressConfig, ModelConfig
 
 ANS = CompressConfig(compressor="ans")

@@ -15,23 +15,19 @@ import pytest
 import torch
 import zstandard
 
-from pgolf.artifact.codec import (
-    ArtifactError,
+from pgolf.artifact.compress import (
     artifact_model,
-    QuantizedModel,
-    QuantizedTensor,
     byte_shuffle,
     byte_unshuffle,
     compress,
     compressed_tensor_sizes,
     decompress,
-    dequantize,
-    deserialize,
     load_artifact,
-    serialize,
 )
+from pgolf.artifact.format import deserialize, serialize
+from pgolf.artifact.tensors import ArtifactError, QuantizedModel, QuantizedTensor, dequantize
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
-from pgolf.submit.bundle import quantize_for_size
+from pgolf.quant.fit import quantize_for_size
 from tests.quant.test_allocate import model_with_hessians
 
 

@@ -22,7 +22,15 @@ import torch
 from pgolf.config import TokenizeConfig
 from pgolf.data.accounting import load_validation_stream
 from pgolf.data.caseops import (
-    ALLCAPS, CAPNEXT, ESC, MARKERS, TITLE, CaseOpsError, decode_caseops, encode_caseops, original_byte_counts,
+    ALLCAPS,
+    CAPNEXT,
+    ESC,
+    MARKERS,
+    TITLE,
+    CaseOpsError,
+    decode_caseops,
+    encode_caseops,
+    original_byte_counts,
 )
 from pgolf.data.corpus import embedded_documents, iter_documents, stdlib_torch_documents
 from pgolf.data.dataset import SidecarCheck, build_dataset

@@ -34,8 +34,8 @@ pytest.importorskip("huggingface_hub", reason="pgolf download needs the download
 import huggingface_hub.constants  # noqa: E402
 from huggingface_hub.utils.sha import git_hash  # noqa: E402
 
-from pgolf.data import download  # noqa: E402
 from pgolf.config import TokenizeConfig  # noqa: E402
+from pgolf.data import download  # noqa: E402
 from pgolf.data.accounting import load_validation_stream  # noqa: E402
 from pgolf.data.dataset import build_dataset  # noqa: E402
 from stages import download as download_stage  # noqa: E402

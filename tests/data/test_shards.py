@@ -10,8 +10,19 @@ import pytest
 import torch
 
 from pgolf.data.shards import (
-    HEADER_BYTES, MANIFEST_NAME, ShardError, ShardWriter, check_dataset, dataset_path, file_sha256,
-    load_validation_tokens, read_shard, shard_files, split_documents, validate_dataset, write_shard,
+    HEADER_BYTES,
+    MANIFEST_NAME,
+    ShardError,
+    ShardWriter,
+    check_dataset,
+    dataset_path,
+    file_sha256,
+    load_validation_tokens,
+    read_shard,
+    shard_files,
+    split_documents,
+    validate_dataset,
+    write_shard,
 )
 
 

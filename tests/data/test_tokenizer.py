@@ -10,8 +10,16 @@ import torch
 
 from pgolf.data.corpus import CorpusError
 from pgolf.data.tokenizer import (
-    TRAINER_SETTINGS, ByteCheck, TokenizerError, byte_tables, count_bytes, document_byte_counts, load_tokenizer,
-    model_settings, train_tokenizer, training_texts,
+    TRAINER_SETTINGS,
+    ByteCheck,
+    TokenizerError,
+    byte_tables,
+    count_bytes,
+    document_byte_counts,
+    load_tokenizer,
+    model_settings,
+    train_tokenizer,
+    training_texts,
 )
 
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from pgolf.data.accounting import lookup_stream
 from pgolf.config import ModelConfig
+from pgolf.data.accounting import lookup_stream
+from pgolf.data.tokenizer import ByteTables, byte_tables
 from pgolf.eval.score import Window, eval_plain, eval_sliding, plain_windows, sliding_windows
 from pgolf.model.gpt import GPT
-from pgolf.data.tokenizer import ByteTables, byte_tables
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-4  # relative, both sets' README

@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 
 import pgolf.eval.ttt as ttt
-from tests.conftest import REPO_ROOT
-from pgolf.data.accounting import lookup_stream
-from pgolf.pipeline import layout
 from pgolf.config import ModelConfig, TTTConfig
+from pgolf.data.accounting import lookup_stream
+from pgolf.data.shards import BOS_ID
+from pgolf.data.tokenizer import ByteTables, count_bytes
 from pgolf.eval.score import Window, eval_sliding, score_batch_tokens
 from pgolf.model.gpt import GPT
-from pgolf.data.shards import BOS_ID
+from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace
-from pgolf.data.tokenizer import ByteTables, count_bytes
+from tests.conftest import REPO_ROOT
 from tests.stages.test_evaluate import BATCH, MAX_TOKENS, SEQ_LEN, STRIDE, VAL_TARGETS
 from tests.stages.test_evaluate import workdir as stage_workdir  # noqa: F401 (a fixture: artifact + FineWeb val)
 

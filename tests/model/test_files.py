@@ -8,10 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgolf.model.files import (
-    FORMAT, VERSION, build_model, check_finite, load_model, load_tagged, save_model, save_tagged,
-)
 from pgolf.config import ModelConfig, to_dict
+from pgolf.model.files import (
+    FORMAT,
+    VERSION,
+    build_model,
+    check_finite,
+    load_model,
+    load_tagged,
+    save_model,
+    save_tagged,
+)
 from pgolf.model.gpt import GPT
 
 CONFIG = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, embedding_dim=32, num_heads=2, num_kv_heads=1,

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
+from pgolf.artifact.codec import artifact_model
 from pgolf.config import TTTConfig
 from pgolf.data.accounting import load_validation_stream, lookup_stream
 from pgolf.data.corpus import embedded_documents
 from pgolf.data.tokenizer import byte_tables
-from pgolf.artifact.codec import artifact_model
 from pgolf.eval.ttt import run_ttt
 from tests.test_reliability import DATASET, STAGES, TOKENIZER, run_micro_stages
 

@@ -20,7 +20,6 @@ import pytest
 import yaml
 
 from pgolf import config
-
 from pgolf.pipeline import layout
 from pgolf.submit.bundle import import_closure
 

@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from pgolf.artifact.compress import compress
+from pgolf.artifact.format import deserialize, serialize
+from pgolf.artifact.size import SizeFitError, SizeLimitError, pack_artifact, submission_bytes
+from pgolf.artifact.tensors import QuantizedTensor, dequantize
+from pgolf.config import CompressConfig, QuantizeConfig
 from pgolf.pipeline import layout
 from pgolf.quant.allocate import allocate, allocate_model, lower_hull
-from pgolf.artifact.codec import QuantizedTensor, compress, dequantize, deserialize, serialize
-from pgolf.config import CompressConfig, QuantizeConfig
-from pgolf.quant.gptq import SizeFitError, quantize_model
 from pgolf.quant.calibrate import collect_output_sensitivity
+from pgolf.quant.gptq import quantize_model
 from pgolf.quant.lqer import h_weighted_error
-from pgolf.submit.bundle import SizeLimitError, pack_artifact, submission_bytes
 from stages import quantize as stage
 from tests.stages.test_quantize import CODE_BYTES, PIPELINE, model_with_hessians, small_workdir  # noqa: F401 (a fixture)
 

@@ -7,9 +7,14 @@ import pickle
 import pytest
 import torch
 
-from pgolf.quant.calibrate import (collect_hessians, collect_output_sensitivity, load_hessians, load_output_sensitivity,
-                            save_hessians)
 from pgolf.model.gpt import GPT
+from pgolf.quant.calibrate import (
+    collect_hessians,
+    collect_output_sensitivity,
+    load_hessians,
+    load_output_sensitivity,
+    save_hessians,
+)
 from tests.quant.test_allocate import model_with_hessians
 
 

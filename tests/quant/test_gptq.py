@@ -7,21 +7,22 @@ import dataclasses
 import pytest
 import torch
 
-from pgolf.artifact.codec import QuantizedTensor, compress, serialize
+from pgolf.artifact.compress import compress
+from pgolf.artifact.format import serialize
+from pgolf.artifact.tensors import QuantizedTensor
 from pgolf.config import CompressConfig, ConfigError, ModelConfig, QuantizeConfig
+from pgolf.quant.calibrate import collect_output_sensitivity
+from pgolf.artifact.size import SizeFitError
+from pgolf.quant.fit import fit_clip_sigmas, fit_quantize
 from pgolf.quant.gptq import (
-    SizeFitError,
     TensorPlan,
     check_hessians,
-    fit_clip_sigmas,
-    fit_quantize,
     gptq_quantize,
     hessian_error,
     prepare_hessians,
     quantize_model,
     tensor_plan,
 )
-from pgolf.quant.calibrate import collect_output_sensitivity
 from tests.quant.test_allocate import model_with_hessians
 
 ALL_GPTQ = QuantizeConfig(passthrough_max_numel=0)  # both golden sets quantize every linear

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pgolf.artifact.codec import dequantize
+from pgolf.artifact.tensors import dequantize
 from pgolf.config import QuantizeConfig
 from pgolf.quant.gptq import quantize_model
 from pgolf.quant.lqer import h_weighted_error, low_rank_correction

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import write_manifest
-from pgolf.pipeline import layout
-from pgolf.model.files import build_model, save_model
 from pgolf.config import CalibrateConfig, ModelConfig, section
-from pgolf.quant.calibrate import calibration_batches, collect_hessians, load_hessians
-from pgolf.model.gpt import GPT
 from pgolf.data.shards import dataset_path, shard_name, write_shard
-from pgolf.pipeline.stage import Workspace
 from pgolf.data.tokenizer import tokenizer_file
+from pgolf.model.files import build_model, save_model
+from pgolf.model.gpt import GPT
+from pgolf.pipeline import layout
+from pgolf.pipeline.stage import Workspace
+from pgolf.quant.calibrate import calibration_batches, collect_hessians, load_hessians
 from stages import calibrate as stage
+from tests.conftest import write_manifest
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
 

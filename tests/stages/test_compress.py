@@ -10,10 +10,12 @@ import pytest
 import torch
 import yaml
 
-from pgolf.pipeline import layout
+from pgolf.artifact.compress import decompress
+from pgolf.artifact.format import serialize
+from pgolf.artifact.tensors import QuantizedModel, QuantizedTensor
 from pgolf.atomic import write_bytes, write_json
-from pgolf.artifact.codec import QuantizedModel, QuantizedTensor, decompress, serialize
 from pgolf.config import ModelConfig
+from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace
 from stages import compress as stage
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -14,19 +13,21 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import write_manifest
-from pgolf.data.accounting import lookup_stream
-from pgolf.pipeline import layout
+from pgolf.artifact.compress import compress
+from pgolf.artifact.format import serialize
+from pgolf.artifact.tensors import QuantizedModel, QuantizedTensor, dequantize
 from pgolf.atomic import write_bytes
-from pgolf.model.files import build_model, save_model
-from pgolf.artifact.codec import QuantizedModel, QuantizedTensor, compress, dequantize, serialize
 from pgolf.config import CompressConfig, ModelConfig
-from pgolf.eval.score import eval_plain, eval_sliding
-from pgolf.model.gpt import GPT
+from pgolf.data.accounting import lookup_stream
 from pgolf.data.shards import load_validation_tokens
-from pgolf.pipeline.stage import Workspace
 from pgolf.data.tokenizer import byte_tables
+from pgolf.eval.score import eval_plain, eval_sliding
+from pgolf.model.files import build_model, save_model
+from pgolf.model.gpt import GPT
+from pgolf.pipeline import layout
+from pgolf.pipeline.stage import Workspace
 from stages import evaluate as stage
+from tests.conftest import write_manifest
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import model_config_from_reference
-from pgolf.pipeline import layout
 from pgolf.model.files import build_model, load_model
+from pgolf.pipeline import layout
 from stages import import_model
+from tests.conftest import model_config_from_reference
 
 
 def write_params(path, model_config) -> None:

@@ -9,14 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgolf.pipeline import layout
+from pgolf.artifact.compress import compress
+from pgolf.artifact.format import deserialize
+from pgolf.artifact.tensors import QuantizedTensor
 from pgolf.atomic import write_json
-from pgolf.model.files import save_model
-from pgolf.artifact.codec import QuantizedTensor, compress, deserialize
 from pgolf.config import CompressConfig, ModelConfig
-from pgolf.quant.calibrate import collect_hessians, save_hessians
+from pgolf.model.files import save_model
 from pgolf.model.gpt import GPT
+from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace
+from pgolf.quant.calibrate import collect_hessians, save_hessians
 from stages import quantize as stage
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it

@@ -14,8 +14,8 @@ import sentencepiece as spm
 
 from pgolf.data.caseops import MARKERS
 from pgolf.data.shards import read_shard, shard_files, validate_dataset, write_shard
-from pgolf.pipeline.stage import Workspace
 from pgolf.data.tokenizer import TRAINER_SETTINGS, train_tokenizer
+from pgolf.pipeline.stage import Workspace
 from stages import tokenize
 from tests.conftest import ASSETS_DIR
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from pgolf.submit.bundle import (SizeLimitError, check_size, code_bytes, import_closure, read_bundle, script_text,
-                              shipped_source)
+from pgolf.artifact.size import SizeLimitError, check_size
+from pgolf.submit.bundle import code_bytes, import_closure, read_bundle, script_text, shipped_source
 
 
 def write(root, name: str, text: str) -> None:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from pgolf.artifact.size import SizeLimitError, pack_artifact
 from pgolf.config import CompressConfig
-from pgolf.submit.bundle import SizeLimitError, import_closure, pack_artifact, read_bundle
+from pgolf.submit.bundle import import_closure, read_bundle
 from tests.pipeline.test_dvc import micro_repo, run  # noqa: F401 (micro_repo: a fixture)
 
 pytestmark = pytest.mark.slow

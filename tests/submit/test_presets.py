@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgolf.pipeline import layout
 from pgolf.config import ModelConfig, QuantizeConfig, TrainConfig, load_params, section
-from tests.conftest import REPO_ROOT
+from pgolf.pipeline import layout
 from stages import bundle, calibrate, compress, evaluate, quantize, tokenize, train
+from tests.conftest import REPO_ROOT
 
 PRESETS = REPO_ROOT / "presets"
 STAGES = [tokenize, train, calibrate, bundle, quantize, compress, evaluate]

@@ -18,17 +18,17 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
-from tests.train.recorded_batches import RecordedBatches
-from tests.train.test_loop import one_thread  # noqa: F401  (autouse: one thread, as for the other tiny models)
-from pgolf.data.accounting import lookup_stream
 from pgolf.config import ModelConfig, TrainConfig
+from pgolf.data.accounting import lookup_stream
+from pgolf.data.tokenizer import ByteTables
 from pgolf.distributed import DistContext
 from pgolf.eval.score import eval_sliding
 from pgolf.model.gpt import GPT
-from pgolf.train.optim import is_control_tensor
-from pgolf.data.tokenizer import ByteTables
 from pgolf.train.loop import Trainer, train
+from pgolf.train.optim import is_control_tensor
+from tests.conftest import REPO_ROOT
+from tests.train.recorded_batches import RecordedBatches
+from tests.train.test_loop import one_thread  # noqa: F401  (autouse: one thread, as for the other tiny models)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]

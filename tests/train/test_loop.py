@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import model_config_from_reference, train_config_from_reference, write_manifest
-from tests.train.recorded_batches import RecordedBatches
-from pgolf.pipeline import layout
-from pgolf.model.files import build_model, load_model
 from pgolf.config import ModelConfig, TrainConfig
-from pgolf.distributed import DistContext
-from pgolf.model.gpt import GPT
 from pgolf.data.shards import write_shard
+from pgolf.distributed import DistContext
+from pgolf.model.files import build_model, load_model
+from pgolf.model.gpt import GPT
+from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace
 from pgolf.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from pgolf.train.loop import cast_mixed_precision, lr_scale, train, training_fraction
+from tests.conftest import model_config_from_reference, train_config_from_reference, write_manifest
+from tests.train.recorded_batches import RecordedBatches
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
 
@@ -226,7 +225,6 @@ def test_train_stage_refuses_a_dataset_of_another_vocabulary(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_killed_stage_resumes_to_the_same_weights(tmp_path):
-    from stages import train as stage
 
     params = stage_params()
     params["train"] |= {"iterations": 40, "checkpoint_every": 2, "train_log_every": 20}

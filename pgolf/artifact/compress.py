@@ -1,0 +1,294 @@
+"""The compressed artifact ("PGAZ"): a serialized model coded by brotli, lzma, zstd or ``ans``.
+
+:func:`compress` byte-shuffles a serialized model (docs/DESIGN.md §6) and codes it with
+brotli, lzma or zstd, or codes the model's arrays under explicit probability models
+(``ans``, :mod:`pgolf.artifact.ans`), inside a small container that names the coder and its
+version, so :func:`decompress` needs no parameters. Decompression stops once the output
+passes the declared raw length.
+
+Compressed artifact ("PGAZ", version 2)::
+
+    b"PGAZ" | u8 version | u8 compressor | u8 coder version | u64 raw_len | u32 crc32(raw) | stream
+
+with compressor 1 brotli, 2 lzma, 3 zstd (coder version 1: ``stream`` is the library's
+stream of the shuffle ``b"BSHF" | u8 stride | shuffled bytes``, the reference's shuffle
+header, written for stride 1 as well so that a stream always says how to undo it) or 4
+ans (``stream`` as :mod:`pgolf.artifact.ans` describes, coder version
+:data:`pgolf.artifact.ans.CODER_VERSION`). Version 1, written before the coder version byte,
+is ``b"PGAZ" | u8 1 | u8 compressor (1 or 2) | u64 raw_len | u32 crc32 | stream`` and
+still loads.
+"""
+
+from __future__ import annotations
+
+import lzma
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import brotli
+import numpy as np
+import torch
+import zstandard
+from torch import Tensor
+
+from pgolf.artifact import ans
+from pgolf.artifact.format import check_array, deserialize, serialize, split_header
+from pgolf.artifact.tensors import ArtifactError, QuantizedModel, QuantizedTensor, dequantize
+from pgolf.config import CompressConfig, ModelConfig
+from pgolf.model.files import check_finite, check_state_dict
+from pgolf.model.gpt import GPT
+
+ARTIFACT_MAGIC = b"PGAZ"
+
+
+ARTIFACT_VERSION = 2
+
+
+SHUFFLE_MAGIC = b"BSHF"
+
+
+COMPRESSORS = {"brotli": 1, "lzma": 2, "zstd": 3, "ans": 4}
+
+
+GENERAL_CODER_VERSION = 1  # the coder version of brotli / lzma / zstd: the library's stream of the shuffle
+
+
+_ARTIFACT_PREFIX = struct.Struct("<4sBBBQI")  # magic, version, compressor, coder version, raw_len, crc32
+
+
+_ARTIFACT_PREFIX_V1 = struct.Struct("<4sBBQI")  # version 1: magic, version, compressor, raw_len, crc32
+
+
+_SHUFFLE_HEADER_LEN = 5  # b"BSHF" + stride
+
+
+_PIECE = 1 << 20  # bytes per step of bounded decompression
+
+
+def byte_shuffle(data: bytes, stride: int) -> bytes:
+    """``BSHF | stride | bytes at offsets ≡ 0 (mod stride), then ≡ 1, ...`` (the reference's shuffle)."""
+    if not 1 <= stride <= 255:
+        raise ValueError(f"shuffle stride must be in 1..255, got {stride}")
+    src = np.frombuffer(data, dtype=np.uint8)
+    shuffled = np.concatenate([src[pos::stride] for pos in range(stride)]) if len(src) else src
+    return SHUFFLE_MAGIC + bytes([stride]) + shuffled.tobytes()
+
+
+def byte_unshuffle(data: bytes) -> bytes:
+    """Undo :func:`byte_shuffle`."""
+    if len(data) < 5 or data[:4] != SHUFFLE_MAGIC or data[4] == 0:
+        raise ArtifactError("decompressed stream does not start with a valid 'BSHF' shuffle header")
+    stride = data[4]
+    payload = np.frombuffer(data, dtype=np.uint8, offset=5)
+    out = np.empty_like(payload)
+    start = 0
+    for pos in range(stride):
+        lane = out[pos::stride]  # a view: writing it fills every stride-th byte
+        lane[:] = payload[start:start + len(lane)]
+        start += len(lane)
+    return out.tobytes()
+
+
+def compress(raw: bytes, cfg: CompressConfig) -> bytes:
+    """Code ``raw`` (a serialized model) into a self-describing artifact with ``cfg.compressor``."""
+    if cfg.compressor not in COMPRESSORS:
+        raise ValueError(f"compress.compressor: unknown {cfg.compressor!r} (known: {', '.join(COMPRESSORS)})")
+    if cfg.compressor == "ans":
+        stream, coder_version = _ans_compress(raw), ans.CODER_VERSION
+    else:
+        stream, coder_version = _general_compress(byte_shuffle(raw, cfg.shuffle_stride), cfg), GENERAL_CODER_VERSION
+    prefix = _ARTIFACT_PREFIX.pack(
+        ARTIFACT_MAGIC, ARTIFACT_VERSION, COMPRESSORS[cfg.compressor], coder_version, len(raw), zlib.crc32(raw)
+    )
+    return prefix + stream
+
+
+def _general_compress(shuffled: bytes, cfg: CompressConfig) -> bytes:
+    if cfg.compressor == "brotli":
+        return brotli.compress(shuffled, quality=cfg.brotli_quality)
+    if cfg.compressor == "lzma":
+        return lzma.compress(shuffled, preset=cfg.lzma_preset)
+    return zstandard.ZstdCompressor(level=cfg.zstd_level).compress(shuffled)
+
+
+def decompress(blob: bytes) -> bytes:
+    """The raw bytes inside an artifact made by :func:`compress`, checked against its length and CRC.
+
+    Decoding stops as soon as the output would pass the declared raw length, so a small
+    artifact cannot make the reader allocate more than it declares.
+    """
+    compressor, coder_version, raw_len, crc, stream = _read_prefix(blob)
+    names = {code: name for name, code in COMPRESSORS.items()}
+    if compressor not in names:
+        raise ArtifactError(f"artifact names unknown compressor id {compressor} (known: {names})")
+    name = names[compressor]
+    expected_version = ans.CODER_VERSION if name == "ans" else GENERAL_CODER_VERSION
+    if coder_version != expected_version:
+        raise ArtifactError(
+            f"artifact's {name} coder version {coder_version} is not supported (this code reads {expected_version})"
+        )
+    if name == "ans":
+        raw = _ans_decompress(stream, raw_len)
+    else:
+        raw = byte_unshuffle(_inflate_bounded(name, stream, raw_len + _SHUFFLE_HEADER_LEN))
+    if len(raw) != raw_len or zlib.crc32(raw) != crc:
+        raise ArtifactError(
+            f"artifact corrupt: decompressed {len(raw)} bytes (crc {zlib.crc32(raw):08x}), "
+            f"header promises {raw_len} bytes (crc {crc:08x})"
+        )
+    return raw
+
+
+def _read_prefix(blob: bytes) -> tuple[int, int, int, int, bytes]:
+    """``(compressor id, coder version, raw_len, crc, stream)`` of an artifact of version 1 or 2."""
+    if len(blob) < _ARTIFACT_PREFIX_V1.size:
+        raise ArtifactError(
+            f"artifact truncated: {len(blob)} bytes, shorter than its {_ARTIFACT_PREFIX.size}-byte prefix"
+        )
+    magic, version = blob[:4], blob[4]
+    if magic != ARTIFACT_MAGIC:
+        raise ArtifactError(f"not a pgolf artifact: magic {magic!r}, expected {ARTIFACT_MAGIC!r}")
+    if version == 1:  # written before the coder version byte: brotli or lzma over the shuffle
+        _, _, compressor, raw_len, crc = _ARTIFACT_PREFIX_V1.unpack_from(blob)
+        if compressor not in (COMPRESSORS["brotli"], COMPRESSORS["lzma"]):
+            raise ArtifactError(f"artifact names unknown compressor id {compressor} for version 1 (known: 1, 2)")
+        return compressor, GENERAL_CODER_VERSION, raw_len, crc, blob[_ARTIFACT_PREFIX_V1.size:]
+    if version != ARTIFACT_VERSION:
+        raise ArtifactError(
+            f"artifact version {version} is not supported (this code reads versions 1 and {ARTIFACT_VERSION})"
+        )
+    if len(blob) < _ARTIFACT_PREFIX.size:
+        raise ArtifactError(
+            f"artifact truncated: {len(blob)} bytes, shorter than its {_ARTIFACT_PREFIX.size}-byte prefix"
+        )
+    _, _, compressor, coder_version, raw_len, crc = _ARTIFACT_PREFIX.unpack_from(blob)
+    return compressor, coder_version, raw_len, crc, blob[_ARTIFACT_PREFIX.size:]
+
+
+def _inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
+    """The output of a brotli / lzma / zstd ``stream``, refused once it passes ``limit`` bytes."""
+    pieces = {"brotli": ans.brotli_pieces, "lzma": _lzma_pieces, "zstd": _zstd_pieces}[name](stream)
+    out = bytearray()
+    try:
+        for piece in pieces:
+            out += piece
+            if len(out) > limit:
+                raise ArtifactError(
+                    f"artifact's {name} stream inflates beyond the {limit:,} bytes its header declares: refused"
+                )
+    except (brotli.error, lzma.LZMAError, zstandard.ZstdError, ans.StreamError) as exc:
+        raise ArtifactError(f"artifact's {name} stream is corrupt or truncated: {exc}") from None
+    if len(out) < limit:
+        raise ArtifactError(
+            f"artifact's {name} stream is corrupt or truncated: it inflates to {len(out):,} bytes, "
+            f"its header declares {limit:,}"
+        )
+    return bytes(out)
+
+
+def _lzma_pieces(stream: bytes) -> Iterator[bytes]:
+    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    chunk = stream
+    while not decoder.eof:
+        if decoder.needs_input and not chunk:
+            raise ans.StreamError("it ends before its last block (truncated or corrupt)")
+        yield decoder.decompress(chunk, max_length=_PIECE)
+        chunk = b""
+
+
+def _zstd_pieces(stream: bytes) -> Iterator[bytes]:
+    reader = zstandard.ZstdDecompressor().stream_reader(stream)
+    while piece := reader.read(_PIECE):
+        yield piece
+
+
+def _ans_compress(raw: bytes) -> bytes:
+    """pgolf.artifact.ans's stream of a serialized model: its header, then every array under its own model."""
+    deserialize(raw)  # the entropy coder reads the layout: refuse anything that is not a valid model
+    payload_start, header = split_header(raw)
+    payload = memoryview(raw)[payload_start:]
+    specs = _array_specs(header, len(payload))
+    end = max((spec.offset + spec.nbytes for spec in specs), default=0)
+    if end != len(payload) or ans.rebuild_payload(specs, payload, len(payload)) != payload:
+        raise ValueError("the serialized model has bytes between or after its arrays: not pgolf.artifact.codec.serialize output")
+    return ans.encode_model(raw[:payload_start], specs, payload)
+
+
+def _ans_decompress(stream: bytes, raw_len: int) -> bytes:
+    try:
+        head, body = ans.decode_head(stream)
+        if len(head) > raw_len:
+            raise ans.StreamError(f"its model header of {len(head):,} bytes exceeds the declared {raw_len:,}")
+        payload_start, header = split_header(head)
+        specs = _array_specs(header, raw_len - payload_start)
+        end = max((spec.offset + spec.nbytes for spec in specs), default=0)
+        if payload_start + end != raw_len:  # serialize ends the payload with its last array
+            raise ans.StreamError(f"the header's arrays end at byte {payload_start + end:,}, "
+                                      f"the artifact declares {raw_len:,}")
+        payload = ans.decode_payload(body, specs, end)
+    except (ans.StreamError, ArtifactError) as exc:
+        raise ArtifactError(f"artifact's ans stream is corrupt or truncated: {exc}") from None
+    return head + payload
+
+
+def _array_specs(header: dict[str, Any], payload_len: int) -> list[ans.ArraySpec]:
+    """Every array of the payload as the entropy coder sees it, validated against ``payload_len``."""
+    specs = []
+    for index, entry in enumerate(header["tensors"]):
+        try:
+            shape = entry["shape"]
+            if entry["kind"] == "quantized":
+                check_array(entry["dtype"], shape, entry["offset"], entry["nbytes"], payload_len)
+                rows = shape[0] if len(shape) == 2 else 0
+                check_array(entry["scale_dtype"], [rows], entry["scale_offset"], entry["scale_nbytes"], payload_len)
+                if entry["dtype"] != "int8" or len(shape) != 2 or entry["bits"] not in range(2, 9):
+                    raise ArtifactError(f"codes must be 2-D int8 of 2..8 bits, got {entry['dtype']} {shape}")
+                specs.append(ans.ArraySpec("codes", "int8", tuple(shape), entry["offset"], entry["bits"]))
+                specs.append(ans.ArraySpec("scale", entry["scale_dtype"], (rows,), entry["scale_offset"], 0))
+            else:
+                check_array(entry["dtype"], shape, entry["offset"], entry["nbytes"], payload_len)
+                specs.append(ans.ArraySpec("passthrough", entry["dtype"], tuple(shape), entry["offset"], 0))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ArtifactError(f"header tensor #{index}: bad or missing field {exc}") from None
+    return specs
+
+
+def compressed_tensor_sizes(qm: QuantizedModel, cfg: CompressConfig) -> dict[str, int]:
+    """Each tensor's compressed bytes alone, to attribute the artifact's bytes to tensors.
+
+    A tensor's size is that of an artifact holding it alone less that of an artifact
+    holding no tensor (the header's share). Each stream starts without the others'
+    statistics, so the sizes add up to a little more than the whole artifact.
+    """
+    return {name: tensors_alone_bytes(qm.model_config, {name: tensor}, cfg) for name, tensor in qm.tensors.items()}
+
+
+def tensors_alone_bytes(model_config: ModelConfig, tensors: dict[str, QuantizedTensor | Tensor],
+                        cfg: CompressConfig) -> int:
+    """The compressed bytes of an artifact holding only ``tensors``, less those of one holding none."""
+    def artifact_bytes(held: dict[str, QuantizedTensor | Tensor]) -> int:
+        return len(compress(serialize(QuantizedModel(model_config, held)), cfg))
+
+    return artifact_bytes(tensors) - artifact_bytes({})
+
+
+def load_artifact(blob: bytes) -> QuantizedModel:
+    """Decompress and deserialize an artifact in one step."""
+    return deserialize(decompress(blob))
+
+
+def artifact_model(path: str | Path, device: torch.device | str = "cpu") -> GPT:
+    """The model a submission scores: the artifact decompressed, deserialized and dequantized."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: artifact not found (run the compress stage first)")
+    qm = load_artifact(path.read_bytes())
+    model = GPT(qm.model_config)
+    state = dequantize(qm)
+    check_state_dict(model, state, str(path))
+    check_finite(state, str(path))
+    model.load_state_dict(state)
+    return model.to(device)

@@ -1,0 +1,173 @@
+"""Quantizing to a byte budget: the clip search and the dispatch between GPTQ, the search and the allocator.
+
+``fit_clip_sigmas`` bisects ``matrix_clip_sigmas`` so that the submission (compressed
+artifact + code bytes) fits ``compress.size_limit_bytes`` (compressed size falls as clip
+sigmas rise: see PR #1394's page); ``quantize_for_size`` is what the quantize stage and the
+exported runner call: GPTQ at the configured clip, the clip search (``fit_to_size``), or
+the rate–distortion allocation (``method: allocate``), each measuring sizes exactly as the
+compress stage counts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from pgolf.artifact.size import SizeFitError, submission_bytes
+from pgolf.artifact.tensors import QuantizedModel
+from pgolf.config import CompressConfig, ConfigError, ModelConfig, QuantizeConfig
+from pgolf.quant.allocate import AllocationResult, allocate_model
+from pgolf.quant.gptq import FactorCache, group_overrides, quantize_model, tensor_plan
+
+
+@dataclass(frozen=True)
+class FitPoint:
+    """One evaluation of the size search."""
+
+    clip_sigmas: float
+    total_bytes: int
+    fits: bool
+
+
+@dataclass(frozen=True)
+class FitResult:
+    clip_sigmas: float  # the chosen matrix_clip_sigmas (fits the limit)
+    total_bytes: int
+    margin_met: bool  # limit - total_bytes <= margin
+    points: list[FitPoint]
+
+    def summary(self, limit: int) -> dict:
+        """The search's outcome, for the quantize report."""
+        return {
+            "matrix_clip_sigmas": self.clip_sigmas,
+            "total_bytes": self.total_bytes,
+            "size_limit_bytes": limit,
+            "headroom_bytes": limit - self.total_bytes,
+            "margin_met": self.margin_met,
+            "evaluations": len(self.points),
+        }
+
+
+def fit_clip_sigmas(
+    size_at: Callable[[float], int],
+    cfg: QuantizeConfig,
+    size_limit_bytes: int,
+) -> FitResult:
+    """Smallest ``matrix_clip_sigmas`` whose artifact fits ``size_limit_bytes``, by bisection.
+
+    ``size_at(clip_sigmas)`` returns the submission bytes (compressed + code) at
+    that clip. Size falls as clip sigmas rise, so the answer lies between a clip
+    that is over the limit and one that fits; bisection stops once the fitting
+    side is within ``fit_margin_bytes`` of the limit, or the bracket is narrower
+    than ``fit_tolerance`` (compressed size is not perfectly smooth in the clip).
+    """
+    if not 0 < cfg.fit_min_clip_sigmas < cfg.fit_max_clip_sigmas:
+        raise ConfigError(
+            "quantize: need 0 < fit_min_clip_sigmas < fit_max_clip_sigmas, got "
+            f"{cfg.fit_min_clip_sigmas} and {cfg.fit_max_clip_sigmas}"
+        )
+    points: list[FitPoint] = []
+
+    def evaluate(clip_sigmas: float) -> FitPoint:
+        size = size_at(clip_sigmas)
+        points.append(FitPoint(clip_sigmas, size, size <= size_limit_bytes))
+        return points[-1]
+
+    def done(point: FitPoint) -> bool:
+        return point.fits and size_limit_bytes - point.total_bytes <= cfg.fit_margin_bytes
+
+    start = min(max(cfg.matrix_clip_sigmas, cfg.fit_min_clip_sigmas), cfg.fit_max_clip_sigmas)
+    first = evaluate(start)
+    if done(first):
+        return FitResult(first.clip_sigmas, first.total_bytes, True, points)
+    if first.fits:
+        over = first if first.clip_sigmas <= cfg.fit_min_clip_sigmas else evaluate(cfg.fit_min_clip_sigmas)
+        if over.fits:  # even the smallest clip fits: nothing to trade
+            return FitResult(over.clip_sigmas, over.total_bytes, done(over), points)
+        fit = first
+    else:
+        over = first
+        fit = first if first.clip_sigmas >= cfg.fit_max_clip_sigmas else evaluate(cfg.fit_max_clip_sigmas)
+        if not fit.fits:
+            raise SizeFitError(
+                f"quantize: fit_to_size: even fit_max_clip_sigmas={cfg.fit_max_clip_sigmas:g} gives "
+                f"{fit.total_bytes:,} bytes, over the limit of {size_limit_bytes:,} by "
+                f"{fit.total_bytes - size_limit_bytes:,} (lower the bits or raise fit_max_clip_sigmas)"
+            )
+    while not done(fit) and fit.clip_sigmas - over.clip_sigmas > cfg.fit_tolerance:
+        # Bisect in log space: size tracks bits - log2(clip sigmas).
+        middle = evaluate(math.sqrt(fit.clip_sigmas * over.clip_sigmas))
+        if middle.fits:
+            fit = middle
+        else:
+            over = middle
+    return FitResult(fit.clip_sigmas, fit.total_bytes, done(fit), points)
+
+
+def fit_quantize(
+    model_config: ModelConfig,
+    state_dict: dict[str, Tensor],
+    hessians: dict[str, Tensor],
+    cfg: QuantizeConfig,
+    size_of: Callable[[QuantizedModel], int],
+    size_limit_bytes: int,
+    device: torch.device | str = "cpu",
+    sensitivity: dict[str, Tensor] | None = None,
+) -> tuple[QuantizedModel, list[dict], FitResult]:
+    """``quantize_model`` at the clip sigmas that ``fit_clip_sigmas`` finds.
+
+    ``size_of`` gives the submission bytes of a quantized model (the compress
+    stage's serialize + compress + code bytes).
+    """
+    plans = [tensor_plan(name, t, cfg) for name, t in state_dict.items()]
+    if not any(p.uses_gptq and group_overrides(p.group, cfg)[1] is None for p in plans):
+        raise ConfigError(
+            "quantize: fit_to_size bisects matrix_clip_sigmas, but no quantized tensor follows it "
+            "(mlp_clip_sigmas and attn_clip_sigmas both set?): unset an override"
+        )
+    results: dict[float, tuple[QuantizedModel, list[dict]]] = {}
+    factor_cache: FactorCache = {}  # the Hessians do not change with the clip: factor them once
+
+    def size_at(clip_sigmas: float) -> int:
+        trial = dataclasses.replace(cfg, matrix_clip_sigmas=clip_sigmas)
+        results[clip_sigmas] = quantize_model(
+            model_config, state_dict, hessians, trial, device, show_progress=False, factor_cache=factor_cache,
+            sensitivity=sensitivity)
+        size = size_of(results[clip_sigmas][0])
+        tqdm.write(f"fit_to_size: matrix_clip_sigmas={clip_sigmas:.4f} -> {size:,} bytes (limit {size_limit_bytes:,})")
+        return size
+
+    fit = fit_clip_sigmas(size_at, cfg, size_limit_bytes)
+    qm, rows = results[fit.clip_sigmas]
+    return qm, rows, fit
+
+
+def needs_size(cfg: QuantizeConfig) -> bool:
+    """Whether quantizing by ``cfg`` measures the submission's size (and so reads ``compress:``)."""
+    return cfg.fit_to_size or cfg.method == "allocate"
+
+
+def quantize_for_size(model_config: ModelConfig, state_dict: dict[str, Tensor], hessians: dict[str, Tensor],
+                      cfg: QuantizeConfig, compress_cfg: CompressConfig | None, code: int, device: torch.device | str,
+                      sensitivity: dict[str, Tensor] | None = None,
+                      ) -> tuple[QuantizedModel, list[dict], FitResult | AllocationResult | None]:
+    """GPTQ at ``cfg``'s clip; or, given ``compress_cfg``, at the clip that fits the submission's real size
+    (``fit_to_size``) or with the bits and clips that the rate–distortion allocation chooses within it
+    (its errors weighted by the output ``sensitivity`` when ``allocate_distortion`` is loss)."""
+    if compress_cfg is None:
+        return (*quantize_model(model_config, state_dict, hessians, cfg, device, sensitivity=sensitivity), None)
+
+    def size_of(trial: QuantizedModel) -> int:
+        return submission_bytes(trial, compress_cfg, code)
+
+    if cfg.method == "allocate":
+        return allocate_model(model_config, state_dict, hessians, cfg, compress_cfg, size_of, device,
+                              sensitivity=sensitivity)
+    return fit_quantize(model_config, state_dict, hessians, cfg, size_of, compress_cfg.size_limit_bytes, device,
+                        sensitivity)
