@@ -23,7 +23,7 @@ from pgolf.data.shards import MANIFEST_NAME, SIDECAR, ShardError, check_dataset,
 from pgolf.data.tokenizer import ByteTables, byte_tables, document_byte_counts
 from pgolf.eval.score import checked_validation_set, eval_plain, eval_sliding
 from pgolf.model.gpt import GPT
-from tests.data.test_caseops import CASEOPS_TOKENIZER, caseops_ids_and_counts, frontier  # noqa: F401 (a fixture)
+from tests.data.test_caseops import CASEOPS_TOKENIZER, caseops_ids_and_counts, load_frontier
 
 CPU = torch.device("cpu")
 VOCAB = 8192
@@ -160,12 +160,13 @@ def fixed_model() -> GPT:
     return model
 
 
-def test_bpb_from_the_sidecar_is_bpb_of_the_original_text(frontier, shared_dir):
+def test_bpb_from_the_sidecar_is_bpb_of_the_original_text(shared_dir):
     """A fixed model on the golden documents' CaseOps stream: the sidecar's bpb equals the bpb over the text's bytes.
 
     The sliding evaluation scores every target once, so its token count is the stream's and the
     denominator the text's UTF-8 bytes: equal to 1e-9 relative (they are the same integer).
     """
+    frontier = load_frontier(shared_dir)
     texts = [doc["text"] for doc in frontier["caseops"]["docs"]]
     tokens, counts = [], []
     for text in texts:

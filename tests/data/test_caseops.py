@@ -41,12 +41,18 @@ from tests.conftest import ASSETS_DIR
 CASEOPS_TOKENIZER = ASSETS_DIR / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 
 
-@pytest.fixture(scope="module")
-def frontier(shared_dir) -> dict:
+@functools.cache
+def load_frontier(shared_dir: Path) -> dict:
     path = shared_dir / "golden" / "golden_frontier_tiny.pt"
     if not path.is_file():
         pytest.skip(f"{path} is absent: this test needs ../shared beside the checkout (CI has it)")
     return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def frontier(shared_dir) -> dict:
+    """What the frontier record's own code computed (../shared/golden/README.md, "Frontier record")."""
+    return load_frontier(shared_dir)
 
 
 @functools.cache
