@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from pgolf.artifact.codec import artifact_model
+from pgolf.artifact.compress import artifact_model
 from pgolf.config import TTTConfig
 from pgolf.data.accounting import load_validation_stream, lookup_stream
 from pgolf.data.corpus import embedded_documents
