@@ -89,8 +89,8 @@ CASEOPS_VARIANT = "sp8192_lossless_caps_caseops_v1_reserved"
 def vocab_size_of(variant: str) -> int:
     match = re.fullmatch(r"sp(\d+)(_[a-z0-9_]+)?", variant)
     if match is None:
-        raise DownloadError(f"variant {variant!r}: expected sp<VOCAB_SIZE> (sp1024, sp4096, sp8192) or such a name with "
-                            f"a suffix ({CASEOPS_VARIANT})")
+        raise DownloadError(f"variant {variant!r}: expected sp<VOCAB_SIZE> (sp1024, sp4096, sp8192) or such a name "
+                            f"with a suffix ({CASEOPS_VARIANT})")
     return int(match.group(1))
 
 

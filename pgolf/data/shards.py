@@ -158,7 +158,8 @@ def check_sidecar(dataset_dir: str | Path, bos_id: int = BOS_ID) -> dict:
     shards = shard_files(dataset_dir, "val")
     if len(sidecars) < len(shards):
         missing = len(sidecars)
-        raise ShardError(f"{dataset_dir / shard_name(SIDECAR, missing)}: byte sidecar missing for {shards[missing].name}")
+        raise ShardError(f"{dataset_dir / shard_name(SIDECAR, missing)}: byte sidecar missing for "
+                         f"{shards[missing].name}")
     if len(sidecars) > len(shards):
         raise ShardError(f"{sidecars[len(shards)]}: a byte sidecar without its validation shard "
                          f"{shard_name('val', len(shards))}")

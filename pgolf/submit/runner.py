@@ -149,7 +149,8 @@ def evaluation_phase(cfgs: RunConfigs, root: Path, stream: ValidationStream, ctx
     quantized = score(artifact_model(root / ARTIFACT_FILE, ctx.device), stream, cfgs.evaluate, ctx,
                       EVAL_LABELS)
     return {"unquantized": unquantized, "quantized": quantized, "evaluation_phase_s": time.perf_counter() - start,
-            "val_tokens": stream.tokens.numel() - 1, "val_bytes": stream.total_bytes(), "world_size": ctx.world_size, "device": ctx.device.type,
+            "val_tokens": stream.tokens.numel() - 1, "val_bytes": stream.total_bytes(),
+            "world_size": ctx.world_size, "device": ctx.device.type,
             "hardware": hardware(ctx)}
 
 

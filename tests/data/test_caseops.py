@@ -237,7 +237,8 @@ def test_a_caseops_dataset_is_deterministic(frontier, shared_dir, record_shards,
 
 def test_fewer_threads_or_batches_do_not_change_counts():
     texts = [f"Doc {i}: The QUICK brown Fox, iPhone {ESC} x" * (i + 1) for i in range(7)]
-    one = [original_byte_counts(s) for _, s in encode_with_surfaces(caseops_tokenizer(), list(map(encode_caseops, texts)), 1)]
+    transformed = [encode_caseops(text) for text in texts]
+    one = [original_byte_counts(s) for _, s in encode_with_surfaces(caseops_tokenizer(), transformed, 1)]
     two = [original_byte_counts(s) for _, s in itertools.chain.from_iterable(
         encode_with_surfaces(caseops_tokenizer(), [encode_caseops(t)], 2) for t in texts)]
     assert one == two and [sum(c) for c in one] == [len(t.encode("utf-8")) for t in texts]

@@ -82,7 +82,8 @@ def published(tmp_path_factory) -> dict[str, bytes]:
         "tokenizers": [{"name": "sp_bpe_1024", "model_path": f"tokenizers/fineweb_{VOCAB}_bpe.model",
                         "vocab_path": f"tokenizers/fineweb_{VOCAB}_bpe.vocab"},
                        {"name": "sp_bpe_8192_lossless_caps_caseops_v1_reserved",
-                        "model_path": f"tokenizers/{CASEOPS_MODEL_NAME}", "text_transform": "lossless_caps_caseops_v1"}],
+                        "model_path": f"tokenizers/{CASEOPS_MODEL_NAME}",
+                        "text_transform": "lossless_caps_caseops_v1"}],
     }
     files["datasets/manifest.json"] = json.dumps(manifest).encode()
     assert len(stats["val"]["files"]) == 1 and len(stats["train"]["files"]) == TRAIN_SHARDS + 1

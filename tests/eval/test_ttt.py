@@ -189,14 +189,15 @@ def test_temperature_divides_softcapped_logits():
     """Condition 2: a fixed T scores softcap(z)/T, a full normalized distribution; T = 1 changes nothing."""
     model, tokens = make_model(), make_stream()
     batch = [Window(0, 0), Window(8, 24)]
-    scored = score_batch_tokens(model.forward_logits, tokens, lookup_stream(tokens, TABLES).target_bytes, batch, 32, CPU, temperature=0.9)
+    target_bytes = lookup_stream(tokens, TABLES).target_bytes
+    scored = score_batch_tokens(model.forward_logits, tokens, target_bytes, batch, 32, CPU, temperature=0.9)
     with torch.no_grad():
         logits = model.forward_logits(tokens[:32][None])[0] / 0.9  # [T, V]
     log_probs = torch.log_softmax(logits, dim=-1)
     torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(32), rtol=0, atol=1e-5)
     torch.testing.assert_close(scored.nll[:32], -log_probs.gather(1, tokens[1:33, None])[:, 0])
-    plain = score_batch_tokens(model.forward_logits, tokens, lookup_stream(tokens, TABLES).target_bytes, batch, 32, CPU)
-    unit = score_batch_tokens(model.forward_logits, tokens, lookup_stream(tokens, TABLES).target_bytes, batch, 32, CPU, temperature=1.0)
+    plain = score_batch_tokens(model.forward_logits, tokens, target_bytes, batch, 32, CPU)
+    unit = score_batch_tokens(model.forward_logits, tokens, target_bytes, batch, 32, CPU, temperature=1.0)
     assert torch.equal(plain.nll, unit.nll)
     warm = run(dataclasses.replace(BASE, lr=0.0, temperature=0.9), tokens)
     assert warm.score.bpb == pytest.approx(
@@ -295,7 +296,8 @@ WORKER = textwrap.dedent("""
     ctx = init_distributed("cpu")
     results = {}
     for method in sys.argv[2:]:
-        result = run_ttt(make_model(), lookup_stream(make_stream(), TABLES), METHODS[method], ctx.device, ctx, record_tokens=True)
+        stream = lookup_stream(make_stream(), TABLES)
+        result = run_ttt(make_model(), stream, METHODS[method], ctx.device, ctx, record_tokens=True)
         results[method] = {"bpb": result.score.bpb, "tokens": result.tokens, "bytes": result.bytes,
                            "steps": result.optimizer_steps, "counts": result.token_counts.tolist()}
     if ctx.is_main:

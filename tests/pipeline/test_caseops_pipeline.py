@@ -1,8 +1,8 @@
 """The micro preset on CaseOps text (``tokenize.text_transform: caseops``), every stage end to end.
 
 Each stage runs through ``pgolf.cli.main`` in a temporary working directory
-(``run_micro_stages`` of tests/test_reliability.py), then the exported ``train_gpt.py`` runs in a folder holding only the
-challenge's data layout. Every score must divide by the byte sidecar's bytes, and the validation
+(``run_micro_stages`` of tests/test_reliability.py), then the exported ``train_gpt.py`` runs in a
+folder holding only the challenge's data layout. Every score must divide by the byte sidecar's bytes, and the validation
 byte total is compared with the plain micro preset's on the same documents.
 """
 

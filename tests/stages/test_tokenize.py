@@ -298,7 +298,7 @@ def test_published_caseops_shards_are_imported_with_their_sidecar(workdir, caseo
 
 
 @pytest.mark.parametrize(("damage", "keys", "message"), [
-    ("drop", {"text_transform": "caseops"}, "fineweb_val_bytes_000005.bin: byte sidecar missing for fineweb_val_000005"),
+    ("drop", {"text_transform": "caseops"}, "fineweb_val_bytes_000005.bin: byte sidecar missing for fineweb_val_00"),
     ("all", {"text_transform": "caseops"}, "fineweb_val_bytes_000000.bin: byte sidecar not found"),
     ("none", {}, "hold CaseOps markers, but tokenize.text_transform is none"),
     ("marker", {"text_transform": "caseops"}, "for marker id 4: a byte sidecar gives markers 0"),
