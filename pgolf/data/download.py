@@ -94,6 +94,11 @@ def vocab_size_of(variant: str) -> int:
     return int(match.group(1))
 
 
+def repository_of(variant: str) -> str:
+    """The repository that publishes ``variant``: the CaseOps export's own, else the challenge's."""
+    return CASEOPS_REPO_ID if variant == CASEOPS_VARIANT else DEFAULT_REPO_ID
+
+
 def local_dataset_dir(dest: Path, variant: str) -> Path:
     """Where a variant's shards go: ``DEST/datasets/fineweb10B_{variant}`` (the challenge's names)."""
     return dest / "datasets" / f"fineweb10B_{variant}"

@@ -401,6 +401,11 @@ def test_the_caseops_variant_lands_validated_with_its_sidecar(hub, published, tm
     assert stream.rule == "byte sidecar"
 
 
+def test_the_caseops_variant_is_fetched_from_its_own_repository_by_default():
+    assert download.repository_of(CASEOPS) == "romeerp/parameter-golf-caseops-v1"
+    assert download.repository_of("sp8192") == download.DEFAULT_REPO_ID
+
+
 def test_a_caseops_variant_without_its_sidecar_is_refused(hub, published, tmp_path):
     manifest = json.loads(published["datasets/manifest.json"])
     del manifest["datasets"][1]["val_bytes_glob"]
