@@ -47,6 +47,7 @@ from pgolf.config import (
     load_params,
     section,
 )
+from pgolf.data.accounting import ValidationStream
 from pgolf.data.shards import dataset_path
 from pgolf.data.tokenizer import tokenizer_file
 from pgolf.distributed import init_distributed
@@ -109,8 +110,7 @@ class Run:
     hessians: dict[str, torch.Tensor]
     sensitivity: dict[str, torch.Tensor]  # {} unless calibrate.output_sensitivity was on
     evaluate: EvaluateConfig
-    tokens: torch.Tensor
-    tables: Any
+    stream: ValidationStream
     ctx: Any
 
     def code(self, quantize: QuantizeConfig, compress: CompressConfig) -> int:
@@ -121,7 +121,7 @@ class Run:
         return code_bytes(compress.code_files, configs.baked(), compress.compress_code)
 
     def bpb(self, model: GPT, name: str) -> float:
-        scores = evaluate_model(name, model.to(self.ctx.device), self.tokens, self.tables, self.evaluate, self.ctx)
+        scores = evaluate_model(name, model.to(self.ctx.device), self.stream, self.evaluate, self.ctx)
         return scores.get("sliding_val_bpb", scores.get("val_bpb"))
 
     def quantized_bpb(self, qm: QuantizedModel, name: str) -> float:
@@ -145,10 +145,10 @@ def load_run(directory: Path, params_path: Path, max_val_tokens: int | None, sli
         evaluate = dataclasses.replace(evaluate, max_val_tokens=max_val_tokens)
     data_dir = directory / section(params, "tokenize", TokenizeConfig).data_dir
     vocab = model_config.vocab_size
-    tokens, tables = validation_set(dataset_path(data_dir, vocab), tokenizer_file(data_dir, vocab), vocab, evaluate)
+    stream = validation_set(dataset_path(data_dir, vocab), tokenizer_file(data_dir, vocab), vocab, evaluate)
     hessians_path = directory / layout.CALIBRATE_HESSIANS
     return Run(directory, params, model_config, state_dict, load_hessians(hessians_path),
-               load_output_sensitivity(hessians_path), evaluate, tokens, tables, init_distributed(evaluate.device))
+               load_output_sensitivity(hessians_path), evaluate, stream, init_distributed(evaluate.device))
 
 
 def quantize_method(run: Run, changes: dict[str, Any], limit: int) -> tuple[QuantizedModel, int, float]:

@@ -19,6 +19,7 @@ import json
 import torch
 
 from pgolf.config import TTT_METHODS, ModelConfig, TTTConfig, load_params, section
+from pgolf.data.accounting import lookup_stream
 from pgolf.data.shards import BOS_ID
 from pgolf.data.tokenizer import ByteTables
 from pgolf.eval.ttt import run_ttt
@@ -70,8 +71,8 @@ def main() -> None:
         model.looping_active = True
         report["model_params"] = count_parameters(model)
         # untimed warm-up on a short prefix: first-use imports (torch.optim loads dynamo), allocator, kernels
-        run_ttt(model, tokens[: 4 * cfg.seq_len + 1], tables, cfg, device)
-        result = run_ttt(model, tokens, tables, cfg, device)
+        run_ttt(model, lookup_stream(tokens[: 4 * cfg.seq_len + 1], tables), cfg, device)
+        result = run_ttt(model, lookup_stream(tokens, tables), cfg, device)
         report["methods"][method] = {"seconds": round(result.seconds, 2), "optimizer_steps": result.optimizer_steps,
                                      "tokens_per_s": round(result.tokens / result.seconds, 1)}
         print(json.dumps({method: report["methods"][method]}), flush=True)

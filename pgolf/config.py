@@ -124,6 +124,9 @@ class TokenizeConfig(Section):
     embedded_max_docs: Count = 0  # embedded corpus: keep this many documents (0: all)
     # stdlib: the standard library's docs (1.8 MB); stdlib_torch: plus torch's and its requirements' (~14 MB)
     embedded_corpus: Literal["stdlib", "stdlib_torch"] = "stdlib"
+    # none: the text as it is; caseops: the frontier's lossless case transform before the tokenizer
+    # (FRONTIER_SPEC §1), its markers reserved as ids 4..7, the shards with a byte sidecar (docs/BYTES.md)
+    text_transform: Literal["none", "caseops"] = "none"
 
     def check(self) -> None:
         _require(not self.shards_path or bool(self.tokenizer_path), "shards_path", self.shards_path,

@@ -37,7 +37,7 @@ def run(params: dict, ws: Workspace) -> None:
                                    ws.input(tokenizer_file(data_dir, vocab)), cfg, ctx)
         metrics["artifact_bytes"] = artifact.stat().st_size
         metrics |= tax_against_prequant(metrics["quantized"], ws.input(layout.PREQUANT_METRICS),
-                                        ws.input(layout.PREQUANT_PROVENANCE), cfg)
+                                        ws.input(layout.PREQUANT_PROVENANCE), cfg, metrics["val_bytes"])
         if ctx.is_main:
             with stage_outputs() as out:
                 out.write_json(ws.output(layout.EVALUATE_PROVENANCE), record)

@@ -19,8 +19,15 @@ from pathlib import Path
 from pgolf.config import ExportConfig, section
 from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace, run_stage, stage_parser
-from pgolf.submit.export import (LOGGED, RunRecord, export_date, read_json, records_name, seed_evidence,
-                                 write_records_folder)
+from pgolf.submit.export import (
+    LOGGED,
+    RunRecord,
+    export_date,
+    read_json,
+    records_name,
+    seed_evidence,
+    write_records_folder,
+)
 
 
 def run(params: dict, ws: Workspace, dest: str | None = None, measured: str | None = None, seeds: str | None = None,

@@ -40,10 +40,10 @@ def run(params: dict, ws: Workspace) -> None:
         model = artifact_model(ws.input(layout.COMPRESS_ARTIFACT), ctx.device)
         model.looping_active = True
         vocab = model.config.vocab_size
-        tokens, tables = checked_validation_set(
+        stream = checked_validation_set(
             ws.input(dataset_path(data_dir, vocab)), ws.input(tokenizer_file(data_dir, vocab)), vocab,
             EvaluateConfig(eval_seq_len=cfg.seq_len, max_val_tokens=cfg.max_val_tokens))
-        result = run_ttt(model, tokens, tables, cfg, ctx.device, ctx)
+        result = run_ttt(model, stream, cfg, ctx.device, ctx)
         if ctx.is_main:
             evaluated = ws.input(layout.EVALUATE_METRICS)
             evaluated = json.loads(evaluated.read_text(encoding="utf-8")) if evaluated.is_file() else {}

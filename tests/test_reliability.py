@@ -34,16 +34,24 @@ STAGES = [["tokenize"], ["train"], ["prequant"], ["calibrate"], ["bundle"], ["qu
 DATASET = Path("data/datasets/fineweb10B_sp1024")
 TOKENIZER = Path("data/tokenizers/fineweb_1024_bpe.model")
 
+def run_micro_stages(root: Path, stages: list[list[str]], changes: dict[str, str] | None = None) -> Path:
+    """The micro preset (its text with each of ``changes`` replaced) run stage by stage in ``root``."""
+    text = (REPO_ROOT / "presets" / "micro.yaml").read_text()
+    for old, new in (changes or {}).items():
+        assert old in text, old
+        text = text.replace(old, new)
+    (root / "params.yaml").write_text(text)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        for stage in stages:
+            assert cli.main([*stage, "--out", "."]) == 0, stage
+    return root
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> Path:
     """The micro pipeline, run once: every stage's outputs in a working directory."""
-    root = tmp_path_factory.mktemp("micro")
-    shutil.copy(REPO_ROOT / "presets" / "micro.yaml", root / "params.yaml")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        for stage in STAGES:
-            assert cli.main([*stage, "--out", "."]) == 0, stage
-    return root
+    return run_micro_stages(tmp_path_factory.mktemp("micro"), STAGES)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,12 @@ enough), fetches each missing file with ``huggingface_hub`` (an optional extra)
 and checks it (size, the hub's sha256 or git hash, shard headers, the
 tokenizer). It writes the layout the tokenize stage validates:
 ``DEST/datasets/fineweb10B_sp{V}/`` and ``DEST/tokenizers/fineweb_{V}_bpe.model``.
+A variant with a suffix, such as the frontier's CaseOps data
+``sp8192_lossless_caps_caseops_v1_reserved`` (repository
+``romeerp/parameter-golf-caseops-v1``), lands in ``DEST/datasets/fineweb10B_{variant}/``
+with its tokenizer under the repository's file name; where the manifest gives the
+dataset a ``val_bytes_glob``, the byte sidecar ``fineweb_val_bytes_*.bin`` of every
+validation shard comes too, checked against its shard (docs/BYTES.md).
 
 Resuming: a file appears at its final path only once complete and checked, so a
 rerun after an interruption keeps every finished file and fetches only the
@@ -36,8 +42,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pgolf.data.shards import SPLITS, ShardError, dataset_path, file_sha256, read_header, shard_name
-from pgolf.data.tokenizer import load_tokenizer, tokenizer_file
+from pgolf.data.shards import SIDECAR, SPLITS, ShardError, check_sidecar, file_sha256, read_header, shard_name
+from pgolf.data.tokenizer import check_reserved_markers, load_tokenizer, marker_pieces, tokenizer_file
 
 DEFAULT_REPO_ID = "kevclark/parameter-golf"  # sp4096 and sp8192; "willdepueoai/parameter-golf" has sp1024
 REMOTE_ROOT = "datasets"  # the repository folder that holds the export (the challenge's default)
@@ -76,11 +82,33 @@ def hub_module() -> ModuleType:
     return huggingface_hub
 
 
+CASEOPS_REPO_ID = "romeerp/parameter-golf-caseops-v1"  # the frontier's CaseOps export (FRONTIER_SPEC §1.3)
+CASEOPS_VARIANT = "sp8192_lossless_caps_caseops_v1_reserved"
+
+
 def vocab_size_of(variant: str) -> int:
-    match = re.fullmatch(r"sp(\d+)", variant)
+    match = re.fullmatch(r"sp(\d+)(_[a-z0-9_]+)?", variant)
     if match is None:
-        raise DownloadError(f"variant {variant!r}: expected sp<VOCAB_SIZE> (sp1024, sp4096, sp8192)")
+        raise DownloadError(f"variant {variant!r}: expected sp<VOCAB_SIZE> (sp1024, sp4096, sp8192) or such a name "
+                            f"with a suffix ({CASEOPS_VARIANT})")
     return int(match.group(1))
+
+
+def repository_of(variant: str) -> str:
+    """The repository that publishes ``variant``: the CaseOps export's own, else the challenge's."""
+    return CASEOPS_REPO_ID if variant == CASEOPS_VARIANT else DEFAULT_REPO_ID
+
+
+def local_dataset_dir(dest: Path, variant: str) -> Path:
+    """Where a variant's shards go: ``DEST/datasets/fineweb10B_{variant}`` (the challenge's names)."""
+    return dest / "datasets" / f"fineweb10B_{variant}"
+
+
+def local_tokenizer(dest: Path, variant: str, model_path: str) -> Path:
+    """``fineweb_{V}_bpe.model`` for a plain variant; a suffixed one keeps the repository's file name."""
+    if re.fullmatch(r"sp\d+", variant):
+        return tokenizer_file(dest, vocab_size_of(variant))
+    return dest / "tokenizers" / Path(model_path).name
 
 
 class Hub:
@@ -138,7 +166,8 @@ def download_dataset(
     shutil.rmtree(hub.staging, ignore_errors=True)  # a killed run's partial files cannot be reused
 
     commit, manifest = fetch_hub_manifest(hub, remote_root, revision, dest)
-    files = [with_metadata(hub, f, commit) for f in planned_files(manifest, variant, train_shards, remote_root, dest)]
+    planned = planned_files(manifest, variant, train_shards, remote_root, dest)
+    files = [with_metadata(hub, f, commit) for f in planned]
     missing = [f for f in files if not f.is_complete()]
     check_disk_space(files, missing, dest, log)
     for number, remote_file in enumerate(missing, 1):
@@ -146,10 +175,10 @@ def download_dataset(
         fetch_checked(hub, remote_file, commit)
     shutil.rmtree(hub.staging, ignore_errors=True)
 
-    shards_dir, model_file = dataset_path(dest, vocab_size), tokenizer_file(dest, vocab_size)
-    check_dataset(files, shards_dir, model_file, vocab_size)
+    shards_dir, model_file = local_dataset_dir(dest, variant), planned[-1].local
+    transform = check_dataset(files, shards_dir, model_file, vocab_size)
     return {
-        "repo_id": repo_id, "commit": commit, "variant": variant,
+        "repo_id": repo_id, "commit": commit, "variant": variant, "text_transform": transform,
         "shards_path": str(shards_dir), "tokenizer_path": str(model_file),
         "files": len(files), "fetched": len(missing), "kept": len(files) - len(missing),
         "bytes": sum(f.size for f in files),
@@ -184,9 +213,10 @@ def read_hub_manifest(path: Path) -> dict[str, Any]:
 def planned_files(
     manifest: dict[str, Any], variant: str, train_shards: int, remote_root: str, dest: Path
 ) -> list[RemoteFile]:
-    """Every val shard, the first ``train_shards`` train shards and the tokenizer ``.model``."""
-    vocab_size = vocab_size_of(variant)
-    local_dir = dataset_path(dest, vocab_size)
+    """Every val shard (and its byte sidecar, if the dataset has one), the first ``train_shards`` train shards and
+    the tokenizer ``.model`` (last)."""
+    vocab_size_of(variant)
+    local_dir = local_dataset_dir(dest, variant)
     name = local_dir.name
     entry = find_entry(manifest, "datasets", name, f"variant {variant}")
     stats = entry.get("stats") or {}
@@ -197,15 +227,17 @@ def planned_files(
         raise DownloadError(f"{name} has {available['train']} train shards in the repository, {train_shards} asked for")
     root = f"{remote_root}/" if remote_root else ""
     counts = {"val": available["val"], "train": train_shards}
+    if entry.get("val_bytes_glob"):  # the record's export names its byte sidecar so
+        counts = {"val": available["val"], SIDECAR: available["val"], "train": train_shards}
     shards = [
         RemoteFile(f"{root}datasets/{name}/{shard_name(split, i)}", local_dir / shard_name(split, i))
-        for split in SPLITS for i in range(counts[split])
+        for split in counts for i in range(counts[split])
     ]
     tokenizer = find_entry(manifest, "tokenizers", entry.get("tokenizer_name"), f"the tokenizer of {name}")
     model_path = tokenizer.get("model_path")
     if not model_path:
         raise DownloadError(f"the repository's manifest gives no model_path for tokenizer {tokenizer['name']}")
-    return [*shards, RemoteFile(f"{root}{model_path}", tokenizer_file(dest, vocab_size))]
+    return [*shards, RemoteFile(f"{root}{model_path}", local_tokenizer(dest, variant, model_path))]
 
 
 def find_entry(manifest: dict[str, Any], key: str, name: Any, what: str) -> dict[str, Any]:
@@ -277,10 +309,12 @@ def place(fetched: Path, local: Path) -> None:
     os.replace(fetched, local)
 
 
-def check_dataset(files: list[RemoteFile], shards_dir: Path, model_file: Path, vocab_size: int) -> None:
-    """Every file at its size, every shard header valid, the tokenizer loadable with ``vocab_size``.
+def check_dataset(files: list[RemoteFile], shards_dir: Path, model_file: Path, vocab_size: int) -> str:
+    """Every file at its size, every shard header valid, the tokenizer loadable with ``vocab_size``; the transform.
 
-    The tokenize stage's ``shards_path`` mode later checks every id and the byte accounting.
+    A tokenizer holding CaseOps markers (then ``caseops``, else ``none``) must keep them as ids
+    4..7 and come with a byte sidecar that matches the validation shards. The tokenize
+    stage's ``shards_path`` mode later checks every id and the byte accounting.
     """
     for remote_file in files:
         if not remote_file.is_complete():
@@ -288,6 +322,14 @@ def check_dataset(files: list[RemoteFile], shards_dir: Path, model_file: Path, v
     try:
         for path in sorted(shards_dir.glob("fineweb_*.bin")):  # earlier runs' extra shards too: tokenize reads them
             read_header(path)
+        sidecar = check_sidecar(shards_dir)
     except ShardError as exc:
         raise DownloadError(f"{exc} (delete the file and run the command again)") from None
-    load_tokenizer(model_file, vocab_size)
+    sp = load_tokenizer(model_file, vocab_size)
+    if not marker_pieces(sp):
+        return "none"
+    check_reserved_markers(sp, model_file)
+    if not sidecar:
+        raise DownloadError(f"{model_file} is a CaseOps tokenizer but the repository's manifest gives "
+                            f"{shards_dir.name} no byte sidecar (val_bytes_glob): its scores could not be counted")
+    return "caseops"

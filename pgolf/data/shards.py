@@ -4,7 +4,11 @@ A shard is a header of 256 little-endian int32 ``[20240520, 1, num_tokens, 0,
 ...]`` followed by ``num_tokens`` little-endian uint16 token ids. A dataset
 directory holds ``fineweb_val_NNNNNN.bin`` and ``fineweb_train_NNNNNN.bin``
 files; each split is the concatenation of its files in name order, and every
-document in it is ``[bos] + ids``. Readers memory-map the token body, so a
+document in it is ``[bos] + ids``. Data whose text was transformed before
+tokenizing (CaseOps) also has a byte sidecar: for each validation shard a twin
+``fineweb_val_bytes_NNNNNN.bin`` in the same format whose uint16 entries are
+the original UTF-8 bytes each token stands for (0 at every BOS), as the records
+publish it; docs/BYTES.md says why scores need it. Readers memory-map the token body, so a
 shard of 100 M tokens costs no memory until it is touched. ``check_dataset``
 holds a dataset to its manifest (files, token counts, id range, tokenizer
 hash) before a stage reads it, so a missing shard or a foreign tokenizer is an
@@ -33,6 +37,7 @@ MAX_TOKENS = 2**31 - 1  # the header stores the count as int32
 BOS_ID = 1  # the challenge tokenizers' bos id (docs/DESIGN.md §1)
 MANIFEST_NAME = "manifest.json"  # beside the shards: what went in and what came out (the tokenize stage)
 SPLITS = ("val", "train")  # file order of a dataset: validation documents come first
+SIDECAR = "val_bytes"  # the byte sidecar's files: fineweb_val_bytes_NNNNNN.bin, one per validation shard
 # Ids are checked against the vocabulary this many tokens at a time (bounded memory).
 VALIDATE_CHUNK = 1 << 24
 
@@ -109,8 +114,8 @@ def read_shard(path: str | Path) -> np.ndarray:
 
 
 def shard_files(dataset_dir: str | Path, split: str) -> list[Path]:
-    """The shards of ``split`` in order; they must be numbered 0, 1, 2, ... without gaps."""
-    if split not in SPLITS:
+    """The shards of ``split`` (or the ``SIDECAR`` files) in order; numbered 0, 1, 2, ... without gaps."""
+    if split not in (*SPLITS, SIDECAR):
         raise ShardError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
@@ -138,6 +143,51 @@ def load_validation_tokens(dataset_dir: str | Path, seq_len: int, max_tokens: in
     if usable <= 0:
         raise ShardError(f"{dataset_dir}: {tokens.size} validation tokens are too few for seq_len {seq_len}")
     return torch.from_numpy(tokens[: usable + 1].astype(np.int64))  # [usable + 1]
+
+
+def check_sidecar(dataset_dir: str | Path, bos_id: int = BOS_ID) -> dict:
+    """Hold the byte sidecar to the validation shards; its files, counts, sums and sha256 ({} when there is none).
+
+    Each validation shard needs its twin, with one entry per token and 0 at every BOS
+    (a document's BOS is no text); each disagreement is a ``ShardError`` naming the file.
+    """
+    dataset_dir = Path(dataset_dir)
+    sidecars = shard_files(dataset_dir, SIDECAR)
+    if not sidecars:
+        return {}
+    shards = shard_files(dataset_dir, "val")
+    if len(sidecars) < len(shards):
+        missing = len(sidecars)
+        raise ShardError(f"{dataset_dir / shard_name(SIDECAR, missing)}: byte sidecar missing for "
+                         f"{shards[missing].name}")
+    if len(sidecars) > len(shards):
+        raise ShardError(f"{sidecars[len(shards)]}: a byte sidecar without its validation shard "
+                         f"{shard_name('val', len(shards))}")
+    stats: dict[str, list] = {"files": [], "file_tokens": [], "file_bytes": [], "sha256": []}
+    for shard, sidecar in zip(shards, sidecars, strict=True):
+        tokens, counts = read_shard(shard), read_shard(sidecar)
+        if counts.size != tokens.size:
+            raise ShardError(f"{sidecar}: {counts.size} byte counts for the {tokens.size} tokens of {shard.name}")
+        at_bos = np.flatnonzero(counts[tokens == bos_id])  # [k]
+        if at_bos.size:
+            position = int(np.flatnonzero(tokens == bos_id)[at_bos[0]])
+            raise ShardError(f"{sidecar}: {int(counts[position])} bytes at position {position}, a BOS of "
+                             f"{shard.name}: a BOS stands for no text")
+        stats["files"].append(sidecar.name)
+        stats["file_tokens"].append(int(counts.size))
+        stats["file_bytes"].append(int(counts.sum(dtype=np.int64)))
+        stats["sha256"].append(file_sha256(sidecar))
+    return {**stats, "tokens": sum(stats["file_tokens"]), "bytes": sum(stats["file_bytes"])}
+
+
+def load_validation_bytes(dataset_dir: str | Path, count: int) -> torch.Tensor:
+    """The first ``count`` entries of the byte sidecar (int32), its files checked against the shards first."""
+    check_sidecar(dataset_dir)
+    files = shard_files(dataset_dir, SIDECAR)
+    if not files:
+        raise ShardError(f"{Path(dataset_dir) / shard_name(SIDECAR, 0)}: byte sidecar not found")
+    counts = np.concatenate([read_shard(path) for path in files])[:count]  # [count]
+    return torch.from_numpy(counts.astype(np.int32))
 
 
 def split_documents(tokens: np.ndarray, bos_id: int, source: str | Path) -> list[np.ndarray]:
@@ -220,6 +270,7 @@ def check_dataset(
         raise ShardError(f"{where}: vocab_size {manifest.get('vocab_size')!r}, but the model's vocab_size is {vocab_size}")
     for split in SPLITS:
         check_split(dataset_dir, split, manifest["splits"][split], vocab_size if split in scan else None, bos_id)
+    check_listed_sidecar(dataset_dir, manifest, "val" in scan, bos_id)
     check_tokenizer(tokenizer_path, manifest["tokenizer"]["sha256"], where)
     return manifest
 
@@ -272,6 +323,46 @@ def check_split(dataset_dir: Path, split: str, listed: dict, vocab_size: int | N
                          f"{MANIFEST_NAME} lists {listed.get('documents')}")
 
 
+def check_listed_sidecar(dataset_dir: Path, manifest: dict, read: bool, bos_id: int) -> None:
+    """The byte sidecar is the one the manifest lists: its files, their lengths and (``read``) sums and sha256.
+
+    Data the manifest declares transformed (``text_transform`` other than ``none``) must have one.
+    """
+    where = dataset_dir / MANIFEST_NAME
+    listed = manifest.get("sidecar") or {}
+    transform = manifest.get("text_transform", "none")
+    if transform != "none" and not listed:
+        raise ShardError(f"{where}: the data is {transform} text but no byte sidecar is listed "
+                         f"({shard_name(SIDECAR, 0)}...): its scores cannot be counted in original bytes")
+    names = listed.get("files", [])
+    for path in sorted(dataset_dir.iterdir()):
+        if re.fullmatch(r"fineweb_val_bytes_\d{6}\.bin", path.name) and path.name not in names:
+            raise ShardError(f"{path}: a byte sidecar that {MANIFEST_NAME} does not list")
+    if not names:
+        return
+    val_tokens = manifest["splits"]["val"].get("file_tokens") or [None] * len(names)
+    if not len(names) == len(listed.get("file_tokens", [])) == len(val_tokens):
+        raise ShardError(f"{where}: {len(names)} byte sidecar files listed for {len(val_tokens)} validation shards")
+    for name, tokens, shard_tokens in zip(names, listed["file_tokens"], val_tokens, strict=True):
+        path = dataset_dir / name
+        if not path.is_file():
+            raise ShardError(f"{path}: listed in {MANIFEST_NAME} but missing")
+        if read_header(path) != tokens or (shard_tokens is not None and tokens != shard_tokens):
+            raise ShardError(f"{path}: {read_header(path)} byte counts, but {MANIFEST_NAME} lists {tokens} and its "
+                             f"validation shard holds {shard_tokens}")
+    if not read:
+        return
+    actual = check_sidecar(dataset_dir, bos_id)
+    for name, total, expected, digest, listed_digest in zip(names, actual["file_bytes"], listed["file_bytes"],
+                                                             actual["sha256"], listed["sha256"], strict=True):
+        if total != expected:
+            raise ShardError(f"{dataset_dir / name}: its byte counts sum to {total}, but {MANIFEST_NAME} lists "
+                             f"{expected} (the UTF-8 bytes of the documents)")
+        if digest != listed_digest:
+            raise ShardError(f"{dataset_dir / name}: sha256 {digest[:16]}... is not the {listed_digest[:16]}... "
+                             f"{MANIFEST_NAME} lists")
+
+
 def check_tokenizer(path: Path, sha256: str, manifest_path: Path) -> None:
     if not path.is_file():
         raise ShardError(f"{path}: tokenizer not found (the tokenize stage writes it beside the dataset)")
@@ -286,22 +377,25 @@ class ShardWriter:
 
     Tokens go straight to the open file (the header is patched when a file is
     closed), so memory does not depend on ``shard_size``. A split change closes
-    the current file: a shard never mixes splits.
+    the current file: a shard never mixes splits. With ``sidecar`` every
+    validation document brings its byte counts, written to the twin
+    ``fineweb_val_bytes_*`` file in step with the tokens.
     """
 
-    def __init__(self, dataset_dir: str | Path, shard_size: int):
+    def __init__(self, dataset_dir: str | Path, shard_size: int, sidecar: bool = False):
         if not 0 < shard_size <= MAX_TOKENS:
             raise ShardError(f"shard_size must be in 1..{MAX_TOKENS}, got {shard_size}")
         self.dataset_dir = Path(dataset_dir)
         self.dataset_dir.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
+        self.sidecar = sidecar
         self.stats = {split: {"documents": 0, "tokens": 0, "files": [], "file_tokens": []} for split in SPLITS}
         self._split = SPLITS[0]
-        self._handle: BinaryIO | None = None
+        self._handles: list[BinaryIO] = []  # the open shard, then its sidecar when it has one
         self._filled = 0
 
-    def add_document(self, split: str, tokens: np.ndarray | list[int]) -> None:
-        """Append one document's ``[bos] + ids`` to ``split``."""
+    def add_document(self, split: str, tokens: np.ndarray | list[int], byte_counts: np.ndarray | None = None) -> None:
+        """Append one document's ``[bos] + ids`` to ``split`` (and, into the sidecar, its ``byte_counts``)."""
         if split not in SPLITS:
             raise ShardError(f"unknown split {split!r}")
         if SPLITS.index(split) < SPLITS.index(self._split):
@@ -309,18 +403,27 @@ class ShardWriter:
         if split != self._split:
             self._close_file()
             self._split = split
-        array = as_token_array(tokens)
+        arrays = [as_token_array(tokens)]
+        if self._has_sidecar(split):
+            if byte_counts is None or len(byte_counts) != arrays[0].size:
+                raise ShardError(f"a validation document of {arrays[0].size} tokens needs as many byte counts for the "
+                                 f"sidecar, got {None if byte_counts is None else len(byte_counts)}")
+            arrays.append(as_token_array(byte_counts))
         self.stats[split]["documents"] += 1
-        self.stats[split]["tokens"] += array.size
-        while array.size:
-            if self._handle is None:
+        self.stats[split]["tokens"] += arrays[0].size
+        while arrays[0].size:
+            if not self._handles:
                 self._open_file()
-            take = min(self.shard_size - self._filled, array.size)
-            self._handle.write(array[:take].tobytes())
+            take = min(self.shard_size - self._filled, arrays[0].size)
+            for handle, array in zip(self._handles, arrays, strict=True):
+                handle.write(array[:take].tobytes())
             self._filled += take
-            array = array[take:]
+            arrays = [array[take:] for array in arrays]
             if self._filled == self.shard_size:
                 self._close_file()
+
+    def _has_sidecar(self, split: str) -> bool:
+        return self.sidecar and split == "val"
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -328,9 +431,10 @@ class ShardWriter:
     def __exit__(self, exc_type: type | None, *exc_info: object) -> None:
         if exc_type is None:
             self.close()
-        elif self._handle is not None:  # a failed run's dataset is discarded whole
-            self._handle.close()
-            self._handle = None
+            return
+        for handle in self._handles:  # a failed run's dataset is discarded whole
+            handle.close()
+        self._handles = []
 
     def close(self) -> dict[str, dict]:
         """Finish the last file; return documents, tokens and file names per split."""
@@ -339,17 +443,20 @@ class ShardWriter:
 
     def _open_file(self) -> None:
         files = self.stats[self._split]["files"]
-        name = shard_name(self._split, len(files))
-        files.append(name)
-        self._handle = open(self.dataset_dir / name, "wb")
-        self._handle.write(shard_header(0))
+        index = len(files)
+        files.append(shard_name(self._split, index))
+        names = [files[-1], *([shard_name(SIDECAR, index)] if self._has_sidecar(self._split) else [])]
+        self._handles = [open(self.dataset_dir / name, "wb") for name in names]
+        for handle in self._handles:
+            handle.write(shard_header(0))
         self._filled = 0
 
     def _close_file(self) -> None:
-        if self._handle is None:
+        if not self._handles:
             return
-        self._handle.seek(0)
-        self._handle.write(shard_header(self._filled))
+        for handle in self._handles:
+            handle.seek(0)
+            handle.write(shard_header(self._filled))
+            handle.close()
         self.stats[self._split]["file_tokens"].append(self._filled)
-        self._handle.close()
-        self._handle = None
+        self._handles = []

@@ -5,7 +5,10 @@ predicted. Those bytes come from per-id lookup tables (docs/DESIGN.md §2):
 a piece's own bytes, plus one for its leading "▁" unless the previous token is
 a boundary (BOS and the other control ids). ``document_byte_counts`` checks the
 tables against the decoded text of each document, because a table that
-miscounts silently inflates or deflates every score.
+miscounts silently inflates or deflates every score. Those tables count the
+text the tokenizer saw; for transformed text (CaseOps) that is not the
+original, so a tokenizer whose pieces hold the transform's markers is scored
+from a byte sidecar instead (``marker_pieces``; pgolf.data.accounting).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import sentencepiece as spm
 import torch
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2
+
+from pgolf.data.caseops import MARKERS
 
 SPACE_PIECE = "\u2581"  # SentencePiece's visible space, "▁"
 # The challenge's trainer settings (docs/DESIGN.md §1).
@@ -57,12 +62,14 @@ def training_texts(texts: Iterable[str], max_docs: int) -> Iterator[str]:
             yield text
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> bytes:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, reserved: tuple[str, ...] = ()) -> bytes:
     """Train a BPE tokenizer with ``TRAINER_SETTINGS`` on ``texts``; return the ``.model`` bytes.
 
     ``texts`` are used as given (``training_texts`` makes the challenge's
-    selection). The model is built in memory, so no output path (which
-    SentencePiece would record in the file) makes two runs differ.
+    selection). ``reserved`` symbols (CaseOps: its four markers) become
+    user-defined pieces right after the control ids, each always a token of its
+    own. The model is built in memory, so no output path (which SentencePiece
+    would record in the file) makes two runs differ.
     """
     failures: list[BaseException] = []
 
@@ -83,6 +90,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> bytes:
             vocab_size=vocab_size,
             minloglevel=1,  # warnings only: the merge log is thousands of lines
             **TRAINER_SETTINGS,
+            **({"user_defined_symbols": list(reserved)} if reserved else {}),
         )
     except RuntimeError as exc:
         if failures:
@@ -109,6 +117,28 @@ def load_tokenizer(path: str | Path, vocab_size: int) -> spm.SentencePieceProces
     if sp.bos_id() < 0:
         raise TokenizerError(f"{path}: tokenizer has no BOS id; every document starts with one")
     return sp
+
+
+def marker_pieces(sp: spm.SentencePieceProcessor) -> list[int]:
+    """Ids of the pieces that hold a CaseOps marker: such a tokenizer's byte tables count no original text."""
+    return [token_id for token_id in range(sp.vocab_size())
+            if not sp.is_control(token_id) and any(marker in sp.id_to_piece(token_id) for marker in MARKERS)]
+
+
+def check_reserved_markers(sp: spm.SentencePieceProcessor, path: str | Path) -> None:
+    """A CaseOps tokenizer: the four markers are ids 4..7 (as the record's), each a user-defined piece."""
+    ids = [sp.piece_to_id(marker) for marker in MARKERS]
+    if ids != list(range(4, 4 + len(MARKERS))):
+        raise TokenizerError(f"{path}: a CaseOps tokenizer keeps its markers U+E001..U+E004 as ids 4..7, "
+                             f"this one as {ids} (3 = unknown)")
+
+
+def encode_with_surfaces(
+    sp: spm.SentencePieceProcessor, texts: list[str], num_threads: int
+) -> list[tuple[list[int], list[str]]]:
+    """Per text its ids and each piece's surface (the fragment of the text, before normalising, it covers)."""
+    encoded = sp.encode(texts, return_type="proto", num_threads=num_threads)
+    return [([piece.id for piece in proto.pieces], [piece.surface for piece in proto.pieces]) for proto in encoded]
 
 
 @dataclass(frozen=True)
@@ -201,8 +231,10 @@ class ByteCheck:
         self.table_bytes += sum(table)
         self.decoded_bytes += sum(decoded)
 
-    def summary(self) -> dict[str, int | bool]:
+    def summary(self) -> dict[str, int | bool | str]:
         return {
+            "rule": "lookup tables",
+            "val_bytes": self.table_bytes,
             "documents": self.documents,
             "table_bytes": self.table_bytes,
             "decoded_bytes": self.decoded_bytes,

@@ -4,7 +4,9 @@ Both evaluations score windows of ``seq_len`` tokens of the validation stream. T
 cuts the stream into consecutive non-overlapping windows and scores every token; the sliding
 one starts a window every ``stride`` tokens, so each token after the first window is scored
 with ``seq_len - stride`` tokens of context. Losses, token and byte counts are summed in
-float64, and bpb follows §2: ``(nll_sum / tokens) / ln 2 * tokens / bytes``. Given a
+float64, and bpb follows §2: ``(nll_sum / tokens) / ln 2 * tokens / bytes``, each scored
+target's bytes read from the ``ValidationStream`` (pgolf/data/accounting.py: lookup tables
+for plain text, the byte sidecar for CaseOps text). Given a
 ``DistContext`` of several processes, each scores a contiguous share of the windows and the
 sums are all-reduced, so N GPUs give the one-process score in 1/N of the time.
 """
@@ -24,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pgolf.config import EvaluateConfig
-from pgolf.data.shards import check_dataset, load_validation_tokens
-from pgolf.data.tokenizer import ByteTables, byte_tables, count_bytes
+from pgolf.data.accounting import ValidationStream, load_validation_stream
+from pgolf.data.shards import check_dataset
 from pgolf.distributed import DistContext
 from pgolf.model.gpt import GPT
 from pgolf.runtime import autocast, progress_bar, use_compile
@@ -64,22 +66,22 @@ def sliding_windows(num_tokens: int, seq_len: int, stride: int) -> list[Window]:
 
 
 def eval_plain(
-    model: GPT, val_tokens: Tensor, tables: ByteTables, seq_len: int, batch_seqs: int, device: torch.device,
+    model: GPT, stream: ValidationStream, seq_len: int, batch_seqs: int, device: torch.device,
     compile_model: bool = False, ctx: DistContext | None = None, temperature: float = 1.0,
 ) -> EvalScore:
     """Loss and bpb over consecutive non-overlapping windows of ``seq_len``."""
-    windows = plain_windows(val_tokens.numel(), seq_len)
-    return score_windows(model, val_tokens, tables, windows, seq_len, batch_seqs, device, "eval plain",
+    windows = plain_windows(stream.tokens.numel(), seq_len)
+    return score_windows(model, stream, windows, seq_len, batch_seqs, device, "eval plain",
                          compile_model, ctx, temperature)
 
 
 def eval_sliding(
-    model: GPT, val_tokens: Tensor, tables: ByteTables, seq_len: int, stride: int, batch_seqs: int,
+    model: GPT, stream: ValidationStream, seq_len: int, stride: int, batch_seqs: int,
     device: torch.device, compile_model: bool = False, ctx: DistContext | None = None, temperature: float = 1.0,
 ) -> EvalScore:
     """Loss and bpb with a window every ``stride`` tokens, each scoring only its new tokens."""
-    windows = sliding_windows(val_tokens.numel(), seq_len, stride)
-    return score_windows(model, val_tokens, tables, windows, seq_len, batch_seqs, device, "eval sliding",
+    windows = sliding_windows(stream.tokens.numel(), seq_len, stride)
+    return score_windows(model, stream, windows, seq_len, batch_seqs, device, "eval sliding",
                          compile_model, ctx, temperature)
 
 
@@ -90,7 +92,7 @@ def rank_share(windows: list[Window], ctx: DistContext) -> list[Window]:
 
 
 def score_windows(
-    model: GPT, val_tokens: Tensor, tables: ByteTables, windows: list[Window], seq_len: int, batch_seqs: int,
+    model: GPT, stream: ValidationStream, windows: list[Window], seq_len: int, batch_seqs: int,
     device: torch.device, desc: str, compile_model: bool = False, ctx: DistContext | None = None,
     temperature: float = 1.0,
 ) -> EvalScore:
@@ -102,7 +104,7 @@ def score_windows(
     if temperature <= 0:
         raise ValueError(f"{desc}: temperature must be positive, got {temperature}")
     if not windows:
-        raise ValueError(f"{desc}: {val_tokens.numel()} validation tokens are too few for one window of {seq_len}")
+        raise ValueError(f"{desc}: {stream.tokens.numel()} validation tokens are too few for one window of {seq_len}")
     distributed = ctx is not None and ctx.distributed
     if distributed:
         windows = rank_share(windows, ctx)
@@ -110,15 +112,14 @@ def score_windows(
     forward = model.forward_logits
     if compile_model:  # fullgraph, as the record: a graph break is an error, not a silent slowdown
         forward = torch.compile(forward, dynamic=False, fullgraph=True)
-    tokens = val_tokens.to(device=device, dtype=torch.int64)  # [N]
-    tables = tables.to(device)
+    stream = stream.to(device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
     quiet = distributed and not ctx.is_main
     bar = progress_bar(total=len(windows), desc=desc, unit="win", leave=False, show=not quiet)
     with torch.inference_mode(), bar:
         for first in range(0, len(windows), batch_seqs):
             batch = windows[first:first + batch_seqs]
-            sums += _score_batch(forward, tokens, tables, batch, seq_len, device, temperature)
+            sums += _score_batch(forward, stream.tokens, stream.target_bytes, batch, seq_len, device, temperature)
             bar.update(len(batch))
     if distributed:
         dist.all_reduce(sums)
@@ -137,14 +138,14 @@ class ScoredTokens(NamedTuple):
 
     targets: Tensor  # [S] int64: index in the stream of the predicted token, minus one
     nll: Tensor  # [S] float32: its negative log-likelihood (nats)
-    bytes: Tensor  # [S] int16: its UTF-8 bytes (the byte rule of REFERENCE.md section 2)
+    bytes: Tensor  # [S] int32: the original UTF-8 bytes it stands for (ValidationStream.target_bytes)
 
 
 def score_batch_tokens(
-    forward: Callable[[Tensor, int], Tensor], tokens: Tensor, tables: ByteTables, batch: list[Window], seq_len: int,
+    forward: Callable[[Tensor, int], Tensor], tokens: Tensor, target_bytes: Tensor, batch: list[Window], seq_len: int,
     device: torch.device, temperature: float = 1.0,
 ) -> ScoredTokens:
-    """Per-prediction NLL and bytes of one batch of windows, in window order.
+    """Per-prediction NLL and bytes (``target_bytes`` [N - 1] of the stream) of one batch of windows, in window order.
 
     Logits are computed only from the first scored position of the batch on: the head is
     vocabulary-sized, and at small strides most positions are context that nobody scores.
@@ -165,23 +166,20 @@ def score_batch_tokens(
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    inputs, labels, valid = inputs[:, keep_from:], labels[:, keep_from:], valid[:, keep_from:]  # [B, T - keep_from]
+    labels, valid = labels[:, keep_from:], valid[:, keep_from:]  # [B, T - keep_from]
     nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")  # [B*(T - keep_from)]
     columns = torch.arange(keep_from, seq_len, device=device)  # [T - keep_from]
     scored = (valid & (columns >= score_from[:, None])).flatten()  # [B*(T - keep_from)]
-    return ScoredTokens(
-        targets=positions[:, keep_from:].flatten()[scored],
-        nll=nll[scored],
-        bytes=count_bytes(inputs.flatten()[scored], labels.flatten()[scored], tables),
-    )
+    scored_positions = positions[:, keep_from:].flatten()[scored]  # [S]
+    return ScoredTokens(targets=scored_positions, nll=nll[scored], bytes=target_bytes[scored_positions])
 
 
 def _score_batch(
-    forward: Callable[[Tensor, int], Tensor], tokens: Tensor, tables: ByteTables, batch: list[Window], seq_len: int,
+    forward: Callable[[Tensor, int], Tensor], tokens: Tensor, target_bytes: Tensor, batch: list[Window], seq_len: int,
     device: torch.device, temperature: float = 1.0,
 ) -> Tensor:
     """``[nll_sum, token_count, byte_count]`` (float64) of one batch of windows."""
-    scored = score_batch_tokens(forward, tokens, tables, batch, seq_len, device, temperature)
+    scored = score_batch_tokens(forward, tokens, target_bytes, batch, seq_len, device, temperature)
     return torch.stack([
         scored.nll.to(torch.float64).sum(),
         torch.tensor(float(scored.nll.numel()), dtype=torch.float64, device=device),
@@ -190,17 +188,17 @@ def _score_batch(
 
 
 def evaluate_model(
-    name: str, model: GPT, tokens: Tensor, tables: ByteTables, cfg: EvaluateConfig, ctx: DistContext
+    name: str, model: GPT, stream: ValidationStream, cfg: EvaluateConfig, ctx: DistContext
 ) -> dict[str, float]:
     """The plain and sliding scores that ``cfg`` switches on, looping on, each printed when done."""
     model.looping_active = True
     compiled = use_compile(cfg.compile, ctx.device, "evaluate.compile")
     runs = {
         "plain": (cfg.eval_plain, "", lambda: eval_plain(
-            model, tokens, tables, cfg.eval_seq_len, cfg.eval_batch_seqs, ctx.device, compiled, ctx,
+            model, stream, cfg.eval_seq_len, cfg.eval_batch_seqs, ctx.device, compiled, ctx,
             cfg.temperature)),
         "sliding": (cfg.eval_sliding, "sliding_", lambda: eval_sliding(
-            model, tokens, tables, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, ctx.device, compiled, ctx,
+            model, stream, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, ctx.device, compiled, ctx,
             cfg.temperature)),
     }
     results: dict[str, float] = {}
@@ -227,28 +225,35 @@ SCORING_KEYS = ("eval_seq_len", "eval_stride", "eval_plain", "eval_sliding", "ma
 
 
 def tax_against_prequant(quantized: dict[str, float], metrics_path: Path, provenance_path: Path,
-                         cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
-    """``{"quantization_tax": ...}`` against the prequant stage's scores, when they were made alike."""
+                         cfg: EvaluateConfig, val_bytes: int) -> dict[str, dict[str, float]]:
+    """``{"quantization_tax": ...}`` against the prequant stage's scores, when they were made alike.
+
+    Alike: the same scoring settings and the same byte total (``val_bytes``), so that both bpb
+    divide by the same bytes.
+    """
     if not (metrics_path.is_file() and provenance_path.is_file()):
         return {}
     scored_with = json.loads(provenance_path.read_text(encoding="utf-8"))["config"]["evaluate"]
+    prequant = json.loads(metrics_path.read_text(encoding="utf-8"))
     if any(scored_with.get(key) != getattr(cfg, key) for key in SCORING_KEYS):
         print(f"[pgolf evaluate] {metrics_path} was scored with other evaluate settings: no quantization tax",
               flush=True)
         return {}
-    unquantized = json.loads(metrics_path.read_text(encoding="utf-8"))["unquantized"]
-    return {"quantization_tax": quantization_tax(quantized, unquantized)}
+    if prequant.get("val_bytes") != val_bytes:
+        print(f"[pgolf evaluate] {metrics_path} divided by {prequant.get('val_bytes')} validation bytes, this "
+              f"evaluation by {val_bytes}: no quantization tax", flush=True)
+        return {}
+    return {"quantization_tax": quantization_tax(quantized, prequant["unquantized"])}
 
 
 def validation_set(dataset_dir: Path, tokenizer_path: Path, vocab_size: int, cfg: EvaluateConfig
-                   ) -> tuple[Tensor, ByteTables]:
-    """Validation tokens cut to whole windows (and to ``max_val_tokens``) with their byte tables."""
-    tokens = load_validation_tokens(dataset_dir, cfg.eval_seq_len, cfg.max_val_tokens)  # [N]
-    return tokens, byte_tables(tokenizer_path, vocab_size)
+                   ) -> ValidationStream:
+    """Validation tokens cut to whole windows (and to ``max_val_tokens``) with each target's bytes."""
+    return load_validation_stream(dataset_dir, tokenizer_path, vocab_size, cfg.eval_seq_len, cfg.max_val_tokens)
 
 
 def checked_validation_set(dataset_dir: Path, tokenizer_path: Path, vocab_size: int, cfg: EvaluateConfig
-                           ) -> tuple[Tensor, ByteTables]:
+                           ) -> ValidationStream:
     """``validation_set`` of a pipeline dataset, first held to its manifest (the validation split read whole)."""
     check_dataset(dataset_dir, tokenizer_path, vocab_size, scan=("val",))
     return validation_set(dataset_dir, tokenizer_path, vocab_size, cfg)
@@ -258,8 +263,9 @@ def score_validation(label: str, model: GPT, source: Path, dataset_dir: Path, to
                      cfg: EvaluateConfig, ctx: DistContext) -> dict[str, Any]:
     """The evaluate and prequant stages' metrics of ``model`` (read from ``source``): its scores on the
     checked validation split."""
-    tokens, tables = checked_validation_set(dataset_dir, tokenizer_path, model.config.vocab_size, cfg)
+    stream = checked_validation_set(dataset_dir, tokenizer_path, model.config.vocab_size, cfg)
     if ctx.is_main:
-        print(f"[pgolf evaluate] {source}: {tokens.numel() - 1:,} validation targets on {ctx.world_size} x "
-              f"{ctx.device}", flush=True)
-    return {"val_tokens": tokens.numel() - 1, label: evaluate_model(label, model, tokens, tables, cfg, ctx)}
+        print(f"[pgolf evaluate] {source}: {stream.tokens.numel() - 1:,} validation targets, "
+              f"{stream.total_bytes():,} bytes ({stream.rule}) on {ctx.world_size} x {ctx.device}", flush=True)
+    return {"val_tokens": stream.tokens.numel() - 1, "val_bytes": stream.total_bytes(),
+            label: evaluate_model(label, model, stream, cfg, ctx)}

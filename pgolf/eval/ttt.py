@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.config import TTTConfig
+from pgolf.data.accounting import ValidationStream
 from pgolf.data.shards import BOS_ID
-from pgolf.data.tokenizer import ByteTables, count_bytes
 from pgolf.distributed import DistContext
 from pgolf.eval.lora import DocumentLoRA
 from pgolf.eval.score import EvalScore, Window, rank_share, score_batch_tokens, score_from_sums, sliding_windows
@@ -94,19 +94,22 @@ class _Sums:
 
 
 def run_ttt(
-    model: GPT, val_tokens: Tensor, tables: ByteTables, cfg: TTTConfig, device: torch.device,
+    model: GPT, stream: ValidationStream, cfg: TTTConfig, device: torch.device,
     ctx: DistContext | None = None, record_tokens: bool = False,
 ) -> TTTResult:
-    """Adapt ``model`` (in place) while scoring ``val_tokens`` with ``cfg.method``; every process calls this."""
+    """Adapt ``model`` (in place) while scoring ``stream`` with ``cfg.method``; every process calls this.
+
+    A scored target's bytes are ``stream.target_bytes`` at its position (lookup tables or byte sidecar).
+    """
     start = time.perf_counter()
-    tokens = val_tokens.to(device=device, dtype=torch.int64)  # [N]
-    tables = tables.to(device)
+    stream = stream.to(device)
+    tokens, target_bytes = stream.tokens, stream.target_bytes  # [N], [N - 1]
     sums = _Sums(tokens.numel() - 1, device, record_tokens)
     if cfg.method in SLIDING_METHODS:
-        steps, chunks = _ttt_sliding(model, tokens, tables, cfg, device, ctx, sums)
+        steps, chunks = _ttt_sliding(model, tokens, target_bytes, cfg, device, ctx, sums)
         document_steps, phases = 0, []
     else:
-        steps, document_steps, chunks, phases = _ttt_documents(model, tokens, tables, cfg, device, ctx, sums)
+        steps, document_steps, chunks, phases = _ttt_documents(model, tokens, target_bytes, cfg, device, ctx, sums)
     nll_sum, token_count, byte_count, token_nll, token_counts = sums.finish(ctx)
     return TTTResult(score=score_from_sums(nll_sum, token_count, byte_count), tokens=int(token_count),
                      bytes=int(byte_count), optimizer_steps=steps, document_steps=document_steps,
@@ -160,7 +163,7 @@ def chunk_of_windows(windows: list[Window], chunk_tokens: int, num_chunks: int) 
 
 
 def _ttt_sliding(
-    model: GPT, tokens: Tensor, tables: ByteTables, cfg: TTTConfig, device: torch.device, ctx: DistContext | None,
+    model: GPT, tokens: Tensor, target_bytes: Tensor, cfg: TTTConfig, device: torch.device, ctx: DistContext | None,
     sums: _Sums,
 ) -> tuple[int, list[dict]]:
     targets = tokens.numel() - 1
@@ -171,7 +174,7 @@ def _ttt_sliding(
     forward = _scoring_forward(model, cfg, device)
     steps, rows, scored_to = 0, [], 0
     for chunk, chunk_windows in enumerate(chunk_of_windows(windows, cfg.chunk_tokens, num_chunks)):
-        part = _score_windows(forward, tokens, tables, chunk_windows, cfg, device, ctx, sums)
+        part = _score_windows(forward, tokens, target_bytes, chunk_windows, cfg, device, ctx, sums)
         rows.append({"chunk": chunk, "nll_sum": part[0], "tokens": part[1], "bytes": part[2]})
         if chunk_windows:
             last = chunk_windows[-1]
@@ -201,7 +204,7 @@ def _scoring_forward(model: GPT, cfg: TTTConfig, device: torch.device) -> Callab
 
 
 def _score_windows(
-    forward: Callable[[Tensor, int], Tensor], tokens: Tensor, tables: ByteTables, windows: list[Window],
+    forward: Callable[[Tensor, int], Tensor], tokens: Tensor, target_bytes: Tensor, windows: list[Window],
     cfg: TTTConfig, device: torch.device, ctx: DistContext | None, sums: _Sums,
 ) -> list[float]:
     """Score this process's share of one chunk's windows into ``sums``; the chunk's sums over all processes."""
@@ -210,7 +213,7 @@ def _score_windows(
     with torch.inference_mode():
         for first in range(0, len(mine), cfg.score_batch_seqs):
             batch = mine[first:first + cfg.score_batch_seqs]
-            scored = score_batch_tokens(forward, tokens, tables, batch, cfg.seq_len, device, cfg.temperature)
+            scored = score_batch_tokens(forward, tokens, target_bytes, batch, cfg.seq_len, device, cfg.temperature)
             part += sums.add(scored.targets, scored.nll, scored.bytes)
     if ctx is not None and ctx.distributed:
         dist.all_reduce(part)
@@ -330,7 +333,7 @@ def phase_boundaries(groups: list[list[Document]], prefix_docs: int, count: int)
 
 
 def _ttt_documents(
-    model: GPT, tokens: Tensor, tables: ByteTables, cfg: TTTConfig, device: torch.device, ctx: DistContext | None,
+    model: GPT, tokens: Tensor, target_bytes: Tensor, cfg: TTTConfig, device: torch.device, ctx: DistContext | None,
     sums: _Sums,
 ) -> tuple[int, int, list[dict], list[dict]]:
     groups = document_groups(find_documents(tokens), cfg.lora_batch_docs)
@@ -341,7 +344,7 @@ def _ttt_documents(
     phases, done = [], 0
     for docs, end in [*pauses, (0, len(groups))]:
         for g in range(done + rank, end, world):  # groups of this segment, round-robin over the processes
-            part, group_steps = score_document_group(model, tokens, tables, groups[g], cfg, device, sums)
+            part, group_steps = score_document_group(model, tokens, target_bytes, groups[g], cfg, device, sums)
             group_sums[g] += part
             counts += torch.tensor(group_steps, device=device)
         done = end
@@ -364,7 +367,7 @@ def _chunk_window(chunk: int, num_chunks: int, predictions: int, chunk_size: int
 
 
 def score_document_group(
-    model: GPT, tokens: Tensor, tables: ByteTables, group: list[Document], cfg: TTTConfig, device: torch.device,
+    model: GPT, tokens: Tensor, target_bytes: Tensor, group: list[Document], cfg: TTTConfig, device: torch.device,
     sums: _Sums,
 ) -> tuple[Tensor, tuple[int, int]]:
     """Score one group of documents chunk by chunk, one LoRA step after each; (sums [3], (steps, document steps))."""
@@ -399,8 +402,8 @@ def score_document_group(
                 scoring = logits.detach() if cfg.temperature == 1.0 else logits.detach() / cfg.temperature
                 nll = F.cross_entropy(scoring.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
                 flat = scored.flatten()
-                part += sums.add(index.flatten()[flat], nll.flatten()[flat],
-                                 count_bytes(inputs.flatten()[flat], labels.flatten()[flat], tables))
+                positions = index.flatten()[flat]  # [S]: stream positions of the scored predictions
+                part += sums.add(positions, nll.flatten()[flat], target_bytes[positions])
             if not bool(train_rows.any()) or step >= cfg.lora_steps:
                 break
             train_nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)

@@ -34,8 +34,17 @@ from pgolf.config import ExportConfig
 from pgolf.pipeline import layout
 from pgolf.submit.bundle import read_bundle
 from pgolf.submit.rundir import METRICS_FILE
-from pgolf.submit.seeds import (REPORT_JSON, REPORT_MD, SCRIPT, RunSet, gather, load_baseline, quantized_score,
-                                seeds_report, submission_fields)
+from pgolf.submit.seeds import (
+    REPORT_JSON,
+    REPORT_MD,
+    SCRIPT,
+    RunSet,
+    gather,
+    load_baseline,
+    quantized_score,
+    seeds_report,
+    submission_fields,
+)
 from pgolf.submit.stats import markdown, seeds_table, tests_section
 
 TRACK = "10min_16mb"

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from pgolf.artifact.format import serialize
 from pgolf.artifact.load import artifact_model
@@ -44,9 +43,10 @@ from pgolf.config import (
     output_keys,
     to_dict,
 )
+from pgolf.data.accounting import ValidationStream
 from pgolf.data.leakage import check_no_leaks
 from pgolf.data.shards import check_headers, dataset_path
-from pgolf.data.tokenizer import ByteTables, tokenizer_file
+from pgolf.data.tokenizer import tokenizer_file
 from pgolf.distributed import DistContext, barrier, init_distributed, shutdown
 from pgolf.eval.score import evaluate_model, validation_set
 from pgolf.model.files import build_model, load_model, save_model
@@ -128,9 +128,10 @@ def run(cfgs: RunConfigs, root: Path, code: int) -> dict[str, Any]:
     try:
         check_headers(dataset_dir)  # the challenge's data has no manifest: the shard format is what can be checked
         check_no_leaks(dataset_dir)  # before the training clock: no validation document among the training ones
+        # before training: data whose bytes cannot be counted (CaseOps without its sidecar) is refused at once
+        stream = validation_set(dataset_dir, tokenizer, vocab, cfgs.evaluate)  # bytes: lookup tables or sidecar
         metrics = training_phase(cfgs, root, dataset_dir, tokenizer, ctx, code)
-        tokens, tables = validation_set(dataset_dir, tokenizer, vocab, cfgs.evaluate)
-        metrics |= evaluation_phase(cfgs, root, tokens, tables, ctx)
+        metrics |= evaluation_phase(cfgs, root, stream, ctx)
         metrics |= {"seed": cfgs.train.seed, "params": cfgs.baked()}  # what `pgolf seeds` pools and compares
         if ctx.is_main:
             (root / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -155,17 +156,18 @@ def training_phase(cfgs: RunConfigs, root: Path, dataset_dir: Path, tokenizer: P
     return metrics | {"training_phase_s": time.perf_counter() - start}
 
 
-def evaluation_phase(cfgs: RunConfigs, root: Path, tokens: Tensor, tables: ByteTables, ctx: DistContext
+def evaluation_phase(cfgs: RunConfigs, root: Path, stream: ValidationStream, ctx: DistContext
                      ) -> dict[str, Any]:
     """The trained weights' plain score (for the quantization tax), then the artifact's, timed from its load."""
     plain_only = dataclasses.replace(cfgs.evaluate, eval_plain=True, eval_sliding=False)
-    unquantized = score(build_model(root / MODEL_FILE, ctx.device), tokens, tables, plain_only, ctx,
+    unquantized = score(build_model(root / MODEL_FILE, ctx.device), stream, plain_only, ctx,
                         {"plain": "pre-quantization post-ema"})
     start = time.perf_counter()
-    quantized = score(artifact_model(root / ARTIFACT_FILE, ctx.device), tokens, tables, cfgs.evaluate, ctx,
+    quantized = score(artifact_model(root / ARTIFACT_FILE, ctx.device), stream, cfgs.evaluate, ctx,
                       EVAL_LABELS)
     return {"unquantized": unquantized, "quantized": quantized, "evaluation_phase_s": time.perf_counter() - start,
-            "val_tokens": tokens.numel() - 1, "world_size": ctx.world_size, "device": ctx.device.type,
+            "val_tokens": stream.tokens.numel() - 1, "val_bytes": stream.total_bytes(),
+            "world_size": ctx.world_size, "device": ctx.device.type,
             "hardware": hardware(ctx)}
 
 
@@ -191,7 +193,7 @@ def make_artifact(cfgs: RunConfigs, model_file: Path, dataset_dir: Path, artifac
     return sizes | ({"fit_clip_sigmas": search.clip_sigmas} if isinstance(search, FitResult) else {})
 
 
-def score(model: GPT, tokens: Tensor, tables: ByteTables, cfg: EvaluateConfig, ctx: DistContext, labels: dict[str, str]
+def score(model: GPT, stream: ValidationStream, cfg: EvaluateConfig, ctx: DistContext, labels: dict[str, str]
           ) -> dict[str, float]:
     """The evaluations ``cfg`` switches on, one at a time so that each prints its record line and time."""
     scores: dict[str, float] = {}
@@ -200,7 +202,7 @@ def score(model: GPT, tokens: Tensor, tables: ByteTables, cfg: EvaluateConfig, c
             continue
         alone = dataclasses.replace(cfg, eval_plain=kind == "plain", eval_sliding=kind == "sliding")
         start = time.perf_counter()
-        result = evaluate_model(labels[kind], model, tokens, tables, alone, ctx)
+        result = evaluate_model(labels[kind], model, stream, alone, ctx)
         prefix = "sliding_" if kind == "sliding" else ""
         log(ctx, f"{labels[kind]} val_loss:{result[prefix + 'val_loss']:.8f} val_bpb:{result[prefix + 'val_bpb']:.8f} "
                  f"eval_time:{(time.perf_counter() - start) * 1000:.0f}ms")

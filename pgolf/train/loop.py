@@ -35,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pgolf.config import ModelConfig, TrainConfig, to_dict
+from pgolf.data.accounting import ValidationStream, load_validation_stream
 from pgolf.data.loader import make_loader
-from pgolf.data.shards import load_validation_tokens, shard_files
-from pgolf.data.tokenizer import ByteTables, byte_tables
+from pgolf.data.shards import shard_files
 from pgolf.distributed import DistContext, any_rank, barrier
 from pgolf.eval.score import eval_plain
 from pgolf.model.gpt import GPT, CastedLinear, FakeQuant
@@ -493,12 +493,12 @@ def train(model: GPT, cfg: TrainConfig, batches: BatchSource, ctx: DistContext,
     return Trainer(model, cfg, batches, ctx, checkpoint_dir, progress, validate, bf16).run(on_step)
 
 
-def plain_validator(tokens: Tensor, tables: ByteTables, cfg: TrainConfig, device: torch.device) -> Validator:
+def plain_validator(stream: ValidationStream, cfg: TrainConfig, device: torch.device) -> Validator:
     """Plain validation loss and bpb of the live model in training-length windows."""
     batch_seqs = cfg.train_batch_tokens // (cfg.grad_accum_steps * cfg.train_seq_len)  # a training micro-batch
 
     def validate(model: GPT) -> tuple[float, float]:
-        score = eval_plain(model, tokens, tables, cfg.train_seq_len, batch_seqs, device)
+        score = eval_plain(model, stream, cfg.train_seq_len, batch_seqs, device)
         return score.loss, score.bpb
 
     return validate
@@ -533,8 +533,9 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, dataset_dir: Path, tok
                          cfg.train_batch_tokens, cfg.grad_accum_steps, ctx.rank, ctx.world_size, cfg.packed_ranks)
     validate = None
     if cfg.val_loss_every > 0:
-        tokens = load_validation_tokens(dataset_dir, cfg.train_seq_len, cfg.val_max_tokens)  # [N]
-        validate = plain_validator(tokens, byte_tables(tokenizer_path, model_cfg.vocab_size), cfg, ctx.device)
+        stream = load_validation_stream(dataset_dir, tokenizer_path, model_cfg.vocab_size, cfg.train_seq_len,
+                                        cfg.val_max_tokens)
+        validate = plain_validator(stream, cfg, ctx.device)
     seed_everything(cfg.seed)
     model = GPT(model_cfg)
     return model, train(model, cfg, loader, ctx, checkpoints, validate=validate)

@@ -6,7 +6,9 @@ with the ``X-Repo-Commit`` and ``ETag`` headers, a redirect to a content
 address for large (LFS) files with their sha256 and size in ``X-Linked-Etag``
 and ``X-Linked-Size``, and ``Range`` requests. It serves a real tiny dataset:
 shards and a tokenizer made by the tokenize stage from the embedded corpus, in
-the challenge's repository layout with its ``manifest.json``.
+the challenge's repository layout with its ``manifest.json``; beside them the
+frontier's CaseOps variant as its repository lays it out (shards, byte sidecar
+with ``val_bytes_glob``, the record's tokenizer), made the same way.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from huggingface_hub.utils.sha import git_hash  # noqa: E402
 
 from pgolf.config import TokenizeConfig  # noqa: E402
 from pgolf.data import download  # noqa: E402
+from pgolf.data.accounting import load_validation_stream  # noqa: E402
 from pgolf.data.dataset import build_dataset  # noqa: E402
 from stages import download as download_stage  # noqa: E402
 from stages import tokenize  # noqa: E402
+from tests.data.test_caseops import CASEOPS_TOKENIZER  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REPO_ID = "stand-in/parameter-golf"
@@ -46,6 +50,10 @@ DATASET = f"fineweb10B_sp{VOCAB}"
 TRAIN_SHARDS = 5  # of the 6 the stand-in has: a prefix, as the record takes 128 of the published shards
 SHARD_PREFIX = f"datasets/datasets/{DATASET}/"
 MODEL = f"datasets/tokenizers/fineweb_{VOCAB}_bpe.model"
+CASEOPS = download.CASEOPS_VARIANT
+CASEOPS_DATASET = f"fineweb10B_{CASEOPS}"
+CASEOPS_PREFIX = f"datasets/datasets/{CASEOPS_DATASET}/"
+CASEOPS_MODEL_NAME = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +66,28 @@ def published(tmp_path_factory) -> dict[str, bytes]:
     files = {SHARD_PREFIX + p.name: p.read_bytes() for p in sorted((work / "shards").glob("*.bin"))}
     files[MODEL] = (work / "model").read_bytes()
     files["datasets/tokenizers/fineweb_1024_bpe.vocab"] = b"not fetched: pgolf needs only the .model\n"
+    (work / "caseops").mkdir()
+    caseops_cfg = TokenizeConfig(tokenizer_path=str(CASEOPS_TOKENIZER), text_transform="caseops", num_val_docs=40,
+                                 embedded_max_docs=120, shard_size=3000, num_workers=1)
+    caseops = build_dataset(caseops_cfg, work / "caseops.model", work / "caseops")["splits"]
+    files |= {CASEOPS_PREFIX + p.name: p.read_bytes() for p in sorted((work / "caseops").glob("*.bin"))}
+    files[f"datasets/tokenizers/{CASEOPS_MODEL_NAME}"] = CASEOPS_TOKENIZER.read_bytes()
     manifest = {
         "datasets": [{"name": DATASET, "tokenizer_name": "sp_bpe_1024",
-                      "stats": {"files_val": len(stats["val"]["files"]), "files_train": len(stats["train"]["files"])}}],
+                      "stats": {"files_val": len(stats["val"]["files"]), "files_train": len(stats["train"]["files"])}},
+                     {"name": CASEOPS_DATASET, "tokenizer_name": "sp_bpe_8192_lossless_caps_caseops_v1_reserved",
+                      "val_bytes_glob": f"datasets/{CASEOPS_DATASET}/fineweb_val_bytes_*.bin",
+                      "stats": {"files_val": len(caseops["val"]["files"]),
+                                "files_train": len(caseops["train"]["files"])}}],
         "tokenizers": [{"name": "sp_bpe_1024", "model_path": f"tokenizers/fineweb_{VOCAB}_bpe.model",
-                        "vocab_path": f"tokenizers/fineweb_{VOCAB}_bpe.vocab"}],
+                        "vocab_path": f"tokenizers/fineweb_{VOCAB}_bpe.vocab"},
+                       {"name": "sp_bpe_8192_lossless_caps_caseops_v1_reserved",
+                        "model_path": f"tokenizers/{CASEOPS_MODEL_NAME}",
+                        "text_transform": "lossless_caps_caseops_v1"}],
     }
     files["datasets/manifest.json"] = json.dumps(manifest).encode()
     assert len(stats["val"]["files"]) == 1 and len(stats["train"]["files"]) == TRAIN_SHARDS + 1
+    assert len(caseops["val"]["files"]) == 2 and len(caseops["train"]["files"]) >= 2
     return files
 
 
@@ -322,9 +344,10 @@ def test_not_enough_disk_is_refused_before_any_shard_is_fetched(hub, tmp_path, m
 
 
 @pytest.mark.parametrize(("variant", "train_shards", "message"), [
-    ("sp4096", 1, r"variant sp4096: no entry 'fineweb10B_sp4096' .* \(it lists: fineweb10B_sp1024\)"),
+    ("sp4096", 1, r"variant sp4096: no entry 'fineweb10B_sp4096' .* \(it lists: fineweb10B_sp1024, fineweb10B_sp8192_"),
     ("sp1024", 7, "fineweb10B_sp1024 has 6 train shards in the repository, 7 asked for"),
     ("byte260", 1, "expected sp<VOCAB_SIZE>"),
+    ("sp8192-caseops", 1, "expected sp<VOCAB_SIZE>"),
 ])
 def test_what_the_repository_does_not_have_is_refused(hub, tmp_path, variant, train_shards, message):
     with pytest.raises(download.DownloadError, match=message):
@@ -342,3 +365,51 @@ def test_without_huggingface_hub_the_error_names_the_extra(tmp_path, monkeypatch
     (tmp_path / "params.yaml").write_text("tokenize: {vocab_size: 1024}\n")
     assert download_stage.main(["--params", str(tmp_path / "params.yaml"), "--dest", str(tmp_path / "d")]) == 2
     assert "pip install -e '.[download]'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the frontier's CaseOps variant
+
+
+def test_the_caseops_variant_lands_validated_with_its_sidecar(hub, published, tmp_path, monkeypatch, capsys):
+    """``pgolf download --variant sp8192_lossless_caps_caseops_v1_reserved``: shards, sidecar and tokenizer, checked."""
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"tokenize": {"vocab_size": 8192}}))
+    dest = tmp_path / "downloads"
+    assert download_stage.main(["--params", str(params), "--variant", CASEOPS, "--train-shards", "2", "--repo-id",
+                                REPO_ID, "--endpoint", hub.url, "--dest", str(dest)]) == 0
+    printed = capsys.readouterr().out
+    assert "tokenize.text_transform: caseops" in printed
+    shards = dest / "datasets" / CASEOPS_DATASET
+    names = ["fineweb_val_000000.bin", "fineweb_val_000001.bin", "fineweb_val_bytes_000000.bin",
+             "fineweb_val_bytes_000001.bin", "fineweb_train_000000.bin", "fineweb_train_000001.bin"]
+    assert sorted(p.name for p in shards.iterdir()) == sorted(names)
+    for name in names:
+        assert (shards / name).read_bytes() == published[CASEOPS_PREFIX + name], name
+    model = dest / "tokenizers" / CASEOPS_MODEL_NAME
+    assert model.read_bytes() == CASEOPS_TOKENIZER.read_bytes()
+
+    # the tokenize stage imports it, sidecar included, and the evaluation reads its bytes from the sidecar
+    monkeypatch.chdir(tmp_path)
+    params.write_text(json.dumps({"tokenize": {"vocab_size": 8192, "shards_path": str(shards),
+                                               "tokenizer_path": str(model), "text_transform": "caseops",
+                                               "num_workers": 1}}))
+    assert tokenize.main(["--params", str(params)]) == 0
+    imported = tmp_path / "data" / "datasets" / "fineweb10B_sp8192"
+    manifest = json.loads((imported / "manifest.json").read_text())
+    assert manifest["sidecar"]["files"] == names[2:4] and manifest["byte_check"]["documents"] == 40
+    stream = load_validation_stream(imported, tmp_path / "data" / "tokenizers" / "fineweb_8192_bpe.model", 8192, 64)
+    assert stream.rule == "byte sidecar"
+
+
+def test_the_caseops_variant_is_fetched_from_its_own_repository_by_default():
+    assert download.repository_of(CASEOPS) == "romeerp/parameter-golf-caseops-v1"
+    assert download.repository_of("sp8192") == download.DEFAULT_REPO_ID
+
+
+def test_a_caseops_variant_without_its_sidecar_is_refused(hub, published, tmp_path):
+    manifest = json.loads(published["datasets/manifest.json"])
+    del manifest["datasets"][1]["val_bytes_glob"]
+    hub.files = {**published, "datasets/manifest.json": json.dumps(manifest).encode()}
+    with pytest.raises(download.DownloadError, match=f"{CASEOPS_MODEL_NAME} is a CaseOps tokenizer but the "
+                                                     f"repository's manifest gives {CASEOPS_DATASET} no byte sidecar"):
+        download.download_dataset(REPO_ID, CASEOPS, 1, tmp_path, endpoint=hub.url)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pgolf.config import ModelConfig
+from pgolf.data.accounting import lookup_stream
 from pgolf.data.tokenizer import ByteTables, byte_tables
 from pgolf.eval.score import Window, eval_plain, eval_sliding, plain_windows, sliding_windows
 from pgolf.model.gpt import GPT
@@ -27,7 +28,7 @@ def golden_eval(golden, golden_config, golden_tokenizer):
 
 def test_plain_evaluation_matches_reference(golden, golden_eval):
     model, tables = golden_eval
-    loss, bpb = eval_plain(model, golden["val_tokens"], tables, 128, 64, CPU)
+    loss, bpb = eval_plain(model, lookup_stream(golden["val_tokens"], tables), 128, 64, CPU)
     expected_loss, expected_bpb = golden["eval_val"]
     assert loss == pytest.approx(expected_loss, rel=TOLERANCE)
     assert bpb == pytest.approx(expected_bpb, rel=TOLERANCE)
@@ -36,7 +37,7 @@ def test_plain_evaluation_matches_reference(golden, golden_eval):
 def test_sliding_evaluation_matches_reference(golden, golden_eval):
     model, tables = golden_eval
     stride = golden["eval_stride"]
-    loss, bpb = eval_sliding(model, golden["val_tokens"], tables, 128, stride, 64, CPU)
+    loss, bpb = eval_sliding(model, lookup_stream(golden["val_tokens"], tables), 128, stride, 64, CPU)
     expected_loss, expected_bpb = golden["eval_val_sliding"]
     assert loss == pytest.approx(expected_loss, rel=TOLERANCE)
     assert bpb == pytest.approx(expected_bpb, rel=TOLERANCE)
@@ -112,7 +113,7 @@ def manual_score(model, tokens, tables, seq_len) -> tuple[float, float]:
 
 def test_plain_evaluation_is_the_mean_loss_over_windows(tiny):
     model, tokens, tables = tiny
-    loss, bpb = eval_plain(model, tokens, tables, 16, 5, CPU)
+    loss, bpb = eval_plain(model, lookup_stream(tokens, tables), 16, 5, CPU)
     expected_loss, expected_bpb = manual_score(model, tokens, tables, 16)
     assert loss == pytest.approx(expected_loss, rel=1e-6)
     assert bpb == pytest.approx(expected_bpb, rel=1e-6)
@@ -120,26 +121,26 @@ def test_plain_evaluation_is_the_mean_loss_over_windows(tiny):
 
 def test_sliding_with_stride_equal_to_seq_len_is_plain(tiny):
     model, tokens, tables = tiny
-    plain = eval_plain(model, tokens, tables, 16, 4, CPU)
-    assert eval_sliding(model, tokens, tables, 16, 16, 4, CPU) == pytest.approx(plain, rel=1e-9)
+    plain = eval_plain(model, lookup_stream(tokens, tables), 16, 4, CPU)
+    assert eval_sliding(model, lookup_stream(tokens, tables), 16, 16, 4, CPU) == pytest.approx(plain, rel=1e-9)
 
 
 def test_sliding_gives_context_and_does_not_depend_on_batching(tiny):
     model, tokens, tables = tiny
-    one = eval_sliding(model, tokens, tables, 16, 4, 1, CPU)
-    seven = eval_sliding(model, tokens, tables, 16, 4, 7, CPU)
+    one = eval_sliding(model, lookup_stream(tokens, tables), 16, 4, 1, CPU)
+    seven = eval_sliding(model, lookup_stream(tokens, tables), 16, 4, 7, CPU)
     assert one == pytest.approx(seven, rel=1e-9)
-    assert one.loss != pytest.approx(eval_plain(model, tokens, tables, 16, 4, CPU).loss, rel=1e-6)
+    assert one.loss != pytest.approx(eval_plain(model, lookup_stream(tokens, tables), 16, 4, CPU).loss, rel=1e-6)
 
 
 def test_sliding_handles_a_short_last_window(tiny):
     model, tokens, tables = tiny
     ragged = tokens[:16 * 5 + 8]  # the last windows run past the end
-    scores = eval_sliding(model, ragged, tables, 16, 4, 3, CPU)
+    scores = eval_sliding(model, lookup_stream(ragged, tables), 16, 4, 3, CPU)
     assert math.isfinite(scores.loss) and scores.bpb > 0
 
 
 def test_too_few_tokens_is_a_clear_error(tiny):
     model, tokens, tables = tiny
     with pytest.raises(ValueError, match="too few"):
-        eval_plain(model, tokens[:10], tables, 16, 4, CPU)
+        eval_plain(model, lookup_stream(tokens[:10], tables), 16, 4, CPU)

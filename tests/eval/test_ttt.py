@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import pgolf.eval.ttt as ttt
 from pgolf.config import ModelConfig, TTTConfig
+from pgolf.data.accounting import lookup_stream
 from pgolf.data.shards import BOS_ID
 from pgolf.data.tokenizer import ByteTables, count_bytes
 from pgolf.eval.score import Window, eval_sliding, score_batch_tokens
@@ -84,7 +85,7 @@ TABLES = make_tables()
 
 
 def run(cfg: TTTConfig, tokens: torch.Tensor, seed: int = 0) -> ttt.TTTResult:
-    return ttt.run_ttt(make_model(seed), tokens, TABLES, cfg, CPU, record_tokens=True)
+    return ttt.run_ttt(make_model(seed), lookup_stream(tokens, TABLES), cfg, CPU, record_tokens=True)
 
 
 def document_chunked_score(model: GPT, tokens: torch.Tensor, chunk: int, seq_len: int) -> tuple[float, float]:
@@ -113,7 +114,7 @@ def document_chunked_score(model: GPT, tokens: torch.Tensor, chunk: int, seq_len
 def test_zero_lr_reproduces_the_sliding_score(method):
     tokens = make_stream()
     result = run(dataclasses.replace(METHODS[method], lr=0.0), tokens)
-    expected = eval_sliding(make_model(), tokens, TABLES, BASE.seq_len, BASE.stride, 7, CPU)
+    expected = eval_sliding(make_model(), lookup_stream(tokens, TABLES), BASE.seq_len, BASE.stride, 7, CPU)
     assert result.optimizer_steps > 0  # the steps ran, at lr 0
     assert result.score.loss == pytest.approx(expected.loss, abs=1e-6)
     assert result.score.bpb == pytest.approx(expected.bpb, abs=1e-6)
@@ -188,18 +189,19 @@ def test_temperature_divides_softcapped_logits():
     """Condition 2: a fixed T scores softcap(z)/T, a full normalized distribution; T = 1 changes nothing."""
     model, tokens = make_model(), make_stream()
     batch = [Window(0, 0), Window(8, 24)]
-    scored = score_batch_tokens(model.forward_logits, tokens, TABLES, batch, 32, CPU, temperature=0.9)
+    target_bytes = lookup_stream(tokens, TABLES).target_bytes
+    scored = score_batch_tokens(model.forward_logits, tokens, target_bytes, batch, 32, CPU, temperature=0.9)
     with torch.no_grad():
         logits = model.forward_logits(tokens[:32][None])[0] / 0.9  # [T, V]
     log_probs = torch.log_softmax(logits, dim=-1)
     torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(32), rtol=0, atol=1e-5)
     torch.testing.assert_close(scored.nll[:32], -log_probs.gather(1, tokens[1:33, None])[:, 0])
-    plain = score_batch_tokens(model.forward_logits, tokens, TABLES, batch, 32, CPU)
-    unit = score_batch_tokens(model.forward_logits, tokens, TABLES, batch, 32, CPU, temperature=1.0)
+    plain = score_batch_tokens(model.forward_logits, tokens, target_bytes, batch, 32, CPU)
+    unit = score_batch_tokens(model.forward_logits, tokens, target_bytes, batch, 32, CPU, temperature=1.0)
     assert torch.equal(plain.nll, unit.nll)
     warm = run(dataclasses.replace(BASE, lr=0.0, temperature=0.9), tokens)
     assert warm.score.bpb == pytest.approx(
-        eval_sliding(make_model(), tokens, TABLES, 32, 8, 7, CPU, temperature=0.9).bpb, abs=1e-6)
+        eval_sliding(make_model(), lookup_stream(tokens, TABLES), 32, 8, 7, CPU, temperature=0.9).bpb, abs=1e-6)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -288,12 +290,14 @@ WORKER = textwrap.dedent("""
     import dataclasses, json, sys
     import torch
     from pgolf.distributed import init_distributed, shutdown
+    from pgolf.data.accounting import lookup_stream
     from pgolf.eval.ttt import run_ttt
     from tests.eval.test_ttt import METHODS, TABLES, make_model, make_stream
     ctx = init_distributed("cpu")
     results = {}
     for method in sys.argv[2:]:
-        result = run_ttt(make_model(), make_stream(), TABLES, METHODS[method], ctx.device, ctx, record_tokens=True)
+        stream = lookup_stream(make_stream(), TABLES)
+        result = run_ttt(make_model(), stream, METHODS[method], ctx.device, ctx, record_tokens=True)
         results[method] = {"bpb": result.score.bpb, "tokens": result.tokens, "bytes": result.bytes,
                            "steps": result.optimizer_steps, "counts": result.token_counts.tolist()}
     if ctx.is_main:

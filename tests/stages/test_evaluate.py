@@ -18,6 +18,7 @@ from pgolf.artifact.format import serialize
 from pgolf.artifact.tensors import QuantizedModel, QuantizedTensor, dequantize
 from pgolf.atomic import write_bytes
 from pgolf.config import CompressConfig, ModelConfig
+from pgolf.data.accounting import lookup_stream
 from pgolf.data.shards import load_validation_tokens
 from pgolf.data.tokenizer import byte_tables
 from pgolf.eval.score import eval_plain, eval_sliding
@@ -91,8 +92,8 @@ def scores_of(model: GPT) -> dict[str, float]:
     model.looping_active = True
     tokens = load_validation_tokens("data/datasets/fineweb10B_sp8192", SEQ_LEN)[: VAL_TARGETS + 1]  # [1985]
     tables = byte_tables("data/tokenizers/fineweb_8192_bpe.model", 8192)
-    plain = eval_plain(model, tokens, tables, SEQ_LEN, BATCH, CPU)
-    sliding = eval_sliding(model, tokens, tables, SEQ_LEN, STRIDE, BATCH, CPU)
+    plain = eval_plain(model, lookup_stream(tokens, tables), SEQ_LEN, BATCH, CPU)
+    sliding = eval_sliding(model, lookup_stream(tokens, tables), SEQ_LEN, STRIDE, BATCH, CPU)
     return {"val_loss": plain.loss, "val_bpb": plain.bpb,
             "sliding_val_loss": sliding.loss, "sliding_val_bpb": sliding.bpb}
 
@@ -119,13 +120,25 @@ def test_prequant_scores_the_trained_weights_and_evaluate_adds_the_tax(workdir):
     assert quantized["val_bpb"] != unquantized["val_bpb"]
     assert metrics["artifact_bytes"] == Path(layout.COMPRESS_ARTIFACT).stat().st_size
     assert metrics["val_tokens"] == prequant["val_tokens"] == VAL_TARGETS
+    assert metrics["val_bytes"] == prequant["val_bytes"] == lookup_stream(
+        load_validation_tokens("data/datasets/fineweb10B_sp8192", SEQ_LEN)[: VAL_TARGETS + 1],
+        byte_tables("data/tokenizers/fineweb_8192_bpe.model", 8192)).total_bytes()
+
+
+def test_no_tax_against_scores_that_divided_by_other_bytes(workdir, capsys):
+    prequant_stage.run(params(), PIPELINE)
+    prequant = json.loads(Path(layout.PREQUANT_METRICS).read_text())
+    Path(layout.PREQUANT_METRICS).write_text(json.dumps(prequant | {"val_bytes": prequant["val_bytes"] + 1}))
+    stage.run(params(), PIPELINE)
+    assert "quantization_tax" not in json.loads(Path(layout.EVALUATE_METRICS).read_text())
+    assert f"divided by {prequant['val_bytes'] + 1} validation bytes" in capsys.readouterr().out
 
 
 def test_each_evaluation_can_be_switched_off(workdir):
     Path(layout.TRAIN_MODEL).unlink()  # the artifact is scored alone
     stage.run(params(eval_sliding=False), PIPELINE)
     metrics = json.loads(Path(layout.EVALUATE_METRICS).read_text())
-    assert set(metrics) == {"artifact_bytes", "val_tokens", "quantized"}  # no prequant scores: no tax
+    assert set(metrics) == {"artifact_bytes", "val_tokens", "val_bytes", "quantized"}  # no prequant scores: no tax
     assert set(metrics["quantized"]) == {"val_loss", "val_bpb"}
     stage.run(params(eval_plain=False), PIPELINE)
     assert set(json.loads(Path(layout.EVALUATE_METRICS).read_text())["quantized"]) == {

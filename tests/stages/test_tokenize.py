@@ -6,15 +6,18 @@ import hashlib
 import json
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 
+from pgolf.data.caseops import MARKERS
 from pgolf.data.shards import read_shard, shard_files, validate_dataset, write_shard
 from pgolf.data.tokenizer import TRAINER_SETTINGS, train_tokenizer
 from pgolf.pipeline.stage import Workspace
 from stages import tokenize
+from tests.conftest import ASSETS_DIR
 
 PIPELINE = Workspace.pipeline()  # the stage as DVC runs it
 
@@ -244,3 +247,93 @@ def test_shards_with_ids_beyond_the_vocab_are_refused(workdir, sample, capsys):
 def test_shards_need_their_tokenizer(workdir, sample, capsys):
     assert run(workdir, shards_path=str(sample["shards"])) == 2
     assert f"tokenize.shards_path: '{sample['shards']}' is not allowed: needs tokenizer_path" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ CaseOps text (tokenize.text_transform: caseops)
+
+CASEOPS_MODEL = ASSETS_DIR / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+
+
+def test_a_caseops_tokenizer_is_trained_with_the_markers_reserved(workdir):
+    assert run(workdir, vocab_size=512, text_transform="caseops", embedded_max_docs=400, num_val_docs=40,
+               tokenizer_train_docs=400, num_workers=1) == 0
+    sp = spm.SentencePieceProcessor(model_file=str(workdir / MODEL.format(512)))
+    assert [sp.id_to_piece(i) for i in range(4, 8)] == list(MARKERS)
+    pieces = [sp.id_to_piece(i) for i in range(8, 512) if not sp.is_byte(i)]
+    assert not any(c.isascii() and c.isupper() for piece in pieces for c in piece)  # case lives in the markers
+    info = manifest(workdir, 512)
+    assert info["text_transform"] == "caseops" and info["byte_check"]["rule"] == "byte sidecar"
+    assert info["sidecar"]["files"] == ["fineweb_val_bytes_000000.bin"]
+    assert info["sidecar"]["bytes"] == info["byte_check"]["val_bytes"] == info["byte_check"]["text_bytes"] - \
+        info["byte_check"]["uncovered_bytes"]
+    figures = json.loads((workdir / "out" / "tokenize" / "metrics.json").read_text())
+    assert figures["val_bytes"] == info["sidecar"]["bytes"]
+
+
+def test_the_published_caseops_tokenizer_is_reused(workdir, sample):
+    assert run(workdir, docs_path=str(sample["docs"]), tokenizer_path=str(CASEOPS_MODEL), text_transform="caseops",
+               num_val_docs=50, num_workers=1) == 0
+    info = manifest(workdir)
+    texts = [json.loads(line)["text"] for line in sample["docs"].read_text().splitlines()[:50]]
+    assert info["sidecar"]["bytes"] == sum(len(t.encode("utf-8")) for t in texts)  # every byte, none at the ends
+    assert (workdir / MODEL.format(8192)).read_bytes() == CASEOPS_MODEL.read_bytes()
+
+
+def test_the_caseops_tokenizer_on_plain_text_is_refused(workdir, sample, capsys):
+    assert run(workdir, docs_path=str(sample["docs"]), tokenizer_path=str(CASEOPS_MODEL), num_val_docs=50) == 2
+    assert "hold CaseOps markers, but tokenize.text_transform is none" in capsys.readouterr().err
+    assert_no_output(workdir)
+
+
+def test_a_plain_tokenizer_for_caseops_text_is_refused(workdir, sample, capsys):
+    assert run(workdir, docs_path=str(sample["docs"]), tokenizer_path=str(sample["model"]), num_val_docs=50,
+               text_transform="caseops") == 2
+    assert "a CaseOps tokenizer keeps its markers U+E001..U+E004 as ids 4..7" in capsys.readouterr().err
+    assert_no_output(workdir)
+
+
+@pytest.fixture
+def caseops_shards(workdir, sample) -> Path:
+    """CaseOps shards with their sidecar, as published (made here by the stage, then moved out)."""
+    assert run(workdir, docs_path=str(sample["docs"]), tokenizer_path=str(CASEOPS_MODEL), text_transform="caseops",
+               num_val_docs=50, shard_size=20_000, num_workers=1) == 0
+    published = workdir / "published"
+    shutil.move(workdir / DATASET.format(8192), published)
+    (published / "manifest.json").unlink()  # published data has the challenge's layout, no pgolf manifest
+    shutil.rmtree(workdir / "data")
+    return published
+
+
+def test_published_caseops_shards_are_imported_with_their_sidecar(workdir, caseops_shards):
+    assert run(workdir, shards_path=str(caseops_shards), tokenizer_path=str(CASEOPS_MODEL),
+               text_transform="caseops") == 0
+    info = manifest(workdir)
+    sidecars = sorted(p.name for p in caseops_shards.glob("fineweb_val_bytes_*.bin"))
+    assert info["sidecar"]["files"] == sidecars and len(sidecars) > 1
+    for name in sidecars:
+        assert info["input"]["sha256"][name] == hashlib.sha256((caseops_shards / name).read_bytes()).hexdigest()
+    assert info["byte_check"] == {"rule": "byte sidecar", "val_bytes": info["sidecar"]["bytes"], "documents": 50,
+                                  "agree": True}
+
+
+@pytest.mark.parametrize(("damage", "keys", "message"), [
+    ("drop", {"text_transform": "caseops"}, "fineweb_val_bytes_000005.bin: byte sidecar missing for fineweb_val_00"),
+    ("all", {"text_transform": "caseops"}, "fineweb_val_bytes_000000.bin: byte sidecar not found"),
+    ("none", {}, "hold CaseOps markers, but tokenize.text_transform is none"),
+    ("marker", {"text_transform": "caseops"}, "for marker id 4: a byte sidecar gives markers 0"),
+])
+def test_published_caseops_shards_without_a_true_sidecar_are_refused(workdir, caseops_shards, capsys, damage, keys,
+                                                                     message):
+    sidecars = sorted(caseops_shards.glob("fineweb_val_bytes_*.bin"))
+    if damage == "drop":
+        sidecars[-1].unlink()
+    if damage == "all":
+        for path in sidecars:
+            path.unlink()
+    if damage == "marker":  # 3 bytes given to a TITLE marker: the lookup-table pitfall, in the sidecar
+        tokens, counts = read_shard(caseops_shards / "fineweb_val_000000.bin"), np.array(read_shard(sidecars[0]))
+        counts[int(np.flatnonzero(tokens == 4)[0])] = 3
+        write_shard(sidecars[0], counts)
+    assert run(workdir, shards_path=str(caseops_shards), tokenizer_path=str(CASEOPS_MODEL), **keys) == 2
+    assert message in capsys.readouterr().err
+    assert_no_output(workdir)

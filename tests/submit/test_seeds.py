@@ -15,8 +15,16 @@ import pytest
 from scipy import stats
 
 from pgolf.cli import main as cli
-from pgolf.submit.seeds import (LEDGER, PoolError, gather, load_baseline, published_record, read_records_folder,
-                                seeds_report, submission_fields)
+from pgolf.submit.seeds import (
+    LEDGER,
+    PoolError,
+    gather,
+    load_baseline,
+    published_record,
+    read_records_folder,
+    seeds_report,
+    submission_fields,
+)
 
 PARAMS = {"train": {"seed": 0, "matrix_lr": 0.02, "train_log_every": 50}, "quantize": {"matrix_bits": 6}}
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from pgolf.config import ModelConfig, TrainConfig
+from pgolf.data.accounting import lookup_stream
 from pgolf.data.tokenizer import ByteTables
 from pgolf.distributed import DistContext
 from pgolf.eval.score import eval_sliding
@@ -122,7 +123,8 @@ def test_compiled_evaluation_matches_eager(device):
     tokens = torch.randint(1, MICRO_MODEL.vocab_size, (16 * 12 + 1,), generator=torch.Generator().manual_seed(1))
     tables = ByteTables(base_bytes=torch.arange(64, dtype=torch.int16) % 4 + 1,
                         has_leading_space=torch.arange(64) % 3 == 0, is_boundary=torch.arange(64) < 2)
-    scores = [eval_sliding(model, tokens, tables, seq_len=16, stride=4, batch_seqs=15, device=torch.device(device),
+    stream = lookup_stream(tokens, tables)
+    scores = [eval_sliding(model, stream, seq_len=16, stride=4, batch_seqs=15, device=torch.device(device),
                            compile_model=compile_model) for compile_model in (False, True)]
     rel = 1e-5 if device == "cpu" else 1e-2
     assert scores[1].loss == pytest.approx(scores[0].loss, rel=rel)
