@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from pgolf.artifact.size import submission_bytes
+from pgolf.atomic import csv_text, write_bytes
 from pgolf.artifact.tensors import QuantizedModel, dequantize
 from pgolf.config import (
     CalibrateConfig,
@@ -55,7 +56,7 @@ from pgolf.eval.score import evaluate_model, validation_set
 from pgolf.model.files import build_model, load_model
 from pgolf.model.gpt import GPT
 from pgolf.pipeline import layout
-from pgolf.pipeline.plots import rate_distortion_plot, write_csv
+from pgolf.pipeline.plots import rate_distortion_plot
 from pgolf.quant.allocate import allocate_within, model_candidates
 from pgolf.quant.fit import quantize_for_size
 from pgolf.quant.hessians import load_hessians, load_output_sensitivity
@@ -233,6 +234,10 @@ def read_off(points: list[dict], method: str, at_bytes: int) -> float:
         return float("nan")
     (x0, y0), (x1, y1) = below[-1], above[0]
     return y0 if x1 == x0 else y0 + (y1 - y0) * (at_bytes - x0) / (x1 - x0)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    write_bytes(path, csv_text(rows, path).encode("utf-8"))
 
 
 def print_rows(rows: list[dict]) -> None:
