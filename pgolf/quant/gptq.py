@@ -180,6 +180,11 @@ class HessianFactors:
     divisor: Tensor  # [N, cols]
     from_original: bool  # the errors spread are those of the original weights (else of the updated columns)
     error_weight: Tensor  # [N, cols]: e² = (w' − q s)² · this is the column's share of tr(ΔHΔᵀ) (damped H)
+    damp: Tensor  # [N]: what damping added to the diagonal
+
+    def upper(self, index: int) -> Tensor:
+        """R of matrix ``index``: the damped, permuted H = R Rᵀ (only when ``from_original``)."""
+        return -self.spread[index] * self.error_weight[index].sqrt()[None, :]  # [cols, cols]
 
 
 def permuted_squares(matrices: Tensor, perm: Tensor) -> Tensor:
@@ -198,7 +203,8 @@ def prepare_hessians(hessians: Tensor, damping: float, ascending: bool = False,
     diag = hessians.diagonal(dim1=-2, dim2=-1)  # [N, cols], a view
     dead = diag == 0
     diag[dead] = 1.0
-    diag += damping * diag.mean(dim=-1, keepdim=True)
+    damp = damping * diag.mean(dim=-1)  # [N]
+    diag += damp[:, None]
     perm = torch.argsort(diag, dim=-1, descending=not ascending)  # [N, cols]
     hessians = permuted_squares(hessians, perm)  # [N, cols, cols]
     # H = R Rᵀ, R upper: the lower factor of H with its rows and columns reversed, reversed back
@@ -209,11 +215,11 @@ def prepare_hessians(hessians: Tensor, damping: float, ascending: bool = False,
     if dense_inverse:
         hinv = torch.cholesky_inverse(factor)  # [N, cols, cols]
         divisor = hinv.diagonal(dim1=-2, dim2=-1).clone()  # [N, cols]
-        return HessianFactors(diag.clone(), dead, perm, hinv, divisor, False, divisor.pow(-2))
+        return HessianFactors(diag.clone(), dead, perm, hinv, divisor, False, divisor.pow(-2), damp)
     upper = factor.flip(-2, -1)  # R [N, cols, cols]
     r_diag = upper.diagonal(dim1=-2, dim2=-1)  # [N, cols]
     return HessianFactors(diag.clone(), dead, perm, -upper / r_diag[:, None, :], torch.ones_like(r_diag), True,
-                          r_diag.square())
+                          r_diag.square(), damp)
 
 
 @dataclass(frozen=True)
@@ -421,10 +427,27 @@ def hessian_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
     return error / signal if signal > 0 else 0.0
 
 
+def factor_error(weight: Tensor, approx: Tensor, factors: HessianFactors, index: int, block: int = 128) -> float:
+    """:func:`hessian_error` through the factor GPTQ used, H + δI = R Rᵀ (permuted; dead columns zeroed,
+    where H has nothing): ``tr(X H Xᵀ) = ‖X R‖² − δ‖X‖²``, by blocks of R's upper triangle, half
+    the products of ``X @ H``."""
+    live = ~factors.dead[index]  # [cols]
+    both = torch.cat([weight.float(), weight.float() - approx.float()]) * live  # [2 rows, cols]
+    both = both.index_select(1, factors.perm[index])
+    upper = factors.upper(index)  # [cols, cols]
+    energy = -float(factors.damp[index]) * both.square().sum(dim=-1, dtype=torch.float64)  # [2 rows]
+    for start in range(0, both.shape[1], block):
+        end = min(start + block, both.shape[1])
+        energy += (both[:, :end] @ upper[:end, start:end]).square().sum(dim=-1, dtype=torch.float64)
+    signal, error = float(energy[:len(weight)].sum()), float(energy[len(weight):].sum())
+    return error / signal if signal > 0 else 0.0
+
+
 def tensor_report(
-    name: str, weight: Tensor, plan: TensorPlan, approx: Tensor, hessian: Tensor | None, codes: Tensor | None
+    name: str, weight: Tensor, plan: TensorPlan, approx: Tensor, h_rel_error: float | None, codes: Tensor | None
 ) -> dict:
-    """One row of the quantize report: what was done to ``name`` and what it cost."""
+    """One row of the quantize report: what was done to ``name`` and what it cost (``h_rel_error``:
+    :func:`hessian_error`'s, None without a Hessian)."""
     weight = weight.float()
     diff = weight - approx.float()
     return {
@@ -437,7 +460,7 @@ def tensor_report(
         "clip_sigmas": plan.clip_sigmas,
         "weight_rms": float(weight.pow(2).mean().sqrt()),
         "error_rms": float(diff.pow(2).mean().sqrt()),
-        "h_rel_error": hessian_error(weight, approx, hessian) if hessian is not None else None,
+        "h_rel_error": h_rel_error,
         "clipped_fraction": (
             float((codes.abs() == quant_max(plan.bits)).float().mean()) if codes is not None else 0.0
         ),
@@ -569,7 +592,11 @@ def quantize_model(
     for name, tensor in state_dict.items():
         tensors.setdefault(name, weights[name].detach().to(torch.float16) if tensor.is_floating_point() else tensor)
     qm = QuantizedModel(model_config, ordered_tensors(tensors, list(state_dict)))
-    return qm, model_report(qm, state_dict, hessians, plans)
+    # the report's errors through the factors GPTQ used, where those are of the tensor's own Hessian
+    own = {name: (factor_cache[key], index) for key in factor_cache if all(k in plans for k in key)
+           for index, name in enumerate(key) if factor_cache[key].from_original
+           and not (plans[name].group == "embed" and not cfg.embed_gptq)}
+    return qm, model_report(qm, state_dict, hessians, plans, own)
 
 
 def ordered_tensors(tensors: dict[str, QuantizedTensor | Tensor], names: list[str]) -> dict[str, QuantizedTensor | Tensor]:
@@ -582,14 +609,18 @@ def ordered_tensors(tensors: dict[str, QuantizedTensor | Tensor], names: list[st
 
 
 def model_report(qm: QuantizedModel, state_dict: dict[str, Tensor], hessians: dict[str, Tensor],
-                 plans: dict[str, TensorPlan]) -> list[dict]:
-    """One report row per tensor of the model, its error measured on what the artifact decodes to."""
+                 plans: dict[str, TensorPlan], factors: dict[str, tuple[HessianFactors, int]] | None = None) -> list[dict]:
+    """One report row per tensor of the model, its error measured on what the artifact decodes to
+    (through the Hessian factor GPTQ used where ``factors`` has the tensor's: matrix and index)."""
     decoded = dequantize(qm)
+    factors = factors or {}
     rows = []
     for name, tensor in state_dict.items():
         stored = qm.tensors[name]
         codes = stored.q if isinstance(stored, QuantizedTensor) else None
-        row = tensor_report(name, tensor, plans[name], decoded[name], hessians.get(name), codes)
+        h_rel_error = (factor_error(tensor, decoded[name], *factors[name]) if name in factors
+                       else hessian_error(tensor, decoded[name], hessians[name]) if name in hessians else None)
+        row = tensor_report(name, tensor, plans[name], decoded[name], h_rel_error, codes)
         factor = qm.tensors.get(correction_names(name)[0])
         row["lqer_rank"] = factor.q.shape[1] if factor is not None else 0
         rows.append(row)
