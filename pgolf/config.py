@@ -325,6 +325,10 @@ class QuantizeConfig(Section):
     fit_min_clip_sigmas: PositiveFloat = 1.0
     fit_max_clip_sigmas: PositiveFloat = 64.0
     fit_tolerance: PositiveFloat = 0.01
+    # what fit_to_size bisects: matrix_clip_sigmas (log scale, fit_min/max_clip_sigmas), or rate-aware
+    # GPTQ's rate_lambda from 0 to fit_max_rate_lambda at the configured clip
+    fit_knob: Literal["clip_sigmas", "rate_lambda"] = "clip_sigmas"
+    fit_max_rate_lambda: PositiveFloat = 1.0
     device: Device = "auto"  # where GPTQ runs
     # The seeds' export (SEEDS_SPEC §4.6, §5.2, §6); the defaults are the record's SDClip GPTQ.
     # record | PR #1412's per-row clip (hessian_clip_lambda) | each row's step by its output sensitivity
@@ -374,7 +378,8 @@ class QuantizeConfig(Section):
                  "must list at least one clip")
         _require(bool(self.allocate_rate_lambdas), "allocate_rate_lambdas", self.allocate_rate_lambdas,
                  "must list at least one λ (0: nearest codes)")
-        rate_aware = self.rate_lambda > 0 or (self.method == "allocate" and max(self.allocate_rate_lambdas) > 0)
+        rate_aware = (self.rate_lambda > 0 or (self.method == "allocate" and max(self.allocate_rate_lambdas) > 0)
+                      or (self.fit_to_size and self.fit_knob == "rate_lambda"))
         _require(not rate_aware or clip_sigmas_used, "rate_lambda", self.rate_lambda,
                  f"rate-aware GPTQ needs an SDClip scale_search, not {self.scale_search!r}")
 

@@ -43,10 +43,10 @@ def run(params: dict, ws: Workspace) -> None:
     limit = compress_cfg.size_limit_bytes if compress_cfg is not None else 0
     fit = search if isinstance(search, FitResult) else None
     if fit is not None:
-        print(f"[pgolf quantize] fit_to_size: matrix_clip_sigmas={fit.clip_sigmas:.4f} gives {fit.total_bytes:,} of "
-              f"{limit:,} bytes after {len(fit.points)} tries" + ("" if fit.margin_met else
-              f" (more than fit_margin_bytes={cfg.fit_margin_bytes:,} to spare: the size is not smooth enough in the clip)"),
-              flush=True)
+        print(f"[pgolf quantize] fit_to_size: matrix_clip_sigmas={fit.clip_sigmas:.4f} rate_lambda={fit.rate_lambda:.4f} "
+              f"gives {fit.total_bytes:,} of {limit:,} bytes after {len(fit.points)} tries" + ("" if fit.margin_met else
+              f" (more than fit_margin_bytes={cfg.fit_margin_bytes:,} to spare: the size is not smooth enough in "
+              f"{fit.knob})"), flush=True)
     elif search is not None:
         print(f"[pgolf quantize] allocate: {search.total_bytes:,} of {limit:,} bytes after {len(search.rounds)} "
               f"measurements, multiplier {search.multiplier:.4g}", flush=True)
@@ -70,8 +70,9 @@ def plot_data(directory: Path, rows: list[dict], fit: FitResult | None, limit: i
     tensors = [{**row, "shape": "x".join(map(str, row["shape"]))} for row in rows]
     (directory / Path(layout.QUANTIZE_TENSORS).name).write_text(csv_text(tensors, layout.QUANTIZE_TENSORS))
     if fit is not None:
-        points = [{"step": step, "clip_sigmas": p.clip_sigmas, "total_bytes": p.total_bytes, "fits": p.fits,
-                   "size_limit_bytes": limit, "chosen": p.clip_sigmas == fit.clip_sigmas}
+        points = [{"step": step, "knob": fit.knob, "clip_sigmas": p.clip_sigmas, "rate_lambda": p.rate_lambda,
+                   "total_bytes": p.total_bytes, "fits": p.fits, "size_limit_bytes": limit,
+                   "chosen": (p.clip_sigmas, p.rate_lambda) == (fit.clip_sigmas, fit.rate_lambda)}
                   for step, p in enumerate(fit.points)]
         (directory / Path(layout.QUANTIZE_FIT).name).write_text(csv_text(points, layout.QUANTIZE_FIT))
 

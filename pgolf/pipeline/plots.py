@@ -106,13 +106,15 @@ def tensor_error_plot(path: str | Path, rows: list[dict[str, str]]) -> None:
 
 
 def fit_search_plot(path: str | Path, points: list[dict[str, str]]) -> None:
-    """The size search's tries: submission bytes against matrix_clip_sigmas, with the limit."""
-    points = sorted(points, key=lambda p: float(p["clip_sigmas"]))
-    chosen = next(float(p["clip_sigmas"]) for p in points if p["chosen"] == "True")
-    line_plot(path, [float(p["clip_sigmas"]) for p in points],
+    """The size search's tries: submission bytes against the knob it moved (matrix_clip_sigmas or
+    rate_lambda), with the limit."""
+    knob = points[0].get("knob", "clip_sigmas")
+    points = sorted(points, key=lambda p: float(p[knob]))
+    chosen = next(float(p[knob]) for p in points if p["chosen"] == "True")
+    line_plot(path, [float(p[knob]) for p in points],
               {"submission bytes": [int(p["total_bytes"]) for p in points],
                "size limit": [int(p["size_limit_bytes"]) for p in points]},
-              "matrix_clip_sigmas", "bytes", f"Size search: chose {chosen:.4f}")
+              "matrix_clip_sigmas" if knob == "clip_sigmas" else knob, "bytes", f"Size search: chose {chosen:.4f}")
 
 
 def tensor_size_plot(path: str | Path, rows: list[dict[str, str]]) -> None:

@@ -388,7 +388,7 @@ def quantize_batch(weights: Tensor, factors: HessianFactors, plans: list[TensorP
                    progress: tqdm | None, sensitivity: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Codes [N, rows, cols] and fp16 scales [N, rows] of one same-shape batch, by ``cfg.scale_search``
     (``sensitivity`` [N, rows]: the output sensitivities loss_sdclip needs; rate-aware GPTQ weights
-    the rows' errors by them when given)."""
+    the rows' errors by them when given, which ``quantize_model`` does when ``cfg`` uses them)."""
     bits = [plan.bits for plan in plans]
     if cfg.scale_search == "matrix_percentiles":
         return gptq_best_matrix_percentile(weights, factors, bits, cfg.block_size, progress)
@@ -579,8 +579,8 @@ def quantize_model(
                 stacked = stacked.to(device)
                 factor_cache[key] = prepare_hessians(stacked, cfg.damping, cfg.gptq_column_order == "ascending",
                                                      cfg.gptq_dense_inverse)
-            rows = (torch.stack([sensitivity[n] for n in names]).to(device)
-                    if sensitivity and all(n in sensitivity for n in names) else None)
+            # by cfg alone, whatever the caller passes: the stage and the exported runner make one artifact
+            rows = torch.stack([sensitivity[n] for n in names]).to(device) if cfg.uses_output_sensitivity else None
             codes, scales = quantize_batch(torch.stack([weights[n] for n in names]).to(device), factor_cache[key],
                                            [plans[n] for n in names], cfg, bar, rows)
             for name, code, scale in zip(names, codes.cpu(), scales.cpu()):

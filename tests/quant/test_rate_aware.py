@@ -78,7 +78,8 @@ def test_rate_aware_gptq_needs_sdclip_scales():
     {"method": "allocate", "allocate_bits": [5, 6, 8], "allocate_clip_sigmas": [10.0, 16.0],
      "allocate_rate_lambdas": [0.0, 0.1, 0.4]},
     {"rate_lambda": 0.1, "fit_to_size": True, "fit_tolerance": 0.2},
-], ids=["allocate", "fit_to_size"])
+    {"fit_to_size": True, "fit_knob": "rate_lambda", "fit_max_rate_lambda": 2.0, "fit_tolerance": 0.02},
+], ids=["allocate", "clip_at_a_lambda", "lambda_searched"])
 def test_the_stage_fits_the_size_limit_exactly_as_the_compress_stage_counts(small_workdir, settings):  # noqa: F811
     model, hessians = model_with_hessians()
     plain, _ = quantize_model(model.config, model.state_dict(), hessians, ALL_GPTQ, show_progress=False)
@@ -96,6 +97,10 @@ def test_the_stage_fits_the_size_limit_exactly_as_the_compress_stage_counts(smal
     if settings.get("method") == "allocate":
         assert report["allocation"]["total_bytes"] == total
         assert any(entry["rate_lambda"] > 0 for entry in report["allocation"]["tensors"])
+    else:
+        assert report["fit"]["total_bytes"] == total and report["fit"]["knob"] == settings.get("fit_knob", "clip_sigmas")
+    if settings.get("fit_knob") == "rate_lambda":  # the clip stayed; λ alone made the bytes
+        assert report["fit"]["matrix_clip_sigmas"] == 12.85 and 0 < report["fit"]["rate_lambda"] <= 2.0
     assert isinstance(deserialize(raw).tensors["blocks.0.mlp.fc.weight"], QuantizedTensor)
 
 
