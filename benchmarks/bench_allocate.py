@@ -13,8 +13,9 @@ quantization tax (bpb less the trained weights' bpb) and that tax as a share of 
 sliding windows, as the evaluate stage's headline, about twice as slow).
 Further ``--run`` directories (other seeds) score the trained weights, SDClip and the
 allocators of SEED_METHODS again: the spread of their taxes is the run-to-run noise. Unless
-``--no-curve``, it also sweeps SDClip's clip sigmas and runs each allocator of CURVES (brotli,
-``ans``, rate-aware with ``ans``) within each of the resulting byte counts, and writes the points
+``--no-curve``, it also sweeps SDClip's clip sigmas and runs each allocator of CURVES (loss-weighted
+with ``loss_sdclip`` and the ``ans`` coder, without and with rate-aware GPTQ) within each of the
+resulting byte counts, and writes the points
 (bytes against bpb and against the total H-weighted error) to ``OUT/rd_curve.csv`` and
 ``OUT/rd_curve.png``, with the taxes at SDClip's byte count read off each curve and whether
 rate-aware GPTQ scores below the other allocators within every budget. Usage::
@@ -95,8 +96,9 @@ BEST = "allocate (loss) + loss_sdclip"
 BEST_ANS = "allocate (loss) + loss_sdclip, ans coder"
 RATE_AWARE = "allocate (loss) + loss_sdclip + rate-aware GPTQ, ans"
 SEED_METHODS = ("sdclip (record settings)", BEST, BEST_ANS, RATE_AWARE)
-# the allocators whose curves the sweep draws beside SDClip's, by their label there
-CURVES = {"allocate": BEST, "allocate, ans": BEST_ANS, "rate-aware allocate, ans": RATE_AWARE}
+# the allocators whose curves the sweep draws beside SDClip's, by their label there: the best without and
+# with rate-aware GPTQ, both under the ans coder whose model rate-aware GPTQ prices codes by
+CURVES = {"allocate, ans": BEST_ANS, "rate-aware allocate, ans": RATE_AWARE}
 SWEEP = (9.0, 12.85, 16.0, 20.0, 26.0)
 
 
@@ -243,9 +245,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def print_rows(rows: list[dict]) -> None:
     print(f"\n{rows[0]['run']}: trained weights {rows[0]['prequant_bpb']:.5f} bpb; budget {rows[0]['total_bytes']:,} "
           "bytes (SDClip at the record's settings)")
-    print(f"{'method':46s} {'bytes':>10s} {'bpb':>9s} {'tax':>9s} {'x SDClip':>8s} {'Σ H-err':>10s} {'quant s':>7s}")
+    print(f"{'method':56s} {'bytes':>10s} {'bpb':>9s} {'tax':>9s} {'x SDClip':>8s} {'Σ H-err':>10s} {'quant s':>7s}")
     for row in rows:
-        print(f"{row['method']:46s} {row['total_bytes']:>10,} {row['bpb']:9.5f} {row['tax']:+9.5f} "
+        print(f"{row['method']:56s} {row['total_bytes']:>10,} {row['bpb']:9.5f} {row['tax']:+9.5f} "
               f"{row['tax_vs_sdclip']:8.3f} {row['h_error']:10.4g} {row['quantize_s']:7.1f}")
 
 
@@ -281,8 +283,8 @@ def main(argv: list[str] | None = None) -> None:
             for label in CURVES:
                 tax = read_off(points, label, budget) - prequant
                 print(f"  {label}: tax {tax:+.5f} ({tax / sd:.3f} x SDClip's)")
-            for lower, upper in (("rate-aware allocate, ans", "allocate, ans"), ("rate-aware allocate, ans", "allocate")):
-                print(f"  {lower} below {upper} at every size it reached: {below_everywhere(points, lower, upper)}")
+            below = below_everywhere(points, "rate-aware allocate, ans", "allocate, ans")
+            print(f"  rate-aware allocate, ans below allocate, ans within every budget of the sweep: {below}")
     write_csv(args.out / "methods.csv", all_rows)
     if len(args.run) > 1:
         for method in SEED_METHODS:

@@ -537,9 +537,14 @@ def gptq_hessian(name: str, hessians: dict[str, Tensor], plan: TensorPlan, cfg: 
     With H = I nothing is propagated between columns, so GPTQ reduces to rounding
     to nearest with the same SDClip scales (PR #1218's embedding).
     """
-    if plan.group == "embed" and not cfg.embed_gptq:
+    if not own_hessian(plan, cfg):
         return torch.eye(hessians[name].shape[0], dtype=hessians[name].dtype)
     return hessians[name]
+
+
+def own_hessian(plan: TensorPlan, cfg: QuantizeConfig) -> bool:
+    """Whether GPTQ quantizes the tensor with its own Hessian (not the identity of ``embed_gptq`` off)."""
+    return not (plan.group == "embed" and not cfg.embed_gptq)
 
 
 def quantize_model(
@@ -571,6 +576,7 @@ def quantize_model(
         for name, plan in plans.items() if plan.bits and not plan.uses_gptq
     }
     total_columns = sum(state_dict[n].shape[1] for n in gptq_names)
+    own_factors: dict[str, tuple[HessianFactors, int]] = {}  # the report measures errors through these
     with progress_bar(total=total_columns, desc="gptq columns", unit="col", show=show_progress) as bar:
         for names in shape_batches(gptq_names, state_dict):
             key = tuple(names)
@@ -583,20 +589,18 @@ def quantize_model(
             rows = torch.stack([sensitivity[n] for n in names]).to(device) if cfg.uses_output_sensitivity else None
             codes, scales = quantize_batch(torch.stack([weights[n] for n in names]).to(device), factor_cache[key],
                                            [plans[n] for n in names], cfg, bar, rows)
-            for name, code, scale in zip(names, codes.cpu(), scales.cpu()):
+            for index, (name, code, scale) in enumerate(zip(names, codes.cpu(), scales.cpu())):
                 clip_sigmas = plans[name].clip_sigmas if "sdclip" in cfg.scale_search else 0.0  # percentile scales
                 tensors[name] = QuantizedTensor(code, scale, plans[name].bits, clip_sigmas)
+                if factor_cache[key].from_original and own_hessian(plans[name], cfg):
+                    own_factors[name] = (factor_cache[key], index)
     if cfg.lqer_rank:
         tensors.update(worst_tensor_corrections(tensors, weights, hessians, gptq_names, cfg.lqer_rank,
                                                 cfg.lqer_bits, cfg.lqer_max_tensors, cfg.damping))
     for name, tensor in state_dict.items():
         tensors.setdefault(name, weights[name].detach().to(torch.float16) if tensor.is_floating_point() else tensor)
     qm = QuantizedModel(model_config, ordered_tensors(tensors, list(state_dict)))
-    # the report's errors through the factors GPTQ used, where those are of the tensor's own Hessian
-    own = {name: (factor_cache[key], index) for key in factor_cache if all(k in plans for k in key)
-           for index, name in enumerate(key) if factor_cache[key].from_original
-           and not (plans[name].group == "embed" and not cfg.embed_gptq)}
-    return qm, model_report(qm, state_dict, hessians, plans, own)
+    return qm, model_report(qm, state_dict, hessians, plans, own_factors)
 
 
 def ordered_tensors(tensors: dict[str, QuantizedTensor | Tensor], names: list[str]) -> dict[str, QuantizedTensor | Tensor]:
