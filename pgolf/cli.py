@@ -109,11 +109,21 @@ def main(argv: list[str] | None = None) -> int:
         return print_params(argv[1:])
     if argv and argv[0] == "seeds":
         return seeds(argv[1:])
+    if argv and argv[0] == "runs":
+        from pgolf.pipeline.runs import main as runs
+
+        return runs(argv[1:])
+    if argv and argv[0] == "exp":
+        from pgolf.pipeline.exp import main as exp
+
+        return exp(argv[1:])
     if not argv or argv[0] not in STAGE_MODULES:
-        print(f"usage: pgolf {{{','.join(STAGE_MODULES)},params,seeds}} [--params FILE] [--set section.key=value ...] "
+        print(f"usage: pgolf {{{','.join(STAGE_MODULES)},params,seeds,runs,exp}} [--params FILE] [--set section.key=value ...] "
               "[--out DIR]")
         print("  pgolf params ...  prints the complete params (every key, defaults filled in)")
         print("  pgolf seeds {run,report,published} ...  N seeds of the exported script and a record's statistics")
+        print("  pgolf runs [--exps] [DIR ...]  every run side by side: bpb to 5 decimals, bytes exact")
+        print("  pgolf exp run [--from-head] ARGS  dvc exp run ARGS, naming what the workspace carries in")
         print("  pgolf download --variant sp8192 --train-shards 128  fetches the challenge's published data")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(f"stages.{STAGE_MODULES[argv[0]]}")

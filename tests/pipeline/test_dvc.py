@@ -206,3 +206,46 @@ def test_stages_run_by_hand_never_touch_what_dvc_tracks(baseline):
     assert str(Path("runs") / "out" / "compress" / "artifact.ptz") in scored  # it scored the hand-made artifact
     assert json.loads((hand / "compress" / "metrics.json").read_text())["total_bytes"] != total_bytes(baseline)
     assert json.loads((hand / "evaluate" / "metrics.json").read_text())["quantized"]["val_bpb"] > 0
+
+
+def pgolf(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "DVC_STAGE"} | {"DVC_NO_ANALYTICS": "1"}
+    return subprocess.run([sys.executable, "-m", "pgolf.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def newest_experiment_params(repo: Path) -> dict:
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True,
+                                      check=True).stdout)
+    revs = [rev for base in shown for group in base.get("experiments") or [] for rev in group.get("revs") or []]
+    newest = max(revs, key=lambda rev: rev["data"]["timestamp"])
+    return newest["data"]["params"]["params.yaml"]["data"]
+
+
+def test_an_experiment_carries_the_workspace_and_pgolf_exp_says_so(baseline):
+    """docs/EXPERIMENTS.md: `--temp` copies the workspace; `pgolf exp run` names what it carries in."""
+    run(["dvc", "exp", "run", "-S", "quantize.matrix_clip_sigmas=14"], baseline)  # leaves 14 in params.yaml
+    carried = pgolf(["exp", "run", "--temp", "-S", "compress.compressor=lzma"], baseline)
+    assert carried.returncode == 0, carried.stderr[-3000:]
+    assert "warning: the workspace differs from HEAD (quantize.matrix_clip_sigmas: 12.85 -> 14" in carried.stderr
+    params = newest_experiment_params(baseline)
+    assert params["quantize"]["matrix_clip_sigmas"] == 14 and params["compress"]["compressor"] == "lzma"  # DVC's way
+    refused = pgolf(["exp", "run", "--from-head", "--temp", "-S", "compress.compressor=lzma"], baseline)
+    assert refused.returncode == 2 and "quantize.matrix_clip_sigmas: 12.85 -> 14" in refused.stderr
+    run(["git", "checkout", "params.yaml"], baseline)  # the documented way back to the baseline
+    clean = pgolf(["exp", "run", "--from-head", "--temp", "-S", "compress.compressor=lzma"], baseline)
+    assert clean.returncode == 0 and "warning" not in clean.stderr, clean.stderr[-3000:]
+    params = newest_experiment_params(baseline)
+    assert params["quantize"]["matrix_clip_sigmas"] == 12.85 and params["compress"]["compressor"] == "lzma"
+
+
+def test_pgolf_runs_puts_pipeline_hand_runs_and_experiments_side_by_side(baseline):
+    run(["dvc", "exp", "run", "-S", "quantize.matrix_clip_sigmas=30"], baseline)
+    run([sys.executable, "-m", "pgolf.cli", "evaluate", "--set", "evaluate.eval_stride=32"], baseline)
+    listed = pgolf(["runs", "--exps"], baseline)
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split("  ")[0]: line for line in listed.stdout.splitlines()[2:]}
+    sliding = json.loads((baseline / "out" / "evaluate" / "metrics.json").read_text())["quantized"]["sliding_val_bpb"]
+    assert f"{sliding:.5f}" in rows["pipeline (out/)"] and f"{total_bytes(baseline):,}" in rows["pipeline (out/)"]
+    assert "evaluate.eval_stride=32" in rows["hand run (runs/)"]  # a hand run says what it was made with
+    assert any("quantize.matrix_clip_sigmas=30" in line for line in rows.values())  # the experiment
