@@ -21,7 +21,7 @@ from pgolf.artifact.load import artifact_model, load_artifact
 from pgolf.artifact.tensors import ArtifactError, QuantizedModel, QuantizedTensor, dequantize
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
 from pgolf.quant.fit import quantize_for_size
-from tests.quant.test_allocate import model_with_hessians
+from tests.quant.test_frontier import frontier_model_with_hessians
 
 
 def small_model(seed: int = 0) -> QuantizedModel:
@@ -125,7 +125,7 @@ def test_dequantize_is_codes_times_row_scale_in_float32():
     assert torch.equal(state["blocks.0.attn.q_gain"], qm.tensors["blocks.0.attn.q_gain"].float())
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "lzma", "zstd", "ans"])
+@pytest.mark.parametrize("compressor", ["brotli", "lzma", "zstd", "ans", "pergroup"])
 def test_compress_round_trip_needs_no_parameters(compressor):
     qm = small_model()
     raw = serialize(qm)
@@ -155,7 +155,7 @@ def test_unknown_compressor_is_refused():
         compress(b"x", CompressConfig(compressor="bzip2"))
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "ans"])
+@pytest.mark.parametrize("compressor", ["brotli", "ans", "pergroup"])
 def test_compressed_tensor_sizes_cover_every_tensor(compressor):
     sizes = compressed_tensor_sizes(small_model(), CompressConfig(compressor=compressor, brotli_quality=5))
     assert set(sizes) == set(small_model().tensors)
@@ -367,19 +367,27 @@ QUANTIZE_METHODS = {
     "sdclip": {},
     "hessian_sdclip": {"scale_search": "hessian_sdclip"},
     "gate_int8": {"gate_int8": True},
+    "gate_int8_attn_gate_w": {"gate_int8": True, "gate_rule": "attn_gate_w"},
     "lqer": {"lqer_rank": 4, "lqer_max_tensors": 2},
+    "lqer_asym": {"lqer_rank": 4, "lqer_max_tensors": 3, "lqer_mode": "asym", "lqer_group": 64},
+    "lqer_asym_fallback": {"lqer_rank": 3, "lqer_max_tensors": 2, "lqer_mode": "asym", "lqer_group": 256},
     "allocate": {"method": "allocate", "allocate_bits": [5, 8], "allocate_clip_sigmas": [12.85], "lqer_rank": 2},
 }
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "ans"])
+@pytest.mark.parametrize("compressor", ["brotli", "ans", "pergroup"])
 @pytest.mark.parametrize("method", sorted(QUANTIZE_METHODS))
 def test_every_quantization_method_round_trips_through_the_artifact(method, compressor, tmp_path):
-    model, hessians = model_with_hessians()
+    model, hessians = frontier_model_with_hessians()
     cfg = QuantizeConfig(passthrough_max_numel=0, **QUANTIZE_METHODS[method])
     compress_cfg = CompressConfig(compressor=compressor, brotli_quality=5, size_limit_bytes=400_000)
     qm, _, _ = quantize_for_size(model.config, model.state_dict(), hessians, cfg,
                                  compress_cfg if cfg.method == "allocate" else None, 0, "cpu")
+    kinds = {type(tensor).__name__ for tensor in qm.tensors.values()}
+    assert ("GroupedTensor" in kinds) == (method == "lqer_asym" or method == "lqer_asym_fallback")
+    if method == "gate_int8_attn_gate_w":  # the record's rule: the attention gates, not skip_gates
+        assert isinstance(qm.tensors["blocks.0.attn.attn_gate_w"], QuantizedTensor)
+        assert not isinstance(qm.tensors["skip_gates"], QuantizedTensor)
     blob = compress(serialize(qm), compress_cfg)
     path = tmp_path / "model.ptz"
     path.write_bytes(blob)
