@@ -10,7 +10,7 @@ back (:func:`pgolf.artifact.tensors.dequantize` adds ``A B``). ``quantize.lqer_m
   ``B`` is quantized first and ``A`` refitted to the quantized ``B̂`` by least squares in the
   same norm, so the factors' own rounding costs little. The tensors with the largest
   H-weighted error are corrected, and a correction is kept only when it lowers that error.
-- ``asym`` (PR #1855's, FRONTIER_SPEC §5.5): the tensors with the largest ``‖E‖_F`` are
+- ``asym`` (PR #1855's, docs/ARTIFACT.md): the tensors with the largest ``‖E‖_F`` are
   corrected by the plain SVD ``E = U S Vᵀ``, ``A = U_r S_r`` and ``B = V_rᵀ``; A becomes
   int2 codes {−2..1} with one scale ``max|A| / 1.5`` (so the largest positive entry clamps
   to +1), B int4 codes {−8..7} with one scale ``max|g| / 7.5`` per group ``g`` of ``group``

@@ -27,7 +27,7 @@ from stages.import_model import unbank_state_dict
 from tests.conftest import _load, _require
 from tests.model.test_frontier import GOLDEN, frontier_config
 
-# The record's export settings (FRONTIER_SPEC §5.3–5.5), as presets/frontier.yaml sets them.
+# The record's export settings (docs/ARTIFACT.md), as presets/frontier.yaml sets them.
 RECORD = QuantizeConfig(embed_bits=7, embed_clip_sigmas=14.0, mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0,
                         gate_int8=True, gate_rule="attn_gate_w", lqer_rank=4, lqer_max_tensors=3, lqer_mode="asym",
                         lqer_group=64)
@@ -168,7 +168,7 @@ def test_lqer_asym_selects_by_the_records_residual_norms(golden):
     assert {name.rsplit(".", 1)[0] for name in factors} == set(mixed["lqer_chosen"])
 
 
-# ----------------------------------------------------------------------------- rules (spec §5.6)
+# ----------------------------------------------------------------------------- the record's rules
 
 
 def test_clip_and_bit_routing_is_the_records_table():

@@ -52,7 +52,7 @@ def test_frontier_preset_sets_the_records_system():
     params = preset("frontier")
     model, cfg, quant, tta = (section(params, s, c) for s, c in (("model", ModelConfig), ("train", TrainConfig),
                                                                  ("quantize", QuantizeConfig), ("ttt", TTTConfig)))
-    # FRONTIER_SPEC §5.3-5.5, §6.1: the record's export
+    # the record's export (docs/ARTIFACT.md)
     assert (quant.attn_clip_sigmas, quant.mlp_clip_sigmas, quant.embed_bits, quant.embed_clip_sigmas) == \
         (13.0, 11.5, 7, 14.0)
     assert (quant.gate_int8, quant.gate_rule) == (True, "attn_gate_w")
