@@ -31,6 +31,7 @@ import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,7 @@ def model_layout(header: dict[str, Any], payload_start: int, payload_len: int) -
         key, layer = found
         groups[GROUPS.index(key)].append(Member(entry["name"], layer, shape[0], shape[1], payload_start + entry["offset"]))
     layout = Layout(tuple(tuple(sorted(group, key=lambda member: member.layer)) for group in groups))
-    for (_, end), (start, _) in zip(layout.spans(), layout.spans()[1:]):
+    for (_, end), (start, _) in pairwise(layout.spans()):
         if start < end:
             raise ArtifactError("the header's code arrays overlap (corrupt)")
     for key, group in zip(GROUPS, layout.groups):

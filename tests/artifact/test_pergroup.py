@@ -71,7 +71,7 @@ def mixed_model(golden: dict) -> QuantizedModel:
 
 
 def lrzip_version() -> str:
-    return subprocess.run(["lrzip", "-V"], capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["lrzip", "-V"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 @pytest.mark.parametrize("case", ["pergroup_tiny", "pergroup_mixed"])
@@ -162,7 +162,7 @@ def test_lrzip_runs_with_the_records_flags_on_temporary_files(monkeypatch):
 def small_model() -> QuantizedModel:
     """An embedding and one block's MLP: two groups, one of them sorted."""
     generator = torch.Generator().manual_seed(0)
-    codes = lambda rows, cols: torch.randint(-3, 4, (rows, cols), generator=generator, dtype=torch.int8)  # noqa: E731
+    codes = lambda rows, cols: torch.randint(-3, 4, (rows, cols), generator=generator, dtype=torch.int8)
     return QuantizedModel(ModelConfig(), {
         "tok_emb.weight": QuantizedTensor(codes(64, 16), torch.rand(64, generator=generator).half(), 6, 12.0),
         "blocks.0.mlp.proj.weight": QuantizedTensor(codes(16, 48), torch.rand(16, generator=generator).half(), 6, 12.0),

@@ -183,7 +183,7 @@ def test_clip_and_bit_routing_is_the_records_table():
 
 
 def test_quantgate_takes_the_attention_gates_in_its_size_range_and_nothing_else():
-    plan = lambda name, shape, cfg=RECORD: tensor_plan(name, torch.randn(*shape), cfg)  # noqa: E731
+    plan = lambda name, shape, cfg=RECORD: tensor_plan(name, torch.randn(*shape), cfg)
     assert plan("blocks.4.attn.attn_gate_w", (8, 12)) == TensorPlan("gate", 8, 0.0, rounding="row_max")
     assert plan("blocks.4.attn.attn_gate_w", (8, 1024)).rounding == "row_max"  # 8,192: the upper bound
     assert plan("blocks.4.attn.attn_gate_w", (8, 1025)).bits == 0

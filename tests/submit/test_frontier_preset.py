@@ -90,6 +90,7 @@ def test_frontier_preset_runs_every_stage_on_micro_sizes(tmp_path, monkeypatch):
     artifact = Path(layout.COMPRESS_ARTIFACT).read_bytes()
     assert artifact[:4] == b"PGAZ" and artifact[5] == COMPRESSORS["pergroup"]
     assert any(isinstance(t, GroupedTensor) for t in load_artifact(artifact).tensors.values())  # LQER asym
+    assert "apt-get install lrzip" in (Path(layout.EXPORT_DIR) / "README.md").read_text()  # what the folder needs
     for metrics in (layout.PREQUANT_METRICS, layout.EVALUATE_METRICS, layout.TTT_METRICS):
         values = json.loads(Path(metrics).read_text())
         assert not any(math.isnan(v) for v in values.values() if isinstance(v, float)), metrics
