@@ -256,7 +256,7 @@ def _pergroup_compress(raw: bytes, cfg: CompressConfig) -> bytes:
     remainder = brotli.compress(byte_shuffle(parts.remainder, cfg.shuffle_stride), quality=cfg.brotli_quality,
                                 lgwin=PERGROUP_BROTLI_WINDOW)
     permutations = brotli.compress(parts.permutations, quality=cfg.brotli_quality) if parts.permutations else b""
-    return pergroup.pack_streams([pergroup.lrzip_compress(blob) for blob in parts.groups] + [remainder, permutations])
+    return pergroup.pack_streams(pergroup.lrzip_compress_all(parts.groups) + [remainder, permutations])
 
 
 def _pergroup_decompress(stream: bytes, raw_len: int) -> bytes:

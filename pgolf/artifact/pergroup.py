@@ -340,6 +340,12 @@ def _read_at_most(process: subprocess.Popen, size: int) -> bytes:
     return bytes(out)
 
 
+def lrzip_compress_all(groups: list[bytes]) -> list[bytes]:
+    """Every group's lrzip stream, the lrzip processes run side by side (the same bytes as one by one)."""
+    with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+        return list(pool.map(lrzip_compress, groups))
+
+
 def lrzip_decompress_all(streams: list[bytes], sizes: list[int]) -> list[bytes]:
     """Every group's bytes, the lrzip processes run side by side (as the record does)."""
     with ThreadPoolExecutor(max_workers=len(streams)) as pool:
