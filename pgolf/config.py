@@ -341,12 +341,22 @@ class QuantizeConfig(Section):
     # Beyond SDClip (README "Quantization methods"); the defaults keep the record's export.
     hessian_clip_lambda: Annotated[float, Range(ge=0.0, le=1.0)] = 0.175  # clip k·σ·[1 + λ(r − 1)]
     gate_int8: bool = False  # QuantGate (04-22): int8 per-row codes for small gate matrices, not fp16
+    # which gates: small_gates (pgolf: every small 2-D matrix named *gate*, skip_gates included) |
+    # attn_gate_w (PR #1855: *.attn_gate_w of 32..8192 elements only)
+    gate_rule: Literal["small_gates", "attn_gate_w"] = "small_gates"
     lqer_rank: Count = 0  # > 0: LQER, a rank-r correction of the residual (PR #1797)
     lqer_bits: Bits = 4  # bits of the correction's factors
     lqer_max_tensors: Count = 0  # method fixed: correct the tensors with the largest H-weighted error (0: all)
     # > 0: rate-aware GPTQ, each code the one of its two neighbours of least H-weighted error + λ·bits
     # under the ans coder's model of its column (pgolf.quant.gptq.rate_terms); 0: the nearest, as ever
     rate_lambda: NonNegative = 0.0
+    lqer_bits: Bits = 4  # bits of the correction's factors (asym: of its symmetric fallback)
+    # method fixed: correct the tensors with the largest error (0: all): H-weighted (hessian), Frobenius (asym)
+    lqer_max_tensors: Count = 0
+    # hessian: pgolf's, fitted in the H-weighted norm, per-row factors, kept where it helps | asym: PR #1855's,
+    # plain SVD, A int2 {-2..1} with one scale, B int4 {-8..7} per lqer_group values
+    lqer_mode: Literal["hessian", "asym"] = "hessian"
+    lqer_group: Positive = 64  # asym: values of B per scale
     # fixed: the bits and clips above; allocate: bits and clip per tensor by rate–distortion, within
     # compress.size_limit_bytes (pgolf.quant.allocate)
     method: Literal["fixed", "allocate"] = "fixed"
@@ -373,6 +383,8 @@ class QuantizeConfig(Section):
         _require(self.method == "fixed" or (clip_sigmas_used and self.table_clip_quantile == 0),
                  "method", self.method,
                  "chooses bits and clip sigmas: needs an SDClip scale_search and no table rounding")
+        _require(self.method == "fixed" or self.lqer_mode == "hessian" or not self.lqer_rank, "lqer_mode",
+                 self.lqer_mode, "picks its tensors over the whole model: use it with method fixed")
         _require(bool(self.allocate_bits), "allocate_bits", self.allocate_bits, "must list at least one width")
         _require(bool(self.allocate_clip_sigmas), "allocate_clip_sigmas", self.allocate_clip_sigmas,
                  "must list at least one clip")
@@ -388,7 +400,8 @@ class QuantizeConfig(Section):
 class CompressConfig(Section):
     """Pickle-free serialisation, byte shuffle and entropy coding (section 6)."""
 
-    compressor: Literal["brotli", "lzma", "zstd", "ans"] = "brotli"  # ans: pgolf.artifact.ans's model-based coder
+    # ans: pgolf.artifact.ans's model-based coder; pergroup: PR #1855's per-group lrzip (needs the lrzip program)
+    compressor: Literal["brotli", "lzma", "zstd", "ans", "pergroup"] = "brotli"
     brotli_quality: Annotated[int, Range(ge=0, le=11)] = 11
     lzma_preset: Annotated[int, Range(ge=0, le=9)] = 6
     zstd_level: Annotated[int, Range(ge=1, le=22)] = 22

@@ -1,10 +1,11 @@
-"""The compressed artifact ("PGAZ"): a serialized model coded by brotli, lzma, zstd or ``ans``.
+"""The compressed artifact ("PGAZ"): a serialized model coded by brotli, lzma, zstd, ``ans`` or ``pergroup``.
 
 :func:`compress` byte-shuffles a serialized model (docs/DESIGN.md §6) and codes it with
 brotli, lzma or zstd, or codes the model's arrays under explicit probability models
-(``ans``, :mod:`pgolf.artifact.ans`), inside a small container that names the coder and its
-version, so :func:`decompress` needs no parameters. Decompression stops once the output
-passes the declared raw length.
+(``ans``, :mod:`pgolf.artifact.ans`), or codes its code matrices group by group with the
+lrzip program and the rest with brotli (``pergroup``, :mod:`pgolf.artifact.pergroup`), inside
+a small container that names the coder and its version, so :func:`decompress` needs no
+parameters. Decompression stops once the output passes the declared raw length.
 
 Compressed artifact ("PGAZ", version 2)::
 
@@ -14,7 +15,9 @@ with compressor 1 brotli, 2 lzma, 3 zstd (coder version 1: ``stream`` is the lib
 stream of the shuffle ``b"BSHF" | u8 stride | shuffled bytes``, the reference's shuffle
 header, written for stride 1 as well so that a stream always says how to undo it) or 4
 ans (``stream`` as :mod:`pgolf.artifact.ans` describes, coder version
-:data:`pgolf.artifact.ans.CODER_VERSION`). Version 1, written before the coder version byte,
+:data:`pgolf.artifact.ans.CODER_VERSION`) or 5 pergroup (coder version 1: the container of
+:mod:`pgolf.artifact.pergroup`, its remainder stream brotli of the remainder's shuffle, its
+permutations stream brotli of the uint16 permutations). Version 1, written before the coder version byte,
 is ``b"PGAZ" | u8 1 | u8 compressor (1 or 2) | u64 raw_len | u32 crc32 | stream`` and
 still loads.
 """
@@ -32,9 +35,9 @@ import numpy as np
 import zstandard
 from torch import Tensor
 
-from pgolf.artifact import ans
-from pgolf.artifact.format import check_array, deserialize, serialize, split_header
-from pgolf.artifact.tensors import ArtifactError, QuantizedModel, QuantizedTensor
+from pgolf.artifact import ans, pergroup
+from pgolf.artifact.format import check_array, deserialize, scale_length, serialize, split_header
+from pgolf.artifact.tensors import ArtifactError, CodedTensor, QuantizedModel
 from pgolf.config import CompressConfig, ModelConfig
 
 ARTIFACT_MAGIC = b"PGAZ"
@@ -46,10 +49,16 @@ ARTIFACT_VERSION = 2
 SHUFFLE_MAGIC = b"BSHF"
 
 
-COMPRESSORS = {"brotli": 1, "lzma": 2, "zstd": 3, "ans": 4}
+COMPRESSORS = {"brotli": 1, "lzma": 2, "zstd": 3, "ans": 4, "pergroup": 5}
 
 
 GENERAL_CODER_VERSION = 1  # the coder version of brotli / lzma / zstd: the library's stream of the shuffle
+
+
+PERGROUP_CODER_VERSION = 1
+
+
+PERGROUP_BROTLI_WINDOW = 24  # lgwin of the remainder's brotli, as the record's
 
 
 _ARTIFACT_PREFIX = struct.Struct("<4sBBBQI")  # magic, version, compressor, coder version, raw_len, crc32
@@ -94,6 +103,8 @@ def compress(raw: bytes, cfg: CompressConfig) -> bytes:
         raise ValueError(f"compress.compressor: unknown {cfg.compressor!r} (known: {', '.join(COMPRESSORS)})")
     if cfg.compressor == "ans":
         stream, coder_version = _ans_compress(raw), ans.CODER_VERSION
+    elif cfg.compressor == "pergroup":
+        stream, coder_version = _pergroup_compress(raw, cfg), PERGROUP_CODER_VERSION
     else:
         stream, coder_version = _general_compress(byte_shuffle(raw, cfg.shuffle_stride), cfg), GENERAL_CODER_VERSION
     prefix = _ARTIFACT_PREFIX.pack(
@@ -121,13 +132,15 @@ def decompress(blob: bytes) -> bytes:
     if compressor not in names:
         raise ArtifactError(f"artifact names unknown compressor id {compressor} (known: {names})")
     name = names[compressor]
-    expected_version = ans.CODER_VERSION if name == "ans" else GENERAL_CODER_VERSION
+    expected_version = {"ans": ans.CODER_VERSION, "pergroup": PERGROUP_CODER_VERSION}.get(name, GENERAL_CODER_VERSION)
     if coder_version != expected_version:
         raise ArtifactError(
             f"artifact's {name} coder version {coder_version} is not supported (this code reads {expected_version})"
         )
     if name == "ans":
         raw = _ans_decompress(stream, raw_len)
+    elif name == "pergroup":
+        raw = _pergroup_decompress(stream, raw_len)
     else:
         raw = byte_unshuffle(_inflate_bounded(name, stream, raw_len + _SHUFFLE_HEADER_LEN))
     if len(raw) != raw_len or zlib.crc32(raw) != crc:
@@ -165,6 +178,17 @@ def _read_prefix(blob: bytes) -> tuple[int, int, int, int, bytes]:
 
 
 def _inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
+    """The output of a brotli / lzma / zstd ``stream``, exactly ``limit`` bytes or refused."""
+    out = _inflate_at_most(name, stream, limit)
+    if len(out) < limit:
+        raise ArtifactError(
+            f"artifact's {name} stream is corrupt or truncated: it inflates to {len(out):,} bytes, "
+            f"its header declares {limit:,}"
+        )
+    return out
+
+
+def _inflate_at_most(name: str, stream: bytes, limit: int) -> bytes:
     """The output of a brotli / lzma / zstd ``stream``, refused once it passes ``limit`` bytes."""
     pieces = {"brotli": ans.brotli_pieces, "lzma": _lzma_pieces, "zstd": _zstd_pieces}[name](stream)
     out = bytearray()
@@ -177,11 +201,6 @@ def _inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
                 )
     except (brotli.error, lzma.LZMAError, zstandard.ZstdError, ans.StreamError) as exc:
         raise ArtifactError(f"artifact's {name} stream is corrupt or truncated: {exc}") from None
-    if len(out) < limit:
-        raise ArtifactError(
-            f"artifact's {name} stream is corrupt or truncated: it inflates to {len(out):,} bytes, "
-            f"its header declares {limit:,}"
-        )
     return bytes(out)
 
 
@@ -230,20 +249,46 @@ def _ans_decompress(stream: bytes, raw_len: int) -> bytes:
     return head + payload
 
 
+def _pergroup_compress(raw: bytes, cfg: CompressConfig) -> bytes:
+    """The pergroup container of a serialized model: lrzip per group, brotli for the rest."""
+    deserialize(raw)  # the groups are read from the layout: refuse anything that is not a valid model
+    parts = pergroup.split_model(raw)
+    remainder = brotli.compress(byte_shuffle(parts.remainder, cfg.shuffle_stride), quality=cfg.brotli_quality,
+                                lgwin=PERGROUP_BROTLI_WINDOW)
+    permutations = brotli.compress(parts.permutations, quality=cfg.brotli_quality) if parts.permutations else b""
+    return pergroup.pack_streams(pergroup.lrzip_compress_all(parts.groups) + [remainder, permutations])
+
+
+def _pergroup_decompress(stream: bytes, raw_len: int) -> bytes:
+    """The serialized model in a pergroup container; every size is known before it is decoded."""
+    streams = pergroup.unpack_streams(stream)
+    remainder = byte_unshuffle(_inflate_at_most("brotli", streams[pergroup.REMAINDER], raw_len + _SHUFFLE_HEADER_LEN))
+    layout = pergroup.remainder_layout(remainder, raw_len)
+    permutation_bytes = layout.permutation_bytes()
+    encoded = streams[pergroup.PERMUTATIONS]
+    if not permutation_bytes and encoded:
+        raise ArtifactError("artifact's pergroup stream holds permutations its model has no use for (corrupt)")
+    permutations = _inflate_bounded("brotli", encoded, permutation_bytes) if permutation_bytes else b""
+    groups = pergroup.lrzip_decompress_all(streams[:pergroup.REMAINDER], layout.group_bytes())
+    return pergroup.join_model(remainder, layout, groups, permutations)
+
+
 def _array_specs(header: dict[str, Any], payload_len: int) -> list[ans.ArraySpec]:
     """Every array of the payload as the entropy coder sees it, validated against ``payload_len``."""
     specs = []
     for index, entry in enumerate(header["tensors"]):
         try:
             shape = entry["shape"]
-            if entry["kind"] == "quantized":
+            if entry["kind"] in ("quantized", "grouped"):
                 check_array(entry["dtype"], shape, entry["offset"], entry["nbytes"], payload_len)
-                rows = shape[0] if len(shape) == 2 else 0
-                check_array(entry["scale_dtype"], [rows], entry["scale_offset"], entry["scale_nbytes"], payload_len)
-                if entry["dtype"] != "int8" or len(shape) != 2 or entry["bits"] not in range(2, 9):
+                scales = scale_length(entry)
+                check_array(entry["scale_dtype"], [scales], entry["scale_offset"], entry["scale_nbytes"], payload_len)
+                # ans codes the symmetric range of its bits; b-bit two's-complement codes lie in that of b + 1
+                bits = entry["bits"] + (entry["kind"] == "grouped")
+                if entry["dtype"] != "int8" or len(shape) != 2 or bits not in range(2, 9):
                     raise ArtifactError(f"codes must be 2-D int8 of 2..8 bits, got {entry['dtype']} {shape}")
-                specs.append(ans.ArraySpec("codes", "int8", tuple(shape), entry["offset"], entry["bits"]))
-                specs.append(ans.ArraySpec("scale", entry["scale_dtype"], (rows,), entry["scale_offset"], 0))
+                specs.append(ans.ArraySpec("codes", "int8", tuple(shape), entry["offset"], bits))
+                specs.append(ans.ArraySpec("scale", entry["scale_dtype"], (scales,), entry["scale_offset"], 0))
             else:
                 check_array(entry["dtype"], shape, entry["offset"], entry["nbytes"], payload_len)
                 specs.append(ans.ArraySpec("passthrough", entry["dtype"], tuple(shape), entry["offset"], 0))
@@ -262,10 +307,10 @@ def compressed_tensor_sizes(qm: QuantizedModel, cfg: CompressConfig) -> dict[str
     return {name: tensors_alone_bytes(qm.model_config, {name: tensor}, cfg) for name, tensor in qm.tensors.items()}
 
 
-def tensors_alone_bytes(model_config: ModelConfig, tensors: dict[str, QuantizedTensor | Tensor],
+def tensors_alone_bytes(model_config: ModelConfig, tensors: dict[str, CodedTensor | Tensor],
                         cfg: CompressConfig) -> int:
     """The compressed bytes of an artifact holding only ``tensors``, less those of one holding none."""
-    def artifact_bytes(held: dict[str, QuantizedTensor | Tensor]) -> int:
+    def artifact_bytes(held: dict[str, CodedTensor | Tensor]) -> int:
         return len(compress(serialize(QuantizedModel(model_config, held)), cfg))
 
     return artifact_bytes(tensors) - artifact_bytes({})

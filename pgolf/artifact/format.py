@@ -5,13 +5,16 @@ Reading an artifact can never run code. All integers little-endian::
     b"PGQM" | u32 version | u32 header_len | header (UTF-8 JSON, space padded) | payload
 
 The header is ``{"model_config": {...ModelConfig...}, "tensors": [entry, ...]}`` with, per
-entry, ``name``, ``kind`` ("quantized" or "passthrough"), ``dtype`` ("int8", "float16" or
-"float32"), ``shape``, ``offset`` and ``nbytes`` of its data array in the payload; quantized
-entries add ``bits``, ``clip_sigmas`` and ``scale_offset``/``scale_nbytes`` of their
-float16 ``[rows]`` scales. Arrays are raw little-endian, C order: first every int8 code
-array, then every 16/32-bit array, each at an even offset from an even payload start, so
-that the stride-2 shuffle puts all low bytes of the fp16 values together and all high
-bytes together.
+entry, ``name``, ``kind`` ("quantized", "grouped" or "passthrough"), ``dtype`` ("int8",
+"float16" or "float32"), ``shape``, ``offset`` and ``nbytes`` of its data array in the
+payload; quantized entries add ``bits``, ``clip_sigmas`` and ``scale_offset``/``scale_nbytes``
+of their float16 ``[rows]`` scales, grouped entries (:class:`GroupedTensor`, PR #1855's LQER
+factors) ``bits``, ``group_size`` and the extent of their float16 ``[numel / group_size]``
+scales. Arrays are raw little-endian, C order: first every int8 code array, then every
+16/32-bit array, each at an even offset from an even payload start, so that the stride-2
+shuffle puts all low bytes of the fp16 values together and all high bytes together. The
+"grouped" kind came after the first artifacts; a model without it serializes to the same
+bytes as before, and a reader that predates it refuses it as an unknown kind.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pgolf.artifact.tensors import ArtifactError, QuantizedModel, QuantizedTensor
+from pgolf.artifact.tensors import ArtifactError, CodedTensor, GroupedTensor, QuantizedModel, QuantizedTensor
 from pgolf.config import ConfigError, ModelConfig, from_dict, to_dict
 
 MODEL_MAGIC = b"PGQM"
@@ -53,7 +56,7 @@ def serialize(qm: QuantizedModel) -> bytes:
     codes: list[tuple[tuple[str, str], bytes]] = []  # ((tensor name, "data" | "scale"), little-endian bytes)
     others: list[tuple[tuple[str, str], bytes]] = []
     for name, tensor in qm.tensors.items():
-        if isinstance(tensor, QuantizedTensor):
+        if isinstance(tensor, CodedTensor):
             codes.append(((name, "data"), _array_bytes(tensor.q)))
             others.append(((name, "scale"), _array_bytes(tensor.scale)))
         else:
@@ -90,6 +93,13 @@ def _header_bytes(qm: QuantizedModel, placed: dict[tuple[str, str], tuple[int, i
                 "offset": offset, "nbytes": nbytes, "bits": tensor.bits,
                 "clip_sigmas": tensor.clip_sigmas, "scale_dtype": "float16",
                 "scale_offset": scale_offset, "scale_nbytes": scale_nbytes,
+            })
+        elif isinstance(tensor, GroupedTensor):
+            scale_offset, scale_nbytes = placed[(name, "scale")]
+            entries.append({
+                "name": name, "kind": "grouped", "dtype": "int8", "shape": list(tensor.q.shape),
+                "offset": offset, "nbytes": nbytes, "bits": tensor.bits, "group_size": tensor.group_size,
+                "scale_dtype": "float16", "scale_offset": scale_offset, "scale_nbytes": scale_nbytes,
             })
         else:
             entries.append({
@@ -172,15 +182,28 @@ def _read_entry(entry: Any, index: int, payload: memoryview) -> tuple[str, Quant
         data = _read_array(payload, entry["dtype"], shape, entry["offset"], entry["nbytes"])
         if kind == "passthrough":
             return name, data
-        if kind != "quantized":
-            raise ArtifactError(f"unknown kind {kind!r} (expected 'quantized' or 'passthrough')")
-        rows = shape[0] if len(shape) == 2 else 0
-        scale = _read_array(payload, entry["scale_dtype"], [rows], entry["scale_offset"], entry["scale_nbytes"])
+        if kind not in ("quantized", "grouped"):
+            raise ArtifactError(f"unknown kind {kind!r} (expected 'quantized', 'grouped' or 'passthrough')")
+        scale_count = scale_length(entry)
+        scale = _read_array(payload, entry["scale_dtype"], [scale_count], entry["scale_offset"], entry["scale_nbytes"])
+        if kind == "grouped":
+            return name, GroupedTensor(q=data, scale=scale, bits=entry["bits"], group_size=entry["group_size"])
         return name, QuantizedTensor(q=data, scale=scale, bits=entry["bits"], clip_sigmas=float(entry["clip_sigmas"]))
     except KeyError as exc:
         raise ArtifactError(f"tensor {name!r}: header entry lacks {exc.args[0]!r}") from None
     except (ValueError, TypeError) as exc:
         raise ArtifactError(f"tensor {name!r}: {exc}") from None
+
+
+def scale_length(entry: dict[str, Any]) -> int:
+    """How many scales a quantized (one per row) or grouped (one per group) entry declares."""
+    shape = entry["shape"]
+    if entry["kind"] == "quantized":
+        return shape[0] if len(shape) == 2 else 0
+    group_size, numel = entry["group_size"], math.prod(shape)
+    if not isinstance(group_size, int) or group_size <= 0 or numel % group_size:
+        raise ArtifactError(f"group size {group_size!r} does not divide the {numel} codes of shape {shape}")
+    return numel // group_size
 
 
 def _read_array(payload: memoryview, dtype: Any, shape: Any, offset: Any, nbytes: Any) -> Tensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pgolf.artifact.compress import compress, compressed_tensor_sizes, decompress
 from pgolf.artifact.format import serialize
-from pgolf.artifact.tensors import QuantizedModel, QuantizedTensor
+from pgolf.artifact.tensors import CodedTensor, QuantizedModel
 from pgolf.config import CompressConfig
 
 
@@ -54,7 +54,7 @@ def tensor_size_rows(qm: QuantizedModel, cfg: CompressConfig) -> list[dict]:
     rows = []
     for name, compressed in compressed_tensor_sizes(qm, cfg).items():
         tensor = qm.tensors[name]
-        quantized = isinstance(tensor, QuantizedTensor)
+        quantized = isinstance(tensor, CodedTensor)
         numel = tensor.q.numel() if quantized else tensor.numel()
         rows.append({
             "tensor": name,

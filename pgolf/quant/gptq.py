@@ -26,13 +26,18 @@ from tqdm import tqdm
 from pgolf.artifact.ans import code_bits
 from pgolf.artifact.tensors import QuantizedModel, QuantizedTensor, dequantize, quant_max
 from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
-from pgolf.quant.lqer import correction_names, worst_tensor_corrections
-from pgolf.quant.rounding import CLIP_PERCENTILES, abs_quantile, best_row_percentile_scales, round_rows, round_table
+from pgolf.quant.lqer import correction_names, lqer_corrections
+from pgolf.quant.rounding import (
+    CLIP_PERCENTILES,
+    MIN_FP16_SCALE,
+    abs_quantile,
+    best_row_percentile_scales,
+    round_rows,
+    round_table,
+)
 from pgolf.runtime import progress_bar
 
-MIN_SCALE = 1e-10
-# A scale of MIN_SCALE is 0 in fp16; the smallest fp16 subnormal keeps codes finite.
-MIN_FP16_SCALE = 2.0**-24
+MIN_SCALE = 1e-10  # 0 in fp16: a row's fp16 scale is at least MIN_FP16_SCALE
 SUPPORTED_BITS = range(2, 9)  # codes are stored as int8
 # Columns per rank-1-update sub-block inside a GPTQ block: a speed knob only.
 SUB_BLOCK = 16
@@ -83,10 +88,20 @@ def group_overrides(group: str, cfg: QuantizeConfig) -> tuple[int | None, float 
     }[group]
 
 
-def is_gate_matrix(name: str, tensor: Tensor, max_numel: int) -> bool:
-    """A small 2-D gate (``skip_gates``, ``attn_gate_w``): what QuantGate stores as int8 rows."""
-    return ("gate" in name.rsplit(".", 1)[-1] and tensor.ndim == 2 and tensor.is_floating_point()
-            and tensor.numel() <= max_numel)
+RECORD_GATE_NUMEL = (32, 8192)  # PR #1855's QuantGate: from the 8×12 sparse gate to a dense 8×512 one
+RECORD_GATE_SUFFIX = ".attn_gate_w"
+
+
+def is_gate_matrix(name: str, tensor: Tensor, cfg: QuantizeConfig) -> bool:
+    """A gate matrix QuantGate stores as int8 rows, by ``cfg.gate_rule``: ``small_gates``, any 2-D
+    float tensor named ``*gate*`` of at most ``passthrough_max_numel`` elements (``skip_gates``,
+    ``attn_gate_w``); ``attn_gate_w``, the record's, only ``*.attn_gate_w`` of 32..8192 elements."""
+    if tensor.ndim != 2 or not tensor.is_floating_point():
+        return False
+    if cfg.gate_rule == "attn_gate_w":
+        low, high = RECORD_GATE_NUMEL
+        return name.endswith(RECORD_GATE_SUFFIX) and low <= tensor.numel() <= high
+    return "gate" in name.rsplit(".", 1)[-1] and tensor.numel() <= cfg.passthrough_max_numel
 
 
 def tensor_plan(name: str, tensor: Tensor, cfg: QuantizeConfig) -> TensorPlan:
@@ -94,10 +109,11 @@ def tensor_plan(name: str, tensor: Tensor, cfg: QuantizeConfig) -> TensorPlan:
 
     Control tensors (gains, scales, mixes, skip weights) are never quantized,
     whatever ``passthrough_max_numel`` says: they have no Hessian. With ``gate_int8``
-    the small gate matrices among them are rounded to int8 rows (QuantGate).
+    the gate matrices of ``gate_rule`` are rounded to int8 rows (QuantGate), a rule
+    checked before the passthrough one.
     """
     group = tensor_group(name)
-    if cfg.gate_int8 and is_gate_matrix(name, tensor, cfg.passthrough_max_numel):
+    if cfg.gate_int8 and is_gate_matrix(name, tensor, cfg):
         return TensorPlan("gate", 8, 0.0, rounding="row_max")
     is_weight_matrix = name.endswith(".weight") and tensor.ndim == 2 and tensor.is_floating_point()
     if not is_weight_matrix or tensor.numel() <= cfg.passthrough_max_numel:
@@ -595,8 +611,7 @@ def quantize_model(
                 if factor_cache[key].from_original and own_hessian(plans[name], cfg):
                     own_factors[name] = (factor_cache[key], index)
     if cfg.lqer_rank:
-        tensors.update(worst_tensor_corrections(tensors, weights, hessians, gptq_names, cfg.lqer_rank,
-                                                cfg.lqer_bits, cfg.lqer_max_tensors, cfg.damping))
+        tensors.update(lqer_corrections(tensors, weights, hessians, gptq_names, cfg))
     for name, tensor in state_dict.items():
         tensors.setdefault(name, weights[name].detach().to(torch.float16) if tensor.is_floating_point() else tensor)
     qm = QuantizedModel(model_config, ordered_tensors(tensors, list(state_dict)))

@@ -17,14 +17,15 @@ from pgolf.artifact.tensors import QuantizedTensor, quant_max
 
 # The row-clip quantiles PR #576 and PR #1218 try (1.0: the row's largest |w|).
 CLIP_PERCENTILES = (0.9990, 0.9995, 0.9999, 0.99999, 1.0)
+# The smallest fp16 subnormal: the scale of an all-zero row or group, so that its codes stay finite.
+MIN_FP16_SCALE = 2.0**-24
 
 
 def round_rows(matrix: Tensor, bits: int) -> QuantizedTensor:
     """Round-to-nearest codes with one max-|row| fp16 scale per row of [rows, cols] (QuantGate's int8)."""
     qmax = quant_max(bits)
     scale = (matrix.float().abs().amax(dim=1) / qmax).to(torch.float16)  # [rows]
-    # an all-zero row: the smallest fp16 subnormal keeps the codes finite
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, MIN_FP16_SCALE))  # an all-zero row
     codes = torch.clamp(torch.round(matrix.float() / scale.float()[:, None]), -qmax, qmax).to(torch.int8)
     return QuantizedTensor(codes, scale, bits, 0.0)
 

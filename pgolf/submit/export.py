@@ -254,6 +254,9 @@ def readme(run: RunRecord, cfg: ExportConfig, info: dict[str, Any], report: dict
                      for name, rule in report["rules"].items())
     settings = "\n".join(f"| `{section}` | " + ", ".join(f"{k}={v}" for k, v in values.items()) + " |"
                          for section, values in run.params.items())
+    system_needs = ("\nIts compressor is PR #1855's per-group lrzip (`compress.compressor: pergroup`): the `lrzip` "
+                    "program must be installed where it runs (`apt-get install lrzip`).\n"
+                    if run.params["compress"]["compressor"] == "pergroup" else "")
     results = f"""| Seed | Steps | Pre-quant BPB | Post-quant BPB | **Sliding BPB** | Artifact | Code | Total |
 |-|-|-|-|-|-|-|-|
 | {seed} | {run.train['steps']} | {_bpb(unquantized.get('val_bpb'))} | {_bpb(quantized.get('val_bpb'))} | \
@@ -277,7 +280,7 @@ The data in the challenge's layout beside the script (`./data/datasets/fineweb10
 pip install -r requirements.txt
 SEED=42 torchrun --standalone --nproc_per_node=8 train_gpt.py   # or: python train_gpt.py (one process)
 ```
-
+{system_needs}
 `SEED` sets the training seed (`train.seed`; without it, the baked {seed}). It trains,
 calibrates, GPTQ-quantizes and compresses, writes `final_model.ptz` and
 `final_metrics.json`, and prints the quantized and sliding-window `val_bpb` and the

@@ -18,10 +18,10 @@ import zstandard
 from pgolf.artifact.compress import byte_shuffle, byte_unshuffle, compress, compressed_tensor_sizes, decompress
 from pgolf.artifact.format import deserialize, serialize
 from pgolf.artifact.load import artifact_model, load_artifact
-from pgolf.artifact.tensors import ArtifactError, QuantizedModel, QuantizedTensor, dequantize
+from pgolf.artifact.tensors import ArtifactError, GroupedTensor, QuantizedModel, QuantizedTensor, dequantize
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
 from pgolf.quant.fit import quantize_for_size
-from tests.quant.test_allocate import model_with_hessians
+from tests.quant.test_frontier import frontier_model_with_hessians
 
 
 def small_model(seed: int = 0) -> QuantizedModel:
@@ -125,7 +125,7 @@ def test_dequantize_is_codes_times_row_scale_in_float32():
     assert torch.equal(state["blocks.0.attn.q_gain"], qm.tensors["blocks.0.attn.q_gain"].float())
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "lzma", "zstd", "ans"])
+@pytest.mark.parametrize("compressor", ["brotli", "lzma", "zstd", "ans", "pergroup"])
 def test_compress_round_trip_needs_no_parameters(compressor):
     qm = small_model()
     raw = serialize(qm)
@@ -155,7 +155,7 @@ def test_unknown_compressor_is_refused():
         compress(b"x", CompressConfig(compressor="bzip2"))
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "ans"])
+@pytest.mark.parametrize("compressor", ["brotli", "ans", "pergroup"])
 def test_compressed_tensor_sizes_cover_every_tensor(compressor):
     sizes = compressed_tensor_sizes(small_model(), CompressConfig(compressor=compressor, brotli_quality=5))
     assert set(sizes) == set(small_model().tensors)
@@ -186,6 +186,58 @@ def test_quantized_tensor_rejects_bad_inputs():
         QuantizedTensor(torch.full((2, 3), 40, dtype=torch.int8), scale, 6, 12.85)
     with pytest.raises(ValueError, match="127"):
         QuantizedTensor(torch.full((2, 3), -128, dtype=torch.int8), scale, 8, 20.0)
+
+
+def test_grouped_tensor_rejects_bad_inputs():
+    codes = torch.zeros(4, 16, dtype=torch.int8)
+    with pytest.raises(ValueError, match="group size 24 does not divide the 64 codes"):
+        GroupedTensor(codes, torch.ones(2, dtype=torch.float16), 4, 24)
+    with pytest.raises(ValueError, match=r"float16 \[4\]"):
+        GroupedTensor(codes, torch.ones(2, dtype=torch.float16), 4, 16)
+    with pytest.raises(ValueError, match="-2..1"):
+        GroupedTensor(torch.full((4, 16), 2, dtype=torch.int8), torch.ones(1, dtype=torch.float16), 2, 64)
+    assert GroupedTensor(torch.full((4, 16), -2, dtype=torch.int8), torch.ones(1, dtype=torch.float16), 2, 64)
+    with pytest.raises(ValueError, match="2..7"):
+        GroupedTensor(codes, torch.ones(1, dtype=torch.float16), 8, 64)
+
+
+def grouped_model() -> QuantizedModel:
+    """small_model with an LQER-asym correction of its MLP matrix: A one scale, B a scale per 10 values."""
+    generator = torch.Generator().manual_seed(3)
+    base = small_model()
+    a = GroupedTensor(torch.randint(-2, 2, (12, 2), generator=generator, dtype=torch.int8),
+                      torch.rand(1, generator=generator).half(), 2, 24)
+    b = GroupedTensor(torch.randint(-8, 8, (2, 20), generator=generator, dtype=torch.int8),
+                      torch.rand(4, generator=generator).half(), 4, 10)
+    tensors = dict(base.tensors)
+    tensors.update({"blocks.0.mlp.fc.weight.lqer_a": a, "blocks.0.mlp.fc.weight.lqer_b": b})
+    return QuantizedModel(base.model_config, tensors)
+
+
+@pytest.mark.parametrize("compressor", ["brotli", "ans", "pergroup"])
+def test_grouped_entries_round_trip_and_dequantize_per_group(compressor):
+    qm = grouped_model()
+    raw = serialize(qm)
+    kinds = {e["name"]: e["kind"] for e in json.loads(raw[12:12 + struct.unpack_from("<I", raw, 8)[0]])["tensors"]}
+    assert kinds["blocks.0.mlp.fc.weight.lqer_b"] == "grouped" and kinds["blocks.0.mlp.fc.weight"] == "quantized"
+    back = load_artifact(compress(raw, CompressConfig(compressor=compressor, brotli_quality=5)))
+    b = back.tensors["blocks.0.mlp.fc.weight.lqer_b"]
+    assert isinstance(b, GroupedTensor) and torch.equal(b.q, qm.tensors["blocks.0.mlp.fc.weight.lqer_b"].q)
+    assert torch.equal(b.dequantize()[1, 10:], b.q[1, 10:].float() * b.scale[3].float())  # the 4th group of 10
+    a = back.tensors["blocks.0.mlp.fc.weight.lqer_a"]
+    fc = back.tensors["blocks.0.mlp.fc.weight"]
+    assert torch.equal(dequantize(back)["blocks.0.mlp.fc.weight"], fc.dequantize() + a.dequantize() @ b.dequantize())
+
+
+def test_a_grouped_entry_that_disagrees_with_itself_is_refused():
+    raw = serialize(grouped_model())
+    name = "blocks.0.mlp.fc.weight.lqer_b"
+    with pytest.raises(ArtifactError, match="group size 7 does not divide the 40 codes"):
+        deserialize(edit_header(raw, lambda h: entry(h, name).update(group_size=7)))
+    with pytest.raises(ArtifactError, match=f"'{name}': codes exceed -2..1"):
+        deserialize(edit_header(raw, lambda h: entry(h, name).update(bits=2)))
+    with pytest.raises(ArtifactError, match=f"'{name}': header entry lacks 'group_size'"):
+        deserialize(edit_header(raw, lambda h: entry(h, name).pop("group_size")))
 
 
 # ------------------------------------------------------------------------ corrupt input
@@ -367,19 +419,27 @@ QUANTIZE_METHODS = {
     "sdclip": {},
     "hessian_sdclip": {"scale_search": "hessian_sdclip"},
     "gate_int8": {"gate_int8": True},
+    "gate_int8_attn_gate_w": {"gate_int8": True, "gate_rule": "attn_gate_w"},
     "lqer": {"lqer_rank": 4, "lqer_max_tensors": 2},
+    "lqer_asym": {"lqer_rank": 4, "lqer_max_tensors": 3, "lqer_mode": "asym", "lqer_group": 64},
+    "lqer_asym_fallback": {"lqer_rank": 3, "lqer_max_tensors": 2, "lqer_mode": "asym", "lqer_group": 256},
     "allocate": {"method": "allocate", "allocate_bits": [5, 8], "allocate_clip_sigmas": [12.85], "lqer_rank": 2},
 }
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "ans"])
+@pytest.mark.parametrize("compressor", ["brotli", "ans", "pergroup"])
 @pytest.mark.parametrize("method", sorted(QUANTIZE_METHODS))
 def test_every_quantization_method_round_trips_through_the_artifact(method, compressor, tmp_path):
-    model, hessians = model_with_hessians()
+    model, hessians = frontier_model_with_hessians()
     cfg = QuantizeConfig(passthrough_max_numel=0, **QUANTIZE_METHODS[method])
     compress_cfg = CompressConfig(compressor=compressor, brotli_quality=5, size_limit_bytes=400_000)
     qm, _, _ = quantize_for_size(model.config, model.state_dict(), hessians, cfg,
                                  compress_cfg if cfg.method == "allocate" else None, 0, "cpu")
+    kinds = {type(tensor).__name__ for tensor in qm.tensors.values()}
+    assert ("GroupedTensor" in kinds) == (method == "lqer_asym" or method == "lqer_asym_fallback")
+    if method == "gate_int8_attn_gate_w":  # the record's rule: the attention gates, not skip_gates
+        assert isinstance(qm.tensors["blocks.0.attn.attn_gate_w"], QuantizedTensor)
+        assert not isinstance(qm.tensors["skip_gates"], QuantizedTensor)
     blob = compress(serialize(qm), compress_cfg)
     path = tmp_path / "model.ptz"
     path.write_bytes(blob)

@@ -11,15 +11,19 @@ import pytest
 import torch
 import yaml
 
-from pgolf.config import ModelConfig, QuantizeConfig, TrainConfig, TTTConfig, load_params, section
+from pgolf.artifact.compress import COMPRESSORS
+from pgolf.artifact.load import load_artifact
+from pgolf.artifact.tensors import GroupedTensor
+from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig, TrainConfig, TTTConfig, load_params, section
 from pgolf.model.files import load_model
 from pgolf.model.gpt import GPT, count_parameters
 from pgolf.pipeline import layout
 from stages import bundle, calibrate, compress, evaluate, export, prequant, quantize, tokenize, train, ttt
 from tests.submit.test_presets import PRESETS, preset
 
-# Every option of the preset at micro.yaml's widths: looping 1..1, lanes from layer 3 of 4.
-MICRO_MODEL = {"vocab_size": 1024, "num_layers": 4, "model_dim": 32, "embedding_dim": 32, "num_heads": 2,
+# Every option of the preset at micro.yaml's widths: looping 1..1, lanes from layer 3 of 4; 4 heads, so that
+# the attention gates (4 × 12) are in QuantGate's range.
+MICRO_MODEL = {"vocab_size": 1024, "num_layers": 4, "model_dim": 32, "embedding_dim": 32, "num_heads": 4,
                "num_kv_heads": 1, "rope_dims": 8, "rope_train_seq_len": 64, "xsa_last_n": 4, "loop_start": 1,
                "loop_end": 1, "parallel_start_layer": 3}
 MICRO_TTT = {"seq_len": 64, "lora_rank": 4, "lora_chunk_tokens": 16, "lora_batch_docs": 8, "phase_prefix_docs": 24,
@@ -48,6 +52,12 @@ def test_frontier_preset_sets_the_records_system():
     params = preset("frontier")
     model, cfg, quant, tta = (section(params, s, c) for s, c in (("model", ModelConfig), ("train", TrainConfig),
                                                                  ("quantize", QuantizeConfig), ("ttt", TTTConfig)))
+    # the record's export (docs/ARTIFACT.md)
+    assert (quant.attn_clip_sigmas, quant.mlp_clip_sigmas, quant.embed_bits, quant.embed_clip_sigmas) == \
+        (13.0, 11.5, 7, 14.0)
+    assert (quant.gate_int8, quant.gate_rule) == (True, "attn_gate_w")
+    assert (quant.lqer_mode, quant.lqer_rank, quant.lqer_max_tensors, quant.lqer_group) == ("asym", 4, 3, 64)
+    assert section(params, "compress", CompressConfig).compressor == "pergroup"
     assert count_parameters(GPT(model)) == 35_945_671  # the record's logged model_params
     assert (model.loop_start, model.loop_end, model.num_loops, cfg.enable_looping_at) == (3, 5, 2, 0.35)
     assert (model.parallel_start_layer, model.attn_gate, model.smear_gate, model.rope_ntk_scaling) == \
@@ -75,6 +85,12 @@ def test_frontier_preset_runs_every_stage_on_micro_sizes(tmp_path, monkeypatch):
     report = json.loads(Path(layout.QUANTIZE_REPORT).read_text())
     methods = {row["name"]: row["method"] for row in report["tensors"]}
     assert methods["blocks.0.mlp.fc.weight"] == "gptq int6" and "int8" in methods["blocks.0.attn.attn_gate_w"]
+    assert methods["skip_gates"] == "fp16"  # QuantGate as the record has it
+    assert sum(row["lqer_rank"] == 4 for row in report["tensors"]) == 3
+    artifact = Path(layout.COMPRESS_ARTIFACT).read_bytes()
+    assert artifact[:4] == b"PGAZ" and artifact[5] == COMPRESSORS["pergroup"]
+    assert any(isinstance(t, GroupedTensor) for t in load_artifact(artifact).tensors.values())  # LQER asym
+    assert "apt-get install lrzip" in (Path(layout.EXPORT_DIR) / "README.md").read_text()  # what the folder needs
     for metrics in (layout.PREQUANT_METRICS, layout.EVALUATE_METRICS, layout.TTT_METRICS):
         values = json.loads(Path(metrics).read_text())
         assert not any(math.isnan(v) for v in values.values() if isinstance(v, float)), metrics
