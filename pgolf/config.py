@@ -425,7 +425,7 @@ class TTTConfig(Section):
     stride: Positive = 64  # sliding-window stride (sgd_all, adamw_tail)
     temperature: PositiveFloat = 1.0  # fixed T dividing the soft-capped logits in the scoring pass only
     max_val_tokens: Count = 0  # 0: the whole validation split
-    seed: Seed = 1337  # draws the LoRA A matrices (per document)
+    seed: Seed = 1337  # draws the LoRA A matrices (per document, or the process's stream: lora_draws)
     # sgd_all / adamw_tail (style A): one model adapted chunk by chunk, never reset
     lr: NonNegative = 0.005  # peak of the cosine over chunks (PR #576: 1e-4)
     epochs: Count = 3
@@ -450,6 +450,12 @@ class TTTConfig(Section):
     lora_k: bool = True  # adapters on K, O and the MLP (Q, V and the head always)
     lora_o: bool = True
     lora_mlp: bool = True
+    lora_alpha: PositiveFloat | None = None  # output x alpha / rank (#1855: 144); None: no scale
+    lora_warm_start_a: bool = False  # keep A across the full-size groups of a phase (#1855); B, AdamW reset
+    # how a fresh A is drawn: "document" from a generator seeded by (seed, document index), independent of
+    # the batch; "record" from one CPU generator seeded by seed per process, a draw each time an adapter set
+    # is built or reset, in the record's module order (#1855's draws, for parity)
+    lora_draws: Literal["document", "record"] = "document"
     # phased: global SGD on all base weights over already-scored documents
     phase_prefix_docs: Count = 2000
     phase_count: Count = 3
@@ -458,6 +464,15 @@ class TTTConfig(Section):
     phase_chunk_tokens: Positive = 32_768
     phase_epochs: Count = 1
     phase_grad_clip: NonNegative = 1.0
+    # which documents a phase trains on: "queue" the first boundary documents of the queue (longest first),
+    # pausing after the fewest groups holding them; "shortest" the record's (#1855): at most one pause per
+    # group, once the documents scored reach the boundary, on the shortest boundary documents scored so far
+    phase_rule: Literal["queue", "shortest"] = "queue"
+    # how a phase batches its sequences: "windows" seq_len windows, attention and targets kept inside each
+    # document; "packed" each process's sequences as one packed row, segments from every BOS capped at
+    # phase_seq_len, every target counted (#1855)
+    phase_rows: Literal["windows", "packed"] = "windows"
+    phase_seq_len: Positive | None = None  # a phase's sequence length and segment cap; None: seq_len
     nproc_per_node: Positive = 1  # processes under torchrun
     device: Device = "auto"
     compile: Compile = "auto"  # torch.compile the scoring forward (sgd_all, adamw_tail)
