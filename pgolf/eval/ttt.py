@@ -267,9 +267,9 @@ def _window_loss(
     """(summed CE, target count) of the ``seq_len`` windows at ``starts``, inside documents with ``doc_ids``."""
     index = torch.tensor(starts, device=device)[:, None] + torch.arange(seq_len, device=device)  # [b, T]
     inputs, labels = tokens[index], tokens[index + 1]  # [b, T]
-    with _document_attention(model, None if doc_ids is None else doc_ids[index]):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model.forward_logits(inputs)  # [b, T, V]
+    with (_document_attention(model, None if doc_ids is None else doc_ids[index]),
+          torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")):
+        logits = model.forward_logits(inputs)  # [b, T, V]
     if doc_ids is not None:
         labels = torch.where(doc_ids[index] == doc_ids[index + 1], labels, -100)  # no target across documents
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
@@ -588,7 +588,8 @@ def compliance(result: TTTResult) -> dict:
     test = "tests/eval/test_ttt.py::"
     return {
         "causal_prefix": {"holds": True, "how": "each prediction's logits come from its prefix in the stream "
-                          "(style A) or in its document (style B) and the state left by earlier chunks",
+                          "(style A) or in its document (style B) and the state left by earlier chunks (and, "
+                          "under warm-start A, by documents scored before)",
                           "test": test + "test_prefix_invariance"},
         "full_normalized_distribution": {"holds": True, "how": "cross-entropy of a softmax over the whole "
                                          "vocabulary of softcap(z)/T, T fixed before scoring",

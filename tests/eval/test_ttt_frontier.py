@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pgolf.eval.ttt as ttt
 from pgolf.config import TTTConfig
 from pgolf.data.accounting import sidecar_stream
 from pgolf.data.shards import BOS_ID
+from pgolf.eval import ttt
 from pgolf.eval.lora import RECORD_DRAW_ORDER, DocumentLoRA
 from tests.eval.test_ttt import BASE, CPU, METHODS, VOCAB, make_model, make_stream, run
 from tests.model.test_frontier import GOLDEN, golden_model
