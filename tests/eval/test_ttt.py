@@ -1,4 +1,4 @@
-"""Score-first test-time training: legality (issue #1017's four conditions) and the seeds' arithmetic.
+"""Score-first test-time training: legality (issue #1017's four conditions) and the variants' arithmetic.
 
 Micro models on a synthetic stream of documents (BOS = 1) with random byte tables; every test
 runs in seconds on one CPU core.
