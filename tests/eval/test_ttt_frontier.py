@@ -32,7 +32,7 @@ WARM = dataclasses.replace(PHASED, lora_warm_start_a=True)
 
 
 def test_lora_alpha_scales_every_adapter_output_exactly():
-    """α 144 at rank 80 multiplies each correction by exactly 1.8 (FRONTIER_SPEC §7.7); None leaves it as is."""
+    """α 144 at rank 80 multiplies each correction by exactly 1.8 (docs/TTT.md); None leaves it as is."""
     model = make_model()
     plain = DocumentLoRA(model, num_docs=2, rank=80)
     scaled = DocumentLoRA(model, num_docs=2, rank=80, alpha=144.0)
