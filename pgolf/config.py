@@ -443,50 +443,66 @@ class TTTConfig(Section):
     Each method reads its own keys, whose defaults are that method's record settings, so
     ``ttt.method`` alone switches between the variants: ``sgd_all`` (04-06, PR #1413)
     and ``adamw_tail`` (PR #576) adapt one model along the sliding windows; ``lora_doc``
-    (PR #1586) adapts per-document LoRA; ``phased`` (04-22) adds global SGD phases to it.
+    (PR #1586) adapts per-document LoRA; ``phased`` (04-22) adds global SGD phases to it, and
+    with ``presets/frontier.yaml``'s keys is #1855's TTT (docs/TTT.md).
     """
 
-    enabled: bool = False
-    method: Literal["sgd_all", "adamw_tail", "lora_doc", "phased"] = "sgd_all"
+    enabled: bool = False  # false: the stage scores nothing and says so in its metrics
+    method: Literal["sgd_all", "adamw_tail", "lora_doc", "phased"] = "sgd_all"  # what adapts (docs/TTT.md)
     seq_len: Positive = 2048  # window (sgd_all, adamw_tail) or the longest context (lora_doc, phased)
     stride: Positive = 64  # sliding-window stride (sgd_all, adamw_tail)
     temperature: PositiveFloat = 1.0  # fixed T dividing the soft-capped logits in the scoring pass only
     max_val_tokens: Count = 0  # 0: the whole validation split
-    seed: Seed = 1337  # draws the LoRA A matrices (per document)
-    # sgd_all / adamw_tail (style A): one model adapted chunk by chunk, never reset
+    seed: Seed = 1337  # draws the LoRA A matrices (per document, or the process's stream: lora_draws)
+    # sgd_all / adamw_tail (style A): one model adapted chunk by chunk, never reset.
     lr: NonNegative = 0.005  # peak of the cosine over chunks (PR #576: 1e-4)
-    epochs: Count = 3
+    epochs: Count = 3  # passes over each chunk's tokens after scoring it
     chunk_tokens: Positive = 32_768  # PR #576: 131,072
     momentum: Decay = 0.9  # SGD (sgd_all)
     adam_beta1: Decay = 0.9  # AdamW (adamw_tail)
-    adam_beta2: Decay = 0.999
+    adam_beta2: Decay = 0.999  # AdamW (adamw_tail)
     grad_clip: NonNegative = 1.0  # global gradient-norm clip (0: none)
     batch_seqs: Positive = 256  # training sequences per step over all processes (the records' 32 per GPU x 8)
     score_batch_seqs: Positive = 32  # windows per scoring batch (per process)
     last_n_blocks: Count = 2  # adamw_tail: blocks trained, besides every *norm*/*scale*/lm_head parameter
-    # lora_doc / phased (style B): per-document LoRA, reset per document
-    lora_rank: Positive = 96
-    lora_lr: NonNegative = 1e-4
+    # lora_doc / phased (style B): per-document LoRA, reset per document.
+    lora_rank: Positive = 96  # r of every adapter
+    lora_lr: NonNegative = 1e-4  # the adapters' AdamW, constant
     lora_chunk_tokens: Positive = 48  # predictions per chunk of a document
     lora_batch_docs: Positive = 64  # documents adapted side by side
-    lora_beta1: Decay = 0.0
-    lora_beta2: Decay = 0.999
-    lora_eps: PositiveFloat = 1e-10
-    lora_weight_decay: NonNegative = 0.5
+    lora_beta1: Decay = 0.0  # the adapters' AdamW beta1 (0: no momentum)
+    lora_beta2: Decay = 0.999  # the adapters' AdamW beta2 (#1855: 0.99)
+    lora_eps: PositiveFloat = 1e-10  # the adapters' AdamW eps
+    lora_weight_decay: NonNegative = 0.5  # the adapters' decoupled weight decay, A and B alike
     lora_steps: Count = 1  # optimiser steps per chunk
     lora_k: bool = True  # adapters on K, O and the MLP (Q, V and the head always)
-    lora_o: bool = True
-    lora_mlp: bool = True
-    # phased: global SGD on all base weights over already-scored documents
-    phase_prefix_docs: Count = 2000
-    phase_count: Count = 3
-    phase_lr: NonNegative = 0.001
-    phase_momentum: Decay = 0.9
-    phase_chunk_tokens: Positive = 32_768
-    phase_epochs: Count = 1
-    phase_grad_clip: NonNegative = 1.0
+    lora_o: bool = True  # adapter on the attention output (reads the block's normalised input)
+    lora_mlp: bool = True  # adapter on the MLP output
+    lora_alpha: PositiveFloat | None = None  # output x alpha / rank (#1855: 144); None: no scale
+    lora_warm_start_a: bool = False  # keep A across the full-size groups of a phase (#1855); B, AdamW reset
+    # how a fresh A is drawn: "document" from a generator seeded by (seed, document index), independent of
+    # the batch; "record" from one CPU generator seeded by seed per process, a draw each time an adapter set
+    # is built or reset, in the record's module order (#1855's draws, for parity)
+    lora_draws: Literal["document", "record"] = "document"
+    # phased: global SGD on all base weights over already-scored documents.
+    phase_prefix_docs: Count = 2000  # documents the phases train on in all (#1855: 2500)
+    phase_count: Count = 3  # phases; phase k ends at floor(prefix * k / count) documents
+    phase_lr: NonNegative = 0.001  # SGD's peak, on a cosine over the phase's chunks
+    phase_momentum: Decay = 0.9  # SGD momentum, a fresh optimiser per phase
+    phase_chunk_tokens: Positive = 32_768  # the cosine's chunks; the last chunk is skipped
+    phase_epochs: Count = 1  # passes over each chunk
+    phase_grad_clip: NonNegative = 1.0  # global gradient-norm clip (0: none)
+    # which documents a phase trains on: "queue" the first boundary documents of the queue (longest first),
+    # pausing after the fewest groups holding them; "shortest" the record's (#1855): at most one pause per
+    # group, once the documents scored reach the boundary, on the shortest boundary documents scored so far
+    phase_rule: Literal["queue", "shortest"] = "queue"
+    # how a phase batches its sequences: "windows" seq_len windows, attention and targets kept inside each
+    # document; "packed" each process's sequences as one packed row, segments from every BOS capped at
+    # phase_seq_len, every target counted (#1855)
+    phase_rows: Literal["windows", "packed"] = "windows"
+    phase_seq_len: Positive | None = None  # a phase's sequence length and segment cap; None: seq_len
     nproc_per_node: Positive = 1  # processes under torchrun
-    device: Device = "auto"
+    device: Device = "auto"  # auto: the GPU when there is one
     compile: Compile = "auto"  # torch.compile the scoring forward (sgd_all, adamw_tail)
 
     def check(self) -> None:

@@ -3,11 +3,13 @@
 ``DocumentLoRA`` holds, for each of a batch of documents, its own rank-r correction
 ``y = (x A_bᵀ) B_bᵀ`` on the Q, K, V, O projections and the MLP of every block application
 ("slot": a looped layer gets one per pass) and on the head, and hands them to
-``GPT.forward_logits`` as its ``adapter``. A_b is drawn from U(−1/√in, 1/√in) by a generator
-seeded with the document's own index and B_b starts at zero, so a document's adapters, and
-hence its losses, do not depend on which documents share its batch, and its first chunk is
-scored by the base model. All A factors of all documents live in one flat parameter (and all
-B factors in another): one draw per document, and one optimiser over two tensors.
+``GPT.forward_logits`` as its ``adapter``; with ``alpha`` set (#1855) every correction is
+scaled by α / r. A_b is drawn from U(−1/√in, 1/√in) and B_b starts at zero, so a document's
+first chunk is scored by the base model. ``reset`` draws A_b from a generator seeded with the
+document's own index, so a document's adapters, and hence its losses, do not depend on which
+documents share its batch; ``draw`` reproduces #1855's draws instead, one tensor per adapted
+map from one generator in the record's module order. All A factors of all documents live in
+one flat parameter (and all B factors in another): one optimiser over two tensors.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from pgolf.model.gpt import GPT, BlockDeltas, layer_order
 
 KINDS = ("q", "k", "v", "o", "mlp")
+RECORD_DRAW_ORDER = ("q", "v", "k", "mlp", "o")  # #1855 builds the head's adapter, then one list per kind
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ class Factor:
 class DocumentLoRA(nn.Module):
     """Rank-``rank`` adapters for ``num_docs`` documents on every slot of ``model`` (with its current looping)."""
 
-    def __init__(self, model: GPT, num_docs: int, rank: int, k: bool = True, o: bool = True, mlp: bool = True):
+    def __init__(self, model: GPT, num_docs: int, rank: int, k: bool = True, o: bool = True, mlp: bool = True,
+                 alpha: float | None = None):
         super().__init__()
         cfg = model.config
         kv_dim = cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
@@ -44,6 +48,7 @@ class DocumentLoRA(nn.Module):
         enabled = {"q": True, "k": k, "v": True, "o": o, "mlp": mlp}
         encoder, decoder = layer_order(cfg, model.looping_active)
         self.rank = rank
+        self.scale = None if alpha is None else alpha / rank
         self.num_slots = len(encoder) + len(decoder)
         self.factors: dict[tuple[int, str], Factor] = {}
         a_size = b_size = 0
@@ -74,13 +79,32 @@ class DocumentLoRA(nn.Module):
                 row.uniform_(-1.0, 1.0, generator=generator).mul_(self.bounds)
             self.B.zero_()
 
+    def draw(self, generator: torch.Generator) -> None:
+        """Fresh adapters as #1855 draws them: B = 0, and per adapted map, the head's first, then each kind's
+        slots in ``RECORD_DRAW_ORDER``, one [docs, r, in] tensor U(−1/√in, 1/√in) from ``generator`` (CPU)."""
+        maps = [self.head_factor, *(self.factors[(slot, kind)] for kind in RECORD_DRAW_ORDER
+                                    for slot in range(self.num_slots) if (slot, kind) in self.factors)]
+        docs = self.A.size(0)
+        with torch.no_grad():
+            for factor in maps:
+                bound = 1.0 / math.sqrt(factor.in_features)
+                drawn = torch.empty(docs, self.rank, factor.in_features).uniform_(-bound, bound, generator=generator)
+                self.A[:, factor.a_offset : factor.a_offset + self.rank * factor.in_features] = drawn.flatten(1)
+            self.B.zero_()
+
+    def restart(self) -> None:
+        """B = 0 with A kept as it is (#1855's warm start): every document starts at the base model again."""
+        with torch.no_grad():
+            self.B.zero_()
+
     def _apply(self, factor: Factor, x: Tensor) -> Tensor:
         docs = self.A.size(0)
         a = self.A[:, factor.a_offset : factor.a_offset + self.rank * factor.in_features]
         b = self.B[:, factor.b_offset : factor.b_offset + factor.out_features * self.rank]
         a = a.view(docs, self.rank, factor.in_features).to(x.dtype)  # [docs, r, in]
         b = b.view(docs, factor.out_features, self.rank).to(x.dtype)  # [docs, out, r]
-        return (x @ a.transpose(1, 2)) @ b.transpose(1, 2)  # [docs, T, out]
+        y = (x @ a.transpose(1, 2)) @ b.transpose(1, 2)  # [docs, T, out]
+        return y if self.scale is None else y * self.scale
 
     def _delta(self, slot: int, kind: str):
         factor = self.factors.get((slot, kind))

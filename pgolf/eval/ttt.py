@@ -1,4 +1,4 @@
-"""Score-first test-time training (TTT) of the artifact on the validation stream (docs/VARIANTS.md §2).
+"""Score-first test-time training (TTT) of the artifact on the validation stream (docs/VARIANTS.md §2, docs/TTT.md).
 
 Every method follows one protocol, legal under the four conditions of the challenge's issue
 #1017 by construction: the stream is cut into chunks; each chunk is first scored with the
@@ -11,12 +11,15 @@ Style A (``sgd_all``: the 04-06 record, PR #1413; ``adamw_tail``: PR #576) adapt
 along the #1394 sliding windows: a window belongs to the chunk of its first scored target,
 and chunk c trains on its own tokens, cut into ``seq_len`` sequences and capped at the last
 target scored so far, for ``epochs`` epochs at a cosine learning rate over the chunks.
-Style B (``lora_doc``: PR #1586; ``phased``: the 04-22 record) freezes the model and gives
-each document fresh low-rank adapters (pgolf/eval/lora.py); a document is scored in chunks of
-``lora_chunk_tokens`` predictions with context from that document only, one optimiser step
-after each chunk. ``phased`` pauses at fixed document counts and runs SGD on all base weights
-over the documents scored so far. Work is split over processes with collectives only, and
-neither style's score depends on the number of processes (up to float summation order).
+Style B (``lora_doc``: PR #1586; ``phased``: the 04-22 record and #1855) freezes the model and
+gives each document low-rank adapters (pgolf/eval/lora.py), fresh per document unless
+``lora_warm_start_a`` carries A from group to group within a phase (#1855); a document is scored
+in chunks of ``lora_chunk_tokens`` predictions with context from that document only, one
+optimiser step after each chunk. ``phased`` pauses at fixed document counts and runs SGD on all
+base weights over documents already scored, chosen by ``phase_rule`` and batched by
+``phase_rows``. Work is split over processes with collectives only, and neither style's score
+depends on the number of processes (up to float summation order), except under warm start or
+the record's draws, where a process's adapters carry its own history.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 
 from pgolf.config import TTTConfig
 from pgolf.data.accounting import ValidationStream
+from pgolf.data.packing import build_cu_seqlens
 from pgolf.data.shards import BOS_ID
 from pgolf.distributed import DistContext
 from pgolf.eval.lora import DocumentLoRA
@@ -223,29 +227,26 @@ def _score_windows(
 def _train_step(
     model: GPT, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, tokens: Tensor, starts: list[int],
     seq_len: int, grad_clip: float, device: torch.device, ctx: DistContext | None,
-    doc_ids: Tensor | None = None,
+    doc_ids: Tensor | None = None, segment_cap: int = 0,
 ) -> None:
     """One step on the sequences at ``starts`` (a global batch; each process takes its share).
 
     The loss is the mean CE over the whole batch at T = 1: each process sums its share's CE, the
     gradient sums are all-reduced and divided by the batch's target count, so 1 and N processes
-    take the same step. With ``doc_ids`` ([N] per token) attention and targets stay inside a document.
+    take the same step. With ``doc_ids`` ([N] per token) attention and targets stay inside a document;
+    with ``segment_cap`` a process's (contiguous) share is one packed row instead (``_packed_row_loss``).
     """
     world, rank = (ctx.world_size, ctx.rank) if ctx is not None and ctx.distributed else (1, 0)
     mine = starts[len(starts) * rank // world : len(starts) * (rank + 1) // world]
     optimizer.zero_grad(set_to_none=False)
     count = torch.zeros((), dtype=torch.float64, device=device)
     if mine:
-        index = torch.tensor(mine, device=device)[:, None] + torch.arange(seq_len, device=device)  # [b, T]
-        inputs, labels = tokens[index], tokens[index + 1]  # [b, T]
-        with _document_attention(model, None if doc_ids is None else doc_ids[index]):
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model.forward_logits(inputs)  # [b, T, V]
-        if doc_ids is not None:
-            labels = torch.where(doc_ids[index] == doc_ids[index + 1], labels, -100)  # no target across documents
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
+        if segment_cap:
+            loss, targets = _packed_row_loss(model, tokens, mine[0], mine[-1] + seq_len, segment_cap, device)
+        else:
+            loss, targets = _window_loss(model, tokens, mine, seq_len, device, doc_ids)
         loss.backward()
-        count += (labels != -100).sum()
+        count += targets
     for parameter in params:
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
@@ -258,6 +259,39 @@ def _train_step(
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
+
+
+def _window_loss(
+    model: GPT, tokens: Tensor, starts: list[int], seq_len: int, device: torch.device, doc_ids: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """(summed CE, target count) of the ``seq_len`` windows at ``starts``, inside documents with ``doc_ids``."""
+    index = torch.tensor(starts, device=device)[:, None] + torch.arange(seq_len, device=device)  # [b, T]
+    inputs, labels = tokens[index], tokens[index + 1]  # [b, T]
+    with (_document_attention(model, None if doc_ids is None else doc_ids[index]),
+          torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")):
+        logits = model.forward_logits(inputs)  # [b, T, V]
+    if doc_ids is not None:
+        labels = torch.where(doc_ids[index] == doc_ids[index + 1], labels, -100)  # no target across documents
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
+    return loss, (labels != -100).sum()
+
+
+def _packed_row_loss(
+    model: GPT, tokens: Tensor, start: int, end: int, segment_cap: int, device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """(summed CE, target count) of ``tokens[start:end]`` as one packed row (#1855's global phase).
+
+    Attention stays in segments that start at the row's start, at every BOS and every
+    ``segment_cap`` tokens into a document; every target counts, the one after a document's
+    closing BOS included, as the record trains.
+    """
+    inputs, labels = tokens[start:end], tokens[start + 1:end + 1]  # [T]
+    doc_starts = (inputs == BOS_ID).nonzero().flatten().tolist()
+    cu_seqlens, longest = build_cu_seqlens(doc_starts, inputs.numel(), segment_cap)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model.forward_logits(inputs[None], cu_seqlens=cu_seqlens.to(device), max_seqlen=longest)  # [1, T, V]
+    loss = F.cross_entropy(logits[0].float(), labels, reduction="sum")
+    return loss, torch.tensor(labels.numel(), device=device)
 
 
 @contextmanager
@@ -318,6 +352,13 @@ def document_groups(documents: list[Document], batch_docs: int) -> list[list[Doc
     return sorted(groups, key=lambda g: -g[-1].length)
 
 
+def phase_pauses(groups: list[list[Document]], cfg: TTTConfig) -> list[tuple[int, int]]:
+    """(documents, groups scored before it) of each global phase, by ``cfg.phase_rule``."""
+    if cfg.phase_rule == "shortest":
+        return shortest_rule_pauses(groups, cfg.phase_prefix_docs, cfg.phase_count)
+    return phase_boundaries(groups, cfg.phase_prefix_docs, cfg.phase_count)
+
+
 def phase_boundaries(groups: list[list[Document]], prefix_docs: int, count: int) -> list[tuple[int, int]]:
     """(documents, groups) at each pause: ``⌊prefix·(k+1)/count⌋`` documents, and the groups holding them."""
     pauses = []
@@ -332,25 +373,111 @@ def phase_boundaries(groups: list[list[Document]], prefix_docs: int, count: int)
     return pauses
 
 
+def shortest_rule_pauses(groups: list[list[Document]], prefix_docs: int, count: int) -> list[tuple[int, int]]:
+    """#1855's pauses, as one process meets them: after a group, if the documents scored reach the next
+    boundary ``⌊min(prefix, docs)·(k+1)/count⌋``, one pause (a group never triggers two). The record
+    also pauses after the last group, where nothing is left to score: that pause is left out."""
+    prefix = min(prefix_docs, sum(len(group) for group in groups))
+    boundaries = [prefix * (k + 1) // count for k in range(count)]
+    pauses, phase, scored = [], 0, 0
+    for end, group in enumerate(groups[:-1], start=1):
+        scored += len(group)
+        if phase < count and scored >= boundaries[phase]:
+            if boundaries[phase]:
+                pauses.append((boundaries[phase], end))
+            phase += 1
+    return pauses
+
+
+def phase_documents(scored_groups: list[list[Document]], boundary: int, rule: str) -> list[Document]:
+    """The ``boundary`` documents a phase trains on, in training order, all among ``scored_groups``.
+
+    ``queue``: the first ones in queue order (longest groups first). ``shortest``: #1855's, the
+    shortest ones, in order of (length-sorted group, position), i.e. by (length, index).
+    """
+    scored = [doc for group in scored_groups for doc in group]
+    if rule == "shortest":
+        scored.sort(key=lambda d: (d.length, d.index))
+    return scored[:boundary]
+
+
+class GroupAdapters:
+    """The adapters and optimiser each document group is scored with (one per process).
+
+    Without ``lora_warm_start_a`` every group starts from a fresh A. With it (#1855), the
+    full-size groups of a phase share one adapter set: before each, B is zeroed and the
+    optimiser starts afresh while A keeps what the earlier groups' steps made of it; a group of
+    another size gets a fresh set, and ``new_phase`` drops the kept one. A fresh A is drawn per
+    document (``lora_draws: document``) or, as #1855 draws it, from this process's generator
+    each time a set is built (at the start and after every phase, as the record rebuilds it)
+    or reset without warm start (``record``).
+    """
+
+    def __init__(self, model: GPT, cfg: TTTConfig):
+        self.model, self.cfg = model, cfg
+        self.generator = torch.Generator().manual_seed(cfg.seed) if cfg.lora_draws == "record" else None
+        self.kept: DocumentLoRA | None = None
+        self.new_phase()
+
+    def new_phase(self) -> None:
+        """Forget the kept set: the next full-size group starts from a fresh A."""
+        self.kept = self._fresh(self.cfg.lora_batch_docs, []) if self.generator is not None else None
+
+    def for_group(self, group: list[Document]) -> tuple[DocumentLoRA, torch.optim.Optimizer]:
+        full = self.cfg.lora_batch_docs
+        if len(group) != full:
+            lora = self._fresh(len(group), group)
+        elif self.kept is None:
+            lora = self.kept = self._fresh(full, group)
+        elif self.cfg.lora_warm_start_a:
+            lora = self.kept
+            lora.restart()
+        else:
+            lora = self.kept
+            self._draw(lora, group)
+        cfg = self.cfg
+        optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.lora_lr, betas=(cfg.lora_beta1, cfg.lora_beta2),
+                                      eps=cfg.lora_eps, weight_decay=cfg.lora_weight_decay)
+        return lora, optimizer
+
+    def _fresh(self, size: int, group: list[Document]) -> DocumentLoRA:
+        """A new set of ``size`` documents, drawn for ``group`` (``record`` draws need no group)."""
+        cfg = self.cfg
+        lora = DocumentLoRA(self.model, size, cfg.lora_rank, k=cfg.lora_k, o=cfg.lora_o,
+                            mlp=cfg.lora_mlp, alpha=cfg.lora_alpha)
+        self._draw(lora, group)
+        return lora
+
+    def _draw(self, lora: DocumentLoRA, group: list[Document]) -> None:
+        if self.generator is not None:
+            lora.draw(self.generator)
+        else:
+            lora.reset([self.cfg.seed * 2**32 + doc.index for doc in group])
+
+
 def _ttt_documents(
     model: GPT, tokens: Tensor, target_bytes: Tensor, cfg: TTTConfig, device: torch.device, ctx: DistContext | None,
     sums: _Sums,
 ) -> tuple[int, int, list[dict], list[dict]]:
     groups = document_groups(find_documents(tokens), cfg.lora_batch_docs)
-    pauses = phase_boundaries(groups, cfg.phase_prefix_docs, cfg.phase_count) if cfg.method == "phased" else []
+    pauses = phase_pauses(groups, cfg) if cfg.method == "phased" else []
     world, rank = (ctx.world_size, ctx.rank) if ctx is not None and ctx.distributed else (1, 0)
     group_sums = torch.zeros(len(groups), 3, dtype=torch.float64, device=device)  # nll, tokens, bytes per group
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # optimiser steps, document steps (this process)
+    adapters = GroupAdapters(model, cfg)
     phases, done = [], 0
     for docs, end in [*pauses, (0, len(groups))]:
         for g in range(done + rank, end, world):  # groups of this segment, round-robin over the processes
-            part, group_steps = score_document_group(model, tokens, target_bytes, groups[g], cfg, device, sums)
+            lora, optimizer = adapters.for_group(groups[g])
+            part, group_steps = score_document_group(model, tokens, target_bytes, groups[g], lora, optimizer, cfg,
+                                                     device, sums)
             group_sums[g] += part
             counts += torch.tensor(group_steps, device=device)
         done = end
         if docs:
-            used = [doc for group in groups[:end] for doc in group][:docs]  # queue order: every one scored
+            used = phase_documents(groups[:end], docs, cfg.phase_rule)  # every one scored
             phases.append(global_sgd_phase(model, tokens, used, cfg, device, ctx) | {"after_groups": end})
+            adapters.new_phase()
     if ctx is not None and ctx.distributed:
         dist.all_reduce(group_sums)
         dist.all_reduce(counts)
@@ -367,16 +494,12 @@ def _chunk_window(chunk: int, num_chunks: int, predictions: int, chunk_size: int
 
 
 def score_document_group(
-    model: GPT, tokens: Tensor, target_bytes: Tensor, group: list[Document], cfg: TTTConfig, device: torch.device,
-    sums: _Sums,
+    model: GPT, tokens: Tensor, target_bytes: Tensor, group: list[Document], lora: DocumentLoRA,
+    optimizer: torch.optim.Optimizer, cfg: TTTConfig, device: torch.device, sums: _Sums,
 ) -> tuple[Tensor, tuple[int, int]]:
-    """Score one group of documents chunk by chunk, one LoRA step after each; (sums [3], (steps, document steps))."""
+    """Score one group of documents chunk by chunk, one ``lora`` step after each; (sums [3], (steps, document steps))."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    lora = DocumentLoRA(model, len(group), cfg.lora_rank, k=cfg.lora_k, o=cfg.lora_o, mlp=cfg.lora_mlp)
-    lora.reset([cfg.seed * 2**32 + doc.index for doc in group])
-    optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.lora_lr, betas=(cfg.lora_beta1, cfg.lora_beta2),
-                                  eps=cfg.lora_eps, weight_decay=cfg.lora_weight_decay)
     size = cfg.lora_chunk_tokens
     predictions = torch.tensor([doc.length - 1 for doc in group], device=device)  # [B]
     num_chunks = (predictions + size - 1) // size  # [B]
@@ -425,11 +548,16 @@ def global_sgd_phase(
 ) -> dict:
     """SGD on all base weights over ``documents`` (all scored), concatenated; the last chunk skipped.
 
-    Cosine learning rate over ``phase_chunk_tokens`` chunks, each cut into ``seq_len`` sequences;
-    attention and targets stay inside each document. A fresh optimiser per phase (04-22).
+    Cosine learning rate over ``phase_chunk_tokens`` chunks, each cut into sequences of
+    ``phase_seq_len``; with ``phase_rows: windows`` attention and targets stay inside each
+    document, with ``packed`` a process's sequences form one row cut into segments at every BOS
+    (#1855). A fresh optimiser per phase (04-22).
     """
     stream = torch.cat([tokens[d.start:d.start + d.length] for d in documents])  # [M]
-    doc_ids = torch.cat([torch.full((d.length,), i, device=device) for i, d in enumerate(documents)])  # [M]
+    packed = cfg.phase_rows == "packed"
+    seq_len = cfg.phase_seq_len or cfg.seq_len
+    doc_ids = None if packed else \
+        torch.cat([torch.full((d.length,), i, device=device) for i, d in enumerate(documents)])  # [M]
     targets = stream.numel() - 1
     num_chunks = math.ceil(targets / cfg.phase_chunk_tokens)
     params = list(model.parameters())
@@ -440,13 +568,13 @@ def global_sgd_phase(
     for chunk in range(num_chunks - 1):  # the last chunk of the concatenation is skipped (04-22)
         start = chunk * cfg.phase_chunk_tokens
         end = min(start + cfg.phase_chunk_tokens, targets)
-        starts = list(range(start, end - cfg.seq_len + 1, cfg.seq_len))
+        starts = list(range(start, end - seq_len + 1, seq_len))
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(cfg.phase_lr, chunk, num_chunks)
         for _ in range(cfg.phase_epochs):
             for first in range(0, len(starts), cfg.batch_seqs):
-                _train_step(model, params, optimizer, stream, starts[first:first + cfg.batch_seqs], cfg.seq_len,
-                            cfg.phase_grad_clip, device, ctx, doc_ids=doc_ids)
+                _train_step(model, params, optimizer, stream, starts[first:first + cfg.batch_seqs], seq_len,
+                            cfg.phase_grad_clip, device, ctx, doc_ids=doc_ids, segment_cap=seq_len if packed else 0)
                 steps += 1
     return {"documents": len(documents), "doc_indices": [d.index for d in documents], "tokens": int(stream.numel()),
             "chunks": num_chunks, "steps": steps}
@@ -460,7 +588,8 @@ def compliance(result: TTTResult) -> dict:
     test = "tests/eval/test_ttt.py::"
     return {
         "causal_prefix": {"holds": True, "how": "each prediction's logits come from its prefix in the stream "
-                          "(style A) or in its document (style B) and the state left by earlier chunks",
+                          "(style A) or in its document (style B) and the state left by earlier chunks (and, "
+                          "under warm-start A, by documents scored before)",
                           "test": test + "test_prefix_invariance"},
         "full_normalized_distribution": {"holds": True, "how": "cross-entropy of a softmax over the whole "
                                          "vocabulary of softcap(z)/T, T fixed before scoring",

@@ -68,6 +68,11 @@ def test_frontier_preset_sets_the_records_system():
     assert (quant.mlp_clip_sigmas, quant.embed_clip_sigmas, cfg.warmdown_frac, cfg.beta2, tta.lora_beta2,
             tta.lora_weight_decay, tta.lora_rank, model.attn_gate_scale, tta.phase_prefix_docs) == \
         (11.5, 14.0, 0.85, 0.99, 0.99, 0.5, 80, 0.5, 2500)
+    # docs/TTT.md: the adapter scale α/r = 1.8, warm-start A, the record's phase rule and packed rows
+    assert (tta.lora_alpha / tta.lora_rank, tta.lora_warm_start_a, tta.lora_draws, tta.lora_beta1) == \
+        (1.8, True, "record", 0.0)
+    assert (tta.method, tta.phase_count, tta.phase_rule, tta.phase_rows, tta.phase_seq_len or tta.seq_len) == \
+        ("phased", 3, "shortest", "packed", 2048)
 
 
 @pytest.mark.slow
