@@ -14,10 +14,11 @@ run was on the declared hardware; the compliance report says which clock each 60
 uses and what it counts, and checks calibration against ``train.gptq_reserve_seconds``.
 ``submission.json`` carries the run's fingerprint (``pgolf.fingerprint``: data, tokenizer,
 byte accounting, versions, GPUs, attention kernels), the measured run's when given, else the
-pipeline's (its evaluate and train stages' provenance). Given the report of the script's seed runs (``pgolf.submit.seeds``), the folder
-scores the mean of every seed, lists each seed in ``submission.json`` and the README's
-results table, carries every run's log and metrics, writes ``seeds.json``/``seeds.md``,
-judges the time rules by the slowest run and adds the record's tests to the compliance report.
+pipeline's (its evaluate and train stages' provenance). Given the report of the script's seed
+runs (``pgolf.submit.seeds``), the folder scores the mean of every seed, lists each seed in
+``submission.json`` and the README's results table, carries every run's log and metrics,
+writes ``seeds.json``/``seeds.md``, judges the time rules by each clock's slowest run (the
+seeds must share one fingerprint) and adds the record's tests to the compliance report.
 """
 
 from __future__ import annotations
@@ -448,7 +449,8 @@ SCORE_NAMES = {"ttt": "TTT", "sliding": "sliding-window", "plain": "plain"}
 def results_table(run: RunRecord, info: dict[str, Any]) -> str:
     """One run's row: every score of the artifact, the submission's in bold, and the sizes."""
     quantized, unquantized = run.evaluate["quantized"], run.prequant.get("unquantized", {})
-    scores = [("Pre-quant BPB", unquantized.get("val_bpb"), None), ("Post-quant BPB", quantized.get("val_bpb"), "plain"),
+    scores = [("Pre-quant BPB", unquantized.get("val_bpb"), None),
+              ("Post-quant BPB", quantized.get("val_bpb"), "plain"),
               ("Sliding BPB", quantized.get("sliding_val_bpb"), "sliding")]
     if run.scored_by == "ttt":
         scores.append(("TTT BPB", run.ttt["val_bpb"], "ttt"))

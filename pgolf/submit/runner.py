@@ -170,6 +170,8 @@ def run(cfgs: RunConfigs, root: Path, code: int, startup: float | None = None) -
         clocks.record_process("whole_process")
         metrics |= {"seed": cfgs.train.seed, "params": cfgs.baked(),  # what `pgolf seeds` pools and compares
                     "clocks": clocks.seconds, "fingerprint": fingerprint}
+        log(ctx, f"{SUBMISSION_LABEL} val_loss:{metrics['val_loss']:.8f} val_bpb:{metrics['val_bpb']:.8f} "
+                 f"score:{metrics['score']}")  # the log's last line: what final_metrics.json's val_bpb is
         if ctx.is_main:
             (root / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return metrics
@@ -229,7 +231,7 @@ def reserve_check(cfg: TrainConfig, loop_s: float, calibration_s: float) -> dict
 def reserve_warning(check: dict[str, Any]) -> str:
     cap = check["max_wallclock_seconds"]
     limit = f"past train.max_wallclock_seconds={cap:g} s" if check["past_wallclock"] else \
-        (f"within train.max_wallclock_seconds={cap:g} s" if cap > 0 else "(no wallclock cap set)")
+        (f"within train.max_wallclock_seconds={cap:g} s" if cap > 0 else "with no wallclock cap set")
     return (f"WARNING: calibration overran the reserve: it read training data for {check['calibration_s']:.3f} s after "
             f"the loop, more than train.gptq_reserve_seconds={check['gptq_reserve_seconds']:g} s; training data was "
             f"read until {check['training_data_read_until_s']:.3f} s on the training clock, {limit}")
@@ -260,8 +262,6 @@ def evaluation_phase(cfgs: RunConfigs, root: Path, streams: ValidationSets, ctx:
     else:
         kind, figures = artifact_score(metrics["quantized"])
         final = figures | {"score": EVAL_LABELS[kind]}
-    log(ctx, f"{SUBMISSION_LABEL} val_loss:{final['val_loss']:.8f} val_bpb:{final['val_bpb']:.8f} "
-             f"score:{final['score']}")
     return metrics | final | {"evaluation_phase_s": clocks.seconds["evaluation_phase"],
                               "world_size": ctx.world_size, "device": ctx.device.type, "hardware": hardware(ctx)}
 
