@@ -89,9 +89,11 @@ class RunConfigs:
     ttt: TTTConfig
 
     def baked(self) -> dict[str, dict[str, Any]]:
-        """The keys that shape the outputs, by section (run settings keep their defaults)."""
-        return {name: {key: to_dict(getattr(self, name))[key] for key in output_keys(SECTIONS[name])}
-                for name in self.section_names()}
+        """The keys that shape the outputs, by section (run settings keep their defaults); TTT switched off bakes its
+        switch alone, since its other keys then change nothing (and every byte of the script counts)."""
+        baked = {name: {key: to_dict(getattr(self, name))[key] for key in output_keys(SECTIONS[name])}
+                 for name in self.section_names()}
+        return baked if self.ttt.enabled else baked | {"ttt": {"enabled": False}}
 
     @classmethod
     def from_baked(cls, params: dict[str, dict[str, Any]]) -> RunConfigs:
