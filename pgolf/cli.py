@@ -27,7 +27,15 @@ STAGE_MODULES = {"download": "download", "tokenize": "tokenize", "import": "impo
 
 
 def print_params(argv: list[str]) -> int:
-    args = stage_parser("params").parse_args(argv)
+    parser = stage_parser("params")
+    parser.add_argument("--reference", action="store_true",
+                        help="print the parameter reference (every key: allowed values, default, meaning)")
+    args = parser.parse_args(argv)
+    if args.reference:
+        from pgolf.pipeline.reference import reference
+
+        print(reference(), end="")
+        return 0
     try:
         print(render_params(load_params(args.params, args.overrides), args.params), end="")
     except (ConfigError, OSError) as exc:

@@ -95,7 +95,7 @@ class Section:
     """Base of every section: checks each field against its declared type, then ``check``."""
 
     def __post_init__(self) -> None:
-        for name, hint in _hints(type(self)).items():
+        for name, hint in type_hints(type(self)).items():
             object.__setattr__(self, name, _check_type(getattr(self, name), hint, name))
         self.check()
 
@@ -161,7 +161,7 @@ class ModelConfig(Section):
     tie_embeddings: bool = True
     tied_embed_init_std: NonNegative = 0.005
     ln_scale: bool = True
-    # The seeds' options (PR #576, PR #1218: ../shared/SEEDS_SPEC.md §4, §6); off, the record's model.
+    # The variants' options (PR #576, PR #1218: docs/VARIANTS.md §4, §6); off, the record's model.
     mlp_activation: Literal["leaky_relu2", "relu2"] = "leaky_relu2"  # the record, #1218 | #576
     mlp_leaky_slope: NonNegative = 0.5
     bigram_vocab_size: Count = 0  # BigramHash buckets (#576: 8192); 0: no BigramHash
@@ -243,7 +243,7 @@ class TrainConfig(Section):
     embed_wd: NonNegative = 0.085
     grad_clip_norm: NonNegative = 0.3  # 0: no clipping
     ema_decay: Fraction = 0.997
-    # The seeds' training (SEEDS_SPEC §4.5, §5.1, §6); the defaults are the record's.
+    # The variants' training (docs/VARIANTS.md §4.5, §5.1, §6); the defaults are the record's.
     warmdown_iters: Count = 0  # > 0: PR #576's warm-down over this many steps' worth of time (replaces warmdown_frac)
     late_qat_threshold: Fraction = 0.0  # > 0: QAT on once the lr multiplier drops below this (PR #576: 0.5)
     qat_clip_range: Positive = 15  # the fake-quant grid: codes -r-1..r (PR #576: int5)
@@ -326,7 +326,7 @@ class QuantizeConfig(Section):
     fit_max_clip_sigmas: PositiveFloat = 64.0
     fit_tolerance: PositiveFloat = 0.01
     device: Device = "auto"  # where GPTQ runs
-    # The seeds' export (SEEDS_SPEC §4.6, §5.2, §6); the defaults are the record's SDClip GPTQ.
+    # The variants' export (docs/VARIANTS.md §4.6, §5.2, §6); the defaults are the record's SDClip GPTQ.
     # record | PR #1412's per-row clip (hessian_clip_lambda) | each row's step by its output sensitivity
     # (needs calibrate.output_sensitivity) | PR #576 | PR #1218
     scale_search: Literal["sdclip", "hessian_sdclip", "loss_sdclip", "row_percentiles", "matrix_percentiles"] = "sdclip"
@@ -411,10 +411,10 @@ class EvaluateConfig(Section):
 
 @dataclass(frozen=True)
 class TTTConfig(Section):
-    """Score-first test-time training of the artifact (SEEDS_SPEC section 2), off by default.
+    """Score-first test-time training of the artifact (docs/VARIANTS.md §2), off by default.
 
     Each method reads its own keys, whose defaults are that method's record settings, so
-    ``ttt.method`` alone switches between the seeds' variants: ``sgd_all`` (04-06, PR #1413)
+    ``ttt.method`` alone switches between the variants: ``sgd_all`` (04-06, PR #1413)
     and ``adamw_tail`` (PR #576) adapt one model along the sliding windows; ``lora_doc``
     (PR #1586) adapts per-document LoRA; ``phased`` (04-22) adds global SGD phases to it.
     """
@@ -592,23 +592,23 @@ def from_dict(cls: type[C], values: dict[str, Any], where: str) -> C:
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
+def type_hints(cls: type) -> dict[str, Any]:
     return {name: hint for name, hint in typing.get_type_hints(cls, include_extras=True).items()
             if name in {f.name for f in dataclasses.fields(cls)}}
 
 
-def _describe(hint: Any) -> str:
+def describe(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin is Annotated:
         base, *marks = typing.get_args(hint)
         ranges = [m.describe() for m in marks if isinstance(m, Range)]
-        return f"{_describe(base)} {' and '.join(ranges)}".strip()
+        return f"{describe(base)} {' and '.join(ranges)}".strip()
     if origin is Literal:
         return "one of " + ", ".join(str(v) for v in typing.get_args(hint))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(option) for option in typing.get_args(hint))
+        return " or ".join(describe(option) for option in typing.get_args(hint))
     if origin is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}"
+        return f"a list of {describe(typing.get_args(hint)[0])}"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
     return names.get(hint, repr(hint))
 
@@ -623,7 +623,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         except ConfigError as exc:
             if " is not a finite" in str(exc):
                 raise
-            raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}") from None
+            raise ConfigError(f"{where}: expected {describe(hint)}, got {value!r}") from None
         for mark in marks:
             if isinstance(mark, Range) and not mark.contains(value):
                 raise ConfigError(f"{where}: {value!r} is out of range: must be {mark.describe()}")
@@ -631,7 +631,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(hint)
         if not any(value == c and type(value) is type(c) for c in choices):
-            raise ConfigError(f"{where}: {value!r} is not a choice: must be {_describe(hint)}")
+            raise ConfigError(f"{where}: {value!r} is not a choice: must be {describe(hint)}")
         return value
     if origin in (typing.Union, types.UnionType):
         return _check_union(value, typing.get_args(hint), where, hint)
@@ -656,7 +656,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint not in (bool, int, float, str):
         raise ConfigError(f"{where}: unsupported type {hint!r}")
-    raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}")
+    raise ConfigError(f"{where}: expected {describe(hint)}, got {value!r}")
 
 
 def _check_union(value: Any, options: tuple[Any, ...], where: str, hint: Any) -> Any:
@@ -668,7 +668,7 @@ def _check_union(value: Any, options: tuple[Any, ...], where: str, hint: Any) ->
         except ConfigError as exc:
             errors.append(str(exc))
     in_type = [e for e in errors if " is out of range" in e or " is not a finite" in e]
-    raise ConfigError(in_type[0] if in_type else f"{where}: expected {_describe(hint)}, got {value!r}")
+    raise ConfigError(in_type[0] if in_type else f"{where}: expected {describe(hint)}, got {value!r}")
 
 
 def complete_params(params: dict[str, dict[str, Any]], source: str = "params.yaml") -> dict[str, dict[str, Any]]:

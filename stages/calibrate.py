@@ -4,7 +4,7 @@ Rebuilds the model from ``out/train/model.pt`` (its configuration travels in the
 file), switches looping on, runs ``calibration_batches`` batches of
 ``calibration_batch_tokens`` training tokens through it, drawn from the training
 shards by the training sampler with the calibration seed, and writes the
-Hessians ``Σ XᵀX / batches`` (REFERENCE.md section 4) to
+Hessians ``Σ XᵀX / batches`` (docs/DESIGN.md §4) to
 ``out/calibrate/hessians.pt``; with ``output_sensitivity`` the same file also carries each
 weight's output sensitivity (a backward pass per batch), which the rate–distortion
 allocator can weigh its errors by.

@@ -42,6 +42,16 @@ _TRAIN_KEYS = {
 }
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reverse", action="store_true",
+                     help="run the collected tests in reverse order (each test must pass in any order)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
 def pytest_configure(config):
     """One thread in every process the tests run, this one and the ones it starts.
 

@@ -5,7 +5,7 @@ Every score in pgolf (evaluate plain and sliding, prequant, the quantization tax
 method, training's validation, the exported script) reads those bytes from one place, a
 ``ValidationStream``: the tokens and, for target ``tokens[i + 1]``, ``target_bytes[i]``.
 The bytes come from one of two rules, chosen by the data, never by the caller:
-- plain text: the lookup tables of REFERENCE.md §2 (a piece's bytes, plus its leading space
+- plain text: the lookup tables of docs/DESIGN.md §2 (a piece's bytes, plus its leading space
   unless the previous token is a boundary), which the tokenize stage checked against the text;
 - transformed text (CaseOps): the byte sidecar the shards carry, the bytes of the original
   text. A tokenizer whose pieces hold the transform's markers, or data declared

@@ -13,10 +13,10 @@ then a pure function of ``(seed, k)``; step ``s`` takes the next
 contiguous slice of them, so the global batch is the same for any ``W`` and a
 resumed run needs nothing but the step.
 
-The seeds' loaders (``train.loader``) keep that contract. PR #576's sequential
+The variants' loaders (``train.loader``) keep that contract. PR #576's sequential
 loader reads the shards as one stream, each micro-batch the next
 ``B * T + 1`` tokens (its own order on any GPU count whose product with the
-accumulation steps is 8). PR #1218's coprime-stride loader (SEEDS_SPEC §6) draws
+accumulation steps is 8). PR #1218's coprime-stride loader (docs/VARIANTS.md §6) draws
 one step's windows at a time from a generator; here a step's windows are drawn as
 its 8-GPU run draws them (mixing bounds for 8 ranks, one draw per step) and
 micro-batch ``m`` of the step takes windows ``m::grad_accum_steps``, which is rank
@@ -314,7 +314,7 @@ class CoprimeLoader(ShardSource):
         return out
 
     def _draw(self) -> list[tuple[int, int]]:
-        """One step's windows (SEEDS_SPEC §6): shards drawn by remaining blocks, then interleaved at random."""
+        """One step's windows (docs/VARIANTS.md §6): shards drawn by remaining blocks, then interleaved at random."""
         progress = min(self.draws / COPRIME_RAMP_DRAWS, 1.0)
         remaining = np.array([float(max(int(self.blocks[s]) - int(self.next[s]), 1)) if self.ready[s]
                               else float(base) for s, base in zip(self.eligible, self.base_blocks)])  # [E]

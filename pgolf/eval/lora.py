@@ -1,4 +1,4 @@
-"""Per-document low-rank adapters for test-time training (PR #1586, SEEDS_SPEC section 2.4).
+"""Per-document low-rank adapters for test-time training (PR #1586, docs/VARIANTS.md §2.4).
 
 ``DocumentLoRA`` holds, for each of a batch of documents, its own rank-r correction
 ``y = (x A_bᵀ) B_bᵀ`` on the Q, K, V, O projections and the MLP of every block application

@@ -131,7 +131,7 @@ def score_windows(
 
 
 def score_from_sums(nll_sum: float, token_count: float, byte_count: float) -> EvalScore:
-    """Mean NLL and bpb (REFERENCE.md section 2) from the summed NLL, tokens and bytes."""
+    """Mean NLL and bpb (docs/DESIGN.md §2) from the summed NLL, tokens and bytes."""
     loss = nll_sum / token_count
     return EvalScore(loss=loss, bpb=loss / math.log(2.0) * token_count / byte_count)
 

@@ -1,4 +1,4 @@
-"""Score-first test-time training (TTT) of the artifact on the validation stream (SEEDS_SPEC §2).
+"""Score-first test-time training (TTT) of the artifact on the validation stream (docs/VARIANTS.md §2).
 
 Every method follows one protocol, legal under the four conditions of the challenge's issue
 #1017 by construction: the stream is cut into chunks; each chunk is first scored with the

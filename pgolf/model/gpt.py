@@ -5,7 +5,7 @@ embeddings, per-head query gain, XSA (each head's output minus its projection
 on its value vector), a squared leaky-ReLU MLP, U-Net skips with sigmoid gates
 and depth recurrence: a range of layers is run several times once
 ``looping_active`` is set. Parameter names are the reference's, so a state
-dict written by the record's ``train_gpt.py`` loads as is. The seeds' options
+dict written by the record's ``train_gpt.py`` loads as is. The variants' options
 (PR #576 and #1218, ``ModelConfig``; off by default) add BigramHash, SmearGate,
 value embeddings, relu² and #576's scaled projection init, under the PRs' own
 parameter names, and ``set_fake_quant`` turns #576's QAT on in every linear.
@@ -80,7 +80,7 @@ class RMSNorm(nn.Module):
 
 @dataclass(frozen=True)
 class FakeQuant:
-    """PR #576's QAT grid (SEEDS_SPEC §5.1): per row, scale = max(quantile(|w|, q) / r, 1 / r), codes -r-1..r."""
+    """PR #576's QAT grid (docs/VARIANTS.md §5.1): per row, scale = max(quantile(|w|, q) / r, 1 / r), codes -r-1..r."""
 
     clip_range: int = 15
     quantile: float = 0.9995
@@ -295,7 +295,7 @@ class CausalSelfAttention(nn.Module):
         k = _plus(self.c_k(x), d.k, x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         v = _plus(self.c_v(x), d.v, x)  # [B, T, Hkv * D]
         if v_embed is not None:
-            v = v + v_embed  # value embeddings join the values before the heads split (SEEDS_SPEC §4.3)
+            v = v + v_embed  # value embeddings join the values before the heads split (docs/VARIANTS.md §4.3)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         cos, sin = self.rotary.cos_sin(t, x.device, q.dtype)
         q = self.rotary(rms_norm(q), cos, sin)
@@ -378,11 +378,11 @@ class Block(nn.Module):
         return self.mlp_scale.to(x.dtype) * mlp_out
 
 
-# ---------------------------------------------------------------- the seeds' embeddings (PR #576, #1218)
+# ---------------------------------------------------------------- the variants' embeddings (PR #576, #1218)
 
 
 class BigramHash(nn.Module):
-    """PR #576's hashed bigram embedding (SEEDS_SPEC §4.2): scale * proj(table[hash(prev, cur)]).
+    """PR #576's hashed bigram embedding (docs/VARIANTS.md §4.2): scale * proj(table[hash(prev, cur)]).
 
     The table starts at zero, so at initialisation the model computes what it computes without it.
     """
@@ -416,7 +416,7 @@ class BigramHash(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """PR #576's SmearGate (SEEDS_SPEC §4.4): x_t <- (1 - s) x_t + s x_{t-1}, s = sigmoid(gate), x_{-1} = 0."""
+    """PR #576's SmearGate (docs/VARIANTS.md §4.4): x_t <- (1 - s) x_t + s x_{t-1}, s = sigmoid(gate), x_{-1} = 0."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -429,7 +429,7 @@ class SmearGate(nn.Module):
 
 
 class ValueEmbedding(nn.Module):
-    """The shared value embedding of PR #576 and #1218 (SEEDS_SPEC §4.3): scale * proj(table[ids]), kv wide."""
+    """The shared value embedding of PR #576 and #1218 (docs/VARIANTS.md §4.3): scale * proj(table[ids]), kv wide."""
 
     def __init__(self, vocab_size: int, dim: int, kv_dim: int):
         super().__init__()
@@ -586,7 +586,7 @@ class GPT(nn.Module):
         return cap * torch.tanh(logits / cap)
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        """The residual stream's start x0 [B, T, C]: embedding, the seeds' extras, norm, projection."""
+        """The residual stream's start x0 [B, T, C]: embedding, the variants' extras, norm, projection."""
         x = self.tok_emb(input_ids)  # [B, T, E]
         if self.config.smear_gate == "modded":
             x = self.smear_previous(x, input_ids)

@@ -8,7 +8,7 @@ Matrices of the same shape are quantized together as one batch (the
 reference's per-column loop, run once for all of them, on contiguous columns),
 which gives the reference's codes up to float rounding in the error updates. Small tensors stay fp16; the
 embedding, the MLP and the attention groups take their own bits and clip
-sigmas. The variants (SEEDS_SPEC §4.6, §5.2, §6) are options: PR #576's
+sigmas. The variants (docs/VARIANTS.md §4.6, §5.2, §6) are options: PR #576's
 per-row best-of-five percentile scales with the columns in ascending Hessian order
 and its dense H⁻¹, PR #1218's five whole-matrix percentile clips each with a full GPTQ
 run, int8 per-row percentile rounding of the embedding tables (:mod:`pgolf.quant.rounding`),
@@ -258,7 +258,7 @@ def gptq_quantize(
     return codes.transpose(1, 2).to(torch.int8), scale  # [N, rows, cols], [N, rows]
 
 
-# ---------------------------------------------------------------- the seeds' scales, tables and pruning
+# ---------------------------------------------------------------- the variants' scales, tables and pruning
 
 
 def gptq_best_matrix_percentile(
@@ -285,7 +285,7 @@ def gptq_best_matrix_percentile(
 
 
 def prune_smallest(state_dict: dict[str, Tensor], fraction: float, min_numel: int) -> dict[str, Tensor]:
-    """PR #576's pruning (SEEDS_SPEC §5.2): in each 2-D tensor of more than ``min_numel`` elements,
+    """PR #576's pruning (docs/VARIANTS.md §5.2): in each 2-D tensor of more than ``min_numel`` elements,
     zero the weights below the ``fraction`` quantile of |w|. Returns new tensors; the input is untouched."""
     if fraction <= 0:
         return state_dict

@@ -3,7 +3,7 @@
 QuantGate's gate matrices and LQER's factors are rounded per row at the row's largest |w|
 (:func:`round_rows`); PR #576 and PR #1218 round their embedding tables at a quantile of
 each row's |w| (:func:`round_table`), and choose GPTQ's row scales among percentile clips
-(:func:`best_row_percentile_scales`, SEEDS_SPEC §5.2, §6).
+(:func:`best_row_percentile_scales`, docs/VARIANTS.md §5.2, §6).
 """
 
 from __future__ import annotations

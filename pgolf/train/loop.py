@@ -10,7 +10,7 @@ are undone. On the GPU the model is cast to bf16 except for the linear weights
 and control tensors and runs under bf16 autocast; on the CPU it runs in float32
 (or, asked to, in the GPU's bf16 precision).
 Batches come from any ``BatchSource`` (the shard loader, or recorded batches).
-The seeds' options (SEEDS_SPEC §4.5, §5.1): PR #576's warm-down by iterations
+The variants' options (docs/VARIANTS.md §4.5, §5.1): PR #576's warm-down by iterations
 converted to wallclock, its late QAT (turned on by setting each CastedLinear's
 ``fake_quant``, which the compiled graph guards on, so it recompiles) and SWA
 every ``swa_every`` steps below a learning-rate threshold, kept by a declared

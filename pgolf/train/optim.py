@@ -33,7 +33,7 @@ POLAR_EXPRESS_COEFFS = (
 CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
                            "attn_gate_w", "parallel_post_lambdas", "parallel_resid_lambdas", "smear_gate",
                            "smear_lambda")
-# PR #576 and #1218 (SEEDS_SPEC §4.2, §4.3): the BigramHash and value-embedding tables join the token
+# PR #576 and #1218 (docs/VARIANTS.md §4.2, §4.3): the BigramHash and value-embedding tables join the token
 # embedding's AdamW, their projections Muon; their scales and the SmearGate are control tensors.
 TOKEN_TABLES = ("tok_emb.", "bigram.embed.", "ve_shared.embed.")
 SEED_PROJECTIONS = ("bigram.proj.", "ve_shared.proj.")

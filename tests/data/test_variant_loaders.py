@@ -1,6 +1,6 @@
 """PR #576's sequential and PR #1218's coprime-stride loaders against their own code's batches, on any process count.
 
-The golden batches (tools/make_golden_seeds.py) are the PRs' DistributedTokenLoader
+The golden batches (tools/make_golden_variants.py) are the PRs' DistributedTokenLoader
 on ten small shards: #576 on one process with 8 micro-batches a step, #1218 as
 its record ran (8 ranks, one micro-batch each). Ids must match exactly.
 """

@@ -1,4 +1,4 @@
-"""Score-first test-time training: legality (issue #1017's four conditions) and the seeds' arithmetic.
+"""Score-first test-time training: legality (issue #1017's four conditions) and the variants' arithmetic.
 
 Micro models on a synthetic stream of documents (BOS = 1) with random byte tables; every test
 runs in seconds on one CPU core.
@@ -29,6 +29,7 @@ from pgolf.model.gpt import GPT
 from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace
 from tests.conftest import REPO_ROOT
+from tests.stages.test_plots import rendered
 from tests.stages.test_evaluate import BATCH, MAX_TOKENS, SEQ_LEN, STRIDE, VAL_TARGETS
 from tests.stages.test_evaluate import workdir as stage_workdir  # noqa: F401 (a fixture: artifact + FineWeb val)
 
@@ -351,7 +352,7 @@ def test_stage_scores_the_artifact_and_reports_the_gain(stage_workdir):
                                           "single_pass", "seconds"}
     rows = (Path(layout.TTT_PLOTS) / "chunks.csv").read_text().splitlines()
     assert rows[0].startswith("chunk,nll_sum,tokens,bytes") and len(rows) == 5
-    assert (Path(layout.TTT_PLOTS) / "running_bpb.png").stat().st_size > 0
+    assert rendered("running_bpb.png")[:4] == b"\x89PNG"
     ttt_stage.run({"ttt": base | {"enabled": True, "method": "lora_doc", "lora_rank": 4, "lora_lr": 0.01}},
                   PIPELINE)
     metrics = json.loads(Path(layout.TTT_METRICS).read_text())

@@ -1,4 +1,4 @@
-"""The seeds' model options at initialisation, and their configuration errors."""
+"""The variants' model options at initialisation, and their configuration errors."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def logits_with_extras(extras: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_bigram_hash_at_init_leaves_the_output_unchanged():
     plain, extended = logits_with_extras({"bigram_vocab_size": 256, "bigram_dim": 16})
-    assert torch.equal(plain, extended)  # the table starts at zero (SEEDS_SPEC §4.2)
+    assert torch.equal(plain, extended)  # the table starts at zero (docs/VARIANTS.md §4.2)
 
 
 def test_value_embeddings_at_init_leave_the_output_unchanged_below_64_wide():

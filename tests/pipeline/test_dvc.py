@@ -75,7 +75,7 @@ def baseline(baseline_repo) -> Path:
     """The baseline, as committed: what earlier tests changed (params, code, outputs) is undone."""
     repo, _ = baseline_repo
     run(["git", "reset", "-q", "--hard"], repo)
-    run(["git", "clean", "-fdq"], repo)  # untracked files go; ignored ones (DVC's cached outputs) stay
+    run(["git", "clean", "-fq"], repo)  # untracked files go (not directories: git keeps no empty ones); ignored stay
     shutil.rmtree(repo / "runs", ignore_errors=True)  # hand runs (ignored by git)
     run(["dvc", "checkout", "--force"], repo)
     assert "Running stage" not in run(["dvc", "repro"], repo)  # the baseline is complete and up to date

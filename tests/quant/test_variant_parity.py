@@ -1,4 +1,4 @@
-"""PR #576's and PR #1218's systems against golden data computed by their own code (tools/make_golden_seeds.py).
+"""PR #576's and PR #1218's systems against golden data computed by their own code (tools/make_golden_variants.py).
 
 Tolerances: logits and losses 1e-5 relative (float32 on the CPU, the same
 operations in another order); one optimiser step 1e-6 absolute on the weights
@@ -22,7 +22,7 @@ from pgolf.quant.rounding import best_row_percentile_scales, round_table
 from pgolf.train.optim import build_optimizers, muon_momentum_at
 from tests.conftest import ASSETS_DIR
 
-# The tiny configurations of tools/make_golden_seeds.py, in pgolf's names.
+# The tiny configurations of tools/make_golden_variants.py, in pgolf's names.
 TINY_576 = ModelConfig(
     vocab_size=1024, num_layers=4, model_dim=16, embedding_dim=16, num_heads=2, num_kv_heads=2, mlp_mult=3.5,
     rope_dims=4, rope_train_seq_len=1024, qk_gain_init=1.5, xsa_last_n=4, num_loops=0, skip_gates_enabled=False,
@@ -31,12 +31,12 @@ TINY_576 = ModelConfig(
 TINY_1218 = ModelConfig(
     vocab_size=1024, num_layers=4, model_dim=16, embedding_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=4.0,
     rope_dims=4, rope_train_seq_len=64, qk_gain_init=4.0, xsa_last_n=4, num_loops=0, ve_layers=[2, 3], ve_dim=4)
-# The PRs' optimiser settings (SEEDS_SPEC §4.5, §6): plain Muon (no row normalisation).
+# The PRs' optimiser settings (docs/VARIANTS.md §4.5, §6): plain Muon (no row normalisation).
 TRAIN_576 = TrainConfig(matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035, muon_wd=0.04, adam_wd=0.04,
                         embed_wd=0.04, muon_row_normalize=False)
 TRAIN_1218 = TrainConfig(muon_row_normalize=False)
 SETUPS = {"pr576": (TINY_576, TRAIN_576), "pr1218": (TINY_1218, TRAIN_1218)}
-# #576's forward_logits divides by its persistent temperature buffer (0.98, SEEDS_SPEC §3); pgolf's model has no
+# #576's forward_logits divides by its persistent temperature buffer (0.98, docs/VARIANTS.md §3); pgolf's model has no
 # temperature, so its logits are compared with the PR's times that buffer.
 TEMPERATURE_KEY = "inference_temp"
 
@@ -86,7 +86,7 @@ def test_bigram_hash_matches_the_spec_vectors_and_the_pr():
     g = golden("pr576")
     hasher = BigramHash(8192, 4, 8)
     buckets = hasher.bucket_ids(g["hash_pairs"])[:, 1]
-    assert buckets.tolist() == g["hash_buckets"].tolist() == [4496, 0, 5131, 701, 1252]  # SEEDS_SPEC §4.2
+    assert buckets.tolist() == g["hash_buckets"].tolist() == [4496, 0, 5131, 701, 1252]  # docs/VARIANTS.md §4.2
     assert torch.equal(hasher.bucket_ids(g["hash_row"]), g["hash_row_buckets"])
     assert int(hasher.bucket_ids(g["hash_row"])[0]) == 8191  # position 0: the "no previous token" bucket
 

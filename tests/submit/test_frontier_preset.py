@@ -15,7 +15,7 @@ from pgolf.config import ModelConfig, QuantizeConfig, TrainConfig, TTTConfig, lo
 from pgolf.model.files import load_model
 from pgolf.model.gpt import GPT, count_parameters
 from pgolf.pipeline import layout
-from stages import bundle, calibrate, compress, evaluate, export, quantize, tokenize, train, ttt
+from stages import bundle, calibrate, compress, evaluate, export, prequant, quantize, tokenize, train, ttt
 from tests.submit.test_presets import PRESETS, preset
 
 # Every option of the preset at micro.yaml's widths: looping 1..1, lanes from layer 3 of 4.
@@ -65,7 +65,7 @@ def test_frontier_preset_runs_every_stage_on_micro_sizes(tmp_path, monkeypatch):
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(micro_frontier(), sort_keys=False), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    runs = [(tokenize, []), (train, []), (evaluate, ["--weights", "trained"]), (calibrate, []), (bundle, []),
+    runs = [(tokenize, []), (train, []), (prequant, []), (calibrate, []), (bundle, []),
             (quantize, []), (compress, []), (evaluate, []), (ttt, []), (export, [])]
     for stage, extra in runs:
         assert stage.main(["--params", str(params_file), *extra]) == 0, stage.__name__

@@ -1,4 +1,4 @@
-"""The seeds' training options: QAT that changes the compiled graph, #576's warm-down by iterations, SWA."""
+"""The variants' training options: QAT that changes the compiled graph, #576's warm-down by iterations, SWA."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ in its own environment-variable names, as ``tools/make_golden.py`` does for the
 record. Every golden value is computed by the PR's own functions and classes:
 its model's logits and loss (seeded weights with noise on every parameter, so
 the zero-initialised BigramHash table and the value embeddings matter), its
-BigramHash on the spec's test vectors (SEEDS_SPEC §4.2), one step of its
+BigramHash on the spec's test vectors (docs/VARIANTS.md §4.2), one step of its
 optimisers (its own parameter grouping: #576's is a passage of ``main`` that is
 cut out of the source and run as is), its fake quantization (#576's QAT), its
 pruning (a passage of #576's ``main``), its GPTQ and its int8 table rounding on
@@ -28,7 +28,7 @@ Usage::
 
     git --git-dir=<mirror> show refs/pull/576/head:records/track_10min_16mb/2026-03-23_TrainLarger_QuantizeHarder_33M_Int5/train_gpt.py > /tmp/ref/pr576.py
     git --git-dir=<mirror> show <main>:records/track_10min_16mb/2026-04-01_Vocab4096_MLPMult4_WD085/train_gpt.py > /tmp/ref/pr1218.py
-    python tools/make_golden_seeds.py --pr576 /tmp/ref/pr576.py --pr576-commit <sha> \\
+    python tools/make_golden_variants.py --pr576 /tmp/ref/pr576.py --pr576-commit <sha> \\
         --pr1218 /tmp/ref/pr1218.py --pr1218-commit <sha>
 """
 
@@ -60,7 +60,7 @@ WEIGHT_SEED = 1234
 WEIGHT_NOISE = 0.05
 EMBED_NOISE = 0.5  # logits of several units, where the softcap bends
 LOGIT_POSITIONS = 4  # logits kept for the first and the last positions of each row (size); the loss covers all
-HASH_VECTORS = [(1, 2), (0, 0), (5, 7), (7, 5), (1023, 1023)]  # (prev, cur): SEEDS_SPEC §4.2
+HASH_VECTORS = [(1, 2), (0, 0), (5, 7), (7, 5), (1023, 1023)]  # (prev, cur): docs/VARIANTS.md §4.2
 QUANT_ROWS, QUANT_COLS, QUANT_BLOCK = 24, 96, 32  # three GPTQ blocks
 TABLE_SHAPE = (40, 24)
 PRUNE_SHAPE = (48, 40)  # pruned by the passage with the export check's threshold (200)
