@@ -15,7 +15,6 @@ start, imports and the bundle's decompression.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -54,18 +53,22 @@ PHASES: dict[str, tuple[str | None, str]] = {
 }
 
 
+def printed(line: str) -> None:
+    print(line, flush=True)
+
+
 @dataclass
 class Clocks:
     """The phases a run has timed, in the order they ended; ``log`` prints each one's line."""
 
-    log: Callable[[str], None]
+    log: Callable[[str], None] = printed
     device: torch.device | None = None  # a GPU: its queued work is waited for before the clock is read
     seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def on_rank(cls, ctx: DistContext) -> Clocks:
         """Clocks of one process of a group: every process times, the first one prints."""
-        return cls(functools.partial(print, flush=True) if ctx.is_main else _silent, ctx.device)
+        return cls(printed if ctx.is_main else _silent, ctx.device)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:

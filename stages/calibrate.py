@@ -30,7 +30,7 @@ def run(params: dict, ws: Workspace) -> None:
     cfg = section(params, "calibrate", CalibrateConfig)
     data_dir = section(params, "tokenize", TokenizeConfig).data_dir
     record = log_provenance("calibrate", {"calibrate": to_dict(cfg), "tokenize.data_dir": data_dir})
-    clocks = Clocks(print)
+    clocks = Clocks()
     model = calibration_model(ws.input(layout.TRAIN_MODEL), cfg)
     vocab = model.config.vocab_size
     dataset_dir = ws.input(dataset_path(data_dir, vocab))

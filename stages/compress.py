@@ -32,7 +32,7 @@ def run(params: dict, ws: Workspace) -> None:
     code = read_code_bytes(ws.input(layout.BUNDLE_CODE_BYTES))
     raw = quantized_path.read_bytes()
     qm = deserialize(raw)  # validates the input before spending a minute on compression
-    clocks = Clocks(print)
+    clocks = Clocks()
     with clocks.phase("compression"):
         blob = pack_artifact(raw, cfg, code)
     print(f"[pgolf compress] {len(raw):,} raw -> {len(blob):,} bytes ({cfg.compressor}) + {code:,} code", flush=True)

@@ -39,7 +39,7 @@ def run(params: dict, ws: Workspace) -> None:
     sensitivity = load_output_sensitivity(hessians_path) if cfg.uses_output_sensitivity else None
     check_hessians(state_dict, hessians, cfg, source=f"{hessians_path} against {model_path}")
     code = read_code_bytes(ws.input(layout.BUNDLE_CODE_BYTES)) if compress_cfg is not None else 0
-    clocks = Clocks(print)
+    clocks = Clocks()
     with clocks.phase("quantization"):
         qm, rows, search = quantize_for_size(model_config, state_dict, hessians, cfg, compress_cfg, code,
                                              resolve_device(cfg.device), sensitivity)
