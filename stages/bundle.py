@@ -2,9 +2,11 @@
 
 Builds the script a records folder ships (``pgolf.submit.bundle.script_text``): the import
 closure of ``compress.code_files`` (the runner ``pgolf/submit/runner.py``) and every section the
-runner reads, baked in. Writes it to ``out/bundle/train_gpt.py`` and its length, the code
-bytes that quantize's size search and compress's gate count, to
-``out/bundle/code_bytes.json`` alone, so a new script of the same length re-runs neither.
+runner reads, baked in (``ttt:`` among them: with ``ttt.enabled`` the script scores as the ttt
+stage does, and the TTT code is in the closure because the runner imports it). Writes it to
+``out/bundle/train_gpt.py`` and its length, the code bytes that quantize's size search and
+compress's gate count, to ``out/bundle/code_bytes.json`` alone, so a new script of the same
+length re-runs neither.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pgolf.config import (
     ModelConfig,
     QuantizeConfig,
     TrainConfig,
+    TTTConfig,
     section,
 )
 from pgolf.pipeline import layout
@@ -33,7 +36,7 @@ def run(params: dict, ws: Workspace) -> None:
     configs = RunConfigs(
         model=section(params, "model", ModelConfig), train=section(params, "train", TrainConfig),
         calibrate=section(params, "calibrate", CalibrateConfig), quantize=section(params, "quantize", QuantizeConfig),
-        compress=compress, evaluate=section(params, "evaluate", EvaluateConfig),
+        compress=compress, evaluate=section(params, "evaluate", EvaluateConfig), ttt=section(params, "ttt", TTTConfig),
     )
     log_provenance("bundle", {"params": configs.baked()})
     text = script_text(compress.code_files, configs.baked(), compress.compress_code)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 
 from pgolf.atomic import stage_outputs
+from pgolf.clocks import Clocks
 from pgolf.config import CalibrateConfig, TokenizeConfig, section, to_dict
 from pgolf.data.shards import check_dataset, dataset_path
 from pgolf.data.tokenizer import tokenizer_file
@@ -29,11 +30,16 @@ def run(params: dict, ws: Workspace) -> None:
     cfg = section(params, "calibrate", CalibrateConfig)
     data_dir = section(params, "tokenize", TokenizeConfig).data_dir
     record = log_provenance("calibrate", {"calibrate": to_dict(cfg), "tokenize.data_dir": data_dir})
+    clocks = Clocks()
     model = calibration_model(ws.input(layout.TRAIN_MODEL), cfg)
     vocab = model.config.vocab_size
     dataset_dir = ws.input(dataset_path(data_dir, vocab))
-    check_dataset(dataset_dir, ws.input(tokenizer_file(data_dir, vocab)), vocab, scan=("train",))
-    hessians, sensitivity = calibration_hessians(model, dataset_dir, cfg)
+    with clocks.phase("data_checks"):
+        check_dataset(dataset_dir, ws.input(tokenizer_file(data_dir, vocab)), vocab, scan=("train",))
+    with clocks.phase("calibration"):
+        hessians, sensitivity = calibration_hessians(model, dataset_dir, cfg)
+    clocks.record_process("whole_process")
+    record["clocks"] = clocks.seconds
     destination = ws.output(layout.CALIBRATE_HESSIANS)
     with stage_outputs() as out:
         save_hessians(out.path(destination), hessians, sensitivity)

@@ -16,6 +16,7 @@ from pathlib import Path
 from pgolf.artifact.format import deserialize
 from pgolf.artifact.size import pack_artifact, read_code_bytes, tensor_size_rows
 from pgolf.atomic import csv_text, stage_outputs
+from pgolf.clocks import Clocks
 from pgolf.config import CompressConfig, section, to_dict
 from pgolf.pipeline import layout
 from pgolf.pipeline.provenance import log_provenance
@@ -31,9 +32,13 @@ def run(params: dict, ws: Workspace) -> None:
     code = read_code_bytes(ws.input(layout.BUNDLE_CODE_BYTES))
     raw = quantized_path.read_bytes()
     qm = deserialize(raw)  # validates the input before spending a minute on compression
-    blob = pack_artifact(raw, cfg, code)
+    clocks = Clocks()
+    with clocks.phase("compression"):
+        blob = pack_artifact(raw, cfg, code)
     print(f"[pgolf compress] {len(raw):,} raw -> {len(blob):,} bytes ({cfg.compressor}) + {code:,} code", flush=True)
     rows = tensor_size_rows(qm, cfg)
+    clocks.record_process("whole_process")
+    record["clocks"] = clocks.seconds
     with stage_outputs() as out:
         out.write_bytes(ws.output(layout.COMPRESS_ARTIFACT), blob)
         plots = out.path(ws.output(layout.COMPRESS_PLOTS))

@@ -13,11 +13,13 @@ import sys
 
 from pgolf.artifact.load import artifact_model
 from pgolf.atomic import stage_outputs
+from pgolf.clocks import Clocks
 from pgolf.config import EvaluateConfig, TokenizeConfig, section, to_dict
 from pgolf.data.shards import dataset_path
 from pgolf.data.tokenizer import tokenizer_file
 from pgolf.distributed import init_distributed, shutdown
-from pgolf.eval.score import score_validation, tax_against_prequant
+from pgolf.eval.score import checked_validation_set, score_validation, tax_against_prequant
+from pgolf.fingerprint import data_fingerprint
 from pgolf.pipeline import layout
 from pgolf.pipeline.provenance import log_provenance
 from pgolf.pipeline.stage import Workspace, run_stage
@@ -30,15 +32,22 @@ def run(params: dict, ws: Workspace) -> None:
     try:
         record = log_provenance("evaluate", {"evaluate": to_dict(cfg), "data_dir": data_dir,
                                              "world_size": ctx.world_size}) if ctx.is_main else {}
+        clocks = Clocks.on_rank(ctx)
         artifact = ws.input(layout.COMPRESS_ARTIFACT)
-        model = artifact_model(artifact, ctx.device)
-        vocab = model.config.vocab_size
-        metrics = score_validation("quantized", model, artifact, ws.input(dataset_path(data_dir, vocab)),
-                                   ws.input(tokenizer_file(data_dir, vocab)), cfg, ctx)
+        with clocks.phase("evaluation_phase"):
+            with clocks.phase("decompression"):
+                model = artifact_model(artifact, ctx.device)
+            vocab = model.config.vocab_size
+            dataset_dir, tokenizer = ws.input(dataset_path(data_dir, vocab)), ws.input(tokenizer_file(data_dir, vocab))
+            with clocks.phase("data_checks"):  # the manifest check: the exported script reads the split unchecked
+                stream = checked_validation_set(dataset_dir, tokenizer, vocab, cfg)
+            metrics = score_validation("quantized", model, artifact, stream, cfg, ctx, clocks)
         metrics["artifact_bytes"] = artifact.stat().st_size
         metrics |= tax_against_prequant(metrics["quantized"], ws.input(layout.PREQUANT_METRICS),
                                         ws.input(layout.PREQUANT_PROVENANCE), cfg, metrics["val_bytes"])
         if ctx.is_main:
+            clocks.record_process("whole_process")
+            record |= {"clocks": clocks.seconds, "fingerprint": data_fingerprint(dataset_dir, tokenizer, stream)}
             with stage_outputs() as out:
                 out.write_json(ws.output(layout.EVALUATE_PROVENANCE), record)
                 out.write_json(ws.output(layout.EVALUATE_METRICS), metrics)

@@ -3,9 +3,12 @@
 Reads the bundle stage's ``train_gpt.py`` (byte for byte what compress counted) and the
 stages' metrics and provenance, and writes ``out/export/`` (``--dest DIR`` elsewhere):
 ``train_gpt.py``, ``submission.json``, ``README.md``, ``requirements.txt``,
-``compliance.json`` and ``logs/`` (``pgolf.submit.export``). ``--measured DIR`` takes the times of
-a run of the exported script in DIR (its ``final_metrics.json`` and ``*.log``) into the
-compliance report and the logs. ``--seeds RUNS`` takes every run of the script in RUNS
+``compliance.json`` and ``logs/`` (``pgolf.submit.export``). When the script bakes
+``ttt.enabled``, the submission's score is the ttt stage's (``out/ttt/metrics.json``, refused
+unless made with the baked ``ttt:``), else evaluate's sliding score; the folder says which.
+``--measured DIR`` takes the clocks and fingerprint of a run of the exported script in DIR
+(its ``final_metrics.json`` and ``*.log``) into the compliance report, submission.json and
+the logs; without it the fingerprint is the pipeline's (its stages' provenance). ``--seeds RUNS`` takes every run of the script in RUNS
 (``pgolf seeds run``): the mean score, each seed's, their logs, the slowest run's times and,
 with ``--baseline SPEC`` (repeatable; the first is the SOTA the record claims to beat), the
 record's tests (docs/RECORDS.md).
@@ -19,13 +22,16 @@ from pathlib import Path
 from pgolf.config import ExportConfig, section
 from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace, run_stage, stage_parser
+from pgolf.submit.bundle import read_bundle
 from pgolf.submit.export import (
     LOGGED,
     RunRecord,
     export_date,
+    pipeline_fingerprint,
     read_json,
     records_name,
     seed_evidence,
+    ttt_record,
     write_records_folder,
 )
 
@@ -51,16 +57,19 @@ def run(params: dict, ws: Workspace, dest: str | None = None, measured: str | No
     if seeds:
         evidence, times, run_logs = seed_evidence(Path(seeds), script, baseline or [], cfg.name)
         logs |= run_logs
+    baked_ttt = read_bundle(script)["params"]["ttt"]
     record = RunRecord(
         script=script, compress=read_json(ws.input(layout.COMPRESS_METRICS)),
         evaluate=read_json(ws.input(layout.EVALUATE_METRICS)), prequant=read_json(ws.input(layout.PREQUANT_METRICS)),
         train=read_json(ws.input(layout.TRAIN_METRICS)), measured=times, seeds=evidence,
+        ttt=ttt_record(baked_ttt, ws.input(layout.TTT_METRICS), ws.input(layout.TTT_PROVENANCE)),
+        fingerprint=pipeline_fingerprint(ws.input(layout.TRAIN_PROVENANCE), ws.input(layout.EVALUATE_PROVENANCE)),
     )
     destination = Path(dest) if dest else ws.output(layout.EXPORT_DIR)
     info = write_records_folder(destination, record, cfg, logs)
-    print(f"[pgolf export] {destination}: val_bpb {info['val_bpb']:.5f}, {info['bytes_total']:,} bytes "
-          f"({info['bytes_code']:,} code); submit it as records/track_10min_16mb/{records_name(cfg, export_date(cfg))}/",
-          flush=True)
+    print(f"[pgolf export] {destination}: val_bpb {info['val_bpb']:.5f} (the {info['score']['kind']} score), "
+          f"{info['bytes_total']:,} bytes ({info['bytes_code']:,} code); submit it as "
+          f"records/track_10min_16mb/{records_name(cfg, export_date(cfg))}/", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

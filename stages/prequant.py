@@ -11,11 +11,12 @@ from __future__ import annotations
 import sys
 
 from pgolf.atomic import stage_outputs
+from pgolf.clocks import Clocks
 from pgolf.config import EvaluateConfig, TokenizeConfig, section, to_dict
 from pgolf.data.shards import dataset_path
 from pgolf.data.tokenizer import tokenizer_file
 from pgolf.distributed import init_distributed, shutdown
-from pgolf.eval.score import score_validation
+from pgolf.eval.score import checked_validation_set, score_validation
 from pgolf.model.files import build_model
 from pgolf.pipeline import layout
 from pgolf.pipeline.provenance import log_provenance
@@ -29,12 +30,18 @@ def run(params: dict, ws: Workspace) -> None:
     try:
         record = log_provenance("prequant", {"evaluate": to_dict(cfg), "data_dir": data_dir,
                                              "world_size": ctx.world_size}) if ctx.is_main else {}
+        clocks = Clocks.on_rank(ctx)
         model_file = ws.input(layout.TRAIN_MODEL)
         model = build_model(model_file, ctx.device)
         vocab = model.config.vocab_size
-        metrics = score_validation("unquantized", model, model_file, ws.input(dataset_path(data_dir, vocab)),
-                                   ws.input(tokenizer_file(data_dir, vocab)), cfg, ctx)
+        with clocks.phase("data_checks"):
+            stream = checked_validation_set(ws.input(dataset_path(data_dir, vocab)),
+                                            ws.input(tokenizer_file(data_dir, vocab)), vocab, cfg)
+        with clocks.phase("prequant_eval"):
+            metrics = score_validation("unquantized", model, model_file, stream, cfg, ctx)
         if ctx.is_main:
+            clocks.record_process("whole_process")
+            record["clocks"] = clocks.seconds
             with stage_outputs() as out:
                 out.write_json(ws.output(layout.PREQUANT_PROVENANCE), record)
                 out.write_json(ws.output(layout.PREQUANT_METRICS), metrics)

@@ -17,6 +17,7 @@ from pathlib import Path
 from pgolf.artifact.format import serialize
 from pgolf.artifact.size import read_code_bytes
 from pgolf.atomic import csv_text, stage_outputs
+from pgolf.clocks import Clocks
 from pgolf.config import CompressConfig, QuantizeConfig, section, to_dict
 from pgolf.model.files import load_model
 from pgolf.pipeline import layout
@@ -38,8 +39,10 @@ def run(params: dict, ws: Workspace) -> None:
     sensitivity = load_output_sensitivity(hessians_path) if cfg.uses_output_sensitivity else None
     check_hessians(state_dict, hessians, cfg, source=f"{hessians_path} against {model_path}")
     code = read_code_bytes(ws.input(layout.BUNDLE_CODE_BYTES)) if compress_cfg is not None else 0
-    qm, rows, search = quantize_for_size(model_config, state_dict, hessians, cfg, compress_cfg, code,
-                                         resolve_device(cfg.device), sensitivity)
+    clocks = Clocks()
+    with clocks.phase("quantization"):
+        qm, rows, search = quantize_for_size(model_config, state_dict, hessians, cfg, compress_cfg, code,
+                                             resolve_device(cfg.device), sensitivity)
     limit = compress_cfg.size_limit_bytes if compress_cfg is not None else 0
     fit = search if isinstance(search, FitResult) else None
     if fit is not None:
@@ -50,7 +53,10 @@ def run(params: dict, ws: Workspace) -> None:
     elif search is not None:
         print(f"[pgolf quantize] allocate: {search.total_bytes:,} of {limit:,} bytes after {len(search.rounds)} "
               f"measurements, multiplier {search.multiplier:.4g}", flush=True)
-    raw = serialize(qm)
+    with clocks.phase("serialization"):
+        raw = serialize(qm)
+    clocks.record_process("whole_process")
+    record["clocks"] = clocks.seconds
     report = {"totals": {**report_totals(rows), "serialized_bytes": len(raw)}, "tensors": rows}
     if search is not None:
         report["fit" if fit is not None else "allocation"] = search.summary(limit)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from pgolf.atomic import csv_text, stage_outputs
+from pgolf.clocks import Clocks
 from pgolf.config import ModelConfig, TokenizeConfig, TrainConfig, section, to_dict
 from pgolf.data.leakage import check_no_leaks
 from pgolf.data.shards import check_dataset, dataset_path
@@ -41,13 +43,19 @@ def run(params: dict, ws: Workspace) -> None:
     try:
         record = log_provenance("train", {"model": to_dict(model_cfg), "train": to_dict(cfg), "data_dir": data_dir,
                                           "world_size": ctx.world_size}) if ctx.is_main else {}
+        clocks = Clocks.on_rank(ctx)
         dataset_dir = ws.input(dataset_path(data_dir, model_cfg.vocab_size))
         tokenizer = ws.input(tokenizer_file(data_dir, model_cfg.vocab_size))
-        check_dataset(dataset_dir, tokenizer, model_cfg.vocab_size)
-        check_no_leaks(dataset_dir)
+        with clocks.phase("data_checks"):
+            check_dataset(dataset_dir, tokenizer, model_cfg.vocab_size)
+            check_no_leaks(dataset_dir)
         checkpoints = ws.output(layout.TRAIN_CHECKPOINTS)
+        start = time.perf_counter()
         model, result = train_model(model_cfg, cfg, dataset_dir, tokenizer, ctx, checkpoints)
+        clocks.record_training(time.perf_counter() - start, result.elapsed_s)
         if ctx.is_main:
+            clocks.record_process("whole_process")
+            record["clocks"] = clocks.seconds
             write_outputs(ws, model_cfg, result, run_metrics(result, count_parameters(model), ctx), record)
             (checkpoints / CHECKPOINT_NAME).unlink(missing_ok=True)  # finished: nothing to resume
         barrier(ctx)

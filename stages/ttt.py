@@ -15,12 +15,14 @@ from pathlib import Path
 
 from pgolf.artifact.load import artifact_model
 from pgolf.atomic import csv_text, stage_outputs
+from pgolf.clocks import Clocks
 from pgolf.config import EvaluateConfig, TokenizeConfig, TTTConfig, section, to_dict
 from pgolf.data.shards import dataset_path
 from pgolf.data.tokenizer import tokenizer_file
 from pgolf.distributed import init_distributed, shutdown
 from pgolf.eval.score import checked_validation_set
 from pgolf.eval.ttt import run_ttt, ttt_metrics
+from pgolf.fingerprint import data_fingerprint
 from pgolf.pipeline import layout
 from pgolf.pipeline.provenance import log_provenance
 from pgolf.pipeline.stage import Workspace, run_stage
@@ -37,14 +39,20 @@ def run(params: dict, ws: Workspace) -> None:
             print("[pgolf ttt] ttt.enabled is false: no test-time training (set ttt.enabled=true to run it)")
             commit(ws, {"enabled": False, "method": cfg.method}, [], record)
             return
-        model = artifact_model(ws.input(layout.COMPRESS_ARTIFACT), ctx.device)
+        clocks = Clocks.on_rank(ctx)
+        with clocks.phase("decompression"):
+            model = artifact_model(ws.input(layout.COMPRESS_ARTIFACT), ctx.device)
         model.looping_active = True
         vocab = model.config.vocab_size
-        stream = checked_validation_set(
-            ws.input(dataset_path(data_dir, vocab)), ws.input(tokenizer_file(data_dir, vocab)), vocab,
-            EvaluateConfig(eval_seq_len=cfg.seq_len, max_val_tokens=cfg.max_val_tokens))
-        result = run_ttt(model, stream, cfg, ctx.device, ctx)
+        dataset_dir, tokenizer = ws.input(dataset_path(data_dir, vocab)), ws.input(tokenizer_file(data_dir, vocab))
+        with clocks.phase("data_checks"):
+            stream = checked_validation_set(dataset_dir, tokenizer, vocab,
+                                            EvaluateConfig(eval_seq_len=cfg.seq_len, max_val_tokens=cfg.max_val_tokens))
+        with clocks.phase("ttt"):  # compile warm-up included: run_ttt compiles inside
+            result = run_ttt(model, stream, cfg, ctx.device, ctx)
         if ctx.is_main:
+            clocks.record_process("whole_process")
+            record |= {"clocks": clocks.seconds, "fingerprint": data_fingerprint(dataset_dir, tokenizer, stream)}
             evaluated = ws.input(layout.EVALUATE_METRICS)
             evaluated = json.loads(evaluated.read_text(encoding="utf-8")) if evaluated.is_file() else {}
             commit(ws, ttt_metrics(result, cfg, evaluated, ctx.world_size), result.chunks, record)

@@ -42,7 +42,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pgolf.data.shards import SIDECAR, SPLITS, ShardError, check_sidecar, file_sha256, read_header, shard_name
+from pgolf.atomic import write_json
+from pgolf.data.shards import (
+    DOWNLOAD_RECORD,
+    SIDECAR,
+    SPLITS,
+    ShardError,
+    check_sidecar,
+    file_sha256,
+    read_header,
+    shard_name,
+)
 from pgolf.data.tokenizer import check_reserved_markers, load_tokenizer, marker_pieces, tokenizer_file
 
 DEFAULT_REPO_ID = "kevclark/parameter-golf"  # sp4096 and sp8192; "willdepueoai/parameter-golf" has sp1024
@@ -177,12 +187,30 @@ def download_dataset(
 
     shards_dir, model_file = local_dataset_dir(dest, variant), planned[-1].local
     transform = check_dataset(files, shards_dir, model_file, vocab_size)
+    record_download(dest, shards_dir.name, {"repo_id": repo_id, "revision": commit, "variant": variant,
+                                            "remote_root": remote_root, "files": file_hashes(files, dest)})
     return {
         "repo_id": repo_id, "commit": commit, "variant": variant, "text_transform": transform,
         "shards_path": str(shards_dir), "tokenizer_path": str(model_file),
         "files": len(files), "fetched": len(missing), "kept": len(files) - len(missing),
         "bytes": sum(f.size for f in files),
     }
+
+
+def file_hashes(files: list[RemoteFile], dest: Path) -> dict[str, dict[str, Any]]:
+    """Each file (relative to ``dest``) with its size and the hash the hub gave and the download checked."""
+    def entry(remote_file: RemoteFile) -> dict[str, Any]:
+        kind = "sha256" if SHA256.fullmatch(remote_file.etag) else "git_blob_sha1" \
+            if GIT_SHA1.fullmatch(remote_file.etag) else "etag"
+        return {"bytes": remote_file.size, kind: remote_file.etag}
+    return {str(f.local.relative_to(dest)): entry(f) for f in files}
+
+
+def record_download(dest: Path, dataset: str, entry: dict[str, Any]) -> None:
+    """Set ``dataset``'s entry of ``DEST/download.json``: what a run's fingerprint names as its data's origin."""
+    path = dest / DOWNLOAD_RECORD
+    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    write_json(path, {**record, dataset: entry})
 
 
 def fetch_hub_manifest(hub: Hub, remote_root: str, revision: str, dest: Path) -> tuple[str, dict[str, Any]]:

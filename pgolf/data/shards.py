@@ -36,6 +36,9 @@ TOKEN_DTYPE = np.dtype("<u2")
 MAX_TOKENS = 2**31 - 1  # the header stores the count as int32
 BOS_ID = 1  # the challenge tokenizers' bos id (docs/DESIGN.md §1)
 MANIFEST_NAME = "manifest.json"  # beside the shards: what went in and what came out (the tokenize stage)
+# beside the challenge's layout (DEST/datasets/, DEST/tokenizers/): what `pgolf download` fetched, from which
+# repository at which revision, with each file's hash as the hub gave it and the download checked it
+DOWNLOAD_RECORD = "download.json"
 SPLITS = ("val", "train")  # file order of a dataset: validation documents come first
 SIDECAR = "val_bytes"  # the byte sidecar's files: fineweb_val_bytes_NNNNNN.bin, one per validation shard
 # Ids are checked against the vocabulary this many tokens at a time (bounded memory).

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,9 @@ from pgolf.data.shards import check_dataset
 from pgolf.distributed import DistContext
 from pgolf.model.gpt import GPT
 from pgolf.runtime import autocast, progress_bar, use_compile
+
+if TYPE_CHECKING:
+    from pgolf.clocks import Clocks
 
 
 class EvalScore(NamedTuple):
@@ -188,9 +191,12 @@ def _score_batch(
 
 
 def evaluate_model(
-    name: str, model: GPT, stream: ValidationStream, cfg: EvaluateConfig, ctx: DistContext
+    name: str, model: GPT, stream: ValidationStream, cfg: EvaluateConfig, ctx: DistContext, clocks: Clocks | None = None
 ) -> dict[str, float]:
-    """The plain and sliding scores that ``cfg`` switches on, looping on, each printed when done."""
+    """The plain and sliding scores that ``cfg`` switches on, looping on, each printed when done.
+
+    With ``clocks`` each evaluation is timed as phase ``eval_plain`` / ``eval_sliding`` (compile warm-up included).
+    """
     model.looping_active = True
     compiled = use_compile(cfg.compile, ctx.device, "evaluate.compile")
     runs = {
@@ -207,9 +213,12 @@ def evaluate_model(
             continue
         start = time.perf_counter()
         score = evaluate()
+        seconds = time.perf_counter() - start  # the score's all-reduce and .tolist() waited for the GPU
         if ctx.is_main:
             print(f"[pgolf evaluate] {name} {label}: val_loss {score.loss:.8f} val_bpb {score.bpb:.8f} "
-                  f"({time.perf_counter() - start:.1f} s)", flush=True)
+                  f"({seconds:.1f} s)", flush=True)
+        if clocks is not None:
+            clocks.record(f"eval_{label}", seconds)
         # seconds stay out of the metrics: they would differ in every `dvc metrics diff`
         results |= {f"{prefix}val_loss": score.loss, f"{prefix}val_bpb": score.bpb}
     return results
@@ -259,13 +268,12 @@ def checked_validation_set(dataset_dir: Path, tokenizer_path: Path, vocab_size: 
     return validation_set(dataset_dir, tokenizer_path, vocab_size, cfg)
 
 
-def score_validation(label: str, model: GPT, source: Path, dataset_dir: Path, tokenizer_path: Path,
-                     cfg: EvaluateConfig, ctx: DistContext) -> dict[str, Any]:
-    """The evaluate and prequant stages' metrics of ``model`` (read from ``source``): its scores on the
-    checked validation split."""
-    stream = checked_validation_set(dataset_dir, tokenizer_path, model.config.vocab_size, cfg)
+def score_validation(label: str, model: GPT, source: Path, stream: ValidationStream, cfg: EvaluateConfig,
+                     ctx: DistContext, clocks: Clocks | None = None) -> dict[str, Any]:
+    """The evaluate and prequant stages' metrics of ``model`` (read from ``source``): its scores on ``stream``,
+    the checked validation split (``checked_validation_set``)."""
     if ctx.is_main:
         print(f"[pgolf evaluate] {source}: {stream.tokens.numel() - 1:,} validation targets, "
               f"{stream.total_bytes():,} bytes ({stream.rule}) on {ctx.world_size} x {ctx.device}", flush=True)
     return {"val_tokens": stream.tokens.numel() - 1, "val_bytes": stream.total_bytes(),
-            label: evaluate_model(label, model, stream, cfg, ctx)}
+            label: evaluate_model(label, model, stream, cfg, ctx, clocks)}

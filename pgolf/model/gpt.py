@@ -130,19 +130,19 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) 
     return y.transpose(1, 2)  # [B, T, H, D]
 
 
-def _import_flash_attention() -> AttentionFn | None:
-    """FlashAttention-3, else flash-attn 2, else None."""
+def _import_flash_attention() -> tuple[AttentionFn | None, str | None]:
+    """FlashAttention-3, else flash-attn 2, else None; with the module it came from (run fingerprints name it)."""
     try:
         from flash_attn_interface import flash_attn_func as fa3
     except ImportError:
         fa3 = None
     if fa3 is not None:
-        return lambda q, k, v: fa3(q, k, v, causal=True)
+        return (lambda q, k, v: fa3(q, k, v, causal=True)), "flash_attn_interface"
     try:
         from flash_attn import flash_attn_func as fa2
     except ImportError:
-        return None
-    return lambda q, k, v: fa2(q, k, v, causal=True)
+        return None, None
+    return (lambda q, k, v: fa2(q, k, v, causal=True)), "flash_attn"
 
 
 def _import_flash_varlen() -> Callable[..., Tensor] | None:
@@ -156,7 +156,7 @@ def _import_flash_varlen() -> Callable[..., Tensor] | None:
 
 # Looked up at import, not on first use: torch.compile cannot trace an import that fails
 # (fullgraph would stop at it), while a module global is a constant to it.
-FLASH_ATTENTION: AttentionFn | None = _import_flash_attention()
+FLASH_ATTENTION, FLASH_MODULE = _import_flash_attention()
 FLASH_VARLEN = _import_flash_varlen()
 
 

@@ -1,9 +1,10 @@
 """What every stage records before it starts: code, versions, config, hardware.
 
 A stage prints one line of it (commit, versions, device) and writes the whole
-record (with the resolved configuration) to a file beside its metrics, so a
-number in a metrics file can always be traced back to how it was made without
-the log drowning in it.
+record (with the resolved configuration, the run fingerprint's environment: CUDA,
+cuDNN, GPUs, attention kernels; and, added by the stage as it ends, its clocks and
+data fingerprint) to a file beside its metrics, so a number in a metrics file can
+always be traced back to how it was made without the log drowning in it.
 """
 
 from __future__ import annotations
@@ -57,12 +58,23 @@ def versions() -> dict[str, str]:
     }
 
 
+def environment() -> dict[str, Any]:
+    """The run fingerprint's environment (``pgolf.fingerprint``) of this machine's best device and process count."""
+    import torch
+
+    from pgolf.fingerprint import environment as fingerprint_environment
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return fingerprint_environment(device, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's, else one process
+
+
 def provenance(stage: str, config: dict[str, Any]) -> dict[str, Any]:
     return {
         "stage": stage,
         "git_commit": git_commit(),
         "versions": versions(),
         "hardware": hardware(),
+        "environment": environment(),
         "config": config,
     }
 

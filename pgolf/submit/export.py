@@ -6,12 +6,19 @@ run's logs. :func:`write_records_folder` fills one from the bundle stage's scrip
 byte for byte what compress counted) and the stages' metrics and provenance, adds the
 ``requirements.txt`` found from the bundled modules' imports and ``compliance.json``: each
 rule of the challenge with its figure, its limit, whether it holds and how that is
-guaranteed. Times measured by running the exported script (its ``final_metrics.json``) are
-used where given; otherwise the timing rules say they were not measured on the declared
-hardware. Given the report of the script's seed runs (``pgolf.submit.seeds``), the folder
-scores the mean of every seed, lists each seed in ``submission.json`` and the README's
-results table, carries every run's log and metrics, writes ``seeds.json``/``seeds.md``,
-judges the time rules by the slowest run and adds the record's tests to the compliance report.
+guaranteed. The submission's score is the one the script computes: the TTT score (the ttt
+stage's) when the script test-time trains, else the sliding-window one, and ``submission.json``
+and the README say which. Times measured by running the exported script (its
+``final_metrics.json``: every phase's clock, ``pgolf.clocks``) are used where given and the
+run was on the declared hardware; the compliance report says which clock each 600 s budget
+uses and what it counts, and checks calibration against ``train.gptq_reserve_seconds``.
+``submission.json`` carries the run's fingerprint (``pgolf.fingerprint``: data, tokenizer,
+byte accounting, versions, GPUs, attention kernels), the measured run's when given, else the
+pipeline's (its evaluate and train stages' provenance). Given the report of the script's seed
+runs (``pgolf.submit.seeds``), the folder scores the mean of every seed, lists each seed in
+``submission.json`` and the README's results table, carries every run's log and metrics,
+writes ``seeds.json``/``seeds.md``, judges the time rules by each clock's slowest run (the
+seeds must share one fingerprint) and adds the record's tests to the compliance report.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import ast
 import datetime
 import hashlib
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -30,10 +38,11 @@ from typing import Any
 import torch
 
 from pgolf.atomic import atomic_path
+from pgolf.clocks import EVALUATION, PHASES, TRAINING
 from pgolf.config import ExportConfig
 from pgolf.pipeline import layout
 from pgolf.submit.bundle import read_bundle
-from pgolf.submit.rundir import METRICS_FILE
+from pgolf.submit.rundir import METRICS_FILE, artifact_score
 from pgolf.submit.seeds import (
     REPORT_JSON,
     REPORT_MD,
@@ -41,7 +50,6 @@ from pgolf.submit.seeds import (
     RunSet,
     gather,
     load_baseline,
-    quantized_score,
     seeds_report,
     submission_fields,
 )
@@ -58,7 +66,12 @@ LOGGED = {"tokenize": (layout.TOKENIZE_PROVENANCE, layout.TOKENIZE_METRICS),
           "calibrate": (layout.CALIBRATE_PROVENANCE, None),
           "quantize": (layout.QUANTIZE_PROVENANCE, layout.QUANTIZE_REPORT),
           "compress": (layout.COMPRESS_PROVENANCE, layout.COMPRESS_METRICS),
-          "evaluate": (layout.EVALUATE_PROVENANCE, layout.EVALUATE_METRICS)}
+          "evaluate": (layout.EVALUATE_PROVENANCE, layout.EVALUATE_METRICS),
+          "ttt": (layout.TTT_PROVENANCE, layout.TTT_METRICS)}
+# each 600 s budget: the clock it is judged by (pgolf.clocks.PHASES lists what each clock counts)
+BUDGET_CLOCKS = {TRAINING: "training_phase", EVALUATION: "evaluation_phase"}
+# the fingerprint fields seeds pooled into one record must share (the data and what ran it)
+SHARED_ENVIRONMENT = ("torch", "cuda", "cudnn", "device", "gpu", "gpu_count", "attention", "coder")
 
 
 @dataclass(frozen=True)
@@ -72,21 +85,65 @@ class RunRecord:
     train: dict[str, Any]
     measured: dict[str, Any] | None  # final_metrics.json of the exported script's own run (the slowest of its seeds)
     seeds: dict[str, Any] | None = None  # pgolf.submit.seeds.seeds_report of the script's runs, one per seed
+    ttt: dict[str, Any] | None = None  # out/ttt/metrics.json, when the script test-time trains (ttt_record)
+    fingerprint: dict[str, Any] | None = None  # the pipeline's (pipeline_fingerprint), when its stages recorded one
 
     @property
     def params(self) -> dict[str, dict[str, Any]]:
         return read_bundle(self.script)["params"]
 
     @property
+    def scored_by(self) -> str:
+        """Which score is the submission's: ``ttt`` when the script test-time trains, else ``sliding`` or ``plain``."""
+        return "ttt" if self.params["ttt"]["enabled"] else artifact_score(self.evaluate["quantized"])[0]
+
+    @property
     def final(self) -> dict[str, float]:
-        """val_loss and val_bpb of the submission: the sliding score when there is one."""
-        return quantized_score(self.evaluate["quantized"])
+        """val_loss and val_bpb of the submission: the TTT score with TTT, else the sliding one when there is one."""
+        if self.scored_by == "ttt":
+            return {"val_loss": self.ttt["val_loss"], "val_bpb": self.ttt["val_bpb"]}
+        return artifact_score(self.evaluate["quantized"])[1]
+
+    @property
+    def run_fingerprint(self) -> dict[str, Any] | None:
+        """The measured run's fingerprint, else the pipeline's; with where it comes from."""
+        if self.measured is not None:
+            return {"source": f"the exported train_gpt.py's run ({METRICS_FILE})", **self.measured["fingerprint"]}
+        return self.fingerprint
 
 
 def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (run the pipeline to the evaluate stage first)")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def ttt_record(baked: dict[str, Any], metrics_path: Path, provenance_path: Path) -> dict[str, Any] | None:
+    """The ttt stage's metrics when the script bakes ``ttt.enabled``; refused unless made with the baked ``ttt:``."""
+    if not baked["enabled"]:
+        return None
+    metrics = read_json(metrics_path)
+    if not metrics.get("enabled"):
+        raise ValueError(f"{metrics_path}: the ttt stage did not test-time train, but the script bakes ttt.enabled: "
+                         "true (its score is the TTT score): re-run the ttt stage")
+    ran = read_json(provenance_path)["config"]["ttt"]
+    for key, value in baked.items():
+        if ran.get(key) != value:
+            raise ValueError(f"{metrics_path} was made with ttt.{key}={ran.get(key)!r}, but the script bakes "
+                             f"{value!r}: re-run the ttt stage")
+    return metrics
+
+
+def pipeline_fingerprint(train_provenance: Path, evaluate_provenance: Path) -> dict[str, Any] | None:
+    """The data the evaluate stage read and the environment training ran in, from their provenance."""
+    if not (train_provenance.is_file() and evaluate_provenance.is_file()):
+        return None
+    trained, evaluated = read_json(train_provenance), read_json(evaluate_provenance)
+    if "fingerprint" not in evaluated or "environment" not in trained:
+        return None  # written before pgolf recorded fingerprints
+    return {"source": f"the pipeline: {evaluate_provenance} (data), {train_provenance} (environment)",
+            "data": evaluated["fingerprint"], "environment": trained["environment"],
+            "evaluation_environment": evaluated["environment"]}
 
 
 def third_party_imports(files: dict[str, str]) -> set[str]:
@@ -128,7 +185,11 @@ def requirements(script: str) -> list[str]:
 
 
 def compliance(run: RunRecord, cfg: ExportConfig) -> dict[str, Any]:
-    """Every rule of the track: figure, limit, status (pass | fail | not measured) and how it is guaranteed."""
+    """Every rule of the track: figure, limit, status (pass | fail | not measured) and how it is guaranteed.
+
+    ``clocks`` says which clock each 600 s budget is judged by, what each clock counts, what
+    counts toward neither, and whether the measured run ran on the declared hardware.
+    """
     files = read_bundle(run.script)["files"]
     train, evaluate = run.params["train"], run.params["evaluate"]
     code = len(run.script.encode("utf-8"))
@@ -144,13 +205,14 @@ def compliance(run: RunRecord, cfg: ExportConfig) -> dict[str, Any]:
             f"{run.compress['artifact_bytes']:,} artifact + {code:,} code bytes (the exported train_gpt.py itself, "
             "counted by the compress stage's gate; the runner's gate refuses a larger submission)"),
         "train_under_600s": _timing(
-            run, "training_phase_s", cfg,
+            run, TRAINING, cfg,
             f"the training loop stops at train.max_wallclock_seconds={cap:g} s minus "
             f"train.gptq_reserve_seconds={train['gptq_reserve_seconds']:g} s kept for calibration and GPTQ"
             + ("" if cap > 0 else " (no cap set: this run is scheduled by steps, not guaranteed)")),
         "eval_under_600s": _timing(
-            run, "evaluation_phase_s", cfg,
-            "the artifact's load, plain and sliding evaluation, timed by the exported script"),
+            run, EVALUATION, cfg, "the artifact's decompression, every evaluation"
+            + (" and test-time training" if run.scored_by == "ttt" else "") + ", timed by the exported script"),
+        "calibration_within_reserve": _reserve_rule(run, cfg),
         "no_training_data_in_eval": _rule(
             None, None, "pass",
             "evaluation reads only the fineweb_val_* shards and the tokenizer (pgolf.eval.score.validation_set); "
@@ -166,8 +228,7 @@ def compliance(run: RunRecord, cfg: ExportConfig) -> dict[str, Any]:
             None, None, "pass",
             f"condition 2: cross-entropy over all {run.params['model']['vocab_size']} logits (softmax of the full "
             "vocabulary), fixed before the target is read"),
-        "score_before_update": _rule(
-            None, None, "pass", "condition 3: no test-time training; the weights are the artifact's throughout"),
+        "score_before_update": _score_before_update(run),
         "single_pass": _rule(
             None, None, "pass",
             f"condition 4: one left-to-right pass, every target scored exactly once (plain windows partition the "
@@ -175,8 +236,73 @@ def compliance(run: RunRecord, cfg: ExportConfig) -> dict[str, Any]:
             "disjoint ranges: tests/eval/test_score.py::test_sliding_windows_score_every_target_exactly_once)"),
     }
     rules |= seed_rules(run.seeds)
-    return {"track": TRACK, "declared_hardware": cfg.hardware, "rules": rules,
+    return {"track": TRACK, "declared_hardware": cfg.hardware, "clocks": clocks_report(run, cfg), "rules": rules,
             "all_pass": all(rule["status"] == "pass" for rule in rules.values())}
+
+
+def clocks_report(run: RunRecord, cfg: ExportConfig) -> dict[str, Any]:
+    """Each budget's clock and the phases it counts, what counts toward neither, and the measured seconds."""
+    measured = run.measured["clocks"] if run.measured is not None else {}
+    budgets = {budget: {"limit_s": TIME_LIMIT_S, "clock": clock, "measured_s": measured.get(clock),
+                        "counts": {name: {"what": what, "measured_s": measured.get(name)}
+                                   for name, (counted, what) in PHASES.items() if counted == budget and name != clock}}
+               for budget, clock in BUDGET_CLOCKS.items()}
+    neither = {name: {"what": what, "measured_s": measured.get(name)}
+               for name, (counted, what) in PHASES.items() if counted is None}
+    return {"budgets": budgets, "counted_by_neither": neither, "declared_hardware": cfg.hardware,
+            "measured_on": None if run.measured is None else run.measured["hardware"],
+            "on_declared_hardware": run.measured is not None and on_declared_hardware(cfg.hardware, run.measured)}
+
+
+def on_declared_hardware(declared: str, measured: dict[str, Any]) -> bool:
+    """Whether a run's GPUs are the declared ones: ``8xH100 80GB SXM`` is 8 GPUs whose name holds ``H100``."""
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\S+).*", declared)
+    env = measured["fingerprint"]["environment"]
+    return bool(match) and env["device"] == "cuda" and env["gpu_count"] == int(match[1]) \
+        and match[2].lower() in env["gpu"].lower()
+
+
+def _timing(run: RunRecord, budget: str, cfg: ExportConfig, how: str) -> dict[str, Any]:
+    """A budget's rule, judged by its clock in the exported script's own run on the declared hardware."""
+    clock = BUDGET_CLOCKS[budget]
+    counted = [name for name, (counts, _) in PHASES.items() if counts == budget and name != clock]
+    how = f"{how}; clock {clock} = {' + '.join(counted)} (compliance.json clocks: what each counts)"
+    measured = run.measured
+    if measured is None:
+        return _rule(None, TIME_LIMIT_S, "not measured", f"{how}; not measured on {cfg.hardware}: run train_gpt.py "
+                     "there and export with --measured or --seeds")
+    seconds = measured["clocks"][clock]
+    parts = ", ".join(f"{name} {measured['clocks'][name]:.1f} s" for name in counted if name in measured["clocks"])
+    if not on_declared_hardware(cfg.hardware, measured):
+        return _rule(None, TIME_LIMIT_S, "not measured", f"{how}; measured {seconds:.1f} s on "
+                     f"{measured['hardware']} ({parts}), not the declared {cfg.hardware}")
+    return _rule(seconds, TIME_LIMIT_S, "pass" if seconds <= TIME_LIMIT_S else "fail",
+                 f"{how}; measured by train_gpt.py on {measured['hardware']} (declared: {cfg.hardware}): {parts}")
+
+
+def _reserve_rule(run: RunRecord, cfg: ExportConfig) -> dict[str, Any]:
+    """Calibration, the last read of training data, within the reserve the loop left it (train.gptq_reserve_seconds)."""
+    reserve = run.params["train"]["gptq_reserve_seconds"]
+    how = ("clock calibration (the loop's end to the last training batch read for the Hessians) against "
+           f"train.gptq_reserve_seconds={reserve:g} s: beyond it, training data is read past the loop's budget")
+    if run.measured is None:
+        return _rule(None, reserve, "not measured", f"{how}; no run of train_gpt.py given")
+    check = run.measured["calibration_reserve"]
+    seen = (f"calibration {check['calibration_s']:.1f} s, training data read until "
+            f"{check['training_data_read_until_s']:.1f} s on the training clock, on {run.measured['hardware']}")
+    if not on_declared_hardware(cfg.hardware, run.measured):
+        return _rule(None, reserve, "not measured", f"{how}; {seen}, not the declared {cfg.hardware}")
+    return _rule(check["calibration_s"], reserve, "fail" if check["overran"] else "pass", f"{how}; {seen}")
+
+
+def _score_before_update(run: RunRecord) -> dict[str, Any]:
+    """Condition 3 of issue #1017: without TTT the weights never change; with it, each chunk is scored first."""
+    if run.scored_by != "ttt":
+        return _rule(None, None, "pass", "condition 3: no test-time training; the weights are the artifact's "
+                     "throughout")
+    rule = run.ttt["compliance"]["score_before_update"]
+    return _rule(None, None, "pass" if rule["holds"] else "fail",
+                 f"condition 3, score-first TTT (ttt.method={run.ttt['method']}): {rule['how']} ({rule['test']})")
 
 
 def seed_rules(seeds: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -216,38 +342,45 @@ def _rule(value: Any, limit: Any, status: str, how: str) -> dict[str, Any]:
     return {"value": value, "limit": limit, "status": status, "how": how}
 
 
-def _timing(run: RunRecord, key: str, cfg: ExportConfig, how: str) -> dict[str, Any]:
-    """A time rule from the exported script's own run on GPUs; anything else is not measured on the declared hardware."""
-    measured = run.measured
-    if measured is None or measured["device"] != "cuda":
-        seen = "" if measured is None else f" (measured {measured[key]:.1f} s on {measured['hardware']})"
-        return _rule(None, TIME_LIMIT_S, "not measured", f"{how}; not measured on {cfg.hardware}{seen}: "
-                     "run train_gpt.py there and export with --measured")
-    seconds = measured[key]
-    return _rule(seconds, TIME_LIMIT_S, "pass" if seconds <= TIME_LIMIT_S else "fail",
-                 f"{how}; measured by train_gpt.py on {measured['hardware']} (declared: {cfg.hardware})")
-
-
 def submission_json(run: RunRecord, cfg: ExportConfig, date: str, report: dict[str, Any]) -> dict[str, Any]:
-    """The fields merged records' submission.json carry, filled from the run."""
+    """The fields merged records' submission.json carry, filled from the run, with which score it is and the
+    run's fingerprint."""
     seed = run.params["train"]["seed"]
     code = len(run.script.encode("utf-8"))
     final = run.final
+    fingerprint = run.run_fingerprint
     return {
         "author": cfg.author, "github_id": cfg.github_id, "name": cfg.name, "blurb": cfg.blurb, "date": date,
         "track": TRACK, "val_loss": round(final["val_loss"], 8), "val_bpb": round(final["val_bpb"], 8),
+        "score": score_source(run),
         "seeds": [seed],
         "seed_results": {str(seed): {**{k: round(v, 8) for k, v in final.items()},
                                      "artifact_bytes": run.compress["artifact_bytes"], "steps": run.train["steps"]}},
-        "hardware": cfg.hardware, "pytorch_version": torch.__version__,
+        "hardware": cfg.hardware,
+        "pytorch_version": fingerprint["environment"]["torch"] if fingerprint else torch.__version__,
         "bytes_total": run.compress["artifact_bytes"] + code, "bytes_code": code,
         "compliance": {name: rule["status"] == "pass" for name, rule in report["rules"].items()},
+        "fingerprint": fingerprint,
     } | (submission_fields(run.seeds) if run.seeds else {})
 
 
+def score_source(run: RunRecord) -> dict[str, Any]:
+    """Which score ``val_bpb`` is (``ttt``, ``sliding`` or ``plain``), in words, with the artifact's other scores."""
+    quantized = run.evaluate["quantized"]
+    source = {"kind": run.scored_by, "plain_val_bpb": quantized.get("val_bpb"),
+              "sliding_val_bpb": quantized.get("sliding_val_bpb")}
+    if run.scored_by == "ttt":
+        return source | {"ttt_method": run.ttt["method"], "ttt_val_bpb": run.ttt["val_bpb"], "what": (
+            f"score-first test-time training of the artifact (ttt.method={run.ttt['method']}): the ttt stage's "
+            "score, which train_gpt.py computes the same way in its evaluation phase")}
+    stride = run.params["evaluate"]["eval_stride"]
+    return source | {"what": f"the artifact's sliding-window evaluation at stride {stride}, no test-time training"
+                     if run.scored_by == "sliding" else "the artifact's plain evaluation, no test-time training"}
+
+
 def readme(run: RunRecord, cfg: ExportConfig, info: dict[str, Any], report: dict[str, Any]) -> str:
-    """The folder's README: the score, how to run it, the settings and the compliance table."""
-    quantized, unquantized = run.evaluate["quantized"], run.prequant.get("unquantized", {})
+    """The folder's README: the score and which one it is, how to run it, the settings, the compliance table
+    with the clocks, and the run's fingerprint."""
     seed = run.params["train"]["seed"]
     vocab = run.params["model"]["vocab_size"]
     rows = "\n".join(f"| `{name}` | {rule['status']} | {_figure(rule)} | {rule['how']} |"
@@ -257,19 +390,18 @@ def readme(run: RunRecord, cfg: ExportConfig, info: dict[str, Any], report: dict
     system_needs = ("\nIts compressor is PR #1855's per-group lrzip (`compress.compressor: pergroup`): the `lrzip` "
                     "program must be installed where it runs (`apt-get install lrzip`).\n"
                     if run.params["compress"]["compressor"] == "pergroup" else "")
-    results = f"""| Seed | Steps | Pre-quant BPB | Post-quant BPB | **Sliding BPB** | Artifact | Code | Total |
-|-|-|-|-|-|-|-|-|
-| {seed} | {run.train['steps']} | {_bpb(unquantized.get('val_bpb'))} | {_bpb(quantized.get('val_bpb'))} | \
-**{_bpb(quantized.get('sliding_val_bpb'))}** | {run.compress['artifact_bytes']:,} | {info['bytes_code']:,} | \
-{info['bytes_total']:,} |
-""" if run.seeds is None else f"""{seeds_table(run.seeds)}
+    results = results_table(run, info) if run.seeds is None else f"""{seeds_table(run.seeds)}
 {tests_section(run.seeds, "###")}
 Every run's log and `final_metrics.json` are in `logs/`; `{REPORT_JSON}` holds these figures and tests."""
+    ttt = " and test-time trains (score-first, as the ttt stage)" if run.scored_by == "ttt" else ""
     return f"""# {cfg.name}: val_bpb {info['val_bpb']:.5f}
 
 {cfg.blurb or 'Exported by pgolf from a DVC pipeline run.'}
 
 {results}
+
+**The submission's score** (`val_bpb` of `submission.json`, the `submission` line at the end of
+each log) is the **{SCORE_NAMES[run.scored_by]}** score: {info['score']['what']}.
 
 ## Run
 
@@ -282,9 +414,11 @@ SEED=42 torchrun --standalone --nproc_per_node=8 train_gpt.py   # or: python tra
 ```
 {system_needs}
 `SEED` sets the training seed (`train.seed`; without it, the baked {seed}). It trains,
-calibrates, GPTQ-quantizes and compresses, writes `final_model.ptz` and
-`final_metrics.json`, and prints the quantized and sliding-window `val_bpb` and the
-submission size. `train_gpt.py` is a bootstrap and a brotli-compressed bundle of pgolf's
+calibrates, GPTQ-quantizes and compresses, writes `final_model.ptz`, evaluates{ttt}, prints
+every score with its time, the submission's last (`submission val_loss:X val_bpb:Y`), the
+wall time of every phase (`clock:NAME S.SSSs budget:B`) and the run's fingerprint (data,
+tokenizer, byte accounting, versions, GPUs, attention kernels), and writes all of them to
+`final_metrics.json`. `train_gpt.py` is a bootstrap and a brotli-compressed bundle of pgolf's
 modules (the import closure of `pgolf/submit/runner.py`) with the run's params baked in; its
 {info['bytes_code']:,} bytes are the code bytes counted.
 
@@ -296,14 +430,63 @@ modules (the import closure of `pgolf/submit/runner.py`) with the run's params b
 
 ## Compliance (`compliance.json`)
 
-Declared hardware: {cfg.hardware}.
+Declared hardware: {cfg.hardware}. The training budget is judged by the clock
+`{BUDGET_CLOCKS[TRAINING]}`, the evaluation budget by `{BUDGET_CLOCKS[EVALUATION]}`;
+`compliance.json`'s `clocks` lists what each clock counts and what counts toward neither.
 
 | rule | status | figure | how it is guaranteed |
 |-|-|-|-|
 {rows}
 
-`logs/` holds each pipeline stage's provenance (commit, versions, hardware, config) and metrics.
+## Fingerprint (`submission.json`'s `fingerprint`)
+
+{fingerprint_table(info['fingerprint'])}
+
+`logs/` holds each pipeline stage's provenance (commit, versions, hardware, config, clocks) and metrics.
 """
+
+
+SCORE_NAMES = {"ttt": "TTT", "sliding": "sliding-window", "plain": "plain"}
+
+
+def results_table(run: RunRecord, info: dict[str, Any]) -> str:
+    """One run's row: every score of the artifact, the submission's in bold, and the sizes."""
+    quantized, unquantized = run.evaluate["quantized"], run.prequant.get("unquantized", {})
+    scores = [("Pre-quant BPB", unquantized.get("val_bpb"), None),
+              ("Post-quant BPB", quantized.get("val_bpb"), "plain"),
+              ("Sliding BPB", quantized.get("sliding_val_bpb"), "sliding")]
+    if run.scored_by == "ttt":
+        scores.append(("TTT BPB", run.ttt["val_bpb"], "ttt"))
+    names = " | ".join(f"**{name}**" if kind == run.scored_by else name for name, _, kind in scores)
+    figures = " | ".join(f"**{_bpb(value)}**" if kind == run.scored_by else _bpb(value) for _, value, kind in scores)
+    return f"""| Seed | Steps | {names} | Artifact | Code | Total |
+|-|-|{'-|' * len(scores)}-|-|-|
+| {run.params['train']['seed']} | {run.train['steps']} | {figures} | {run.compress['artifact_bytes']:,} | \
+{info['bytes_code']:,} | {info['bytes_total']:,} |
+"""
+
+
+def fingerprint_table(fingerprint: dict[str, Any] | None) -> str:
+    """The fingerprint's main fields as a table (all of them are in submission.json)."""
+    if fingerprint is None:
+        return "Not recorded: the pipeline's stages ran before pgolf recorded fingerprints; re-run them."
+    data, env = fingerprint["data"], fingerprint["environment"]
+    published = data["published"]
+    rows = {
+        "source": fingerprint["source"],
+        "dataset": f"{data['dataset']}, manifest sha256 {data['manifest_sha256']}, docs sha256 {data['docs_sha256']}",
+        "published data": "not recorded" if published is None else
+        f"{published['repo_id']} at {published['revision']} ({len(published['files'])} files with their hashes)",
+        "train_shards": data["train_shards"], "val_tokens": data["val_tokens"],
+        "tokenizer sha256": data["tokenizer_sha256"],
+        "byte accounting": f"{data['byte_accounting']}, {data['val_bytes']:,} validation bytes",
+        "versions": f"python {env['python']}, torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}",
+        "GPUs": f"{env['gpu_count']} x {env['gpu']}" if env["gpu"] else "none (CPU)",
+        "attention": ", ".join(f"{use}: {name}" for use, name in env["attention"].items()),
+        "coder": f"{env.get('coder', '–')}; system binaries: "
+                 + (", ".join(f"{name} ({version})" for name, version in env["system_binaries"].items()) or "none"),
+    }
+    return "| field | value |\n|-|-|\n" + "\n".join(f"| {key} | {value} |" for key, value in rows.items())
 
 
 def _bpb(value: float | None) -> str:
@@ -344,12 +527,39 @@ def seed_evidence(runs_dir: Path, script: str, baselines: list[str], label: str
 
 
 def slowest(runset: RunSet) -> dict[str, Any]:
-    """The measured times the rules are judged by: each phase's longest over the seeds, with where they ran."""
+    """What the rules judge the seeds by: each clock's longest over the runs, the calibration that came closest to
+    its reserve, where they ran, and the fingerprint they share."""
     metrics = [run.metrics for run in runset.runs]
+    for run in runset.runs:
+        if "clocks" not in run.metrics or "fingerprint" not in run.metrics:
+            raise ValueError(f"{run.folder}: {METRICS_FILE} has no clocks or fingerprint: written by a runner older "
+                             "than them; run the seed again with this pgolf's exported script")
+    clocks = {name: max(m["clocks"][name] for m in metrics if name in m["clocks"])
+              for name in dict.fromkeys(name for m in metrics for name in m["clocks"])}
     devices = {m["device"] for m in metrics}
     return {key: max(m[key] for m in metrics) for key in ("training_phase_s", "evaluation_phase_s")} | {
+        "clocks": clocks, "calibration_reserve": max((m["calibration_reserve"] for m in metrics),
+                                                     key=lambda check: check["calibration_s"]),
+        "fingerprint": shared_fingerprint(runset),
         "device": devices.pop() if len(devices) == 1 else "mixed",
         "hardware": " / ".join(sorted({m["hardware"] for m in metrics}))}
+
+
+def shared_fingerprint(runset: RunSet) -> dict[str, Any]:
+    """The fingerprint every seed ran with: the same data and the same software and GPUs, else an error naming
+    the field and the runs."""
+    first = runset.runs[0]
+    expected = first.metrics["fingerprint"]
+    for run in runset.runs[1:]:
+        theirs = run.metrics["fingerprint"]
+        fields = [("data", key) for key in expected["data"]] + [("environment", key) for key in SHARED_ENVIRONMENT]
+        for part, key in fields:
+            if theirs[part].get(key) != expected[part].get(key):
+                raise ValueError(f"{run.folder} and {first.folder} ran with different {part}: fingerprint {key} is "
+                                 f"{theirs[part].get(key)!r} in {run.folder.name} but {expected[part].get(key)!r} in "
+                                 f"{first.folder.name}; the seeds of a record run one script on one data set and "
+                                 "one kind of machine")
+    return expected
 
 
 def write_records_folder(dest: Path, run: RunRecord, cfg: ExportConfig, logs: dict[str, Path]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from typing import Any
 from pgolf.atomic import write_bytes
 from pgolf.config import SECTIONS, output_keys
 from pgolf.data.shards import file_sha256
-from pgolf.submit.rundir import METRICS_FILE, SEED_ENV
+from pgolf.submit.rundir import METRICS_FILE, SEED_ENV, artifact_score
 from pgolf.submit.stats import Sample, SeedScore, comparison, markdown, summary
 
 SCRIPT = "train_gpt.py"
@@ -147,17 +147,12 @@ def last_score_line(text: str) -> re.Match[str] | None:
     return matches[-1] if matches else None
 
 
-def quantized_score(quantized: dict[str, float]) -> dict[str, float]:
-    """val_loss and val_bpb of an artifact's evaluation: the sliding-window score when there is one."""
-    prefix = "sliding_" if "sliding_val_bpb" in quantized else ""
-    return {"val_loss": quantized[f"{prefix}val_loss"], "val_bpb": quantized[f"{prefix}val_bpb"]}
-
-
 def run_score(metrics: dict[str, Any]) -> dict[str, float]:
-    """A run's submission score: its top-level val_bpb when the runner wrote one, else the artifact's score."""
+    """A run's submission score: its top-level val_bpb when the runner wrote one (TTT's, with TTT), else the
+    artifact's score."""
     if "val_bpb" in metrics:
         return {"val_loss": metrics["val_loss"], "val_bpb": metrics["val_bpb"]}
-    return quantized_score(metrics["quantized"])
+    return artifact_score(metrics["quantized"])[1]
 
 
 def read_run(folder: Path) -> SeedRun | Unfinished:

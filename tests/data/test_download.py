@@ -38,6 +38,7 @@ from pgolf.config import TokenizeConfig  # noqa: E402
 from pgolf.data import download  # noqa: E402
 from pgolf.data.accounting import load_validation_stream  # noqa: E402
 from pgolf.data.dataset import build_dataset  # noqa: E402
+from pgolf.fingerprint import dataset_identity  # noqa: E402
 from stages import download as download_stage  # noqa: E402
 from stages import tokenize  # noqa: E402
 from tests.data.test_caseops import CASEOPS_TOKENIZER  # noqa: E402
@@ -272,6 +273,20 @@ def test_download_gives_a_dataset_that_tokenize_accepts(hub, published, tmp_path
     assert_complete(published, dest)
     assert {path for method, path, _ in hub.requests if method == "HEAD"} >= {MODEL, "datasets/manifest.json"}
     assert_tokenize_accepts(published, dest, tmp_path, monkeypatch)
+
+
+def test_the_download_records_repository_revision_and_hashes_for_run_fingerprints(hub, published, tmp_path):
+    dest = tmp_path / "downloads"
+    fetch(hub, dest)
+    entry = json.loads((dest / "download.json").read_text())[DATASET]
+    assert (entry["repo_id"], entry["revision"], entry["variant"]) == (REPO_ID, COMMIT, f"sp{VOCAB}")
+    for path, data in expected_files(published, dest).items():
+        assert entry["files"][str(path.relative_to(dest))] == {"bytes": len(data),
+                                                               "sha256": hashlib.sha256(data).hexdigest()}
+    dataset = dest / "datasets" / DATASET
+    identity = dataset_identity(dataset)  # what a run on these shards names as their origin
+    assert identity["published"] == entry and identity["repository_manifest_sha256"] == hashlib.sha256(
+        published["datasets/manifest.json"]).hexdigest()
 
 
 def test_a_dropped_connection_is_resumed_with_a_range_request(hub, published, tmp_path, monkeypatch):

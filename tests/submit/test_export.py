@@ -3,7 +3,8 @@
 Runs the micro preset through ``dvc repro`` in a copy of the checkout (the export stage
 included), then runs the exported ``train_gpt.py`` with ``python`` in an empty folder that
 holds only the challenge's data layout, and compares artifact bytes, metrics and code
-bytes with the pipeline's.
+bytes with the pipeline's; the run logs every phase's clock and its fingerprint, and the
+records folder says which clock each budget uses and carries the fingerprint.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import torch
 
 from pgolf.artifact.size import SizeLimitError, pack_artifact
+from pgolf.clocks import PHASES, clock_line
 from pgolf.config import CompressConfig
+from pgolf.data.shards import file_sha256
 from pgolf.submit.bundle import import_closure, read_bundle
 from tests.pipeline.test_dvc import micro_repo, run  # noqa: F401 (micro_repo: a fixture)
 
@@ -53,6 +57,18 @@ def metrics(repo: Path, stage: str) -> dict:
     return json.loads((repo / "out" / stage / "metrics.json").read_text())
 
 
+def assert_every_clock(final: dict, log: str, ttt: bool) -> None:
+    """Every phase of pgolf.clocks (TTT's only with TTT) in final_metrics.json and as its log line, same figure."""
+    expected = set(PHASES) - (set() if ttt else {"ttt"})
+    assert set(final["clocks"]) == expected
+    for name, seconds in final["clocks"].items():
+        assert f"{clock_line(name, seconds)}\n" in log, name
+    clocks = final["clocks"]
+    assert final["training_phase_s"] == clocks["training_phase"] >= clocks["training_loop"] + clocks["calibration"]
+    assert final["evaluation_phase_s"] == clocks["evaluation_phase"] >= clocks["decompression"] + clocks["eval_sliding"]
+    assert clocks["whole_process"] > clocks["training_phase"] + clocks["evaluation_phase"] + clocks["startup"]
+
+
 def test_the_exported_script_makes_the_pipelines_artifact_and_scores(pipeline, submission_run):
     folder, log = submission_run
     assert (folder / "final_model.ptz").read_bytes() == (pipeline / "out" / "compress" / "artifact.ptz").read_bytes()
@@ -64,6 +80,26 @@ def test_the_exported_script_makes_the_pipelines_artifact_and_scores(pipeline, s
     assert re.search(rf"^quantized_sliding_window val_loss:\S+ val_bpb:{sliding:.8f} eval_time:\d+ms$", log, re.M)
     assert re.search(rf"^quantized val_loss:\S+ val_bpb:{final['quantized']['val_bpb']:.8f} ", log, re.M)
     assert f"Total submission size quantized+brotli: {final['total_bytes']} bytes" in log
+    # without TTT the submission's score is the sliding one, and the log's last score line says so
+    assert (final["val_bpb"], final["val_loss"], final["score"]) == (
+        sliding, final["quantized"]["sliding_val_loss"], "quantized_sliding_window")
+    assert re.search(rf"^submission val_loss:{final['val_loss']:.8f} val_bpb:{sliding:.8f} "
+                     r"score:quantized_sliding_window$", log, re.M)
+
+
+def test_the_exported_scripts_run_logs_every_clock_and_its_fingerprint(pipeline, submission_run):
+    folder, log = submission_run
+    final = json.loads((folder / "final_metrics.json").read_text())
+    assert_every_clock(final, log, ttt=False)
+    data, env = final["fingerprint"]["data"], final["fingerprint"]["environment"]
+    dataset = folder / "data" / "datasets" / "fineweb10B_sp1024"
+    assert f"train_shards: {len(list(dataset.glob('fineweb_train_*.bin')))}\n" in log
+    assert f"val_tokens: {final['val_tokens']}\n" in log and data["val_tokens"] == final["val_tokens"]
+    assert data["tokenizer_sha256"] == file_sha256(folder / "data" / "tokenizers" / "fineweb_1024_bpe.model")
+    assert data["manifest_sha256"] == file_sha256(dataset / "manifest.json")
+    assert data["docs_sha256"] == json.loads((dataset / "manifest.json").read_text())["input"]["sha256"]
+    assert f"byte_accounting: lookup tables val_bytes: {final['val_bytes']}\n" in log
+    assert env["torch"] in log and env["coder"] in log and env["attention"]["causal"] in log
 
 
 def test_code_bytes_are_the_exported_scripts_bytes(pipeline, submission_run):
@@ -107,12 +143,42 @@ def test_the_folder_has_what_merged_records_have(pipeline):
     info = json.loads((folder / "submission.json").read_text())
     assert info["track"] == "10min_16mb" and info["seeds"] == [1337]
     assert info["val_bpb"] == round(metrics(pipeline, "evaluate")["quantized"]["sliding_val_bpb"], 8)
+    assert info["score"]["kind"] == "sliding" and "no test-time training" in info["score"]["what"]
+    assert "is the **sliding-window** score" in (folder / "README.md").read_text()
     report = json.loads((folder / "compliance.json").read_text())
     assert report["rules"]["artifact_under_16mb"]["value"] == info["bytes_total"] <= 16_000_000
     assert report["rules"]["train_under_600s"]["status"] == "not measured"  # a CPU pipeline: not the declared H100s
     assert report["rules"]["no_network"]["status"] == "pass"
+    # which clock each budget is judged by, and what each counts
+    budgets = report["clocks"]["budgets"]
+    assert (budgets["training"]["clock"], budgets["evaluation"]["clock"]) == ("training_phase", "evaluation_phase")
+    assert {"training_loop", "calibration", "quantization", "compression"} <= set(budgets["training"]["counts"])
+    assert {"decompression", "eval_sliding", "ttt"} <= set(budgets["evaluation"]["counts"])
+    assert {"data_checks", "prequant_eval"} <= set(report["clocks"]["counted_by_neither"])
+    assert "clock training_phase = training_setup + training_loop + calibration" in report["rules"][
+        "train_under_600s"]["how"]
+    assert "clock evaluation_phase = decompression + " in report["rules"]["eval_under_600s"]["how"]
     assert f"**{info['val_bpb']:.5f}**" in (folder / "README.md").read_text()
     assert (folder / "logs" / "train_provenance.json").is_file()
+
+
+def test_submission_json_carries_the_pipelines_fingerprint(pipeline):
+    info = json.loads((pipeline / "out" / "export" / "submission.json").read_text())
+    fingerprint = info["fingerprint"]
+    data, env = fingerprint["data"], fingerprint["environment"]
+    dataset = pipeline / "data" / "datasets" / "fineweb10B_sp1024"
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert "out/evaluate/provenance.json" in fingerprint["source"]
+    assert data["dataset"] == "fineweb10B_sp1024" and data["manifest_sha256"] == file_sha256(dataset / "manifest.json")
+    assert data["docs_sha256"] == manifest["input"]["sha256"]  # the embedded corpus's documents
+    assert data["train_shards"] == metrics(pipeline, "tokenize")["train_files"]
+    assert data["val_tokens"] == metrics(pipeline, "evaluate")["val_tokens"]
+    assert data["val_bytes"] == metrics(pipeline, "evaluate")["val_bytes"]
+    assert data["byte_accounting"] == "lookup tables"
+    assert data["tokenizer_sha256"] == manifest["tokenizer"]["sha256"]
+    assert env["torch"] == info["pytorch_version"] and env["cuda"] == torch.version.cuda
+    assert env["cudnn"] is None and env["gpu_count"] == 0 and env["attention"]["causal"].startswith("sdpa")
+    assert env["system_binaries"] == {} and info["hardware"] == "8xH100 80GB SXM"
 
 
 def test_export_with_measured_times_reads_the_scripts_run(pipeline, submission_run, tmp_path):
@@ -121,9 +187,20 @@ def test_export_with_measured_times_reads_the_scripts_run(pipeline, submission_r
     dest = tmp_path / "records" / "2026-12-01_micro"
     subprocess.run([sys.executable, "-m", "pgolf.cli", "export", "--params", "presets/micro.yaml", "--dest", str(dest),
                     "--measured", str(folder)], cwd=pipeline, env=env, check=True, capture_output=True, timeout=300)
-    rule = json.loads((dest / "compliance.json").read_text())["rules"]["train_under_600s"]
+    report = json.loads((dest / "compliance.json").read_text())
+    rule = report["rules"]["train_under_600s"]
     assert rule["status"] == "not measured" and "measured" in rule["how"] and "1xcpu" in rule["how"]
     assert (dest / "logs" / "final_metrics.json").is_file()
+    final = json.loads((folder / "final_metrics.json").read_text())
+    clocks = report["clocks"]
+    assert clocks["budgets"]["training"]["measured_s"] == final["clocks"]["training_phase"]
+    assert clocks["budgets"]["training"]["counts"]["calibration"]["measured_s"] == final["clocks"]["calibration"]
+    assert clocks["measured_on"] == "1xcpu" and clocks["on_declared_hardware"] is False
+    assert f"calibration {final['clocks']['calibration']:.1f} s" in report["rules"]["calibration_within_reserve"]["how"]
+    info = json.loads((dest / "submission.json").read_text())
+    assert info["fingerprint"]["data"] == final["fingerprint"]["data"]  # the measured run's, not the pipeline's
+    assert info["fingerprint"]["environment"]["coder"] == final["fingerprint"]["environment"]["coder"]
+    assert "final_metrics.json" in info["fingerprint"]["source"]
 
 
 def test_torchrun_with_two_processes_makes_the_same_artifact(pipeline, submission_run, tmp_path):

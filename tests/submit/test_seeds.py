@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from pgolf.cli import main as cli
+from pgolf.fingerprint import environment
 from pgolf.submit.seeds import (
     LEDGER,
     PoolError,
@@ -27,6 +29,12 @@ from pgolf.submit.seeds import (
 )
 
 PARAMS = {"train": {"seed": 0, "matrix_lr": 0.02, "train_log_every": 50}, "quantize": {"matrix_bits": 6}}
+# the data part of what a run of the exported script records beside its scores (pgolf.fingerprint)
+DATA_FINGERPRINT = {"dataset": "fineweb10B_sp1024", "manifest_sha256": "ab" * 32, "repository_manifest_sha256": None,
+                    "docs_sha256": "cd" * 32, "published": None, "val_files_match_published": None, "train_shards": 2,
+                    "train_shard_tokens": 400_000, "val_tokens": 4096, "val_bytes": 17_000,
+                    "val_files_sha256": {"fineweb_val_000000.bin": "ef" * 32}, "tokenizer": "fineweb_1024_bpe.model",
+                    "tokenizer_sha256": "01" * 32, "byte_accounting": "lookup tables"}
 
 
 def make_run(root: Path, seed: int, bpb: float, params: dict | None = None, script: str = "print('the script')",
@@ -40,7 +48,13 @@ def make_run(root: Path, seed: int, bpb: float, params: dict | None = None, scri
     metrics = {"seed": seed, "params": params, "quantized": {"val_bpb": bpb + 0.01, "val_loss": loss + 0.025,
                                                              "sliding_val_bpb": bpb, "sliding_val_loss": loss},
                "train": {"steps": 6}, "artifact_bytes": 1000 + seed, "total_bytes": 2000 + seed, "device": "cpu",
-               "training_phase_s": 1.0 + seed, "evaluation_phase_s": 0.5, "hardware": "1xcpu"}
+               "training_phase_s": 1.0 + seed, "evaluation_phase_s": 0.5, "hardware": "1xcpu",
+               "clocks": {"training_loop": 0.5 + seed, "calibration": 0.1 * seed, "training_phase": 1.0 + seed,
+                          "evaluation_phase": 0.5},
+               "calibration_reserve": {"calibration_s": 0.1 * seed, "gptq_reserve_seconds": 12.0,
+                                       "overran": 0.1 * seed > 12.0, "training_data_read_until_s": 0.6 + 1.1 * seed,
+                                       "max_wallclock_seconds": 0.0, "past_wallclock": False},
+               "fingerprint": {"data": DATA_FINGERPRINT, "environment": environment(torch.device("cpu"), 1, "brotli")}}
     (folder / "final_metrics.json").write_text(json.dumps(metrics))
     (folder / "train_gpt.py").write_text(script)
     (folder / f"train_seed{seed}.log").write_text(
