@@ -99,6 +99,7 @@ def recover(path: str | Path) -> None:
                 _remove(old)
         for pid, tmp in _side_paths(path, TMP_TAG):
             if pid != os.getpid() and pid not in running and not _alive(pid):
+                recover(tmp)  # a temporary's own temporaries (a model file written inside a stage's commit)
                 _remove(tmp)
     except OutputError:
         raise
@@ -489,6 +490,36 @@ def _first_non_finite(obj: Any, keys: tuple) -> tuple[tuple, float] | None:
         if (found := _first_non_finite(value, (*keys, key))) is not None:
             return found
     return None
+
+
+class Busy(ValueError):
+    """A lock another live process holds (names the lock file and its holder)."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, holder: str, hint: str = "") -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` for the block, or refuse at once naming who holds it.
+
+    The file records ``holder`` and the PID while locked; the system releases the lock when
+    the process ends, however it ends, so a lock is never left behind by a killed run.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _error("create the lock", path, exc) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held_by = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+            raise Busy(f"{path}: locked by {held_by}{hint}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{holder} (pid {os.getpid()})\n".encode("utf-8"))
+        yield
+    finally:
+        os.close(fd)
 
 
 def csv_text(rows: list[dict[str, Any]], dest: str | Path) -> str:

@@ -168,6 +168,15 @@ def test_the_convenience_writers_replace_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "m.json", "t.txt"]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_number_is_never_committed_to_json(tmp_path, bad):
+    write_json(tmp_path / "metrics.json", {"old": True})
+    with pytest.raises(ValueError, match=rf"metrics.json: quantized\.scores\.1 is {bad}: refusing to commit a "
+                                         r"non-finite number \(NaN or inf\)$"):
+        write_json(tmp_path / "metrics.json", {"quantized": {"scores": [1.0, bad]}, "val_bpb": 1.1})
+    assert snapshot(tmp_path) == {"metrics.json": b'{\n  "old": true\n}\n'}
+
+
 def test_registering_an_output_twice_is_refused(tmp_path):
     with pytest.raises(ValueError, match="registered twice"), stage_outputs() as out:
         out.path(tmp_path / "x")
