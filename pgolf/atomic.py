@@ -13,15 +13,21 @@ reader here) puts a stranded old one back, or deletes it once the new one is in.
 ``stage_outputs`` is a stage's transaction: it hands out temporary paths for
 all outputs and replaces them together, in registration order (metrics last),
 only when the block ends without an exception; a failure before or during the
-commit leaves every previous output as it was. A SIGKILL during the commit
-itself (a few renames) can leave the outputs committed so far new and the later
-ones old; registering the metrics last means such a stage's metrics are never
-newer than the outputs they describe. ``OutputError`` reports an
-operating-system failure (disk full, read-only or missing directory) as one
-line naming the operation and the path; it is both an ``OSError`` and a
-``ValueError``, so callers that turn bad input into a message catch it either way.
+commit leaves every previous output as it was. A commit of several outputs is
+journaled: before the first rename a journal listing every replacement is
+flushed to disk in the outputs' common directory (``.pgolf-commit-PID.json``),
+and its deletion, once every new output is in and flushed, is the commit point.
+The committing process holds an exclusive ``flock`` on the journal, which the
+system releases however the process dies, so a journal whose lock is free was
+abandoned: ``recover`` of any of its outputs rolls the whole commit back, and
+a SIGKILL between two renames leaves the previous complete set, never a mix.
+``exclusive_lock`` is the lock a stage run holds on its workspace.
+``OutputError`` reports an operating-system failure (disk full, file too large,
+read-only or missing directory) as one line naming the operation and the
+output; it is both an ``OSError`` and a ``ValueError``, so callers that turn
+bad input into a message catch it either way. No output commits a NaN or an
+infinite number in JSON (``NonFiniteValue``).
 """
-
 from __future__ import annotations
 
 import contextlib

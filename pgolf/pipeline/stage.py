@@ -6,7 +6,11 @@ DIR``, loads the params (an error names the file that was read), picks the works
 turns bad input into one line on stderr and exit code 2. The workspace is the pipeline's
 own tree when DVC runs the command (DVC sets ``DVC_STAGE`` for every stage command) and the
 hand-run directory (``runs/`` unless ``--out`` says otherwise) when a user runs ``pgolf
-STAGE``, so a stage run by hand never overwrites an output that DVC tracks.
+STAGE``, so a stage run by hand never overwrites an output that DVC tracks. A run holds
+the workspace's lock of its stage (``.pgolf/locks/STAGE.lock``), so a second run of the
+stage there refuses at once, naming the lock and its holder, instead of interleaving its
+outputs with the first's; a reader of an earlier stage's output recovers an interrupted
+commit of it first (``Workspace.input``).
 """
 
 from __future__ import annotations
