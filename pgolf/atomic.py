@@ -279,10 +279,12 @@ class _Journal:
         except OSError as exc:
             raise _error("remove the commit journal", self.path, exc) from exc
 
-    def close(self) -> None:
-        """Remove the journal if it is still there (its commit was rolled back) and release its lock."""
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+    def close(self, rolled_back: bool = True) -> None:
+        """Release the lock, first removing the journal if its commit was wholly rolled back here; a journal
+        left behind is an abandoned commit from now on, which the next ``recover`` finishes rolling back."""
+        if rolled_back:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
         os.close(self.fd)
 
 
@@ -353,6 +355,7 @@ def _commit(pairs: list[tuple[Path, Path]]) -> None:
             raise _error("flush to disk", dest, exc) from exc
     replacements = [_Replacement(tmp, dest) for tmp, dest in pairs]
     journal = _Journal.begin(replacements) if len(replacements) > 1 else None
+    rolled_back = True
     try:
         for replacement in replacements:
             try:
@@ -370,12 +373,14 @@ def _commit(pairs: list[tuple[Path, Path]]) -> None:
             journal.commit()
     except BaseException:
         for replacement in reversed(replacements):
-            with contextlib.suppress(OSError):  # what cannot be undone here, recover finishes
+            try:
                 replacement.undo()
+            except OSError:
+                rolled_back = False  # the journal stays: recover finishes the rollback
         raise
     finally:
         if journal is not None:
-            journal.close()
+            journal.close(rolled_back)
     for replacement in replacements:
         try:
             replacement.finish()
