@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from pgolf.artifact.size import submission_bytes
-from pgolf.atomic import csv_text, write_bytes
 from pgolf.artifact.tensors import QuantizedModel, dequantize
+from pgolf.atomic import csv_text, write_bytes
 from pgolf.config import (
     CalibrateConfig,
     CompressConfig,

@@ -24,10 +24,10 @@ import time
 import torch
 from torch import Tensor
 
+from benchmarks.bench_quantize import random_hessian, record_tensors
 from pgolf.artifact.tensors import QuantizedTensor
 from pgolf.config import ModelConfig, QuantizeConfig
 from pgolf.quant.gptq import quantize_model, tensor_plan
-from benchmarks.bench_quantize import random_hessian, record_tensors
 
 
 def record_hessians(shapes: dict[str, tuple[int, int]], generator: torch.Generator) -> dict[str, Tensor]:

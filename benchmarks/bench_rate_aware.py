@@ -16,10 +16,10 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from benchmarks.bench_allocate import load_run
 from pgolf.artifact.size import submission_bytes
 from pgolf.config import CompressConfig, QuantizeConfig, section
 from pgolf.quant.gptq import quantize_model
-from benchmarks.bench_allocate import load_run
 
 
 def main(argv: list[str] | None = None) -> None:

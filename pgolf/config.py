@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -563,6 +564,27 @@ def load_params(
     return params
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """YAML with numbers read as people write them: ``1e-4`` and ``2E5`` are numbers.
+
+    PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent (``1.0e-4``),
+    so ``1e-4`` would be the string ``'1e-4'``; YAML 1.2, and DVC reading ``params.yaml``,
+    take it for a number. This loader adds the exponent forms YAML 1.1 lacks.
+    """
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """A YAML document or ``--set`` value, numbers as :class:`ParamsLoader` reads them."""
+    return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 (a SafeLoader)
+
+
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
@@ -576,7 +598,7 @@ def _read_text(path: Path) -> str:
 
 def _parse_sections(path: Path, text: str) -> dict[str, dict[str, Any]]:
     try:
-        params = yaml.safe_load(text) or {}
+        params = read_yaml(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(params, dict):
@@ -611,7 +633,7 @@ def _apply_override(params: dict[str, dict[str, Any]], item: str) -> None:
     if section_name not in SECTIONS:
         raise ConfigError(f"--set {item!r}: unknown section {section_name!r} (known: {', '.join(SECTIONS)})")
     try:
-        value = yaml.safe_load(raw)
+        value = read_yaml(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {item!r}: not a YAML value: {' '.join(str(exc).split())}") from None
     params.setdefault(section_name, {})[name] = value
@@ -691,6 +713,8 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
+    if hint is int and isinstance(value, float) and value.is_integer():  # 2e4, as a count is often written
+        return int(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise ConfigError(f"{where}: {value!r} is not a finite number")

@@ -78,8 +78,9 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     return bool(value.item())
 
 
-def launch_torchrun(module: str, args: list[str], nproc: int) -> int:
-    """Run ``python -m module args`` in ``nproc`` processes under torchrun; its exit code."""
+def launch_torchrun(module: str, args: list[str], nproc: int, env: Mapping[str, str] | None = None) -> int:
+    """Run ``python -m module args`` in ``nproc`` processes under torchrun (with ``env``, default this
+    process's environment); its exit code."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", module, *args]
-    return subprocess.run(command, check=False).returncode
+    return subprocess.run(command, check=False, env=None if env is None else dict(env)).returncode

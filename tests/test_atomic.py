@@ -168,6 +168,15 @@ def test_the_convenience_writers_replace_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "m.json", "t.txt"]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_number_is_never_committed_to_json(tmp_path, bad):
+    write_json(tmp_path / "metrics.json", {"old": True})
+    with pytest.raises(ValueError, match=rf"metrics.json: quantized\.scores\.1 is {bad}: refusing to commit a "
+                                         r"non-finite number \(NaN or inf\)$"):
+        write_json(tmp_path / "metrics.json", {"quantized": {"scores": [1.0, bad]}, "val_bpb": 1.1})
+    assert snapshot(tmp_path) == {"metrics.json": b'{\n  "old": true\n}\n'}
+
+
 def test_registering_an_output_twice_is_refused(tmp_path):
     with pytest.raises(ValueError, match="registered twice"), stage_outputs() as out:
         out.path(tmp_path / "x")
@@ -351,3 +360,47 @@ def test_sigkill_of_the_tokenize_stage_replacing_a_dataset_always_leaves_a_compl
         assert found in (built["old"], built["new"]), f"SIGKILL at os.{operation} call {index}: {sorted(found)}"
         outcomes.add("new" if found == built["new"] else "old")
     assert outcomes == {"old", "new", "stranded", "in place"}  # before, inside and after the dataset's commit
+
+
+COMMIT_SET = KILLER + textwrap.dedent(
+    """
+    from pathlib import Path
+    from pgolf.atomic import stage_outputs
+    root = Path(sys.argv[3])
+    with stage_outputs() as out:  # a stage's set: a model file, a directory of plots, metrics last
+        out.write_bytes(root / "out" / "model.pt", b"new model")
+        plots = out.path(root / "out" / "plots")
+        plots.mkdir()
+        (plots / "c.csv").write_text("new c\\n")
+        out.write_bytes(root / "out" / "metrics.json", b"new metrics")
+    """
+)
+
+
+def test_sigkill_at_every_step_of_a_commit_of_several_outputs_leaves_the_old_or_the_new_set(tmp_path):
+    """The journal: a kill between two renames of one commit is rolled back by the next recover of any output."""
+    new = {"out/metrics.json": b"new metrics", "out/model.pt": b"new model", "out/plots/c.csv": b"new c\n"}
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    reference = tmp_path / "reference"
+    write_previous(reference)
+    old = files(reference)
+    counts = call_counts(COMMIT_SET, [str(reference)], tmp_path)
+    assert files(reference) == new
+    assert counts["rename"] >= 2 and counts["replace"] >= 2 and counts["link"] >= 2  # plots aside and in, files
+    points = [(operation, index) for operation, calls in counts.items() for index in range(1, calls + 1)]
+    outcomes = set()
+    for operation, index in points:
+        root = tmp_path / f"{operation}-{index}"
+        write_previous(root)
+        killed_run(COMMIT_SET, operation, index, [str(root)], tmp_path)
+        recover(root / "out" / "metrics.json")  # any output of the set: its journal brings back the whole set
+        found = {name: data for name, data in files(root).items() if "/." not in name}  # temporaries aside
+        assert found in (old, new), f"SIGKILL at os.{operation} call {index}: {found}"
+        for name in ("model.pt", "plots", "metrics.json"):  # what a re-run does first for each output
+            recover(root / "out" / name)
+        assert files(root) == found and not list(root.rglob(".*")), f"leftovers after os.{operation} {index}"
+        outcomes.add("new" if found == new else "old")
+    assert outcomes == {"old", "new"}

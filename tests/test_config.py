@@ -72,6 +72,28 @@ def test_overrides_are_yaml_values(tmp_path):
         load_params(path, ["matrix_clip_sigmas=14"])
 
 
+@pytest.mark.parametrize("written, value", [("1e-4", 1e-4), ("1E-4", 1e-4), ("2e+3", 2000.0), ("5e3", 5000.0),
+                                             ("1.5e-3", 1.5e-3), (".5e1", 5.0), ("1.0e-4", 1e-4),
+                                             ("0.0001", 1e-4), ("+1e-4", 1e-4), ("1_0e2", 1000.0)])
+def test_a_number_reads_as_a_number_however_it_is_written(tmp_path, written, value):
+    """``1e-4`` (PR #576's TTT learning rate as config.py writes it) is a number in a file and through --set."""
+    from pgolf.config import TTTConfig
+
+    from_file = load_params(write(tmp_path, f"ttt:\n  lr: {written}\n"))
+    from_set = load_params(write(tmp_path, "ttt: {}\n"), [f"ttt.lr={written}"])
+    for params in (from_file, from_set):
+        assert section(params, "ttt", TTTConfig).lr == pytest.approx(value, rel=1e-15)
+
+
+def test_an_integer_may_be_written_with_an_exponent_but_not_with_a_fraction(tmp_path):
+    params = load_params(write(tmp_path, "train: {}\n"), ["train.iterations=2e4", "train.seed=1.0e3"])
+    assert section(params, "train", TrainConfig).iterations == 20_000
+    assert section(params, "train", TrainConfig).seed == 1000
+    with pytest.raises(ConfigError, match=r"train\.iterations: expected an integer >= 1, got 2\.5"):
+        load_params(write(tmp_path, "train: {}\n"), ["train.iterations=2.5"])
+    assert load_params(write(tmp_path, "export: {name: 1e4x}\n"))["export"]["name"] == "1e4x"  # not a number
+
+
 @pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
 def test_every_preset_builds_its_configuration(path):
     params = load_params(path)

@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from pgolf.config import TrainConfig
 from pgolf.data.shards import read_shard, write_shard
 from pgolf.distributed import init_distributed
 from pgolf.model.gpt import GPT
+from pgolf.pipeline import layout
 from pgolf.train.loop import Trainer, TrainingDiverged, train
 from tests.model.test_files import CONFIG, flip_bit_in_tensor_data
 from tests.train.recorded_batches import RecordedBatches
@@ -263,3 +266,248 @@ def test_evaluate_refuses_an_artifact_with_non_finite_weights(work, capsys):
     qm.tensors[name].view(-1)[0] = float("inf")  # a passthrough tensor of the artifact
     path.write_bytes(compress(serialize(qm), CompressConfig(brotli_quality=1)))
     fails_cleanly(work, capsys, ["evaluate"], f"out/compress/artifact.ptz: non-finite weights (NaN or inf) in {name}")
+
+
+# ---------------------------------------------------------------- a non-finite score is no result
+
+
+def test_prequant_refuses_a_model_whose_finite_weights_give_a_non_finite_loss(work, capsys):
+    """Weights 1e30 times too large are finite, and the loss they give is NaN: an error, nothing written."""
+    from pgolf.model.files import FORMAT, VERSION, save_tagged
+
+    payload = torch.load(work / "out" / "train" / "model.pt", weights_only=True)
+    payload["state_dict"]["blocks.0.mlp.fc.weight"] *= 1e30
+    assert torch.isfinite(payload["state_dict"]["blocks.0.mlp.fc.weight"]).all()
+    save_tagged(work / "out" / "train" / "model.pt", FORMAT, VERSION,
+                {"model_config": payload["model_config"], "state_dict": payload["state_dict"]})
+    fails_cleanly(work, capsys, ["prequant"], "out/train/model.pt: unquantized plain evaluation: the loss summed over",
+                  "is nan: the model's predictions are not finite")
+
+
+def test_evaluate_refuses_predictions_that_are_not_finite(work, capsys, monkeypatch):
+    real = GPT.forward_logits
+    monkeypatch.setattr(GPT, "forward_logits", lambda self, *args: real(self, *args) * float("nan"))
+    fails_cleanly(work, capsys, ["evaluate"], "out/compress/artifact.ptz: quantized plain evaluation: the loss summed",
+                  "is nan: the model's predictions are not finite (NaN or inf)")
+
+
+# ---------------------------------------------------------------- disk full: one line naming the file, nothing half-written
+
+FILE_SIZE_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write beyond the limit fails with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+from pgolf import cli
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def fails_on_a_full_disk(root: Path, limit: int, argv: list[str], *expected: str) -> str:
+    """Run ``pgolf ARGV`` in a process that may write no file beyond ``limit`` bytes (the disk is full for it):
+    exit 2, one error line holding every ``expected`` text, no traceback, data/ and out/ as before."""
+    before = outputs(root)
+    done = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMITED, str(limit), *argv, "--out", "."], cwd=root,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    lines = [line for line in re.split(r"[\r\n]", done.stderr) if line.strip()]
+    errors = [line for line in lines if line.startswith("pgolf ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], done.stderr[-3000:]
+    for text in expected:
+        assert text in errors[0], errors[0]
+    assert outputs(root) == before, "a failed write changed or left files"
+    return errors[0]
+
+
+def test_a_full_disk_while_train_saves_the_model_is_one_line_naming_it(work):
+    size = (work / "out" / "train" / "model.pt").stat().st_size
+    fails_on_a_full_disk(work, size // 2, ["train"], "pgolf train: error: cannot write out/train/model.pt: File too large")
+
+
+def test_a_full_disk_while_import_saves_the_model_is_one_line_naming_it(work):
+    payload = torch.load(work / "out" / "train" / "model.pt", weights_only=True)
+    torch.save(payload["state_dict"], work / "final_model.pt")  # a final_model.pt of the record's script
+    size = (work / "out" / "train" / "model.pt").stat().st_size
+    fails_on_a_full_disk(work, size // 2, ["import", str(work / "final_model.pt")],
+                         "pgolf import: error: cannot write out/train/model.pt: File too large")
+
+
+def test_a_full_disk_while_export_writes_the_folder_is_one_line_naming_it(work):
+    assert cli.main(["export", "--out", "."]) == 0
+    script = (work / "out" / "export" / "train_gpt.py").stat().st_size
+    fails_on_a_full_disk(work, script // 2, ["export"], "pgolf export: error: cannot write out/export",
+                         "File too large")
+
+
+# ---------------------------------------------------------------- a stage's outputs are one commit
+
+# Every stage that commits several outputs, with a change that gives every output new bytes, and its outputs.
+MULTI_OUTPUT_STAGES = {
+    "tokenize": (["tokenize.tokenizer_train_docs=2900"],
+                 [str(DATASET), str(TOKENIZER), layout.TOKENIZE_PROVENANCE, layout.TOKENIZE_METRICS]),
+    "train": (["train.seed=7"], [layout.TRAIN_MODEL, layout.TRAIN_PLOTS, layout.TRAIN_PROVENANCE, layout.TRAIN_METRICS]),
+    "prequant": (["evaluate.max_val_tokens=2048"], [layout.PREQUANT_PROVENANCE, layout.PREQUANT_METRICS]),
+    "calibrate": (["calibrate.seed=7"], [layout.CALIBRATE_HESSIANS, layout.CALIBRATE_PROVENANCE]),
+    "bundle": (["compress.compress_code=false"], [layout.BUNDLE_SCRIPT, layout.BUNDLE_CODE_BYTES]),
+    "quantize": (["quantize.matrix_clip_sigmas=10.0"],
+                 [layout.QUANTIZE_MODEL, layout.QUANTIZE_PLOTS, layout.QUANTIZE_PROVENANCE, layout.QUANTIZE_REPORT]),
+    "compress": (["compress.brotli_quality=5"],
+                 [layout.COMPRESS_ARTIFACT, layout.COMPRESS_PLOTS, layout.COMPRESS_PROVENANCE, layout.COMPRESS_METRICS]),
+    "evaluate": (["evaluate.max_val_tokens=2048"], [layout.EVALUATE_PROVENANCE, layout.EVALUATE_METRICS]),
+    "ttt": (["ttt.method=adamw_tail"], [layout.TTT_PLOTS, layout.TTT_PROVENANCE, layout.TTT_METRICS]),  # first outputs
+    "plots": ([], [layout.PLOTS_IMAGES, layout.PLOTS_PROVENANCE]),  # first outputs: the micro run has no plots stage
+}
+KILL_POINTS = ("rename", "replace", "link")  # a kill right after each call of these
+
+# One process imports the stages once and forks a child per run; a child may be killed right after the N-th call
+# of one of KILL_POINTS. Jobs come as JSON lines on stdin, each answered with one JSON line.
+FORK_SERVER = """
+import json, os, signal, sys
+os.environ["DVC_STAGE"] = "fault-injection"
+from pgolf import cli
+from pgolf.cli import STAGE_MODULES
+import importlib
+for module in STAGE_MODULES.values():
+    importlib.import_module(f"stages.{module}")
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    child = os.fork()
+    if child == 0:
+        os.chdir(job["dir"])
+        calls = {}
+        def after(name, real):
+            def wrapped(*args, **kwargs):
+                result = real(*args, **kwargs)
+                calls[name] = calls.get(name, 0) + 1
+                if job["kill"] == [name, calls[name]]:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return result
+            return wrapped
+        for name in job["points"]:
+            setattr(os, name, after(name, getattr(os, name)))
+        log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        code = cli.main(job["argv"])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with open(job["log"] + ".calls", "w") as handle:
+            json.dump({"code": code, "calls": calls}, handle)
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    print(json.dumps({"killed": os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL}), flush=True)
+"""
+
+
+class ForkServer:
+    """Stage runs in forked children of one process that imported the stages (and torch) once."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.process = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                                        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"})
+        assert json.loads(self.process.stdout.readline())["ready"]
+        self.count = 0
+
+    def run(self, root: Path, argv: list[str], kill: tuple[str, int] | None = None) -> tuple[bool, dict]:
+        """Run ``pgolf ARGV --out .`` in ``root``: (killed, {"code": exit code, "calls": {name: count}})."""
+        self.count += 1
+        log = self.logs / f"run-{self.count}.log"
+        job = {"dir": str(root), "argv": [*argv, "--out", "."], "kill": list(kill) if kill else None,
+               "points": list(KILL_POINTS), "log": str(log)}
+        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.flush()
+        killed = json.loads(self.process.stdout.readline())["killed"]
+        done = Path(f"{log}.calls")
+        result = json.loads(done.read_text()) if done.is_file() else {}
+        assert killed or result.get("code") == 0, log.read_text()[-3000:]
+        return killed, result
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(60)
+
+
+def output_files(root: Path, paths: list[str]) -> dict[str, bytes | None]:
+    """Each output's files with their bytes (a directory's files under it), hidden temporaries aside."""
+    found: dict[str, bytes | None] = {}
+    for name in paths:
+        path = root / name
+        if path.is_dir():
+            found |= {str(p.relative_to(root)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+            found[name] = None  # the directory itself, even when empty
+        elif path.is_file():
+            found[name] = path.read_bytes()
+    return found
+
+
+def leftovers(root: Path, paths: list[str]) -> list[str]:
+    """Temporaries, old copies and commit journals beside the outputs or above them."""
+    places = {(root / name).parent for name in paths} | {root, root / "out", root / "data"}
+    return sorted(str(p.relative_to(root)) for place in places if place.is_dir() for p in place.iterdir()
+                  if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name
+                                                 or p.name.startswith(".pgolf-commit-")))
+
+
+def restore(root: Path, pristine: Path, paths: list[str]) -> None:
+    """Put the outputs back as the pipeline left them, removing whatever a run left beside them."""
+    for name in leftovers(root, paths):
+        shutil.rmtree(root / name) if (root / name).is_dir() else (root / name).unlink()
+    for name in paths:
+        path, source = root / name, pristine / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        if source.is_dir():
+            shutil.copytree(source, path)
+        elif source.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(MULTI_OUTPUT_STAGES))
+def test_a_kill_after_any_rename_of_a_stages_commit_leaves_the_old_or_the_new_set(pipeline, tmp_path, stage):
+    """SIGKILL right after each rename, replace and link of a real stage run: once recovered (as the next reader or
+    writer of any of its outputs does), the outputs are the old complete set or the new one, nothing is left beside
+    them, and a re-run completes."""
+    from pgolf.atomic import recover
+
+    overrides, paths = MULTI_OUTPUT_STAGES[stage]
+    argv = [stage, *(item for key in overrides for item in ("--set", key))]
+    root = tmp_path / "work"
+    shutil.copytree(pipeline, root)
+    if stage == "plots":  # other curves than the pipeline's: new images
+        curve = root / layout.TRAIN_CURVE
+        curve.write_text(curve.read_text().replace(",", ",1", 1))
+    old = output_files(root, paths)
+    (tmp_path / "logs").mkdir()
+    server = ForkServer(tmp_path / "logs")
+    try:
+        _, reference = server.run(root, argv)
+        new = output_files(root, paths)
+        assert set(new) >= set(paths) and all(new[name] != old.get(name) for name in paths if new[name] is not None)
+        points = [(name, index) for name in KILL_POINTS for index in range(1, reference["calls"].get(name, 0) + 1)]
+        assert len(points) >= len(paths)
+        outcomes = []
+        for point in points:
+            restore(root, pipeline, paths)
+            assert output_files(root, paths) == old
+            killed, _ = server.run(root, argv, kill=point)
+            assert killed, f"os.{point[0]} call {point[1]} was not reached"
+            recover(root / paths[-1])  # the next reader of one output (Workspace.input) recovers the whole set
+            found = output_files(root, paths)
+            assert found in (old, new), f"killed after os.{point[0]} call {point[1]}: a mix {sorted(found)}"
+            outcomes.append("new" if found == new else "old")
+            for name in paths:
+                recover(root / name)
+            assert not leftovers(root, paths), f"killed after os.{point[0]} call {point[1]}"
+            server.run(root, argv)  # the re-run completes
+            assert output_files(root, paths) == new, f"the re-run after os.{point[0]} call {point[1]}"
+    finally:
+        server.close()
+    assert "old" in outcomes and "new" in outcomes, outcomes  # kills before, inside and after the commit

@@ -63,6 +63,7 @@ BELL_MAX_SPAN = 1 << 14  # widest range of 16-bit values one bell covers
 LOG_STEPS = 16  # table resolution: steps per octave of probability (error under 2.2 %)
 ABSENT = 255  # table value of a symbol that never occurs
 BROTLI_QUALITY = 11
+DECODE_PIECE = 1 << 20  # symbols decoded per call into a block: bounds the int32 buffer (4 MiB)
 _SECTION = struct.Struct("<BI")  # method, body length
 _FLOAT_SECTIONS = (("scale", "float16"), ("passthrough", "float16"), ("passthrough", "float32"))
 _ITEMSIZE = {"int8": 1, "float16": 2, "float32": 4}
@@ -346,6 +347,13 @@ class _Table:
             return np.zeros(count, dtype=np.int32)
         return coder.decode(self._model(), count)
 
+    def decode_into(self, coder: constriction.stream.stack.AnsCoder, out: np.ndarray, shift: int) -> None:
+        """Decode ``len(out)`` symbols into ``out`` (int8) as ``symbol + shift``, a piece at a time, so that
+        a block of any size needs an int32 buffer of at most :data:`DECODE_PIECE` symbols."""
+        for start in range(0, len(out), DECODE_PIECE):
+            piece = out[start:start + DECODE_PIECE]
+            np.add(self.decode(coder, len(piece)), shift, out=piece, casting="unsafe")
+
     def probabilities(self) -> np.ndarray:
         """float64 [hi - lo + 1], not normalized: ``2^(-v/16)`` (as :func:`_step_weights`), 0 where absent."""
         return _step_weights()[self.values]
@@ -559,8 +567,7 @@ def _decode_matrix(coder: constriction.stream.stack.AnsCoder, spec: ArraySpec, p
     by_class = np.empty(len(roots) * cols, dtype=np.int8)  # [root cols of class 0, then class 1, ...] × roots
     start = 0
     for size, table in zip((np.bincount(plan.classes, minlength=len(plan.tables)) * len(roots)).tolist(), plan.tables):
-        symbols = table.decode(coder, size)  # int32 [size], within the table (checked against bits)
-        np.add(symbols, table.lo - qmax, out=by_class[start:start + size], casting="unsafe")
+        table.decode_into(coder, by_class[start:start + size], table.lo - qmax)  # within the table: checked against bits
         start += size
     decoded = by_class.reshape(cols, len(roots)).T  # [roots, cols], columns still in class order
     order = np.argsort(plan.classes, kind="stable")

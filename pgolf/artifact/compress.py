@@ -73,6 +73,26 @@ _SHUFFLE_HEADER_LEN = 5  # b"BSHF" + stride
 _PIECE = 1 << 20  # bytes per step of bounded decompression
 
 
+# What an artifact's bytes may declare: at most MAX_EXPANSION raw bytes per artifact byte, plus
+# EXPANSION_FLOOR. Checked before anything is allocated or decoded; compress refuses to write more.
+# An entropy coder can code a constant run in no bytes at all (a one-symbol table, or ANS's empty
+# state), so what a stream can hold cannot be read off its length: this is the bound, far above
+# any model (a real artifact expands about 2.5 times; ans codes an all-zero matrix in a few bytes,
+# which the floor covers up to 16 MiB).
+MAX_EXPANSION = 256
+EXPANSION_FLOOR = 1 << 24
+
+
+def check_declared_size(raw_len: int, artifact_len: int) -> None:
+    """Refuse a raw length beyond what an artifact of ``artifact_len`` bytes may hold (before any allocation)."""
+    most = MAX_EXPANSION * artifact_len + EXPANSION_FLOOR
+    if raw_len > most:
+        raise ArtifactError(
+            f"artifact of {artifact_len:,} bytes declares {raw_len:,} raw bytes, more than such an artifact may "
+            f"hold ({MAX_EXPANSION} per byte + {EXPANSION_FLOOR:,}): corrupt or crafted, refused before decoding"
+        )
+
+
 def byte_shuffle(data: bytes, stride: int) -> bytes:
     """``BSHF | stride | bytes at offsets ≡ 0 (mod stride), then ≡ 1, ...`` (the reference's shuffle)."""
     if not 1 <= stride <= 255:
@@ -110,6 +130,10 @@ def compress(raw: bytes, cfg: CompressConfig) -> bytes:
     prefix = _ARTIFACT_PREFIX.pack(
         ARTIFACT_MAGIC, ARTIFACT_VERSION, COMPRESSORS[cfg.compressor], coder_version, len(raw), zlib.crc32(raw)
     )
+    try:
+        check_declared_size(len(raw), len(prefix) + len(stream))
+    except ArtifactError as exc:  # never write what decompress would refuse
+        raise ValueError(f"compress.compressor {cfg.compressor}: {exc}") from None
     return prefix + stream
 
 
@@ -124,10 +148,12 @@ def _general_compress(shuffled: bytes, cfg: CompressConfig) -> bytes:
 def decompress(blob: bytes) -> bytes:
     """The raw bytes inside an artifact made by :func:`compress`, checked against its length and CRC.
 
-    Decoding stops as soon as the output would pass the declared raw length, so a small
-    artifact cannot make the reader allocate more than it declares.
+    The declared raw length is first held to what an artifact of this length may hold
+    (:func:`check_declared_size`), and decoding stops as soon as the output would pass it, so a
+    small artifact cannot make the reader allocate more than a bounded multiple of its bytes.
     """
     compressor, coder_version, raw_len, crc, stream = _read_prefix(blob)
+    check_declared_size(raw_len, len(blob))
     names = {code: name for name, code in COMPRESSORS.items()}
     if compressor not in names:
         raise ArtifactError(f"artifact names unknown compressor id {compressor} (known: {names})")

@@ -20,6 +20,14 @@ with its tokenizer under the repository's file name; where the manifest gives th
 dataset a ``val_bytes_glob``, the byte sidecar ``fineweb_val_bytes_*.bin`` of every
 validation shard comes too, checked against its shard (docs/BYTES.md).
 
+Keeping: a file is kept only if it is what the pinned commit holds. Each file
+fetched or found is hashed once against the hub's etag (sha256 or git hash) and
+recorded in ``DEST/.download-verified.json`` with its size, modification time and
+inode; a later run keeps a file whose record matches the hub's etag at the commit
+it reports and whose size, time and inode are unchanged, without hashing it again.
+A file the hub changed (same size, other bytes, a new commit) or one edited in
+place is fetched again, so the local set is never a mix of two commits.
+
 Resuming: a file appears at its final path only once complete and checked, so a
 rerun after an interruption keeps every finished file and fetches only the
 rest. Within one run ``huggingface_hub`` (from 1.20) re-requests the remaining
@@ -59,6 +67,7 @@ DEFAULT_REPO_ID = "kevclark/parameter-golf"  # sp4096 and sp8192; "willdepueoai/
 REMOTE_ROOT = "datasets"  # the repository folder that holds the export (the challenge's default)
 HUB_MANIFEST = "manifest.json"
 STAGING = ".download"  # under the destination: huggingface_hub's working folder, removed when done
+VERIFIED = ".download-verified.json"  # under the destination: what each kept file was hashed against
 EXTRA_HINT = "pip install -e '.[download]'"
 SHA256 = re.compile(r"[0-9a-f]{64}")  # the etag of a large (LFS or Xet) file: its content's sha256
 GIT_SHA1 = re.compile(r"[0-9a-f]{40}")  # the etag of a small file stored in git: its blob hash
@@ -79,6 +88,45 @@ class RemoteFile:
 
     def is_complete(self) -> bool:
         return self.local.is_file() and self.local.stat().st_size == self.size
+
+
+class Verified:
+    """The record of files hashed against an etag (``DEST/.download-verified.json``).
+
+    A file whose size, modification time and inode are those recorded when it was hashed
+    still holds that content (a rewrite changes the time, a replacement the inode), so the
+    record vouches for it without reading 26 GB again. A missing or unreadable record
+    vouches for nothing: the files are hashed again.
+    """
+
+    def __init__(self, dest: Path):
+        self.path = dest / VERIFIED
+        try:
+            entries = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            entries = {}
+        self.entries: dict[str, dict[str, Any]] = entries if isinstance(entries, dict) else {}
+        self.dest = dest
+
+    def vouches(self, remote_file: RemoteFile) -> bool:
+        """Whether ``remote_file`` is on disk as recorded when it was hashed to the hub's etag."""
+        entry = self.entries.get(self._key(remote_file))
+        if not remote_file.etag or not isinstance(entry, dict):
+            return False
+        return {key: value for key, value in entry.items() if key != "commit"} == self._facts(remote_file)
+
+    def record(self, remote_file: RemoteFile, commit: str) -> None:
+        """``remote_file`` was just hashed to its etag at ``commit``: keep that, with its size, time and inode."""
+        self.entries[self._key(remote_file)] = {**self._facts(remote_file), "commit": commit}
+        write_json(self.path, self.entries)
+
+    def _key(self, remote_file: RemoteFile) -> str:
+        return str(remote_file.local.relative_to(self.dest))
+
+    @staticmethod
+    def _facts(remote_file: RemoteFile) -> dict[str, Any]:
+        stat = remote_file.local.stat()
+        return {"etag": remote_file.etag, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
 
 
 def hub_module() -> ModuleType:
@@ -178,11 +226,13 @@ def download_dataset(
     commit, manifest = fetch_hub_manifest(hub, remote_root, revision, dest)
     planned = planned_files(manifest, variant, train_shards, remote_root, dest)
     files = [with_metadata(hub, f, commit) for f in planned]
-    missing = [f for f in files if not f.is_complete()]
+    verified = Verified(dest)
+    missing = [f for f in files if not kept(f, verified, commit, log)]
     check_disk_space(files, missing, dest, log)
     for number, remote_file in enumerate(missing, 1):
         log(f"[pgolf download] {number}/{len(missing)} {remote_file.remote} ({remote_file.size / 1e6:,.1f} MB)")
         fetch_checked(hub, remote_file, commit)
+        verified.record(remote_file, commit)
     shutil.rmtree(hub.staging, ignore_errors=True)
 
     shards_dir, model_file = local_dataset_dir(dest, variant), planned[-1].local
@@ -220,6 +270,21 @@ def fetch_hub_manifest(hub: Hub, remote_root: str, revision: str, dest: Path) ->
     manifest_file = with_metadata(hub, RemoteFile(remote, dest / HUB_MANIFEST), revision, meta)
     fetch_checked(hub, manifest_file, meta.commit_hash)
     return meta.commit_hash, read_hub_manifest(manifest_file.local)
+
+
+def kept(remote_file: RemoteFile, verified: Verified, commit: str, log: Callable[[str], None]) -> bool:
+    """Whether the local copy of ``remote_file`` is the hub's at ``commit``: vouched for by the record, or
+    hashed now to the hub's etag (then recorded). A file of the wrong size or content is fetched again."""
+    if not remote_file.is_complete():
+        return False
+    if verified.vouches(remote_file):
+        return True
+    log(f"[pgolf download] hashing {remote_file.local} ({remote_file.size / 1e6:,.1f} MB) against commit {commit[:12]}")
+    if content_mismatch(remote_file.local, remote_file.etag):
+        log(f"[pgolf download] {remote_file.local}: not the hub's file at commit {commit[:12]}: fetching it again")
+        return False
+    verified.record(remote_file, commit)
+    return True
 
 
 def fetch_checked(hub: Hub, remote_file: RemoteFile, commit: str) -> None:

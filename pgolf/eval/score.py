@@ -130,8 +130,15 @@ def score_windows(
     return score_from_sums(nll_sum, token_count, byte_count)
 
 
+class NonFiniteScore(ValueError):
+    """A loss that is NaN or infinite: the model's predictions are not finite, and there is no score to report."""
+
+
 def score_from_sums(nll_sum: float, token_count: float, byte_count: float) -> EvalScore:
-    """Mean NLL and bpb (docs/DESIGN.md §2) from the summed NLL, tokens and bytes."""
+    """Mean NLL and bpb (docs/DESIGN.md §2) from the summed NLL, tokens and bytes; a non-finite loss is an error."""
+    if not math.isfinite(nll_sum):
+        raise NonFiniteScore(f"the loss summed over {token_count:,.0f} scored tokens is {nll_sum}: the model's "
+                             "predictions are not finite (NaN or inf), so there is no score")
     loss = nll_sum / token_count
     return EvalScore(loss=loss, bpb=loss / math.log(2.0) * token_count / byte_count)
 
@@ -212,7 +219,10 @@ def evaluate_model(
         if not enabled:
             continue
         start = time.perf_counter()
-        score = evaluate()
+        try:
+            score = evaluate()
+        except NonFiniteScore as exc:
+            raise NonFiniteScore(f"{name} {label} evaluation: {exc}") from None
         seconds = time.perf_counter() - start  # the score's all-reduce and .tolist() waited for the GPU
         if ctx.is_main:
             print(f"[pgolf evaluate] {name} {label}: val_loss {score.loss:.8f} val_bpb {score.bpb:.8f} "
@@ -275,5 +285,8 @@ def score_validation(label: str, model: GPT, source: Path, stream: ValidationStr
     if ctx.is_main:
         print(f"[pgolf evaluate] {source}: {stream.tokens.numel() - 1:,} validation targets, "
               f"{stream.total_bytes():,} bytes ({stream.rule}) on {ctx.world_size} x {ctx.device}", flush=True)
-    return {"val_tokens": stream.tokens.numel() - 1, "val_bytes": stream.total_bytes(),
-            label: evaluate_model(label, model, stream, cfg, ctx, clocks)}
+    try:
+        scores = evaluate_model(label, model, stream, cfg, ctx, clocks)
+    except NonFiniteScore as exc:
+        raise NonFiniteScore(f"{source}: {exc}") from None
+    return {"val_tokens": stream.tokens.numel() - 1, "val_bytes": stream.total_bytes(), label: scores}

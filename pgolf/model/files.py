@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
 
-from pgolf.atomic import atomic_path, recover
+from pgolf.atomic import atomic_open, recover
 from pgolf.config import ConfigError, ModelConfig, from_dict, to_dict
 from pgolf.model.gpt import GPT
 
@@ -57,8 +57,35 @@ def save_tagged(path: str | Path, tag: str, version: int, payload: dict[str, Any
     """``torch.save`` of ``payload`` under a format tag, with its checksum, whole or not at all."""
     payload = {"format": tag, "version": version, **payload}
     payload[CHECKSUM_KEY] = payload_checksum(payload)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_open(path, "wb") as handle:
+        kept = _WriteErrors(handle)
+        try:
+            torch.save(payload, kept)
+        except RuntimeError:
+            if kept.error is None:
+                raise
+            raise kept.error from None  # disk full or file too large: atomic_open names the file
+
+
+class _WriteErrors:
+    """A binary file for ``torch.save`` that keeps the ``OSError`` of a failed write.
+
+    torch reports a failed write as an unrelated ``RuntimeError`` ("enforce fail at
+    inline_container.cc"); the error the operating system gave is what the user needs.
+    """
+
+    def __init__(self, handle: BinaryIO):
+        self.handle, self.error = handle, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def load_tagged(

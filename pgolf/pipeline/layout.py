@@ -57,3 +57,4 @@ PLOTS_IMAGES = "out/plots/images"  # every stage's plots as PNG (DVC's HTML plot
 PLOTS_PROVENANCE = "out/plots/provenance.json"
 
 TORCHRUN_PARAMS_DIR = ".pgolf"  # resolved params handed to processes relaunched under torchrun
+LOCKS_DIR = ".pgolf/locks"  # one lock per stage in each workspace: two runs of a stage never interleave their outputs

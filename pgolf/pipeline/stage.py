@@ -6,12 +6,17 @@ DIR``, loads the params (an error names the file that was read), picks the works
 turns bad input into one line on stderr and exit code 2. The workspace is the pipeline's
 own tree when DVC runs the command (DVC sets ``DVC_STAGE`` for every stage command) and the
 hand-run directory (``runs/`` unless ``--out`` says otherwise) when a user runs ``pgolf
-STAGE``, so a stage run by hand never overwrites an output that DVC tracks.
+STAGE``, so a stage run by hand never overwrites an output that DVC tracks. A run holds
+the workspace's lock of its stage (``.pgolf/locks/STAGE.lock``), so a second run of the
+stage there refuses at once, naming the lock and its holder, instead of interleaving its
+outputs with the first's; a reader of an earlier stage's output recovers an interrupted
+commit of it first (``Workspace.input``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pgolf.atomic import exclusive_lock, recover
 from pgolf.config import ConfigError, load_params
 from pgolf.distributed import launch_torchrun, under_torchrun
 from pgolf.pipeline import layout
@@ -46,9 +52,21 @@ class Workspace:
         return self.root / path
 
     def input(self, path: str | Path) -> Path:
-        """What an earlier run in this workspace wrote, else the pipeline's output."""
+        """What an earlier run in this workspace wrote, else the pipeline's output.
+
+        An interrupted commit of that output is first recovered (``pgolf.atomic.recover``), so a
+        stage never reads one output of a set whose other outputs are being rolled back.
+        """
         own = self.root / path
-        return own if own.exists() else Path(path)
+        recover(own)
+        if own.exists():
+            return own
+        recover(path)
+        return Path(path)
+
+    def lock(self, stage: str) -> Path:
+        """The file whose lock a run of ``stage`` in this workspace holds."""
+        return self.root / layout.LOCKS_DIR / f"{stage}.lock"
 
 
 def stage_parser(stage: str) -> argparse.ArgumentParser:
@@ -90,13 +108,29 @@ def run_stage(
     try:
         params = load_params(args.params, args.overrides, required=STAGE_SECTIONS.get(stage, ()))
         nproc = processes(params) if processes else 1
-        if nproc > 1 and not under_torchrun(os.environ):
-            return relaunch(stage, params, nproc, ws, extra)
-        run(params, ws, **extra)
+        with stage_lock(stage, ws, os.environ):
+            if nproc > 1 and not under_torchrun(os.environ):
+                return relaunch(stage, params, nproc, ws, extra)
+            run(params, ws, **extra)
     except (ConfigError, ValueError, OSError) as exc:  # FileNotFoundError is an OSError
         print(f"pgolf {stage}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def stage_lock(stage: str, ws: Workspace, environ: dict[str, str] | os._Environ) -> contextlib.AbstractContextManager:
+    """The workspace's lock of ``stage`` for this run: a second run of the stage there refuses, naming it.
+
+    Under torchrun one process takes it (rank 0), none when the launching ``pgolf`` holds it already.
+    """
+    if under_torchrun(environ) and (environ.get(LOCK_HELD) == str(ws.lock(stage)) or environ.get("RANK") != "0"):
+        return contextlib.nullcontext()
+    return exclusive_lock(ws.lock(stage), f"`pgolf {stage}`",
+                          f": another run of {stage} is writing this workspace; wait for it, or give this one "
+                          "another --out")
+
+
+LOCK_HELD = "PGOLF_STAGE_LOCK"  # set for processes relaunched under torchrun: the launcher holds this lock
 
 
 def relaunch(stage: str, params: Params, nproc: int, ws: Workspace, options: dict[str, Any]) -> int:
@@ -109,7 +143,7 @@ def relaunch(stage: str, params: Params, nproc: int, ws: Workspace, options: dic
     write_bytes(params_file, yaml.safe_dump(dict(params), sort_keys=True).encode("utf-8"))
     args = ["--params", str(params_file), "--out", str(ws.root)]
     args += [item for key, value in options.items() for item in (f"--{key}", str(value))]
-    return launch_torchrun(f"stages.{stage}", args, nproc)
+    return launch_torchrun(f"stages.{stage}", args, nproc, {**os.environ, LOCK_HELD: str(ws.lock(stage))})
 
 
 def one_line(exc: BaseException) -> str:

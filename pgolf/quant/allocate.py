@@ -241,7 +241,8 @@ def allocate_within(
     """:func:`allocate_model` on candidates already measured (a sweep of limits reuses them).
 
     Starts from the cheapest candidates, then re-allocates with the limit less the gap between
-    the last allocation's rates and its measured submission bytes, keeping the best that fits.
+    the last allocation's rates and its measured submission bytes, keeping the best that fits:
+    once the cheapest fits, a correction that overshoots never fails the search.
     """
     points = {name: [(c.rate, c.distortion) for c in found] for name, found in candidates.items()}
     rounds: list[dict] = []
@@ -255,17 +256,20 @@ def allocate_within(
             tqdm.write(f"allocate: tensors alone {allocation.rate:,} bytes -> submission {total:,} (limit {limit:,})")
         return qm, total
 
-    allocation = allocate(points, budget=sum(p[lower_hull(p)[0]][0] for p in points.values()))  # the cheapest
+    cheapest_rate = sum(p[lower_hull(p)[0]][0] for p in points.values())
+    allocation = allocate(points, budget=cheapest_rate)
     qm, total = measure(allocation)
     if total > limit:
         raise SizeFitError(f"quantize: allocate: even the cheapest candidates give {total:,} bytes, over "
                            f"compress.size_limit_bytes={limit:,} (allow fewer bits in allocate_bits)")
-    best = (allocation, qm, total)
+    best, tried = (allocation, qm, total), [allocation.choice]
     for _ in range(MAX_ROUNDS):
-        following = allocate(points, limit - (total - allocation.rate))  # the limit less the gap just measured
-        if following.choice == allocation.choice:
+        # the limit less the gap just measured; a gap that outgrew the headroom leaves the cheapest, already measured
+        following = allocate(points, max(cheapest_rate, limit - (total - allocation.rate)))
+        if following.choice in tried:
             break
         allocation = following
+        tried.append(allocation.choice)
         qm, total = measure(allocation)
         if total <= limit and allocation.distortion < best[0].distortion:
             best = (allocation, qm, total)

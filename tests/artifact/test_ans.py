@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import brotli
 import numpy as np
@@ -12,7 +16,7 @@ import torch
 
 from pgolf.artifact import ans
 from pgolf.artifact.compress import compress, decompress
-from pgolf.artifact.format import serialize
+from pgolf.artifact.format import serialize, split_header
 from pgolf.artifact.load import load_artifact
 from pgolf.artifact.tensors import ArtifactError, QuantizedModel, QuantizedTensor
 from pgolf.config import CompressConfig, ModelConfig
@@ -205,7 +209,7 @@ def test_flipped_bit_in_the_declared_length_is_refused_before_decoding(blob, bit
     (raw_len,) = struct.unpack_from("<Q", blob, 7)
     damaged = blob[:7] + struct.pack("<Q", raw_len ^ (1 << bit)) + blob[15:]
     # a shorter length puts the header's arrays past the end, a longer one past the last array
-    with pytest.raises(ArtifactError, match="arrays end at byte|lies beyond the payload"):
+    with pytest.raises(ArtifactError, match="arrays end at byte|lies beyond the payload|more than such an artifact may"):
         load_artifact(damaged)
 
 
@@ -213,6 +217,76 @@ def test_declared_length_bounds_the_output(raw, blob):
     shorter = blob[:7] + struct.pack("<Q", len(raw) // 2) + blob[15:]
     with pytest.raises(ArtifactError, match="ans stream is corrupt or truncated"):
         load_artifact(shorter)
+
+
+def declaring(rows: int, cols: int) -> bytes:
+    """An ans artifact of a few hundred bytes whose header declares a [rows, cols] code matrix: a real artifact of an
+    8x8 matrix with its model header rewritten (shape, extents, raw length), its coded sections as they were."""
+    generator = torch.Generator().manual_seed(7)
+    blob = compress(serialize(QuantizedModel(CONFIG, {"w": gaussian_codes(8, 8, 6, generator)})), ANS)
+    prefix = struct.Struct("<4sBBBQI")  # magic, version, compressor, coder version, raw_len, crc32
+    magic, version, compressor, coder, _, crc = prefix.unpack_from(blob)
+    head, body = ans.decode_head(blob[prefix.size:])
+    _, header = split_header(head)
+    scale_offset = rows * cols + rows * cols % 2
+    header["tensors"][0].update(shape=[rows, cols], nbytes=rows * cols, scale_offset=scale_offset, scale_nbytes=2 * rows)
+    text = json.dumps(header).encode()
+    head = struct.pack("<4sII", b"PGQM", 1, len(text)) + text
+    return (prefix.pack(magic, version, compressor, coder, len(head) + scale_offset + 2 * rows, crc)
+            + ans._encode_bytes(head, 1) + bytes(body))
+
+
+PEAK = """
+import resource, sys
+from pathlib import Path
+from pgolf.artifact.load import load_artifact
+from pgolf.artifact.tensors import ArtifactError
+blob = Path(sys.argv[1]).read_bytes()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_artifact(blob)
+    outcome = "loaded"
+except ArtifactError as exc:
+    outcome = f"refused: {exc}"
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, outcome)
+"""
+
+
+def peak_of_loading(blob: bytes, tmp_path: Path) -> tuple[int, str]:
+    """The peak resident memory (KiB) that loading ``blob`` adds in a fresh process, and what became of it."""
+    path = tmp_path / f"artifact-{hashlib.sha256(blob).hexdigest()[:8]}.ptz"
+    path.write_bytes(blob)
+    done = subprocess.run([sys.executable, "-c", PEAK, str(path)], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    added, outcome = done.stdout.split(" ", 1)
+    return int(added), outcome.strip()
+
+
+@pytest.mark.parametrize("rows, cols", [(1 << 15, 1 << 15), (1 << 20, 1 << 20)], ids=["1GiB", "1TiB"])
+def test_a_declared_size_beyond_what_the_bytes_hold_is_refused_within_a_normal_loads_memory(tmp_path, rows, cols):
+    """A few hundred bytes declaring a 1 GiB or a 1 TiB matrix (far beyond this machine's memory) are refused, named,
+    before anything of that size is allocated: the peak memory stays within 16 MiB of loading an honest artifact."""
+    generator = torch.Generator().manual_seed(7)
+    honest = compress(serialize(QuantizedModel(CONFIG, {"w": gaussian_codes(8, 8, 6, generator)})), ANS)
+    normal, outcome = peak_of_loading(honest, tmp_path)
+    assert outcome == "loaded"
+    crafted = declaring(rows, cols)
+    assert len(crafted) < 1000
+    added, outcome = peak_of_loading(crafted, tmp_path)
+    assert added <= normal + 16 * 1024, f"refusing took {added / 1024:.0f} MiB, an honest load {normal / 1024:.0f} MiB"
+    assert outcome.startswith(f"refused: artifact of {len(crafted):,} bytes declares "), outcome
+    assert "more than such an artifact may hold" in outcome and "\n" not in outcome
+
+
+def test_a_declared_size_the_bytes_may_hold_still_decodes_or_is_refused_by_its_checksum():
+    """Within the bound a crafted artifact decodes (an ANS stream can end in a free run of its first symbol) and its
+    CRC refuses it; the bound is what keeps it small. pgolf never writes an artifact it would refuse."""
+    with pytest.raises(ArtifactError, match="corrupt"):
+        load_artifact(declaring(1 << 10, 1 << 10))
+    with pytest.raises(ValueError, match="more than such an artifact may hold"):
+        compress(serialize(QuantizedModel(CONFIG, {"z": QuantizedTensor(torch.zeros(4096, 8192, dtype=torch.int8),
+                                                                         torch.ones(4096).half(), 6, 12.85)})), ANS)
 
 
 def test_table_beyond_the_codes_bits_is_refused():

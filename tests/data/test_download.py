@@ -102,6 +102,7 @@ class StandInHub:
 
     def __init__(self, files: dict[str, bytes]):
         self.files = files
+        self.commit = COMMIT  # what "main" resolves to; a test may publish a new commit
         self.path_of_sha256 = {hashlib.sha256(data).hexdigest(): path for path, data in files.items()}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, repository path, Range header)
         self.cut_once: dict[str, int] = {}  # path -> bytes sent before the first GET's connection drops
@@ -148,7 +149,7 @@ class HubHandler(BaseHTTPRequestHandler):
         match = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", url_path)
         if match is None or match[1] != REPO_ID:
             return self.refuse(404, "RepoNotFound")
-        if match[2] not in ("main", COMMIT):
+        if match[2] not in ("main", hub.commit):
             return self.refuse(404, "RevisionNotFound")
         path = match[3]
         hub.requests.append((self.command, path, self.headers.get("Range")))
@@ -175,7 +176,7 @@ class HubHandler(BaseHTTPRequestHandler):
         self.send_content(path, send_body)
 
     def send_common_headers(self, length: int) -> None:
-        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("X-Repo-Commit", self.server.hub.commit)
         self.send_header("Content-Length", str(length))
 
     def refuse(self, status: int, code: str) -> None:
@@ -337,6 +338,34 @@ def test_a_killed_download_resumes_with_only_the_missing_files(hub, published, t
     before = len(hub.requests)
     assert fetch(hub, dest)["fetched"] == 0  # a third run finds everything complete
     assert hub.gets(before) == ["datasets/manifest.json"]
+
+
+def test_a_file_the_hub_changed_at_the_same_size_is_fetched_again(hub, published, tmp_path, monkeypatch):
+    """A new commit changes a shard's bytes but not its size: the rerun reports the new commit, and every file it keeps
+    is that commit's; what it verified is recorded, so a third run keeps everything without hashing a byte."""
+    fetch(hub, tmp_path)
+    shard = SHARD_PREFIX + "fineweb_train_000001.bin"
+    changed = bytearray(published[shard])
+    changed[-2:] = bytes([changed[-1], changed[-2]])  # two tokens swapped: same size, same header, other content
+    assert bytes(changed) != published[shard]
+    hub.files = {**published, shard: bytes(changed)}
+    hub.path_of_sha256[hashlib.sha256(changed).hexdigest()] = shard
+    hub.commit = "fedcba9876543210fedcba9876543210fedcba98"
+    before = len(hub.requests)
+    summary = fetch(hub, tmp_path)
+    assert summary["commit"] == hub.commit
+    assert [Path(p).name for p in hub.gets(before) if p != "datasets/manifest.json"] == ["fineweb_train_000001.bin"]
+    local = tmp_path / "datasets" / DATASET / "fineweb_train_000001.bin"
+    assert local.read_bytes() == bytes(changed)
+
+    hashed = []
+    real_sha256 = download.file_sha256
+    monkeypatch.setattr(download, "file_sha256", lambda path: hashed.append(path) or real_sha256(path))
+    assert fetch(hub, tmp_path)["fetched"] == 0 and hashed == []  # the record vouches for every kept file
+
+    local.write_bytes(published[shard])  # edited in place: same size, the old content, a new modification time
+    summary = fetch(hub, tmp_path)
+    assert summary["fetched"] == 1 and hashed[0] == local and local.read_bytes() == bytes(changed)
 
 
 def test_a_corrupt_file_is_refused_and_not_kept(hub, published, tmp_path):

@@ -29,9 +29,9 @@ from pgolf.model.gpt import GPT
 from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace
 from tests.conftest import REPO_ROOT
-from tests.stages.test_plots import rendered
 from tests.stages.test_evaluate import BATCH, MAX_TOKENS, SEQ_LEN, STRIDE, VAL_TARGETS
 from tests.stages.test_evaluate import workdir as stage_workdir  # noqa: F401 (a fixture: artifact + FineWeb val)
+from tests.stages.test_plots import rendered
 
 PIPELINE = Workspace.pipeline()  # the stages as DVC runs them
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from pgolf.pipeline import layout
@@ -48,3 +52,59 @@ def test_hand_runs_get_the_out_directory(tmp_path, monkeypatch):
     seen = []
     assert run_stage("compress", lambda params, ws: seen.append(ws), ["--out", "mine"]) == 0
     assert seen == [Workspace(Path("mine"))]
+
+
+HOLDING_RUN = """
+import sys, time
+from pathlib import Path
+from pgolf.pipeline.stage import run_stage
+
+def hold(params, ws):
+    Path("started").write_text("")
+    while not Path("release").exists():
+        time.sleep(0.02)
+    (ws.root / "done").write_text("first")
+
+sys.exit(run_stage("compress", hold, ["--out", "mine"]))
+"""
+
+
+def test_a_second_run_of_a_stage_in_one_workspace_refuses_naming_the_lock(tmp_path, monkeypatch, capsys):
+    """The first run holds the workspace's lock of the stage; the second stops before any work, naming the lock and
+    its holder; another workspace, or the same once the first ended (however it ended), is free."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_STAGE")
+    Path("params.yaml").write_text("compress: {}\n")
+    first = subprocess.Popen([sys.executable, "-c", HOLDING_RUN], cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    try:
+        deadline = time.monotonic() + 60
+        while not Path("started").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
+            time.sleep(0.02)
+        ran = []
+        assert run_stage("compress", lambda params, ws: ran.append(ws), ["--out", "mine"]) == 2
+        assert not ran
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"pgolf compress: error: {Path('mine') / layout.LOCKS_DIR / 'compress.lock'}: locked by "
+                       f"`pgolf compress` (pid {first.pid}): another run of compress is writing this workspace; wait "
+                       "for it, or give this one another --out"]
+        assert run_stage("compress", lambda params, ws: ran.append(ws), ["--out", "other"]) == 0
+        Path("release").write_text("")
+        assert first.wait(60) == 0
+    finally:
+        first.kill()
+    assert Path("mine/done").read_text() == "first"
+    assert run_stage("compress", lambda params, ws: ran.append(ws), ["--out", "mine"]) == 0
+    assert ran == [Workspace(Path("other")), Workspace(Path("mine"))]
+
+
+def test_a_reader_recovers_an_output_whose_commit_was_interrupted(tmp_path, monkeypatch):
+    """Workspace.input recovers first: a directory stranded aside by a killed replacement is back in place."""
+    monkeypatch.chdir(tmp_path)
+    plots = Path("runs") / layout.QUANTIZE_PLOTS
+    aside = plots.with_name(f".{plots.name}.old-999999999")  # a process that cannot exist
+    aside.mkdir(parents=True)
+    (aside / "tensors.csv").write_text("old\n")
+    assert Workspace(Path("runs")).input(layout.QUANTIZE_PLOTS) == plots
+    assert (plots / "tensors.csv").read_text() == "old\n" and not aside.exists()

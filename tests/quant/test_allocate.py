@@ -16,7 +16,7 @@ from pgolf.artifact.size import SizeFitError, SizeLimitError, pack_artifact, sub
 from pgolf.artifact.tensors import QuantizedTensor, dequantize
 from pgolf.config import CompressConfig, QuantizeConfig
 from pgolf.pipeline import layout
-from pgolf.quant.allocate import allocate, allocate_model, lower_hull
+from pgolf.quant.allocate import allocate, allocate_model, allocate_within, assemble, lower_hull, model_candidates
 from pgolf.quant.calibrate import collect_output_sensitivity
 from pgolf.quant.gptq import quantize_model
 from pgolf.quant.lqer import h_weighted_error
@@ -137,6 +137,32 @@ def test_more_bytes_buy_less_error_and_too_few_bytes_are_refused():
     assert small.total_bytes <= limit - 15_000 and large.total_bytes <= limit + 30_000
     with pytest.raises(SizeFitError, match="cheapest"):
         allocated(limit - 100_000)
+
+
+@pytest.mark.parametrize("headroom", [5, 60, 150])
+def test_a_correction_that_overshoots_keeps_the_best_fitting_allocation(headroom):
+    """A limit a few bytes above the cheapest allocation's and its smallest step, and a whole-stream gap that grows
+    faster than the rates: the first correction overshoots the limit and the next would aim below the cheapest
+    allocation. The search keeps the best that fits."""
+    model, hessians = model_with_hessians()
+    candidates, base = model_candidates(model.config, model.state_dict(), hessians, ALLOCATE,
+                                        CompressConfig(brotli_quality=5), show_progress=False)
+    points = {name: [(c.rate, c.distortion) for c in found] for name, found in candidates.items()}
+    cheapest = assemble(base, candidates, allocate(points, sum(p[lower_hull(p)[0]][0] for p in points.values())))
+    first = submission_bytes(cheapest, FAST, CODE_BYTES)
+
+    def size_of(qm) -> int:  # every byte above the cheapest allocation's costs four
+        size = submission_bytes(qm, FAST, CODE_BYTES)
+        return size + 3 * (size - first)
+
+    hulls = {name: lower_hull(p) for name, p in points.items()}
+    smallest_step = min(points[name][hull[1]][0] - points[name][hull[0]][0] for name, hull in hulls.items()
+                        if len(hull) > 1)
+    limit = first + smallest_step + headroom  # room for one step by the rates, not once measured
+    qm, _, result = allocate_within(candidates, base, model.state_dict(), hessians, ALLOCATE, limit, size_of,
+                                    show_progress=False)
+    assert len(result.rounds) > 1 and not all(r["fits"] for r in result.rounds)  # a correction overshot
+    assert result.total_bytes == size_of(qm) <= limit
 
 
 def test_the_stage_allocates_and_the_report_says_what_each_tensor_got(small_workdir):  # noqa: F811
