@@ -26,7 +26,7 @@ from pgolf.data.shards import ShardWriter, read_shard, shard_files, split_docume
 
 SHARD_TOKENS = 100_000_000
 VAL_DOCS = 50_000
-MEAN_DOC_TOKENS = 47_851_520 / 50_000  # the challenge's validation split (FRONTIER_SPEC §0.4 logs)
+MEAN_DOC_TOKENS = 47_851_520 / 50_000  # the challenge's validation split (the records' logs: val_tokens)
 CHALLENGE_SHARDS = 80
 TIMED = "import sys, time; t = time.perf_counter(); from pgolf.data.leakage import find_leaks; " \
         "n = len(find_leaks(sys.argv[1])); print(n, time.perf_counter() - t)"

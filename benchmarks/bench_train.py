@@ -28,7 +28,7 @@ from pgolf.model.gpt import GPT, count_parameters
 from pgolf.runtime import resolve_device
 from pgolf.train.loop import train
 
-MEAN_DOC_TOKENS = 957  # FRONTIER_SPEC §1.5: the mean CaseOps validation document
+MEAN_DOC_TOKENS = 957  # PR #1855's logs: the mean CaseOps validation document
 
 
 class RandomBatches:

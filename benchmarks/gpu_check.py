@@ -60,7 +60,7 @@ METRICS = {"train": layout.TRAIN_METRICS, "prequant": layout.PREQUANT_METRICS, "
            "evaluate": layout.EVALUATE_METRICS}
 RUNTIME_IMPORTS = ("brotli", "sentencepiece", "yaml", "tqdm", "matplotlib", "google.protobuf", "pytest")
 RECORD_TOKENS_PER_S_PER_H100 = 0.97e6  # 7.73 M tokens/s on 8xH100 (docs/DESIGN.md §3)
-# PR #1855, seed 42 (FRONTIER_SPEC §0.4): 8.2 M tokens/s on 8xH100 before looping, 5.6 M after
+# PR #1855, seed 42 (its train log): 8.2 M tokens/s on 8xH100 before looping, 5.6 M after
 FRONTIER_TOKENS_PER_S_PER_H100 = {"looping_off": 8.2e6 / 8, "looping_on": 5.6e6 / 8}
 FRONTIER_PARAMS = REPO_ROOT / "presets" / "frontier.yaml"
 NO_CUDA = "no CUDA device: skipping GPU checks"

@@ -116,17 +116,17 @@ class TokenizeConfig(Section):
     docs_path: str = ""  # JSON Lines of {"text": ...}; empty: the embedded corpus
     tokenizer_path: str = ""  # an existing .model to reuse; empty: train one
     shards_path: str = ""  # already-tokenized shards to validate instead of tokenizing
-    data_dir: str = "data"
-    vocab_size: VocabSize = 8192
-    tokenizer_train_docs: Positive = 5_000_000
-    num_val_docs: Positive = 50_000
+    data_dir: str = "data"  # where the shards and the tokenizer are written (under the run directory)
+    vocab_size: VocabSize = 8192  # SentencePiece vocabulary of a trained tokenizer (a reused one must have this size)
+    tokenizer_train_docs: Positive = 5_000_000  # documents (from the training split) the tokenizer is trained on
+    num_val_docs: Positive = 50_000  # the first this many documents are the validation split (the challenge: 50,000)
     shard_size: Annotated[int, Range(ge=1, le=2**31 - 1)] = 100_000_000  # the header's int32 count
     num_workers: Count = run_setting(0)  # encoding processes; 0: every core
     embedded_max_docs: Count = 0  # embedded corpus: keep this many documents (0: all)
     # stdlib: the standard library's docs (1.8 MB); stdlib_torch: plus torch's and its requirements' (~14 MB)
     embedded_corpus: Literal["stdlib", "stdlib_torch"] = "stdlib"
     # none: the text as it is; caseops: the frontier's lossless case transform before the tokenizer
-    # (FRONTIER_SPEC §1), its markers reserved as ids 4..7, the shards with a byte sidecar (docs/BYTES.md)
+    # (docs/BYTES.md), its markers reserved as ids 4..7, the shards with a byte sidecar (docs/BYTES.md)
     text_transform: Literal["none", "caseops"] = "none"
 
     def check(self) -> None:
@@ -142,37 +142,38 @@ class TokenizeConfig(Section):
 class ModelConfig(Section):
     """The recurrent GPT of docs/DESIGN.md §3 (35,943,512 parameters as is)."""
 
-    vocab_size: VocabSize = 8192
-    num_layers: Positive = 11
-    model_dim: Positive = 512
-    embedding_dim: Positive = 512
-    num_heads: Positive = 8
-    num_kv_heads: Positive = 4
-    mlp_mult: PositiveFloat = 4.0
-    rope_base: PositiveFloat = 10000.0
+    vocab_size: VocabSize = 8192  # embedding rows; must equal the tokenizer's vocabulary
+    num_layers: Positive = 11  # transformer blocks (before looping)
+    model_dim: Positive = 512  # width of the residual stream
+    embedding_dim: Positive = 512  # width of the token embedding; != model_dim: projected in and out
+    num_heads: Positive = 8  # query heads; head dimension = model_dim / num_heads
+    num_kv_heads: Positive = 4  # key/value heads (grouped-query attention); divides num_heads
+    mlp_mult: PositiveFloat = 4.0  # MLP hidden width = mlp_mult × model_dim
+    rope_base: PositiveFloat = 10000.0  # rotary base frequency
     rope_dims: Annotated[int, Range(ge=2)] = 16  # even, at most the head dimension
+    # the length the rotary base is tuned for; longer rows rescale it (rope_ntk_scaling)
     rope_train_seq_len: Positive = 2048
-    qk_gain_init: float = 4.0
-    logit_softcap: PositiveFloat = 30.0
+    qk_gain_init: float = 4.0  # initial per-head gain on the normalised queries (#1855: 5.0)
+    logit_softcap: PositiveFloat = 30.0  # logits = c·tanh(z / c)
     xsa_last_n: Count = 11  # more than num_layers: every layer
-    num_loops: Count = 2
-    loop_start: Count = 4
-    loop_end: Count = 5
-    skip_gates_enabled: bool = True
-    tie_embeddings: bool = True
-    tied_embed_init_std: NonNegative = 0.005
-    ln_scale: bool = True
+    num_loops: Count = 2  # extra passes over layers loop_start..loop_end once looping is on (0: no loop)
+    loop_start: Count = 4  # first layer of the looped range
+    loop_end: Count = 5  # last layer of the looped range (inclusive)
+    skip_gates_enabled: bool = True  # learned sigmoid gates on the U-Net skip connections (false: plain weighted skips)
+    tie_embeddings: bool = True  # the output head is the transposed token embedding
+    tied_embed_init_std: NonNegative = 0.005  # normal init std of the tied embedding
+    ln_scale: bool = True  # scale each block's normalised input by 1/sqrt(layer + 1)
     # The variants' options (PR #576, PR #1218: docs/VARIANTS.md §4, §6); off, the record's model.
     mlp_activation: Literal["leaky_relu2", "relu2"] = "leaky_relu2"  # the record, #1218 | #576
-    mlp_leaky_slope: NonNegative = 0.5
+    mlp_leaky_slope: NonNegative = 0.5  # negative slope of leaky_relu2 before squaring
     bigram_vocab_size: Count = 0  # BigramHash buckets (#576: 8192); 0: no BigramHash
-    bigram_dim: Positive = 128
+    bigram_dim: Positive = 128  # width of a BigramHash bucket's vector (projected to model_dim)
     # true: #576's SmearGate after the embedding norm; modded: #1855's, on the raw embedding, BOS-masked
     smear_gate: bool | Literal["modded"] = False
     ve_layers: list[Count] = field(default_factory=list)  # layers given value embeddings (#576, #1218: [9, 10])
-    ve_dim: Positive = 128
+    ve_dim: Positive = 128  # width of a value embedding (projected to the kv width)
     scaled_proj_init: bool = False  # #576: orthogonal ".proj" weights (not zero-initialised) times 1/sqrt(2 L)
-    # The frontier's options (PR #1855: ../shared/FRONTIER_SPEC.md §2.3, §3.3, §3.5, §3.6); off, the record's model.
+    # The frontier's options (PR #1855: docs/FRONTIER.md); off, the record's model.
     rope_ntk_scaling: bool = True  # rescale the rotary base beyond rope_train_seq_len (#1855, ROPE_YARN=0: false)
     parallel_start_layer: Count = 0  # > 0: decoder layers from this index on run two residual lanes (#1855: 8)
     parallel_final_lane: Literal["mean", "attn", "mlp"] = "mean"  # what leaves the lanes: their mean, or one lane
@@ -215,42 +216,42 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     """Optimisers, schedule, batches and run-time of the train stage."""
 
-    seed: Seed = 1337
-    iterations: Positive = 20000
+    seed: Seed = 1337  # seeds the initialisation and the data order (the exported script: SEED overrides it)
+    iterations: Positive = 20000  # the step count the schedule is laid out for (the wall clock usually stops first)
     max_wallclock_seconds: NonNegative = 600.0  # 0: schedule by step / iterations
-    gptq_reserve_seconds: NonNegative = 12.0
-    warmdown_frac: Fraction = 0.667
+    gptq_reserve_seconds: NonNegative = 12.0  # seconds of the wall-clock budget kept for calibration after the loop
+    warmdown_frac: Fraction = 0.667  # final fraction of training over which the lr scale falls linearly to min_lr
     warmup_steps: Count = 20  # compile warm-up steps, undone afterwards
-    enable_looping_at: Fraction = 0.5
-    train_batch_tokens: Positive = 786_432
-    train_seq_len: Positive = 2048
+    enable_looping_at: Fraction = 0.5  # fraction of training after which the looped layers run (num_loops)
+    train_batch_tokens: Positive = 786_432  # tokens per optimiser step over all processes
+    train_seq_len: Positive = 2048  # tokens per training row
     grad_accum_steps: Positive = 8  # micro-batches per step over all processes
     min_lr: Fraction = 0.0  # the floor of the learning-rate scale
-    embed_lr: NonNegative = 0.6
-    head_lr: NonNegative = 0.008
-    tied_embed_lr: NonNegative = 0.03
-    matrix_lr: NonNegative = 0.02
-    scalar_lr: NonNegative = 0.02
-    muon_momentum: Decay = 0.99
-    muon_momentum_warmup_start: Decay = 0.92
-    muon_momentum_warmup_steps: Count = 1500
-    muon_backend_steps: Positive = 5
-    muon_row_normalize: bool = True
-    beta1: Decay = 0.9
-    beta2: Decay = 0.95
-    adam_eps: PositiveFloat = 1e-8
-    adam_wd: NonNegative = 0.02
-    muon_wd: NonNegative = 0.085
-    embed_wd: NonNegative = 0.085
+    embed_lr: NonNegative = 0.6  # Adam lr of an untied token embedding
+    head_lr: NonNegative = 0.008  # Adam lr of an untied output head
+    tied_embed_lr: NonNegative = 0.03  # Adam lr of the tied embedding
+    matrix_lr: NonNegative = 0.02  # Muon lr of the 2-D block matrices
+    scalar_lr: NonNegative = 0.02  # Adam lr of vectors, scalars and gates
+    muon_momentum: Decay = 0.99  # Muon's Nesterov momentum after the warm-up
+    muon_momentum_warmup_start: Decay = 0.92  # Muon's momentum at step 0, rising linearly to muon_momentum
+    muon_momentum_warmup_steps: Count = 1500  # steps of that rise
+    muon_backend_steps: Positive = 5  # Newton–Schulz iterations per orthogonalisation
+    muon_row_normalize: bool = True  # normalise each row of the update before orthogonalising (MuonEq-R)
+    beta1: Decay = 0.9  # Adam beta1
+    beta2: Decay = 0.95  # Adam beta2 (#1855: 0.99)
+    adam_eps: PositiveFloat = 1e-8  # Adam epsilon
+    adam_wd: NonNegative = 0.02  # decoupled weight decay of the Adam groups
+    muon_wd: NonNegative = 0.085  # decoupled weight decay of the Muon matrices
+    embed_wd: NonNegative = 0.085  # decoupled weight decay of the embedding
     grad_clip_norm: NonNegative = 0.3  # 0: no clipping
-    ema_decay: Fraction = 0.997
+    ema_decay: Fraction = 0.997  # the exported weights are this EMA of the trained ones (final_weights: ema)
     # The variants' training (docs/VARIANTS.md §4.5, §5.1, §6); the defaults are the record's.
     warmdown_iters: Count = 0  # > 0: PR #576's warm-down over this many steps' worth of time (replaces warmdown_frac)
     late_qat_threshold: Fraction = 0.0  # > 0: QAT on once the lr multiplier drops below this (PR #576: 0.5)
     qat_clip_range: Positive = 15  # the fake-quant grid: codes -r-1..r (PR #576: int5)
     qat_quantile: Annotated[float, Range(gt=0.0, le=1.0)] = 0.9995  # the fake-quant row clip: this quantile of |w|
     swa_every: Count = 0  # > 0: average the weights every this many steps once the lr multiplier is below swa_threshold
-    swa_threshold: Fraction = 0.2
+    swa_threshold: Fraction = 0.2  # swa_every: average only while the lr multiplier is below this
     final_weights: Literal["ema", "swa"] = "ema"  # the declared choice (PR #576 picked by a validation eval: not allowed)
     # the record | PR #1218 | PR #576 | PR #1855's BOS-aligned document packing (one row per micro-batch,
     # attention inside each document in segments of at most train_seq_len)
@@ -258,14 +259,14 @@ class TrainConfig(Section):
     # packed: spans of this many ranks start together in a shard or move on to the next one (PR #1855's
     # 8 GPUs); a setting, not the process count, so the data is the same on any number of processes
     packed_ranks: Positive = 8
-    # The frontier's optimiser (PR #1855: FRONTIER_SPEC §4.1, §4.4); the defaults are the record's.
+    # The frontier's optimiser (PR #1855: docs/FRONTIER.md); the defaults are the record's.
     muon_ns_coeffs: Literal["fixed", "polar_express"] = "fixed"  # one tuple every step | five tuples in turn
     muon_bf16: bool = False  # #1855: gradient and momentum in bf16, the shape factor applied with the lr in fp32
     grad_clip_scope: Literal["global", "local"] = "global"  # clip the averaged gradient | each rank's own first
-    nproc_per_node: Positive = 1
-    device: Device = "auto"
-    compile: Compile = "auto"
-    train_log_every: Count = run_setting(50)
+    nproc_per_node: Positive = 1  # processes under torchrun (the stage launches them)
+    device: Device = "auto"  # auto: cuda when there is one, else cpu
+    compile: Compile = "auto"  # torch.compile the model (auto: on cuda only)
+    train_log_every: Count = run_setting(50)  # print the loss every this many steps
     checkpoint_every: Count = run_setting(0)  # 0: no intermediate checkpoints
     val_loss_every: Count = run_setting(0)  # 0: no validation during training
     val_max_tokens: Count = run_setting(0)  # validation during training on this many tokens (0: the whole split)
@@ -291,11 +292,11 @@ class TrainConfig(Section):
 class CalibrateConfig(Section):
     """Hessians of the layer inputs for GPTQ (docs/DESIGN.md §4)."""
 
-    calibration_batches: Positive = 64
+    calibration_batches: Positive = 64  # batches of training data whose activations make the Hessians
     calibration_batch_tokens: Positive = 98_304  # tokens per batch (48 sequences of 2048)
-    seq_len: Positive = 2048
-    seed: Seed = 1337
-    device: Device = "auto"
+    seq_len: Positive = 2048  # tokens per calibration row
+    seed: Seed = 1337  # which training rows are drawn
+    device: Device = "auto"  # auto: cuda when there is one, else cpu
     # also each weight's output sensitivity E[(∂ℓ/∂y)²] (a backward pass per batch), for
     # quantize.allocate_distortion: loss
     output_sensitivity: bool = False
@@ -309,27 +310,27 @@ class CalibrateConfig(Section):
 class QuantizeConfig(Section):
     """GPTQ with SDClip (docs/DESIGN.md §5) and per-group overrides."""
 
-    matrix_bits: Bits = 6
-    matrix_clip_sigmas: PositiveFloat = 12.85
-    embed_bits: Bits = 8
-    embed_clip_sigmas: PositiveFloat = 20.0
+    matrix_bits: Bits = 6  # bits per code of the block matrices (int6)
+    matrix_clip_sigmas: PositiveFloat = 12.85  # SDClip: each row's clip = this × its standard deviation
+    embed_bits: Bits = 8  # bits per code of the token embedding
+    embed_clip_sigmas: PositiveFloat = 20.0  # SDClip multiple of the embedding
     embed_gptq: bool = True  # False: round the embedding to nearest (PR #1218)
     mlp_bits: Bits | None = None  # None: matrix_bits
     mlp_clip_sigmas: PositiveFloat | None = None  # None: matrix_clip_sigmas
-    attn_bits: Bits | None = None
-    attn_clip_sigmas: PositiveFloat | None = None
-    block_size: Positive = 128
-    damping: NonNegative = 0.01
-    passthrough_max_numel: Count = 65_536
+    attn_bits: Bits | None = None  # None: matrix_bits
+    attn_clip_sigmas: PositiveFloat | None = None  # None: matrix_clip_sigmas
+    block_size: Positive = 128  # GPTQ's lazy-update block of columns
+    damping: NonNegative = 0.01  # GPTQ's diagonal damping, a fraction of the mean of diag H
+    passthrough_max_numel: Count = 65_536  # float tensors of at most this many elements are kept as fp16
     fit_to_size: bool = False  # bisect matrix_clip_sigmas to fit the size limit
-    fit_margin_bytes: Count = 10_000
-    fit_min_clip_sigmas: PositiveFloat = 1.0
-    fit_max_clip_sigmas: PositiveFloat = 64.0
-    fit_tolerance: PositiveFloat = 0.01
+    fit_margin_bytes: Count = 10_000  # the fit stops within this many bytes under the limit
+    fit_min_clip_sigmas: PositiveFloat = 1.0  # the clip bracket the fit searches
+    fit_max_clip_sigmas: PositiveFloat = 64.0  # its upper end
+    fit_tolerance: PositiveFloat = 0.01  # the fit stops when the bracket is narrower than this
     # what fit_to_size bisects: matrix_clip_sigmas (log scale, fit_min/max_clip_sigmas), or rate-aware
     # GPTQ's rate_lambda from 0 to fit_max_rate_lambda at the configured clip
     fit_knob: Literal["clip_sigmas", "rate_lambda"] = "clip_sigmas"
-    fit_max_rate_lambda: PositiveFloat = 1.0
+    fit_max_rate_lambda: PositiveFloat = 1.0  # fit_knob rate_lambda: the top of the λ bracket
     device: Device = "auto"  # where GPTQ runs
     # The variants' export (docs/VARIANTS.md §4.6, §5.2, §6); the defaults are the record's SDClip GPTQ.
     # record | PR #1412's per-row clip (hessian_clip_lambda) | each row's step by its output sensitivity
@@ -346,11 +347,6 @@ class QuantizeConfig(Section):
     # attn_gate_w (PR #1855: *.attn_gate_w of 32..8192 elements only)
     gate_rule: Literal["small_gates", "attn_gate_w"] = "small_gates"
     lqer_rank: Count = 0  # > 0: LQER, a rank-r correction of the residual (PR #1797)
-    lqer_bits: Bits = 4  # bits of the correction's factors
-    lqer_max_tensors: Count = 0  # method fixed: correct the tensors with the largest H-weighted error (0: all)
-    # > 0: rate-aware GPTQ, each code the one of its two neighbours of least H-weighted error + λ·bits
-    # under the ans coder's model of its column (pgolf.quant.gptq.rate_terms); 0: the nearest, as ever
-    rate_lambda: NonNegative = 0.0
     lqer_bits: Bits = 4  # bits of the correction's factors (asym: of its symmetric fallback)
     # method fixed: correct the tensors with the largest error (0: all): H-weighted (hessian), Frobenius (asym)
     lqer_max_tensors: Count = 0
@@ -358,10 +354,15 @@ class QuantizeConfig(Section):
     # plain SVD, A int2 {-2..1} with one scale, B int4 {-8..7} per lqer_group values
     lqer_mode: Literal["hessian", "asym"] = "hessian"
     lqer_group: Positive = 64  # asym: values of B per scale
+    # > 0: rate-aware GPTQ, each code the one of its two neighbours of least H-weighted error + λ·bits
+    # under the ans coder's model of its column (pgolf.quant.gptq.rate_terms); 0: the nearest, as ever
+    rate_lambda: NonNegative = 0.0
     # fixed: the bits and clips above; allocate: bits and clip per tensor by rate–distortion, within
     # compress.size_limit_bytes (pgolf.quant.allocate)
     method: Literal["fixed", "allocate"] = "fixed"
+    # method allocate: the bit widths each tensor may get
     allocate_bits: list[Bits] = field(default_factory=lambda: [5, 6, 7, 8])
+    # method allocate: the clip multiples each tensor may get
     allocate_clip_sigmas: list[PositiveFloat] = field(default_factory=lambda: [8.0, 10.0, 12.85, 16.0, 20.0])
     allocate_rate_lambdas: list[NonNegative] = field(default_factory=lambda: [0.0])  # rate_lambda per candidate
     # hessian: each tensor's tr(ΔHΔᵀ); loss: its rows weighted by the output sensitivities that
@@ -403,11 +404,12 @@ class CompressConfig(Section):
 
     # ans: pgolf.artifact.ans's model-based coder; pergroup: PR #1855's per-group lrzip (needs the lrzip program)
     compressor: Literal["brotli", "lzma", "zstd", "ans", "pergroup"] = "brotli"
-    brotli_quality: Annotated[int, Range(ge=0, le=11)] = 11
-    lzma_preset: Annotated[int, Range(ge=0, le=9)] = 6
-    zstd_level: Annotated[int, Range(ge=1, le=22)] = 22
+    brotli_quality: Annotated[int, Range(ge=0, le=11)] = 11  # brotli's quality (the records: 11)
+    lzma_preset: Annotated[int, Range(ge=0, le=9)] = 6  # lzma's preset
+    zstd_level: Annotated[int, Range(ge=1, le=22)] = 22  # zstd's level
+    # byte shuffle before the general coders: bytes at offsets ≡ 0 (mod stride), then ≡ 1, …
     shuffle_stride: Annotated[int, Range(ge=1, le=255)] = 2
-    size_limit_bytes: Positive = 16_000_000
+    size_limit_bytes: Positive = 16_000_000  # the challenge's limit on code + artifact
     compress_code: bool = True  # ship the code as one brotli stream, as the records' self-extracting scripts
     # the exported script's entry module (first) and any others; their import closure ships
     code_files: list[str] = field(default_factory=lambda: ["pgolf/submit/runner.py"])
@@ -417,14 +419,14 @@ class CompressConfig(Section):
 class EvaluateConfig(Section):
     """Plain and sliding-window bpb of the artifact (stage evaluate) and the trained weights (prequant)."""
 
-    eval_seq_len: Positive = 2048
+    eval_seq_len: Positive = 2048  # tokens per scored window
     eval_stride: Positive = 64  # at most eval_seq_len
-    eval_batch_seqs: Positive = 32
-    eval_plain: bool = True
-    eval_sliding: bool = True
+    eval_batch_seqs: Positive = 32  # windows per forward pass
+    eval_plain: bool = True  # score non-overlapping windows
+    eval_sliding: bool = True  # score sliding windows (each token with up to eval_seq_len - eval_stride of context)
     max_val_tokens: Count = 0  # 0: the whole validation split
     nproc_per_node: Positive = 1  # processes under torchrun, each scoring a share of the windows
-    device: Device = "auto"
+    device: Device = "auto"  # auto: cuda when there is one, else cpu
     compile: Compile = "auto"  # torch.compile the forward pass
     temperature: PositiveFloat = 1.0  # fixed T dividing the soft-capped logits when scoring (PR #576: 0.98)
 
@@ -515,9 +517,9 @@ class ExportConfig(Section):
     """The records folder of ``pgolf export``: submission.json's fields and the declared hardware."""
 
     name: str = "pgolf"  # submission.json's name; the folder is DATE_NAME
-    author: str = ""
-    github_id: str = ""
-    blurb: str = ""
+    author: str = ""  # submission.json's author
+    github_id: str = ""  # submission.json's github_id
+    blurb: str = ""  # the README's and submission.json's one-paragraph description
     date: str = ""  # YYYY-MM-DD; empty: the day of the export (UTC)
     hardware: str = "8xH100 80GB SXM"  # what the submission declares (the track's hardware)
 

@@ -39,7 +39,7 @@ def read_reference_state_dict(path: Path) -> dict[str, Tensor]:
     return unbank_state_dict(state) if "mlp_up_bank" in state else state
 
 
-# PR #1855's banks (FRONTIER_SPEC §3.7): slot i is layer i's first matrix, slot n + i its second.
+# PR #1855's banks (docs/FRONTIER.md): slot i is layer i's first matrix, slot n + i its second.
 BANKS = {"qo_bank": ("attn.c_q", "attn.proj"), "kv_bank": ("attn.c_k", "attn.c_v"),
          "mlp_up_bank": ("mlp.fc",), "mlp_down_bank": ("mlp.proj",)}
 

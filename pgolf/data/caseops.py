@@ -1,6 +1,6 @@
 """CaseOps: the frontier's lossless case transform, its exact inverse, and the byte sidecar rule.
 
-Every leaderboard row from 1.0678 down tokenizes CaseOps text (FRONTIER_SPEC §1.1): each
+Every leaderboard row from 1.0678 down tokenizes CaseOps text (docs/BYTES.md): each
 maximal run of ASCII letters is lower-cased and its capitals move into marker symbols that
 the tokenizer reserves (TITLE, ALLCAPS, CAPNEXT), and a marker character already in the text
 is escaped with ESC, so nothing is ever silently altered. ``decode_caseops`` inverts

@@ -218,7 +218,7 @@ class SidecarCheck:
 
     A document's counts (``original_byte_counts`` of its pieces' surfaces) must sum to its
     UTF-8 length less the whitespace at its two ends: SentencePiece's normaliser drops that,
-    so no piece covers it and no token predicts it (FRONTIER_SPEC §13). pgolf counts, as the
+    so no piece covers it and no token predicts it (docs/BYTES.md). pgolf counts, as the
     record does, what the pieces cover; the plain lookup tables do not count edge whitespace
     either. Anything else uncovered, or a sum that differs, is an error naming the document.
     """

@@ -140,7 +140,7 @@ def hub_module() -> ModuleType:
     return huggingface_hub
 
 
-CASEOPS_REPO_ID = "romeerp/parameter-golf-caseops-v1"  # the frontier's CaseOps export (FRONTIER_SPEC §1.3)
+CASEOPS_REPO_ID = "romeerp/parameter-golf-caseops-v1"  # the frontier's CaseOps export (docs/BYTES.md)
 CASEOPS_VARIANT = "sp8192_lossless_caps_caseops_v1_reserved"
 
 

@@ -23,7 +23,7 @@ micro-batch ``m`` of the step takes windows ``m::grad_accum_steps``, which is ra
 ``m``'s share in a run on ``grad_accum_steps`` GPUs (the PR's: 8 GPUs, one
 micro-batch each), so any process count sees the same data.
 
-PR #1855's document-packing loader (``packed``, FRONTIER_SPEC §2.1) reads the shards in order
+PR #1855's document-packing loader (``packed``, docs/FRONTIER.md) reads the shards in order
 with no randomness: each micro-batch is one row of ``B * T`` tokens (plus one target) with the
 ``cu_seqlens`` of its documents, cut into segments of at most ``T``. Spans are taken in groups
 of ``packed_ranks`` (the PR's GPU count): a group starts at a shard's first BOS or right after

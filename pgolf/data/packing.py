@@ -1,4 +1,4 @@
-"""Segment boundaries of document-packed rows (PR #1855, FRONTIER_SPEC §2.2).
+"""Segment boundaries of document-packed rows (PR #1855, docs/FRONTIER.md).
 
 A packed row holds whole documents back to back, each starting at a BOS; attention must stay
 inside a document, and inside pieces of at most ``max_segment`` tokens of it. ``cu_seqlens``
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pgolf.data.shards import BOS_ID
 
-CU_BUCKET = 64  # the record's padding of cu_seqlens (FRONTIER_SPEC §2.2)
+CU_BUCKET = 64  # the record's padding of cu_seqlens (PR #1855)
 
 
 def build_cu_seqlens(doc_starts: list[int], length: int, max_segment: int = 0,

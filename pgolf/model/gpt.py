@@ -9,7 +9,7 @@ dict written by the record's ``train_gpt.py`` loads as is. The variants' options
 (PR #576 and #1218, ``ModelConfig``; off by default) add BigramHash, SmearGate,
 value embeddings, relu² and #576's scaled projection init, under the PRs' own
 parameter names, and ``set_fake_quant`` turns #576's QAT on in every linear.
-The frontier's options (PR #1855, FRONTIER_SPEC §2–§3; off by default) add
+The frontier's options (PR #1855, docs/FRONTIER.md; off by default) add
 document-packed rows, whose attention stays inside each segment that
 ``cu_seqlens`` delimits, a rotary base that does not rescale on long rows,
 two residual lanes in the last layers, a sparse per-head gate on the attention

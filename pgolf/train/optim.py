@@ -3,7 +3,7 @@
 docs/DESIGN.md §3: the 2-D weights inside the blocks are updated by
 MuonEq-R (Nesterov momentum, rows normalised, orthogonalised by a bf16
 Newton-Schulz iteration, decoupled weight decay); the frontier (PR #1855,
-FRONTIER_SPEC §4.1) iterates with Polar Express's five coefficient tuples and
+docs/FRONTIER.md) iterates with Polar Express's five coefficient tuples and
 keeps gradient and momentum in bf16 (``muon_ns_coeffs``, ``muon_bf16``). The tied embedding and the
 small control tensors (gains, scales, mixes, skip weights and gates) by AdamW
 with their own learning rates and weight decays; an untied output head by
@@ -21,7 +21,7 @@ from pgolf.config import TrainConfig
 
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
 # PR #1344's per-iteration minimax tuples, used once each in order: fewer steps take a prefix, more
-# steps still these five (FRONTIER_SPEC §4.1; the record's comment about repeating the last is wrong).
+# steps still these five (PR #1855's code; the record's comment about repeating the last is wrong).
 POLAR_EXPRESS_COEFFS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),

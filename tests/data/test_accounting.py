@@ -130,7 +130,7 @@ def test_an_unlisted_or_orphan_sidecar_is_refused(data):
 
 
 def test_a_caseops_tokenizer_on_plain_shards_without_sidecar_is_refused(tmp_path, shared_dir):
-    """The pitfall of FRONTIER_SPEC §1.7: lookup tables of a CaseOps tokenizer count marker bytes."""
+    """The pitfall of docs/BYTES.md: lookup tables of a CaseOps tokenizer count marker bytes."""
     shutil.copy(shared_dir / "fineweb" / "fineweb10B_sp8192" / "fineweb_val_000000.bin", tmp_path)
     with pytest.raises(ShardError, match="holds CaseOps markers"):
         load_validation_stream(tmp_path, CASEOPS_TOKENIZER, VOCAB, 64)

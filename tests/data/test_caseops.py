@@ -102,7 +102,7 @@ def test_edge_vectors_match_the_record_exactly(frontier):
 
 
 def test_whitespace_at_a_documents_ends_belongs_to_no_piece(frontier):
-    """FRONTIER_SPEC §13: the record's sidecar counts 24 of the 27 bytes; pgolf counts the same (docs/BYTES.md)."""
+    """docs/BYTES.md: the record's sidecar counts 24 of the 27 bytes; pgolf counts the same (docs/BYTES.md)."""
     (vector,) = [v for v in frontier["caseops_vectors"]["vectors"] if v["text"].startswith("  two")]
     assert sum(vector["byte_counts"]) == 24 and vector["utf8_len"] == 27
     assert sum(caseops_ids_and_counts(vector["text"])[1]) == 24

@@ -86,7 +86,7 @@ def test_build_cu_seqlens_is_the_records(golden):
 
 
 def test_spec_example_segments():
-    """FRONTIER_SPEC §2.6: BOS at {0, 100, 5000} in 8,192 tokens, segments of at most 2,048, 64 entries."""
+    """PR #1855's packing: BOS at {0, 100, 5000} in 8,192 tokens, segments of at most 2,048, 64 entries."""
     row = torch.full((8192,), 7)
     row[[0, 100, 5000]] = 1
     cu_seqlens = row_cu_seqlens(row, 2048)

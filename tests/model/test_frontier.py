@@ -31,7 +31,7 @@ from tests.conftest import SHARED_DIR, _load, _require, model_config_from_refere
 from tests.model.test_gpt import assert_rel_close, math_attention
 
 GOLDEN = SHARED_DIR / "golden" / "golden_frontier_tiny.pt"
-# The record's full configuration (FRONTIER_SPEC §3.1): #1394's shape plus every frontier option.
+# The record's full configuration (docs/FRONTIER.md): #1394's shape plus every frontier option.
 FRONTIER = ModelConfig(qk_gain_init=5.0, num_loops=2, loop_start=3, loop_end=5, rope_ntk_scaling=False,
                        parallel_start_layer=8, attn_gate="sparse", attn_gate_scale=0.5, smear_gate="modded")
 

@@ -115,7 +115,7 @@ def test_the_validation_byte_total_differs_from_the_plain_presets_by_what_the_no
         caseops_run, plain_tokenized):
     """Same 100 validation documents. The sidecar counts their original bytes (less whitespace at their ends, which
     no piece covers: none here); the plain lookup tables count the normalised text, whose whitespace runs the
-    normaliser collapsed (FRONTIER_SPEC §13). The difference is exactly that, document by document."""
+    normaliser collapsed (docs/BYTES.md). The difference is exactly that, document by document."""
     caseops, plain = manifest(caseops_run)["byte_check"], manifest(plain_tokenized)["byte_check"]
     texts = list(itertools.islice(embedded_documents(), caseops["documents"]))
     assert caseops["documents"] == plain["documents"] == 100

@@ -64,7 +64,7 @@ def test_frontier_preset_sets_the_records_system():
         (8, "sparse", "modded", False)
     assert (cfg.loader, cfg.train_batch_tokens // cfg.grad_accum_steps, cfg.train_seq_len) == ("packed", 98_304, 2048)
     assert (cfg.muon_ns_coeffs, cfg.muon_bf16, cfg.grad_clip_scope, cfg.min_lr) == ("polar_express", True, "local", 0.1)
-    # FRONTIER_SPEC §8: the nine greedy overrides
+    # PR #1855: the nine greedy overrides
     assert (quant.mlp_clip_sigmas, quant.embed_clip_sigmas, cfg.warmdown_frac, cfg.beta2, tta.lora_beta2,
             tta.lora_weight_decay, tta.lora_rank, model.attn_gate_scale, tta.phase_prefix_docs) == \
         (11.5, 14.0, 0.85, 0.99, 0.99, 0.5, 80, 0.5, 2500)

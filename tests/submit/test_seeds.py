@@ -145,7 +145,7 @@ def test_a_records_folder_gives_each_seed_at_its_logs_precision(tmp_path):
 
 
 def test_the_carried_records_are_the_published_seeds():
-    """#1855 (F11), #1868's reruns (F14) and #1787 (F34) per seed as FRONTIER_SPEC §0.4 quotes them from the logs."""
+    """#1855 (F11), #1868's reruns (F14) and #1787 (F34) per seed as their logs give them (pgolf/submit/published_records.json)."""
     def seeds(name):
         return {s.seed: (s.val_bpb, s.val_loss) for s in published_record(name).scores}
 
