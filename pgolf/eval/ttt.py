@@ -40,8 +40,8 @@ from pgolf.data.accounting import ValidationStream
 from pgolf.data.packing import build_cu_seqlens
 from pgolf.data.shards import BOS_ID
 from pgolf.distributed import DistContext
+from pgolf.eval.bpb import EvalScore, Window, rank_share, score_batch_tokens, score_from_sums, sliding_windows
 from pgolf.eval.lora import DocumentLoRA
-from pgolf.eval.score import EvalScore, Window, rank_share, score_batch_tokens, score_from_sums, sliding_windows
 from pgolf.model.gpt import GPT, AttentionFn
 from pgolf.runtime import use_compile
 

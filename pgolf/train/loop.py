@@ -39,7 +39,7 @@ from pgolf.data.accounting import ValidationStream, load_validation_stream
 from pgolf.data.loader import make_loader
 from pgolf.data.shards import shard_files
 from pgolf.distributed import DistContext, any_rank, barrier
-from pgolf.eval.score import eval_plain
+from pgolf.eval.bpb import eval_plain
 from pgolf.model.gpt import GPT, CastedLinear, FakeQuant
 from pgolf.runtime import autocast, mixed_precision, progress_bar, seed_everything, use_compile
 from pgolf.train.checkpoint import (

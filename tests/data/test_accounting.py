@@ -21,7 +21,8 @@ from pgolf.data.accounting import ValidationStream, load_validation_stream, look
 from pgolf.data.dataset import build_dataset
 from pgolf.data.shards import MANIFEST_NAME, SIDECAR, ShardError, check_dataset, read_shard, shard_name, write_shard
 from pgolf.data.tokenizer import ByteTables, byte_tables, document_byte_counts
-from pgolf.eval.score import checked_validation_set, eval_plain, eval_sliding
+from pgolf.eval.bpb import eval_plain, eval_sliding
+from pgolf.eval.score import checked_validation_set
 from pgolf.model.gpt import GPT
 from tests.data.test_caseops import CASEOPS_TOKENIZER, caseops_ids_and_counts, load_frontier
 

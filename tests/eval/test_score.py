@@ -10,7 +10,7 @@ import torch
 from pgolf.config import ModelConfig
 from pgolf.data.accounting import lookup_stream
 from pgolf.data.tokenizer import ByteTables, byte_tables
-from pgolf.eval.score import Window, eval_plain, eval_sliding, plain_windows, sliding_windows
+from pgolf.eval.bpb import Window, eval_plain, eval_sliding, plain_windows, sliding_windows
 from pgolf.model.gpt import GPT
 
 CPU = torch.device("cpu")

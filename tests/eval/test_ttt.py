@@ -24,7 +24,7 @@ from pgolf.config import ModelConfig, TTTConfig
 from pgolf.data.accounting import lookup_stream
 from pgolf.data.shards import BOS_ID
 from pgolf.data.tokenizer import ByteTables, count_bytes
-from pgolf.eval.score import Window, eval_sliding, score_batch_tokens
+from pgolf.eval.bpb import Window, eval_sliding, score_batch_tokens
 from pgolf.model.gpt import GPT
 from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace

@@ -51,7 +51,7 @@ def test_training_depends_on_training_code_only():
     rooms = {dep.split("/")[1] for dep in code_of("train") if dep.startswith("pgolf/") and dep.count("/") == 2}
     assert rooms <= {"data", "model", "train", "eval"}, rooms
     assert {dep for dep in code_of("train") if dep.startswith("pgolf/eval/")} == {
-        "pgolf/eval/__init__.py", "pgolf/eval/score.py"}  # its validation curves
+        "pgolf/eval/__init__.py", "pgolf/eval/bpb.py"}  # its validation curves
 
 
 @pytest.mark.parametrize("name", ["train", "calibrate", "prequant"])

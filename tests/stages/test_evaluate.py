@@ -21,7 +21,7 @@ from pgolf.config import CompressConfig, ModelConfig
 from pgolf.data.accounting import lookup_stream
 from pgolf.data.shards import load_validation_tokens
 from pgolf.data.tokenizer import byte_tables
-from pgolf.eval.score import eval_plain, eval_sliding
+from pgolf.eval.bpb import eval_plain, eval_sliding
 from pgolf.model.files import build_model, save_model
 from pgolf.model.gpt import GPT
 from pgolf.pipeline import layout

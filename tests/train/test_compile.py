@@ -22,7 +22,7 @@ from pgolf.config import ModelConfig, TrainConfig
 from pgolf.data.accounting import lookup_stream
 from pgolf.data.tokenizer import ByteTables
 from pgolf.distributed import DistContext
-from pgolf.eval.score import eval_sliding
+from pgolf.eval.bpb import eval_sliding
 from pgolf.model.gpt import GPT
 from pgolf.train.loop import Trainer, train
 from pgolf.train.optim import is_control_tensor
