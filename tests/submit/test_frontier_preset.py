@@ -52,6 +52,9 @@ def test_frontier_preset_sets_the_records_system():
     params = preset("frontier")
     model, cfg, quant, tta = (section(params, s, c) for s, c in (("model", ModelConfig), ("train", TrainConfig),
                                                                  ("quantize", QuantizeConfig), ("ttt", TTTConfig)))
+    # the record's data: CaseOps text, its tokenizer and shards with the byte sidecar (docs/BYTES.md)
+    assert params["tokenize"]["text_transform"] == "caseops"
+    assert params["tokenize"]["shards_path"].endswith("fineweb10B_sp8192_lossless_caps_caseops_v1_reserved")
     # the record's export (docs/ARTIFACT.md)
     assert (quant.attn_clip_sigmas, quant.mlp_clip_sigmas, quant.embed_bits, quant.embed_clip_sigmas) == \
         (13.0, 11.5, 7, 14.0)
