@@ -148,6 +148,8 @@ def relaunch(stage: str, params: Params, nproc: int, ws: Workspace, options: dic
 
 def one_line(exc: BaseException) -> str:
     """An error as one line: its message, with the path and operation for an OS error."""
-    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in str(exc.args):
-        return f"{exc.filename}: {exc.strerror or exc}"
-    return " ".join(str(exc).split("\n"))
+    message = str(exc)
+    if isinstance(exc, OSError) and exc.strerror:  # "[Errno N] ..." says nothing a user needs
+        named = exc.filename is None or str(exc.filename) in exc.strerror
+        message = exc.strerror if named else f"{exc.filename}: {exc.strerror}"
+    return " ".join(message.split("\n"))
