@@ -299,8 +299,9 @@ def make_artifact(cfgs: RunConfigs, model_file: Path, hessians: dict[str, torch.
     print(f"Serialized model quantized+{cfgs.compress.compressor}: {len(blob)} bytes", flush=True)
     print(f"Total submission size quantized+{cfgs.compress.compressor}: {len(blob) + code} bytes", flush=True)
     sizes = {"artifact_bytes": len(blob), "total_bytes": len(blob) + code, "raw_bytes": len(raw)}
-    fit = {"fit_clip_sigmas": search.clip_sigmas, "fit_rate_lambda": search.rate_lambda}
-    return sizes | (fit if isinstance(search, FitResult) else {})
+    if not isinstance(search, FitResult):  # a fixed clip, or the allocator's choice: no size search to report
+        return sizes
+    return sizes | {"fit_clip_sigmas": search.clip_sigmas, "fit_rate_lambda": search.rate_lambda}
 
 
 def score(model: GPT, stream: ValidationStream, cfg: EvaluateConfig, ctx: DistContext, labels: dict[str, str],
