@@ -291,6 +291,25 @@ def test_evaluate_refuses_predictions_that_are_not_finite(work, capsys, monkeypa
                   "is nan: the model's predictions are not finite (NaN or inf)")
 
 
+
+# micro's validation split cut short, in chunks and document groups small enough that every method trains
+# before it scores again, and phased pauses once for a phase that takes steps
+SMALL_TTT = ["ttt.enabled=true", "ttt.max_val_tokens=2049", "ttt.chunk_tokens=512", "ttt.lora_batch_docs=4",
+             "ttt.phase_prefix_docs=4", "ttt.phase_count=1", "ttt.phase_chunk_tokens=256"]
+
+
+@pytest.mark.parametrize("method, diverging, where", [
+    ("sgd_all", "ttt.lr", "chunk 1 of 4"), ("adamw_tail", "ttt.lr", "chunk 1 of 4"),
+    ("lora_doc", "ttt.lora_lr", "document group 0 of 5"), ("phased", "ttt.phase_lr", "document group 2 of 5")])
+def test_ttt_with_a_diverging_learning_rate_commits_nothing_naming_method_and_chunk(work, capsys, method, diverging,
+                                                                                    where):
+    """Every method, its learning rate too large: one line naming the method, the chunk and the key; no metrics."""
+    settings = [*SMALL_TTT, f"ttt.method={method}", f"{diverging}=1e30"]
+    fails_cleanly(work, capsys, ["ttt", *(item for setting in settings for item in ("--set", setting))],
+                  f"pgolf ttt: error: ttt {method}: {where} scored a summed loss of nan: test-time training diverged",
+                  f"({diverging}=1e+30)", "there is no score")
+    assert not (work / layout.TTT_METRICS).exists()
+
 # ---------------------------------------------------------------- disk full: one line naming the file, nothing half-written
 
 FILE_SIZE_LIMITED = """

@@ -40,7 +40,15 @@ from pgolf.data.accounting import ValidationStream
 from pgolf.data.packing import build_cu_seqlens
 from pgolf.data.shards import BOS_ID
 from pgolf.distributed import DistContext
-from pgolf.eval.bpb import EvalScore, Window, rank_share, score_batch_tokens, score_from_sums, sliding_windows
+from pgolf.eval.bpb import (
+    EvalScore,
+    NonFiniteScore,
+    Window,
+    rank_share,
+    score_batch_tokens,
+    score_from_sums,
+    sliding_windows,
+)
 from pgolf.eval.lora import DocumentLoRA
 from pgolf.model.gpt import GPT, AttentionFn
 from pgolf.runtime import use_compile
@@ -179,6 +187,8 @@ def _ttt_sliding(
     steps, rows, scored_to = 0, [], 0
     for chunk, chunk_windows in enumerate(chunk_of_windows(windows, cfg.chunk_tokens, num_chunks)):
         part = _score_windows(forward, tokens, target_bytes, chunk_windows, cfg, device, ctx, sums)
+        if not math.isfinite(part[0]):  # every process holds the all-reduced sums: all of them stop here
+            raise sliding_divergence(cfg, chunk, num_chunks, part[0], steps)
         rows.append({"chunk": chunk, "nll_sum": part[0], "tokens": part[1], "bytes": part[2]})
         if chunk_windows:
             last = chunk_windows[-1]
@@ -200,6 +210,14 @@ def _ttt_sliding(
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     return steps, rows
+
+
+def sliding_divergence(cfg: TTTConfig, chunk: int, num_chunks: int, loss: float, steps: int) -> NonFiniteScore:
+    """The error of a chunk whose summed loss is not finite, naming the method, the chunk and the steps before it."""
+    cause = "the artifact's own predictions are not finite" if steps == 0 else \
+        f"test-time training diverged in the {steps} optimizer steps before it (ttt.lr={cfg.lr:g})"
+    return NonFiniteScore(f"ttt {cfg.method}: chunk {chunk} of {num_chunks} scored a summed loss of {loss}: {cause}; "
+                          "there is no score")
 
 
 def _scoring_forward(model: GPT, cfg: TTTConfig, device: torch.device) -> Callable[[Tensor, int], Tensor]:
@@ -482,8 +500,26 @@ def _ttt_documents(
         dist.all_reduce(group_sums)
         dist.all_reduce(counts)
     rows = [{"chunk": g, "nll_sum": s[0], "tokens": s[1], "bytes": s[2]} for g, s in enumerate(group_sums.tolist())]
+    check_document_groups(cfg, rows, phases)
     optimizer_steps, document_steps = counts.tolist()
     return optimizer_steps + sum(p["steps"] for p in phases), document_steps, rows, phases
+
+
+def check_document_groups(cfg: TTTConfig, rows: list[dict], phases: list[dict]) -> None:
+    """Refuse a non-finite summed loss, naming the method and the first document group (all processes' sums).
+
+    Checked once all groups are scored: each process scores its own groups, and one that stopped
+    alone would leave the others waiting in the next collective.
+    """
+    bad = next((row for row in rows if not math.isfinite(row["nll_sum"])), None)
+    if bad is None:
+        return
+    group = bad["chunk"]
+    before = sum(phase["after_groups"] <= group for phase in phases)
+    phased = f" or the {before} global SGD phase(s) before it (ttt.phase_lr={cfg.phase_lr:g})" if before else ""
+    raise NonFiniteScore(f"ttt {cfg.method}: document group {group} of {len(rows)} scored a summed loss of "
+                         f"{bad['nll_sum']}: test-time training diverged in its adapters' steps "
+                         f"(ttt.lora_lr={cfg.lora_lr:g}){phased}; there is no score")
 
 
 def _chunk_window(chunk: int, num_chunks: int, predictions: int, chunk_size: int, seq_len: int) -> tuple[int, int, int]:

@@ -24,7 +24,7 @@ from pgolf.config import ModelConfig, TTTConfig
 from pgolf.data.accounting import lookup_stream
 from pgolf.data.shards import BOS_ID
 from pgolf.data.tokenizer import ByteTables, count_bytes
-from pgolf.eval.bpb import Window, eval_sliding, score_batch_tokens
+from pgolf.eval.bpb import NonFiniteScore, Window, eval_sliding, score_batch_tokens
 from pgolf.model.gpt import GPT
 from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace
@@ -283,6 +283,46 @@ def test_bad_settings_name_the_key():
         dataclasses.replace(BASE, method="rescore")
     with pytest.raises(ValueError, match="temperature: 0.0 is out of range"):
         dataclasses.replace(BASE, temperature=0.0)
+
+
+# ------------------------------------------------------------------------------ a non-finite loss is no score
+
+
+STYLE_A_DIVERGED = "chunk 1 of 7 scored a summed loss of nan: test-time training diverged in the 4 optimizer steps " \
+                   "before it"
+STYLE_B_DIVERGED = "scored a summed loss of nan: test-time training diverged in its adapters' steps"
+
+
+@pytest.mark.parametrize("method, diverging, error", [
+    ("sgd_all", {"lr": 1e30}, f"{STYLE_A_DIVERGED} (ttt.lr=1e+30)"),
+    ("adamw_tail", {"lr": 1e30}, f"{STYLE_A_DIVERGED} (ttt.lr=1e+30)"),
+    ("lora_doc", {"lora_lr": 1e30}, f"document group 0 of 5 {STYLE_B_DIVERGED} (ttt.lora_lr=1e+30)"),
+    ("phased", {"phase_lr": 1e30},
+     f"document group 2 of 5 {STYLE_B_DIVERGED} (ttt.lora_lr=0.01) or the 1 global SGD phase(s) before it "
+     "(ttt.phase_lr=1e+30)"),
+])
+def test_a_diverging_learning_rate_is_an_error_naming_the_method_and_the_chunk(method, diverging, error):
+    with pytest.raises(NonFiniteScore) as raised:
+        run(dataclasses.replace(METHODS[method], **diverging), make_stream())
+    assert str(raised.value) == f"ttt {method}: {error}; there is no score"
+
+
+def test_sliding_ttt_stops_at_the_first_non_finite_chunk(monkeypatch):
+    """Style A checks each chunk's all-reduced sums as it scores them: nothing after a NaN chunk is computed."""
+    scored = []
+    real = ttt._score_windows
+    monkeypatch.setattr(ttt, "_score_windows", lambda *args: scored.append(1) or real(*args))
+    with pytest.raises(NonFiniteScore, match="chunk 1 of 7"):
+        run(dataclasses.replace(BASE, lr=1e30), make_stream())
+    assert len(scored) == 2
+
+
+def test_a_non_finite_chunk_before_any_step_blames_the_artifact(monkeypatch):
+    real = GPT.forward_logits
+    monkeypatch.setattr(GPT, "forward_logits", lambda self, *args, **kwargs: real(self, *args, **kwargs) * math.nan)
+    with pytest.raises(NonFiniteScore, match="ttt sgd_all: chunk 0 of 7 scored a summed loss of nan: the artifact's "
+                                             "own predictions are not finite; there is no score"):
+        run(BASE, make_stream())
 
 
 # ------------------------------------------------------------------------------ processes
