@@ -241,16 +241,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def check_headers(dataset_dir: str | Path) -> None:
-    """Every shard of both splits is a challenge shard whose size matches its header (no ids read)."""
-    for split in SPLITS:
-        files = shard_files(dataset_dir, split)
-        if not files:
-            raise ShardError(f"{dataset_dir}: no fineweb_{split}_*.bin shards")
-        for path in files:
-            read_header(path)
-
-
 def check_dataset(
     dataset_dir: str | Path, tokenizer_path: str | Path, vocab_size: int, scan: tuple[str, ...] = SPLITS,
     bos_id: int = BOS_ID,

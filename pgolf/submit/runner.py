@@ -4,11 +4,14 @@ The exported ``train_gpt.py`` (``pgolf.submit.bundle.script_text``) bundles this
 closure with the run's params and calls :func:`main`, as the challenge runs it: ``torchrun
 --standalone --nproc_per_node=N train_gpt.py`` (or ``python train_gpt.py``) in a folder with
 the challenge's data layout (``./data/datasets/fineweb10B_sp{V}/``,
-``./data/tokenizers/fineweb_{V}_bpe.model``); it refuses to start when a validation document is
-also in the training shards (``pgolf.data.leakage``). Each step calls the library function its DVC
-stage calls, with the same seeds, so the artifact is byte for byte the pipeline's and, with
-``ttt.enabled``, the TTT score is the ttt stage's: the evaluation phase runs ``run_ttt`` on the
-decompressed artifact after the plain and sliding scores, and that score is the submission's.
+``./data/tokenizers/fineweb_{V}_bpe.model``); before the first step it checks every input it
+will read (the tokenizer, every shard and its ids, the byte sidecar that CaseOps data needs) and
+refuses to start when a validation document is also in the training shards
+(``pgolf.data.leakage``), so bad data is one line naming the file, not a failure hours in. Each
+step calls the library function its DVC stage calls, with the same seeds, so the artifact is byte
+for byte the pipeline's and, with ``ttt.enabled``, the TTT score is the ttt stage's: the
+evaluation phase runs ``run_ttt`` on the decompressed artifact after the plain and sliding
+scores, and that score is the submission's.
 Rank 0 prints the records' log lines (the run's fingerprints, pre-quantization, artifact and
 submission size, every score with its time, ``submission val_loss:X val_bpb:Y`` last) and writes
 ``final_model.pt``, ``final_model.ptz`` (the artifact) and ``final_metrics.json`` (the
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -53,8 +57,8 @@ from pgolf.config import (
 )
 from pgolf.data.accounting import ValidationStream
 from pgolf.data.leakage import check_no_leaks
-from pgolf.data.shards import check_headers, dataset_path
-from pgolf.data.tokenizer import tokenizer_file
+from pgolf.data.shards import dataset_path, validate_dataset
+from pgolf.data.tokenizer import load_tokenizer, tokenizer_file
 from pgolf.distributed import DistContext, barrier, init_distributed, shutdown
 from pgolf.eval.score import evaluate_model, validation_set
 from pgolf.eval.ttt import run_ttt, ttt_metrics
@@ -122,7 +126,7 @@ def main(params: dict[str, dict[str, Any]], script: str) -> int:
     """
     startup = process_seconds()
     try:
-        run(RunConfigs.from_baked(seeded(params, os.environ.get(SEED_ENV))), Path("."), Path(script).stat().st_size,
+        run(RunConfigs.from_baked(seeded(params, os.environ.get(SEED_ENV))), Path("."), Path(script).read_bytes(),
             startup)
     except (ValueError, OSError) as exc:  # ConfigError, SizeLimitError and FileNotFoundError among them
         print(f"{Path(script).name}: error: {exc}", file=sys.stderr)
@@ -139,11 +143,13 @@ def seeded(params: dict[str, dict[str, Any]], seed: str | None) -> dict[str, dic
     return {**params, "train": {**params["train"], "seed": int(seed)}}
 
 
-def run(cfgs: RunConfigs, root: Path, code: int, startup: float | None = None) -> dict[str, Any]:
+def run(cfgs: RunConfigs, root: Path, script: bytes, startup: float | None = None) -> dict[str, Any]:
     """Train to a scored artifact under ``root``; the metrics (rank 0 writes them).
 
-    ``startup``: the process's age when the runner started (interpreter, bundle, imports).
+    ``script``: the bytes that count as code. ``startup``: the process's age when the runner
+    started (interpreter, bundle, imports).
     """
+    code = len(script)
     ctx = init_distributed(cfgs.train.device)
     for key, device in (("evaluate.device", cfgs.evaluate.device), ("ttt.device", cfgs.ttt.device)):
         if device not in ("auto", ctx.device.type):
@@ -159,7 +165,7 @@ def run(cfgs: RunConfigs, root: Path, code: int, startup: float | None = None) -
     log(ctx, f"seed:{cfgs.train.seed}")
     try:
         with clocks.phase("data_checks"):
-            check_headers(dataset_dir)  # the challenge's data has no manifest: the shard format is what can be checked
+            check_inputs(dataset_dir, tokenizer, vocab)
             check_no_leaks(dataset_dir)  # before the training clock: no validation document among the training ones
             # before training: data whose bytes cannot be counted (CaseOps without its sidecar) is refused at once
             streams = validation_sets(cfgs, dataset_dir, tokenizer)
@@ -171,7 +177,8 @@ def run(cfgs: RunConfigs, root: Path, code: int, startup: float | None = None) -
         metrics |= evaluation_phase(cfgs, root, streams, ctx, clocks)
         clocks.record_process("whole_process")
         metrics |= {"seed": cfgs.train.seed, "params": cfgs.baked(),  # what `pgolf seeds` pools and compares
-                    "clocks": clocks.seconds, "fingerprint": fingerprint}
+                    "clocks": clocks.seconds, "fingerprint": fingerprint,
+                    "code_sha256": hashlib.sha256(script).hexdigest()}  # what `pgolf export --measured` holds it to
         log(ctx, f"{SUBMISSION_LABEL} val_loss:{metrics['val_loss']:.8f} val_bpb:{metrics['val_bpb']:.8f} "
                  f"score:{metrics['score']}")  # the log's last line: what final_metrics.json's val_bpb is
         if ctx.is_main:
@@ -179,6 +186,13 @@ def run(cfgs: RunConfigs, root: Path, code: int, startup: float | None = None) -
         return metrics
     finally:
         shutdown(ctx)
+
+
+def check_inputs(dataset_dir: Path, tokenizer: Path, vocab: int) -> None:
+    """Every file the run will read, before the first step: the tokenizer of ``vocab`` pieces and every shard (the
+    challenge's data has no manifest: the format and every id below ``vocab``, read through a memory map)."""
+    load_tokenizer(tokenizer, vocab)
+    validate_dataset(dataset_dir, vocab)
 
 
 def validation_sets(cfgs: RunConfigs, dataset_dir: Path, tokenizer: Path) -> ValidationSets:
@@ -298,7 +312,8 @@ def make_artifact(cfgs: RunConfigs, model_file: Path, hessians: dict[str, torch.
     print(f"Code size: {code} bytes", flush=True)
     print(f"Serialized model quantized+{cfgs.compress.compressor}: {len(blob)} bytes", flush=True)
     print(f"Total submission size quantized+{cfgs.compress.compressor}: {len(blob) + code} bytes", flush=True)
-    sizes = {"artifact_bytes": len(blob), "total_bytes": len(blob) + code, "raw_bytes": len(raw)}
+    sizes = {"artifact_bytes": len(blob), "total_bytes": len(blob) + code, "raw_bytes": len(raw),
+             "artifact_sha256": hashlib.sha256(blob).hexdigest()}
     if not isinstance(search, FitResult):  # a fixed clip, or the allocator's choice: no size search to report
         return sizes
     return sizes | {"fit_clip_sigmas": search.clip_sigmas, "fit_rate_lambda": search.rate_lambda}
