@@ -8,10 +8,13 @@ stages' metrics and provenance, and writes ``out/export/`` (``--dest DIR`` elsew
 unless made with the baked ``ttt:``), else evaluate's sliding score; the folder says which.
 ``--measured DIR`` takes the clocks and fingerprint of a run of the exported script in DIR
 (its ``final_metrics.json`` and ``*.log``) into the compliance report, submission.json and
-the logs; without it the fingerprint is the pipeline's (its stages' provenance). ``--seeds RUNS`` takes every run of the script in RUNS
-(``pgolf seeds run``): the mean score, each seed's, their logs, the slowest run's times and,
-with ``--baseline SPEC`` (repeatable; the first is the SOTA the record claims to beat), the
-record's tests (docs/RECORDS.md).
+the logs, refused unless that run ran this script and made this artifact (their sha256 in its
+``final_metrics.json``); without it the fingerprint is the pipeline's (its stages'
+provenance). ``--dest DIR`` refuses a folder that pgolf export did not write, or one that
+holds files added or changed since (``.pgolf-export.json`` lists what it wrote). ``--seeds
+RUNS`` takes every run of the script in RUNS (``pgolf seeds run``): the mean score, each
+seed's, their logs, the slowest run's times and, with ``--baseline SPEC`` (repeatable; the
+first is the SOTA the record claims to beat), the record's tests (docs/RECORDS.md).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from pgolf.submit.bundle import read_bundle
 from pgolf.submit.export import (
     LOGGED,
     RunRecord,
+    check_replaceable,
     export_date,
+    measured_run,
     pipeline_fingerprint,
     read_json,
     records_name,
@@ -46,12 +51,15 @@ def run(params: dict, ws: Workspace, dest: str | None = None, measured: str | No
         raise ValueError("--measured and --seeds: give one (--seeds takes the times of every run in it)")
     if baseline and not seeds:
         raise ValueError("--baseline needs --seeds: the tests compare the seeds' runs with the baseline")
+    if dest:
+        check_replaceable(Path(dest))
     script = script_path.read_text(encoding="utf-8")
     logs = {f"{stage}_{kind}.json": ws.input(path) for stage, files in LOGGED.items()
             for kind, path in zip(("provenance", "metrics"), files) if path and ws.input(path).is_file()}
     measured_dir, evidence, times = Path(measured) if measured else None, None, None
+    compress = read_json(ws.input(layout.COMPRESS_METRICS))
     if measured_dir:
-        times = read_json(measured_dir / "final_metrics.json")
+        times = measured_run(measured_dir, script, ws.input(layout.COMPRESS_ARTIFACT), compress["artifact_bytes"])
         logs |= {"final_metrics.json": measured_dir / "final_metrics.json"}
         logs |= {log.name: log for log in sorted(measured_dir.glob("*.log"))}
     if seeds:
@@ -59,7 +67,7 @@ def run(params: dict, ws: Workspace, dest: str | None = None, measured: str | No
         logs |= run_logs
     baked_ttt = read_bundle(script)["params"]["ttt"]
     record = RunRecord(
-        script=script, compress=read_json(ws.input(layout.COMPRESS_METRICS)),
+        script=script, compress=compress,
         evaluate=read_json(ws.input(layout.EVALUATE_METRICS)), prequant=read_json(ws.input(layout.PREQUANT_METRICS)),
         train=read_json(ws.input(layout.TRAIN_METRICS)), measured=times, seeds=evidence,
         ttt=ttt_record(baked_ttt, ws.input(layout.TTT_METRICS), ws.input(layout.TTT_PROVENANCE)),

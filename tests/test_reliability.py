@@ -359,6 +359,100 @@ def test_a_full_disk_while_export_writes_the_folder_is_one_line_naming_it(work):
                          "File too large")
 
 
+
+# ---------------------------------------------------------------- someone else's files
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def another_submission(folder: Path) -> dict[str, bytes]:
+    """A records folder that pgolf did not write: its script, README and logs."""
+    (folder / "logs").mkdir(parents=True)
+    (folder / "train_gpt.py").write_text("print('their record')\n")
+    (folder / "README.md").write_text("# their record\n")
+    (folder / "logs" / "train_seed42.log").write_text("step 1/20000\n")
+    return tree(folder)
+
+
+def test_export_refuses_to_replace_a_folder_it_did_not_write(work, capsys):
+    dest = work.parent / "records" / "2026-01-01_theirs"
+    theirs = another_submission(dest)
+    fails_cleanly(work, capsys, ["export", "--dest", str(dest)],
+                  f"pgolf export: error: {dest}: holds README.md, logs/train_seed42.log, train_gpt.py (no "
+                  ".pgolf-export.json: not a folder pgolf export wrote); refusing to replace it")
+    assert tree(dest) == theirs
+    (work / "notes.txt").write_text("mine\n")
+    fails_cleanly(work, capsys, ["export", "--dest", str(work / "notes.txt")], "notes.txt: not a folder")
+    assert (work / "notes.txt").read_text() == "mine\n"
+
+
+def test_export_replaces_its_own_folder_but_nothing_added_or_changed_in_it(work, capsys):
+    dest = work.parent / "records" / "2026-12-01_micro"
+    assert cli.main(["export", "--out", ".", "--dest", str(dest)]) == 0
+    listed = json.loads((dest / ".pgolf-export.json").read_text())["files"]
+    assert set(listed) == set(tree(dest)) - {".pgolf-export.json"} and "logs/train_provenance.json" in listed
+    assert cli.main(["export", "--out", ".", "--dest", str(dest)]) == 0  # what it wrote, it may replace
+    (dest / "notes.md").write_text("my notes\n")
+    (dest / "README.md").write_text((dest / "README.md").read_text() + "\nedited by hand\n")
+    kept = tree(dest)
+    fails_cleanly(work, capsys, ["export", "--dest", str(dest)],
+                  f"{dest}: holds README.md, notes.md (added or changed since pgolf export wrote the folder)")
+    assert tree(dest) == kept
+
+
+def this_submissions_run(root: Path) -> dict:
+    """final_metrics.json of a run of the micro pipeline's script that made its artifact, on the declared GPUs."""
+    from pgolf.data.shards import file_sha256
+    from tests.submit.test_compliance import H100, measured_run
+
+    script = (root / layout.BUNDLE_SCRIPT).read_bytes()
+    return measured_run(H100) | {
+        "code_sha256": file_sha256(root / layout.BUNDLE_SCRIPT), "code_bytes": len(script),
+        "artifact_sha256": file_sha256(root / layout.COMPRESS_ARTIFACT),
+        "artifact_bytes": json.loads((root / layout.COMPRESS_METRICS).read_text())["artifact_bytes"]}
+
+
+def test_export_measured_takes_the_times_of_a_run_of_this_submission(work):
+    run_dir = work.parent / "measured"
+    run_dir.mkdir()
+    (run_dir / "final_metrics.json").write_text(json.dumps(this_submissions_run(work)))
+    assert cli.main(["export", "--out", ".", "--measured", str(run_dir)]) == 0
+    rule = json.loads((work / "out" / "export" / "compliance.json").read_text())["rules"]["train_under_600s"]
+    assert (rule["status"], rule["value"]) == ("pass", 590.0)
+
+
+@pytest.mark.parametrize("key", ["code_sha256", "code_bytes", "artifact_sha256", "artifact_bytes"])
+def test_export_measured_refuses_another_runs_metrics_naming_what_differs(work, capsys, key):
+    run_dir = work.parent / "measured"
+    run_dir.mkdir()
+    metrics = this_submissions_run(work)
+    ours = metrics[key]
+    metrics[key] = "0" * 64 if key.endswith("sha256") else ours + 1
+    (run_dir / "final_metrics.json").write_text(json.dumps(metrics))
+    fails_cleanly(work, capsys, ["export", "--measured", str(run_dir)],
+                  f"pgolf export: error: {run_dir / 'final_metrics.json'} is another run's: {key} {metrics[key]} "
+                  f"(this submission's: {ours}); --measured takes a run of this submission's train_gpt.py")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", "final_metrics.json: empty"),
+    ('{"clocks": {', "final_metrics.json: not JSON (Expecting"),
+    ("[]", "final_metrics.json: a JSON list, not an object"),
+    ("{}", "final_metrics.json: no code_sha256, code_bytes, artifact_sha256, artifact_bytes, hardware, "
+           "clocks.training_phase, clocks.evaluation_phase, calibration_reserve.calibration_s"),
+    (None, "final_metrics.json: no clocks.training_phase, clocks.evaluation_phase: not the final_metrics.json of a "
+           "finished run"),
+])
+def test_export_measured_names_a_malformed_file_and_its_missing_keys(work, capsys, text, expected):
+    run_dir = work.parent / "measured"
+    run_dir.mkdir()
+    if text is None:  # this submission's run, its clocks taken out
+        text = json.dumps({key: value for key, value in this_submissions_run(work).items() if key != "clocks"})
+    (run_dir / "final_metrics.json").write_text(text)
+    fails_cleanly(work, capsys, ["export", "--measured", str(run_dir)], f"{run_dir}/{expected}")
+
 # ---------------------------------------------------------------- a stage's outputs are one commit
 
 # Every stage that commits several outputs, with a change that gives every output new bytes, and its outputs.

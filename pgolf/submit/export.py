@@ -9,8 +9,9 @@ rule of the challenge with its figure, its limit, whether it holds and how that 
 guaranteed. The submission's score is the one the script computes: the TTT score (the ttt
 stage's) when the script test-time trains, else the sliding-window one, and ``submission.json``
 and the README say which. Times measured by running the exported script (its
-``final_metrics.json``: every phase's clock, ``pgolf.clocks``) are used where given and the
-run was on the declared hardware; the compliance report says which clock each 600 s budget
+``final_metrics.json``: every phase's clock, ``pgolf.clocks``) are used where given, the run
+made this submission (:func:`measured_run`: the script's and the artifact's sha256) and it ran
+on the declared hardware; the compliance report says which clock each 600 s budget
 uses and what it counts, and checks calibration against ``train.gptq_reserve_seconds``.
 ``submission.json`` carries the run's fingerprint (``pgolf.fingerprint``: data, tokenizer,
 byte accounting, versions, GPUs, attention kernels), the measured run's when given, else the
@@ -19,6 +20,8 @@ runs (``pgolf.submit.seeds``), the folder scores the mean of every seed, lists e
 ``submission.json`` and the README's results table, carries every run's log and metrics,
 writes ``seeds.json``/``seeds.md``, judges the time rules by each clock's slowest run (the
 seeds must share one fingerprint) and adds the record's tests to the compliance report.
+Every folder it writes lists its files with their sha256 in ``.pgolf-export.json``, and it
+replaces no folder holding a file it did not write (:func:`check_replaceable`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import torch
 from pgolf.atomic import atomic_path
 from pgolf.clocks import EVALUATION, PHASES, TRAINING
 from pgolf.config import ExportConfig
+from pgolf.data.shards import file_sha256
 from pgolf.pipeline import layout
 from pgolf.submit.bundle import read_bundle
 from pgolf.submit.rundir import METRICS_FILE, artifact_score
@@ -50,6 +54,9 @@ from pgolf.submit.seeds import (
     RunSet,
     gather,
     load_baseline,
+    read_metrics,
+    read_object,
+    require_keys,
     seeds_report,
     submission_fields,
 )
@@ -72,6 +79,19 @@ LOGGED = {"tokenize": (layout.TOKENIZE_PROVENANCE, layout.TOKENIZE_METRICS),
 BUDGET_CLOCKS = {TRAINING: "training_phase", EVALUATION: "evaluation_phase"}
 # the fingerprint fields seeds pooled into one record must share (the data and what ran it)
 SHARED_ENVIRONMENT = ("torch", "cuda", "cudnn", "device", "gpu", "gpu_count", "attention", "coder")
+# what the folder reads from a run's final_metrics.json (dotted: nested): the times the rules judge, where it ran
+RUN_TIMES = ("hardware", "clocks.training_phase", "clocks.evaluation_phase", "calibration_reserve.calibration_s",
+             "calibration_reserve.overran", "calibration_reserve.training_data_read_until_s",
+             *(f"fingerprint.data.{key}" for key in ("dataset", "manifest_sha256", "docs_sha256", "published",
+                                                     "train_shards", "val_tokens", "val_bytes", "tokenizer_sha256",
+                                                     "byte_accounting")),
+             *(f"fingerprint.environment.{key}" for key in ("python", "torch", "cuda", "cudnn", "device", "gpu",
+                                                            "gpu_count", "attention", "system_binaries")))
+SEED_TIMES = (*RUN_TIMES, "device", "training_phase_s", "evaluation_phase_s")  # and what the seeds' slowest run takes
+# what makes a run this submission's: the script it ran and the artifact it made
+RUN_IDENTITY = ("code_sha256", "code_bytes", "artifact_sha256", "artifact_bytes")
+# in every folder export writes: each file it wrote with its sha256, so that a later export replaces only those
+EXPORT_MARKER = ".pgolf-export.json"
 
 
 @dataclass(frozen=True)
@@ -115,7 +135,57 @@ class RunRecord:
 def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (run the pipeline to the evaluate stage first)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_object(path)
+
+
+def measured_run(folder: Path, script: str, artifact: Path, artifact_bytes: int) -> dict[str, Any]:
+    """``folder``'s final_metrics.json when it is a run of ``script`` that made this submission's ``artifact``, else
+    one error naming the file and what differs (or the keys it lacks)."""
+    path = folder / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (--measured names a folder where the exported train_gpt.py ran "
+                                "to its end)")
+    if not artifact.is_file():
+        raise FileNotFoundError(f"{artifact}: not found (the compress stage writes it; --measured holds the run to it)")
+    measured = read_metrics(path, (*RUN_IDENTITY, *RUN_TIMES))
+    code = script.encode("utf-8")
+    ours = {"code_sha256": hashlib.sha256(code).hexdigest(), "code_bytes": len(code),
+            "artifact_sha256": file_sha256(artifact), "artifact_bytes": artifact_bytes}
+    differs = [f"{key} {measured[key]} (this submission's: {value})" for key, value in ours.items()
+               if measured[key] != value]
+    if differs:
+        raise ValueError(f"{path} is another run's: {'; '.join(differs)}; --measured takes a run of this "
+                         "submission's train_gpt.py that made its artifact")
+    return measured
+
+
+def check_replaceable(dest: Path) -> None:
+    """Refuse ``dest`` unless it is absent, empty, or a folder export wrote that nobody changed since: an export
+    never deletes what pgolf did not write (another submission's script, logs, README)."""
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise ValueError(f"{dest}: not a folder; refusing to replace it with a records folder")
+    if not dest.exists():
+        return
+    written = exported_files(dest)
+    found = sorted(path.relative_to(dest).as_posix() for path in dest.rglob("*")
+                   if path.is_symlink() or not path.is_dir())
+    foreign = [name for name in found if name != EXPORT_MARKER and
+               ((dest / name).is_symlink() or written.get(name) != file_sha256(dest / name))]
+    if foreign:
+        whose = "added or changed since pgolf export wrote the folder" if written else \
+            f"no {EXPORT_MARKER}: not a folder pgolf export wrote"
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"{dest}: holds {shown} ({whose}); refusing to replace it: give --dest a folder of its own, "
+                         "or move them away first")
+
+
+def exported_files(folder: Path) -> dict[str, str]:
+    """The files ``folder``'s marker says export wrote, with their sha256 ({} without a readable marker)."""
+    try:
+        files = read_object(folder / EXPORT_MARKER).get("files")
+    except (OSError, ValueError):
+        return {}
+    return files if isinstance(files, dict) else {}
 
 
 def ttt_record(baked: dict[str, Any], metrics_path: Path, provenance_path: Path) -> dict[str, Any] | None:
@@ -531,9 +601,7 @@ def slowest(runset: RunSet) -> dict[str, Any]:
     its reserve, where they ran, and the fingerprint they share."""
     metrics = [run.metrics for run in runset.runs]
     for run in runset.runs:
-        if "clocks" not in run.metrics or "fingerprint" not in run.metrics:
-            raise ValueError(f"{run.folder}: {METRICS_FILE} has no clocks or fingerprint: written by a runner older "
-                             "than them; run the seed again with this pgolf's exported script")
+        require_keys(run.metrics, SEED_TIMES, run.folder / METRICS_FILE)
     clocks = {name: max(m["clocks"][name] for m in metrics if name in m["clocks"])
               for name in dict.fromkeys(name for m in metrics for name in m["clocks"])}
     devices = {m["device"] for m in metrics}
@@ -563,7 +631,7 @@ def shared_fingerprint(runset: RunSet) -> dict[str, Any]:
 
 
 def write_records_folder(dest: Path, run: RunRecord, cfg: ExportConfig, logs: dict[str, Path]) -> dict[str, Any]:
-    """Write the folder at ``dest`` whole or not at all; its submission.json."""
+    """Write the folder at ``dest`` whole or not at all, its marker last; its submission.json."""
     report = compliance(run, cfg)
     info = submission_json(run, cfg, export_date(cfg), report)
     with atomic_path(dest) as tmp:
@@ -580,4 +648,13 @@ def write_records_folder(dest: Path, run: RunRecord, cfg: ExportConfig, logs: di
         if run.seeds is not None:
             (tmp / REPORT_JSON).write_text(json.dumps(run.seeds, indent=2) + "\n", encoding="utf-8")
             (tmp / REPORT_MD).write_text(markdown(run.seeds), encoding="utf-8")
+        write_marker(tmp)
     return info
+
+
+def write_marker(folder: Path) -> None:
+    """List every file of ``folder`` with its sha256 in its marker: what a later export may replace."""
+    files = {path.relative_to(folder).as_posix(): file_sha256(path) for path in sorted(folder.rglob("*"))
+             if path.is_file()}
+    marker = {"written_by": "pgolf export", "files": files}
+    (folder / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")

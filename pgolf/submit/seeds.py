@@ -147,11 +147,52 @@ def last_score_line(text: str) -> re.Match[str] | None:
     return matches[-1] if matches else None
 
 
-def run_score(metrics: dict[str, Any]) -> dict[str, float]:
+def read_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object (metrics, a report), else one error naming the file: empty, not JSON, not one."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"{path}: empty (a JSON object expected)")
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def read_metrics(path: Path, required: tuple[str, ...]) -> dict[str, Any]:
+    """A run's ``final_metrics.json`` with every key of ``required`` (dotted: nested), else one error naming the file
+    and what is wrong with it (``read_object``, or every missing key)."""
+    metrics = read_object(path)
+    require_keys(metrics, required, path)
+    return metrics
+
+
+def require_keys(metrics: dict[str, Any], required: tuple[str, ...], path: Path) -> None:
+    """Refuse ``metrics`` (read from ``path``) without a key of ``required``, naming every missing one."""
+    missing = [key for key in required if not _has_key(metrics, key)]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)}: not the {METRICS_FILE} of a finished run of this pgolf's "
+                         "exported train_gpt.py (an older runner's, or edited); run it again with this pgolf's script")
+
+
+def _has_key(metrics: dict[str, Any], dotted: str) -> bool:
+    value: Any = metrics
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return True
+
+
+def run_score(metrics: dict[str, Any], path: Path) -> dict[str, float]:
     """A run's submission score: its top-level val_bpb when the runner wrote one (TTT's, with TTT), else the
     artifact's score."""
     if "val_bpb" in metrics:
+        require_keys(metrics, ("val_loss",), path)
         return {"val_loss": metrics["val_loss"], "val_bpb": metrics["val_bpb"]}
+    require_keys(metrics, ("quantized.val_loss", "quantized.val_bpb"), path)
     return artifact_score(metrics["quantized"])[1]
 
 
@@ -163,15 +204,11 @@ def read_run(folder: Path) -> SeedRun | Unfinished:
         last = logs[-1].read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] if logs else []
         reason = f"no {METRICS_FILE}" + (f"; its log ends: {last[0][:200]}" if last else "; no log")
         return Unfinished(folder, _seed_from_name(folder.name), logs[-1] if logs else None, reason)
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    for key in ("seed", "params"):
-        if key not in metrics:
-            raise ValueError(f"{metrics_path}: no {key!r}: written by a runner older than `pgolf seeds`; run the "
-                             "seed again with this pgolf's exported script")
+    metrics = read_metrics(metrics_path, ("seed", "params"))
     if len(logs) != 1:
         raise ValueError(f"{folder}: {len(logs)} *.log files; a run folder holds its one log (the score is checked "
                          "against it)")
-    score = run_score(metrics)
+    score = run_score(metrics, metrics_path)
     line = last_score_line(logs[0].read_text(encoding="utf-8", errors="replace"))
     if line is None or (line["bpb"], line["loss"]) != (f"{score['val_bpb']:.8f}", f"{score['val_loss']:.8f}"):
         found = "no score line" if line is None else f"val_bpb {line['bpb']}, val_loss {line['loss']}"

@@ -131,6 +131,35 @@ def test_metrics_that_disagree_with_the_log_are_refused(tmp_path):
         gather([tmp_path])
 
 
+
+@pytest.mark.parametrize("spoil, expected", [
+    (lambda metrics: "", "empty (a JSON object expected)"),
+    (lambda metrics: json.dumps(metrics)[:-40], "not JSON (Expecting"),
+    (lambda metrics: json.dumps({k: v for k, v in metrics.items() if k not in ("seed", "quantized")}),
+     "no seed: not the final_metrics.json of a finished run"),
+    (lambda metrics: json.dumps(metrics | {"quantized": {}}), "no quantized.val_loss, quantized.val_bpb"),
+])
+def test_a_malformed_or_incomplete_run_is_named_with_its_missing_keys(tmp_path, spoil, expected):
+    """No JSON traceback and no KeyError: one error naming the run's final_metrics.json and what it lacks."""
+    path = make_run(tmp_path, 42, 1.50) / "final_metrics.json"
+    path.write_text(spoil(json.loads(path.read_text())))
+    with pytest.raises(ValueError) as raised:
+        gather([tmp_path])
+    assert str(raised.value).startswith(f"{path}: {expected}"), raised.value
+
+
+def test_the_records_evidence_names_a_run_without_the_times_it_needs(tmp_path):
+    from pgolf.submit.export import seed_evidence
+
+    path = make_run(tmp_path, 42, 1.50) / "final_metrics.json"
+    metrics = json.loads(path.read_text())
+    del metrics["clocks"]["evaluation_phase"], metrics["calibration_reserve"]
+    path.write_text(json.dumps(metrics))
+    reserve = ", ".join(f"calibration_reserve.{key}"
+                        for key in ("calibration_s", "overran", "training_data_read_until_s"))
+    with pytest.raises(ValueError, match=f"{path}: no clocks.evaluation_phase, {reserve}: "):
+        seed_evidence(tmp_path, "print('the script')", [], "micro")
+
 def test_a_records_folder_gives_each_seed_at_its_logs_precision(tmp_path):
     submission = {"name": "a record", "seed_results": {"42": {"val_bpb": 1.08664, "val_loss": 2.80691},
                                                        "0": {"val_bpb": 1.08000}}}
