@@ -427,6 +427,10 @@ class StageOutputs:
     def write_csv(self, dest: str | Path, rows: list[dict[str, Any]]) -> None:
         self.write_text(dest, csv_text(rows, dest))
 
+    def pending(self) -> list[tuple[Path, Path]]:
+        """(temporary path, destination) of every output registered so far, in order."""
+        return list(self._pairs)
+
     def commit(self) -> None:
         _commit(self._pairs)
         self._pairs = []

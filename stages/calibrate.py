@@ -29,6 +29,7 @@ from pgolf.quant.hessians import save_hessians
 def run(params: dict, ws: Workspace) -> None:
     cfg = section(params, "calibrate", CalibrateConfig)
     data_dir = section(params, "tokenize", TokenizeConfig).data_dir
+    ws = ws.begin("calibrate", params)
     record = log_provenance("calibrate", {"calibrate": to_dict(cfg), "tokenize.data_dir": data_dir})
     clocks = Clocks()
     model = calibration_model(ws.input(layout.TRAIN_MODEL), cfg)
@@ -43,7 +44,7 @@ def run(params: dict, ws: Workspace) -> None:
     destination = ws.output(layout.CALIBRATE_HESSIANS)
     with stage_outputs() as out:
         save_hessians(out.path(destination), hessians, sensitivity)
-        out.write_json(ws.output(layout.CALIBRATE_PROVENANCE), record)
+        ws.lineage.commit(out, ws.output(layout.CALIBRATE_PROVENANCE), record)
     print(f"[pgolf calibrate] {len(hessians)} Hessians from {cfg.calibration_batches} batches -> {destination}",
           flush=True)
 

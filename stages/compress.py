@@ -25,6 +25,7 @@ from pgolf.pipeline.stage import Workspace, run_stage
 
 def run(params: dict, ws: Workspace) -> None:
     cfg = section(params, "compress", CompressConfig)
+    ws = ws.begin("compress", params)
     record = log_provenance("compress", {"compress": to_dict(cfg)})
     quantized_path = ws.input(layout.QUANTIZE_MODEL)
     if not quantized_path.is_file():
@@ -44,12 +45,12 @@ def run(params: dict, ws: Workspace) -> None:
         plots = out.path(ws.output(layout.COMPRESS_PLOTS))
         plots.mkdir()
         (plots / Path(layout.COMPRESS_SIZES).name).write_text(csv_text(rows, layout.COMPRESS_SIZES))
-        out.write_json(ws.output(layout.COMPRESS_PROVENANCE), record)
-        out.write_json(ws.output(layout.COMPRESS_METRICS), {
+        out.write_json(ws.output(layout.COMPRESS_METRICS), ws.lineage.stamp({
             "artifact_bytes": len(blob), "code_bytes": code, "total_bytes": len(blob) + code,
             "limit": cfg.size_limit_bytes, "headroom": cfg.size_limit_bytes - len(blob) - code,
             "raw_bytes": len(raw),
-        })
+        }))
+        ws.lineage.commit(out, ws.output(layout.COMPRESS_PROVENANCE), record)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from pgolf.pipeline.stage import Workspace, run_stage
 def run(params: dict, ws: Workspace) -> None:
     cfg = section(params, "evaluate", EvaluateConfig)
     data_dir = section(params, "tokenize", TokenizeConfig).data_dir
+    ws = ws.begin("evaluate", params)
     ctx = init_distributed(cfg.device)
     try:
         record = log_provenance("evaluate", {"evaluate": to_dict(cfg), "data_dir": data_dir,
@@ -43,14 +44,15 @@ def run(params: dict, ws: Workspace) -> None:
                 stream = checked_validation_set(dataset_dir, tokenizer, vocab, cfg)
             metrics = score_validation("quantized", model, artifact, stream, cfg, ctx, clocks)
         metrics["artifact_bytes"] = artifact.stat().st_size
-        metrics |= tax_against_prequant(metrics["quantized"], ws.input(layout.PREQUANT_METRICS),
+        metrics |= tax_against_prequant(metrics["quantized"], ws.reference(layout.PREQUANT_METRICS),
                                         ws.input(layout.PREQUANT_PROVENANCE), cfg, metrics["val_bytes"])
         if ctx.is_main:
             clocks.record_process("whole_process")
             record |= {"clocks": clocks.seconds, "fingerprint": data_fingerprint(dataset_dir, tokenizer, stream)}
             with stage_outputs() as out:
-                out.write_json(ws.output(layout.EVALUATE_PROVENANCE), record)
-                out.write_json(ws.output(layout.EVALUATE_METRICS), metrics)
+                out.write_json(ws.output(layout.EVALUATE_METRICS),
+                               ws.lineage.stamp(metrics, metrics["val_tokens"], dataset_dir))
+                ws.lineage.commit(out, ws.output(layout.EVALUATE_PROVENANCE), record)
             print(f"[pgolf evaluate] metrics in {ws.output(layout.EVALUATE_METRICS)}; `dvc metrics show` prints "
                   "every stage's, `dvc metrics diff` compares runs", flush=True)
     finally:

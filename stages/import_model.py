@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pgolf.atomic import stage_outputs
 from pgolf.config import ModelConfig, section, to_dict
 from pgolf.model.files import check_state_dict, save_model
 from pgolf.model.gpt import GPT
@@ -71,9 +72,13 @@ def import_model(source: Path, cfg: ModelConfig, destination: Path) -> dict[str,
 
 def run(params: dict, ws: Workspace, final_model_pt: str) -> None:
     cfg = section(params, "model", ModelConfig)
-    log_provenance("import", {"model": to_dict(cfg), "source": final_model_pt})
-    destination = ws.output(layout.TRAIN_MODEL)
-    state = import_model(Path(final_model_pt), cfg, destination)
+    ws = ws.begin("import", params)
+    record = log_provenance("import", {"model": to_dict(cfg), "source": final_model_pt})
+    source, destination = Path(final_model_pt), ws.output(layout.TRAIN_MODEL)
+    ws.lineage.read(final_model_pt, source)  # the record's file, by its hash
+    with stage_outputs() as out:  # the train stage's model, with the record that says it was imported
+        state = import_model(source, cfg, out.path(destination))
+        ws.lineage.commit(out, ws.output(layout.TRAIN_PROVENANCE), record)
     print(f"[pgolf import] wrote {destination}: {len(state)} tensors, "
           f"{sum(t.numel() for t in state.values()):,} parameters from {final_model_pt}", flush=True)
 

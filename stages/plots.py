@@ -28,6 +28,7 @@ from pgolf.pipeline.stage import Workspace, run_stage
 
 
 def run(params: dict, ws: Workspace) -> None:
+    ws = ws.begin("plots", params)
     record = log_provenance("plots", {})
     data = {name: read_csv(ws.input(path)) for name, path in (
         ("train", layout.TRAIN_CURVE), ("val", layout.TRAIN_VAL_CURVE), ("tensors", layout.QUANTIZE_TENSORS),
@@ -36,7 +37,7 @@ def run(params: dict, ws: Workspace) -> None:
         images = out.path(ws.output(layout.PLOTS_IMAGES))
         images.mkdir()
         drawn = render(images, data)
-        out.write_json(ws.output(layout.PLOTS_PROVENANCE), record)
+        ws.lineage.commit(out, ws.output(layout.PLOTS_PROVENANCE), record)
     print(f"[pgolf plots] {ws.output(layout.PLOTS_IMAGES)}: {', '.join(drawn) or 'no plot data yet'}", flush=True)
 
 

@@ -26,6 +26,7 @@ from pgolf.pipeline.stage import Workspace, run_stage
 def run(params: dict, ws: Workspace) -> None:
     cfg = section(params, "evaluate", EvaluateConfig)
     data_dir = section(params, "tokenize", TokenizeConfig).data_dir
+    ws = ws.begin("prequant", params)
     ctx = init_distributed(cfg.device)
     try:
         record = log_provenance("prequant", {"evaluate": to_dict(cfg), "data_dir": data_dir,
@@ -34,17 +35,18 @@ def run(params: dict, ws: Workspace) -> None:
         model_file = ws.input(layout.TRAIN_MODEL)
         model = build_model(model_file, ctx.device)
         vocab = model.config.vocab_size
+        dataset_dir = ws.input(dataset_path(data_dir, vocab))
         with clocks.phase("data_checks"):
-            stream = checked_validation_set(ws.input(dataset_path(data_dir, vocab)),
-                                            ws.input(tokenizer_file(data_dir, vocab)), vocab, cfg)
+            stream = checked_validation_set(dataset_dir, ws.input(tokenizer_file(data_dir, vocab)), vocab, cfg)
         with clocks.phase("prequant_eval"):
             metrics = score_validation("unquantized", model, model_file, stream, cfg, ctx)
         if ctx.is_main:
             clocks.record_process("whole_process")
             record["clocks"] = clocks.seconds
             with stage_outputs() as out:
-                out.write_json(ws.output(layout.PREQUANT_PROVENANCE), record)
-                out.write_json(ws.output(layout.PREQUANT_METRICS), metrics)
+                out.write_json(ws.output(layout.PREQUANT_METRICS),
+                               ws.lineage.stamp(metrics, metrics["val_tokens"], dataset_dir))
+                ws.lineage.commit(out, ws.output(layout.PREQUANT_PROVENANCE), record)
     finally:
         shutdown(ctx)
 

@@ -32,6 +32,7 @@ from pgolf.runtime import resolve_device
 def run(params: dict, ws: Workspace) -> None:
     cfg = section(params, "quantize", QuantizeConfig)
     compress_cfg = section(params, "compress", CompressConfig) if needs_size(cfg) else None
+    ws = ws.begin("quantize", params)
     record = log_provenance("quantize", {"quantize": to_dict(cfg), "compress": compress_cfg and to_dict(compress_cfg)})
     model_path, hessians_path = ws.input(layout.TRAIN_MODEL), ws.input(layout.CALIBRATE_HESSIANS)
     model_config, state_dict = load_model(model_path)
@@ -63,8 +64,8 @@ def run(params: dict, ws: Workspace) -> None:
     with stage_outputs() as out:
         out.write_bytes(ws.output(layout.QUANTIZE_MODEL), raw)
         plot_data(out.path(ws.output(layout.QUANTIZE_PLOTS)), rows, fit, limit)
-        out.write_json(ws.output(layout.QUANTIZE_PROVENANCE), record)
-        out.write_json(ws.output(layout.QUANTIZE_REPORT), report)
+        out.write_json(ws.output(layout.QUANTIZE_REPORT), ws.lineage.stamp(report))
+        ws.lineage.commit(out, ws.output(layout.QUANTIZE_PROVENANCE), record)
     totals = report["totals"]
     print(f"[pgolf quantize] {totals['quantized_tensors']} of {totals['tensors']} tensors quantized, "
           f"{len(raw):,} serialized bytes, H-weighted error {totals['h_rel_error_weighted']:.3e}", flush=True)

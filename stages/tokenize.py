@@ -27,6 +27,7 @@ from pgolf.pipeline.stage import Workspace, run_stage
 
 def run(params: dict, ws: Workspace) -> None:
     cfg = section(params, "tokenize", TokenizeConfig)
+    ws = ws.begin("tokenize", params)
     record = log_provenance("tokenize", {"tokenize": to_dict(cfg)})
     dataset_dir = ws.output(dataset_path(cfg.data_dir, cfg.vocab_size))
     model_path = ws.output(tokenizer_file(cfg.data_dir, cfg.vocab_size))
@@ -36,8 +37,8 @@ def run(params: dict, ws: Workspace) -> None:
         manifest = build_dataset(cfg, model_tmp, dataset_tmp)
         manifest["tokenizer"]["path"] = str(tokenizer_file(cfg.data_dir, cfg.vocab_size))
         (dataset_tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        out.write_json(ws.output(layout.TOKENIZE_PROVENANCE), record)
-        out.write_json(ws.output(layout.TOKENIZE_METRICS), metrics(manifest))
+        out.write_json(ws.output(layout.TOKENIZE_METRICS), ws.lineage.stamp(metrics(manifest)))
+        ws.lineage.commit(out, ws.output(layout.TOKENIZE_PROVENANCE), record)
     print(f"[pgolf tokenize] wrote {dataset_dir} and {model_path}: " + json.dumps(manifest["splits"]), flush=True)
 
 

@@ -37,6 +37,7 @@ from pgolf.train.loop import TrainResult, run_metrics, train_model
 def run(params: dict, ws: Workspace) -> None:
     model_cfg, cfg = section(params, "model", ModelConfig), section(params, "train", TrainConfig)
     data_dir = section(params, "tokenize", TokenizeConfig).data_dir
+    ws = ws.begin("train", params)
     ctx = init_distributed(cfg.device)
     if ctx.device.type == "cuda":
         enable_tf32()
@@ -71,8 +72,8 @@ def write_outputs(ws: Workspace, model_cfg: ModelConfig, result: TrainResult, me
         write_curve(plots, layout.TRAIN_CURVE, result.history)
         if result.val_history:
             write_curve(plots, layout.TRAIN_VAL_CURVE, result.val_history)
-        out.write_json(ws.output(layout.TRAIN_PROVENANCE), record)
-        out.write_json(ws.output(layout.TRAIN_METRICS), metrics)
+        out.write_json(ws.output(layout.TRAIN_METRICS), ws.lineage.stamp(metrics))
+        ws.lineage.commit(out, ws.output(layout.TRAIN_PROVENANCE), record)
     print(f"[pgolf train] wrote {ws.output(layout.TRAIN_MODEL)}: {json.dumps(metrics)}", flush=True)
 
 

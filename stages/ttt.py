@@ -31,13 +31,14 @@ from pgolf.pipeline.stage import Workspace, run_stage
 def run(params: dict, ws: Workspace) -> None:
     cfg = section(params, "ttt", TTTConfig)
     data_dir = section(params, "tokenize", TokenizeConfig).data_dir
+    ws = ws.begin("ttt", params)
     ctx = init_distributed(cfg.device) if cfg.enabled else None
     try:
         record = log_provenance("ttt", {"ttt": to_dict(cfg), "data_dir": data_dir,
                                         "world_size": ctx.world_size if ctx else 1}) if not ctx or ctx.is_main else {}
         if ctx is None:
             print("[pgolf ttt] ttt.enabled is false: no test-time training (set ttt.enabled=true to run it)")
-            commit(ws, {"enabled": False, "method": cfg.method}, [], record)
+            commit(ws, ws.lineage.stamp({"enabled": False, "method": cfg.method}), [], record)
             return
         clocks = Clocks.on_rank(ctx)
         with clocks.phase("decompression"):
@@ -53,9 +54,10 @@ def run(params: dict, ws: Workspace) -> None:
         if ctx.is_main:
             clocks.record_process("whole_process")
             record |= {"clocks": clocks.seconds, "fingerprint": data_fingerprint(dataset_dir, tokenizer, stream)}
-            evaluated = ws.input(layout.EVALUATE_METRICS)
-            evaluated = json.loads(evaluated.read_text(encoding="utf-8")) if evaluated.is_file() else {}
-            commit(ws, ttt_metrics(result, cfg, evaluated, ctx.world_size), result.chunks, record)
+            evaluated = ws.reference(layout.EVALUATE_METRICS)
+            evaluated = json.loads(evaluated.read_text(encoding="utf-8")) if evaluated and evaluated.is_file() else {}
+            metrics = ttt_metrics(result, cfg, evaluated, ctx.world_size)
+            commit(ws, ws.lineage.stamp(metrics, result.tokens, dataset_dir), result.chunks, record)
             print(f"[pgolf ttt] {cfg.method}: val_loss {result.score.loss:.8f} val_bpb {result.score.bpb:.8f} "
                   f"({result.optimizer_steps:,} steps, {result.seconds:.1f} s)", flush=True)
     finally:
@@ -70,8 +72,8 @@ def commit(ws: Workspace, metrics: dict, chunks: list[dict], record: dict) -> No
         plots.mkdir()
         if chunks:
             (plots / Path(layout.TTT_CHUNKS).name).write_text(csv_text(chunks, layout.TTT_CHUNKS))
-        out.write_json(ws.output(layout.TTT_PROVENANCE), record)
         out.write_json(ws.output(layout.TTT_METRICS), metrics)
+        ws.lineage.commit(out, ws.output(layout.TTT_PROVENANCE), record)
 
 
 def processes(params: dict) -> int:

@@ -71,14 +71,15 @@ def quantization_tax(quantized: dict[str, float], unquantized: dict[str, float])
 SCORING_KEYS = ("eval_seq_len", "eval_stride", "eval_plain", "eval_sliding", "max_val_tokens", "temperature")  # equal: same scores
 
 
-def tax_against_prequant(quantized: dict[str, float], metrics_path: Path, provenance_path: Path,
+def tax_against_prequant(quantized: dict[str, float], metrics_path: Path | None, provenance_path: Path,
                          cfg: EvaluateConfig, val_bytes: int) -> dict[str, dict[str, float]]:
     """``{"quantization_tax": ...}`` against the prequant stage's scores, when they were made alike.
 
-    Alike: the same scoring settings and the same byte total (``val_bytes``), so that both bpb
-    divide by the same bytes.
+    Alike: of the same trained weights (``metrics_path`` is None when they are another model's),
+    the same scoring settings and the same byte total (``val_bytes``), so that both bpb divide by
+    the same bytes.
     """
-    if not (metrics_path.is_file() and provenance_path.is_file()):
+    if metrics_path is None or not (metrics_path.is_file() and provenance_path.is_file()):
         return {}
     scored_with = json.loads(provenance_path.read_text(encoding="utf-8"))["config"]["evaluate"]
     prequant = json.loads(metrics_path.read_text(encoding="utf-8"))

@@ -4,7 +4,7 @@ A module is a cache unit (docs/DESIGN.md, "A module is a cache unit"). A stage's
 are the import closure of its module under ``stages/``, minus the infrastructure that cannot
 change an output: the config schema (every key that affects an output is listed as a DVC
 param, so a new or changed value re-runs the stage anyway), atomic writes, the package's
-version, the DVC side in ``pgolf/pipeline/`` (the stage frame, layout, provenance) and the
+version, the DVC side in ``pgolf/pipeline/`` (the stage frame, layout, provenance, lineage) and the
 run's clocks and fingerprints (``pgolf/clocks.py``, ``pgolf/fingerprint.py``: logged and
 recorded in provenance, never in a stage's results). Those
 files are neither listed nor followed. The stage that writes the submission's script
@@ -37,7 +37,7 @@ from pgolf.submit.bundle import REPO_ROOT, import_closure
 INFRASTRUCTURE = frozenset({
     "pgolf/__init__.py", "pgolf/config.py", "pgolf/atomic.py", "pgolf/cli.py",
     "pgolf/pipeline/__init__.py", "pgolf/pipeline/stage.py", "pgolf/pipeline/layout.py",
-    "pgolf/pipeline/provenance.py", "pgolf/pipeline/deps.py",
+    "pgolf/pipeline/provenance.py", "pgolf/pipeline/lineage.py", "pgolf/pipeline/deps.py",
     "pgolf/clocks.py", "pgolf/fingerprint.py",  # timings and fingerprints go to logs and provenance, not results
 })
 TEMPLATE = re.compile(r"\$\{([^}]+)\}")

@@ -4,7 +4,8 @@ A row per run — the pipeline's own outputs, each hand-run directory (``runs/``
 directories named), and with ``--exps`` each DVC experiment — with the figures a researcher
 compares: the trained weights' bpb (prequant), the quantized artifact's plain and sliding bpb
 and TTT's, the quantization tax, the submission's bytes, and how many validation targets the
-scores cover. bpb is printed to 5 decimals and bytes exactly (``dvc exp show`` rounds to 5
+scores cover (of the validation split's) and the params digest of the scores (prequant's and
+evaluate's: one when they were scored alike). bpb is printed to 5 decimals and bytes exactly (``dvc exp show`` rounds to 5
 significant digits and needs a long ``--keep`` to show them). A run's params column names what
 it was made with: for an experiment the params that differ from its baseline commit, for a
 hand run the settings its stages recorded that differ from the pipeline's ``params.yaml``.
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from pgolf.pipeline import layout
+from pgolf.pipeline.lineage import targets_text
 
 METRICS = {"prequant": layout.PREQUANT_METRICS, "evaluate": layout.EVALUATE_METRICS, "compress": layout.COMPRESS_METRICS,
            "ttt": layout.TTT_METRICS}
@@ -29,7 +31,7 @@ PROVENANCE = {"train": layout.TRAIN_PROVENANCE, "prequant": layout.PREQUANT_PROV
               "calibrate": layout.CALIBRATE_PROVENANCE, "quantize": layout.QUANTIZE_PROVENANCE,
               "compress": layout.COMPRESS_PROVENANCE, "evaluate": layout.EVALUATE_PROVENANCE,
               "ttt": layout.TTT_PROVENANCE}
-COLUMNS = ("run", "params", "prequant", "quantized", "sliding", "ttt", "tax", "bytes", "targets")
+COLUMNS = ("run", "params", "prequant", "quantized", "sliding", "ttt", "tax", "bytes", "targets", "digest")
 
 
 @dataclass
@@ -41,7 +43,8 @@ class Run:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def cells(self) -> list[str]:
-        prequant = self.metrics.get("prequant", {}).get("unquantized", {})
+        scored = self.metrics.get("prequant", {})
+        prequant = scored.get("unquantized", {})
         evaluate = self.metrics.get("evaluate", {})
         quantized = evaluate.get("quantized", {})
         ttt = self.metrics.get("ttt", {})
@@ -51,7 +54,7 @@ class Run:
                 bpb(quantized.get("val_bpb")), bpb(quantized.get("sliding_val_bpb")),
                 bpb(ttt.get("val_bpb")) if ttt.get("enabled", True) else "off",
                 signed(tax.get("sliding_val_bpb", tax.get("val_bpb"))),
-                f"{total:,}" if isinstance(total, int) else "-", targets(evaluate, ttt)]
+                f"{total:,}" if isinstance(total, int) else "-", targets(evaluate, ttt), digests(scored, evaluate)]
 
 
 def bpb(value: Any) -> str:
@@ -62,9 +65,16 @@ def signed(value: Any) -> str:
     return f"{value:+.5f}" if isinstance(value, (int, float)) else "-"
 
 
-def targets(evaluate: dict[str, Any], ttt: dict[str, Any]) -> str:
-    scored = [str(n) for n in (evaluate.get("val_tokens"), ttt.get("tokens")) if isinstance(n, int)]
+def targets(*scores: dict[str, Any]) -> str:
+    """The validation targets each score covers, of the split's (one entry when they agree)."""
+    scored = [targets_text(m["targets"], m.get("split_targets")) for m in scores if isinstance(m.get("targets"), int)]
     return " / ".join(dict.fromkeys(scored)) or "-"
+
+
+def digests(*scores: dict[str, Any]) -> str:
+    """The params digests of the scores (one entry when they agree)."""
+    made = [m["params_digest"][:8] for m in scores if isinstance(m.get("params_digest"), str)]
+    return " / ".join(dict.fromkeys(made)) or "-"
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from pgolf.atomic import exclusive_lock, recover
 from pgolf.config import ConfigError, load_params
 from pgolf.distributed import launch_torchrun, under_torchrun
 from pgolf.pipeline import layout
+from pgolf.pipeline.lineage import Lineage, declared_keys, defaulted, main_process
 
 Params = dict[str, dict[str, Any]]
 # The params sections each stage reads: a params file without one is an error naming it, never the record's
@@ -40,13 +41,18 @@ STAGE_SECTIONS = {"tokenize": ("tokenize",), "download": ("tokenize",), "train":
 
 @dataclass(frozen=True)
 class Workspace:
-    """Where a run reads and writes the pipeline's paths (``pgolf.pipeline.layout``)."""
+    """Where a run reads and writes the pipeline's paths (``pgolf.pipeline.layout``), and what it read."""
 
     root: Path  # Path(".") for the pipeline itself
+    lineage: Lineage | None = field(default=None, compare=False, repr=False)  # a stage run's (begin)
 
     @classmethod
     def pipeline(cls) -> Workspace:
         return cls(Path("."))
+
+    def begin(self, stage: str, params: Params) -> Workspace:
+        """This workspace for one run of ``stage`` with ``params``: every input it reads joins its lineage."""
+        return Workspace(self.root, Lineage.start(stage, self.root, params))
 
     def output(self, path: str | Path) -> Path:
         return self.root / path
@@ -55,8 +61,22 @@ class Workspace:
         """What an earlier run in this workspace wrote, else the pipeline's output.
 
         An interrupted commit of that output is first recovered (``pgolf.atomic.recover``), so a
-        stage never reads one output of a set whose other outputs are being rolled back.
+        stage never reads one output of a set whose other outputs are being rolled back. In a
+        stage run the input joins its lineage, refused when it comes from another run than the
+        others (``pgolf.pipeline.lineage``).
         """
+        found = self.find(path)
+        if self.lineage is not None:
+            self.lineage.read(Path(path).as_posix(), found)
+        return found
+
+    def reference(self, path: str | Path) -> Path | None:
+        """Figures to compare with (prequant's, for the tax): ``input``'s, or None when they come from other inputs."""
+        found = self.find(path)
+        return found if self.lineage is None or self.lineage.compare(Path(path).as_posix(), found) else None
+
+    def find(self, path: str | Path) -> Path:
+        """Where ``path`` is read from: this workspace's own output when there is one, else the pipeline's."""
         own = self.root / path
         recover(own)
         if own.exists():
@@ -109,6 +129,8 @@ def run_stage(
         params = load_params(args.params, args.overrides, required=STAGE_SECTIONS.get(stage, ()))
         nproc = processes(params) if processes else 1
         with stage_lock(stage, ws, os.environ):
+            if main_process() and LOCK_HELD not in os.environ:  # once: not each process, nor after a relaunch
+                warn_defaults(stage, params)
             if nproc > 1 and not under_torchrun(os.environ):
                 return relaunch(stage, params, nproc, ws, extra)
             run(params, ws, **extra)
@@ -116,6 +138,19 @@ def run_stage(
         print(f"pgolf {stage}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def warn_defaults(stage: str, params: Params) -> None:
+    """Name the keys this stage reads that the params file leaves to the record's defaults (a partial file)."""
+    missing = defaulted(declared_keys(stage), params)
+    if missing:
+        sections: dict[str, list[str]] = {}
+        for key in missing:
+            sections.setdefault(key.split(".")[0], []).append(key.split(".", 1)[1])
+        named = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in sections.items())
+        print(f"pgolf {stage}: warning: {getattr(params, 'source', 'the params')} leaves {len(missing)} of the keys "
+              f"this stage reads to the record's defaults ({named}); `pgolf params --params FILE` prints them all",
+              file=sys.stderr, flush=True)
 
 
 def stage_lock(stage: str, ws: Workspace, environ: dict[str, str] | os._Environ) -> contextlib.AbstractContextManager:

@@ -15,7 +15,11 @@ on the declared hardware; the compliance report says which clock each 600 s budg
 uses and what it counts, and checks calibration against ``train.gptq_reserve_seconds``.
 ``submission.json`` carries the run's fingerprint (``pgolf.fingerprint``: data, tokenizer,
 byte accounting, versions, GPUs, attention kernels), the measured run's when given, else the
-pipeline's (its evaluate and train stages' provenance). Given the report of the script's seed
+pipeline's (its evaluate and train stages' provenance). Every figure comes from one run's
+consistent set (:func:`lineage_of`: the pipeline's outputs, or a named hand-run directory's,
+each stage's record chaining to the files the next read, each made with the params the
+script bakes); ``submission.json``'s ``provenance`` and the README say which run, each
+figure's params digest and how many validation targets it covers. Given the report of the script's seed
 runs (``pgolf.submit.seeds``), the folder scores the mean of every seed, lists each seed in
 ``submission.json`` and the README's results table, carries every run's log and metrics,
 writes ``seeds.json``/``seeds.md``, judges the time rules by each clock's slowest run (the
@@ -33,6 +37,7 @@ import json
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -45,6 +50,7 @@ from pgolf.clocks import EVALUATION, PHASES, TRAINING
 from pgolf.config import ExportConfig
 from pgolf.data.shards import file_sha256
 from pgolf.pipeline import layout
+from pgolf.pipeline.lineage import SHORT, check_baked, consistent_set, targets_text
 from pgolf.submit.bundle import read_bundle
 from pgolf.submit.rundir import METRICS_FILE, artifact_score
 from pgolf.submit.seeds import (
@@ -107,6 +113,7 @@ class RunRecord:
     seeds: dict[str, Any] | None = None  # pgolf.submit.seeds.seeds_report of the script's runs, one per seed
     ttt: dict[str, Any] | None = None  # out/ttt/metrics.json, when the script test-time trains (ttt_record)
     fingerprint: dict[str, Any] | None = None  # the pipeline's (pipeline_fingerprint), when its stages recorded one
+    provenance: dict[str, Any] | None = None  # which run each figure comes from, its params digest and targets
 
     @property
     def params(self) -> dict[str, dict[str, Any]]:
@@ -188,20 +195,54 @@ def exported_files(folder: Path) -> dict[str, str]:
     return files if isinstance(files, dict) else {}
 
 
-def ttt_record(baked: dict[str, Any], metrics_path: Path, provenance_path: Path) -> dict[str, Any] | None:
-    """The ttt stage's metrics when the script bakes ``ttt.enabled``; refused unless made with the baked ``ttt:``."""
+def ttt_record(baked: dict[str, Any], metrics_path: Path) -> dict[str, Any] | None:
+    """The ttt stage's metrics when the script bakes ``ttt.enabled`` (with the baked ``ttt:``: ``lineage_of``)."""
     if not baked["enabled"]:
         return None
     metrics = read_json(metrics_path)
     if not metrics.get("enabled"):
         raise ValueError(f"{metrics_path}: the ttt stage did not test-time train, but the script bakes ttt.enabled: "
                          "true (its score is the TTT score): re-run the ttt stage")
-    ran = read_json(provenance_path)["config"]["ttt"]
-    for key, value in baked.items():
-        if ran.get(key) != value:
-            raise ValueError(f"{metrics_path} was made with ttt.{key}={ran.get(key)!r}, but the script bakes "
-                             f"{value!r}: re-run the ttt stage")
     return metrics
+
+
+# the stages whose figures a records folder shows: their metrics, and what each stands for in the README
+FIGURES = {"train": (layout.TRAIN_PROVENANCE, layout.TRAIN_METRICS, "Steps"),
+           "prequant": (layout.PREQUANT_PROVENANCE, layout.PREQUANT_METRICS, "Pre-quant BPB"),
+           "compress": (layout.COMPRESS_PROVENANCE, layout.COMPRESS_METRICS, "Artifact and code bytes"),
+           "evaluate": (layout.EVALUATE_PROVENANCE, layout.EVALUATE_METRICS, "Post-quant and sliding BPB"),
+           "ttt": (layout.TTT_PROVENANCE, layout.TTT_METRICS, "TTT BPB")}
+
+
+def lineage_of(locate: Callable[[str], Path], root: Path, script: Path, ttt: bool) -> dict[str, Any]:
+    """Which run the figures come from, each one's params digest and targets; refused for a mixed set.
+
+    ``locate`` finds a pipeline path in the source (``root``: ``.`` for the pipeline). The
+    stages' records must chain, every file with one version (``consistent_set``), and every
+    stage behind them must have run with the params ``script`` bakes (``check_baked``).
+    """
+    stages = [stage for stage in FIGURES if ttt or stage != "ttt"]
+    records = consistent_set({stage: locate(FIGURES[stage][0]) for stage in stages}, locate)
+    check_baked(records, read_bundle(script.read_text(encoding="utf-8"))["params"], script)
+    figures = {}
+    for stage in stages:
+        path = locate(FIGURES[stage][1])
+        metrics = read_json(path)
+        figures[stage] = {"figure": FIGURES[stage][2], "file": path.as_posix(),
+                          "params_digest": metrics.get("params_digest"),
+                          "targets": metrics.get("targets"), "split_targets": metrics.get("split_targets")}
+    used = {layout.BUNDLE_SCRIPT: script} | {FIGURES[stage][1]: Path(figures[stage]["file"]) for stage in stages}
+    return {"source": source_of(root, used), "figures": figures}
+
+
+def source_of(root: Path, used: dict[str, Path]) -> str:
+    """The run the files ``used`` (pipeline path -> where read) come from, in words."""
+    if root == Path("."):
+        return "the pipeline's outputs (out/)"
+    own = sorted({Path(name).parts[1] for name, path in used.items() if path == root / name})
+    others = sorted({Path(name).parts[1] for name, path in used.items() if path != root / name})
+    return (f"the hand-run directory {root.as_posix()}/ (its own {', '.join(own) or 'nothing'}"
+            + (f"; the pipeline's {', '.join(others)}" if others else "") + ")")
 
 
 def pipeline_fingerprint(train_provenance: Path, evaluate_provenance: Path) -> dict[str, Any] | None:
@@ -430,7 +471,7 @@ def submission_json(run: RunRecord, cfg: ExportConfig, date: str, report: dict[s
         "pytorch_version": fingerprint["environment"]["torch"] if fingerprint else torch.__version__,
         "bytes_total": run.compress["artifact_bytes"] + code, "bytes_code": code,
         "compliance": {name: rule["status"] == "pass" for name, rule in report["rules"].items()},
-        "fingerprint": fingerprint,
+        "fingerprint": fingerprint, "provenance": run.provenance,
     } | (submission_fields(run.seeds) if run.seeds else {})
 
 
@@ -512,6 +553,10 @@ Declared hardware: {cfg.hardware}. The training budget is judged by the clock
 
 {fingerprint_table(info['fingerprint'])}
 
+## Provenance (`submission.json`'s `provenance`)
+
+{provenance_table(run.provenance)}
+
 `logs/` holds each pipeline stage's provenance (commit, versions, hardware, config, clocks) and metrics.
 """
 
@@ -557,6 +602,21 @@ def fingerprint_table(fingerprint: dict[str, Any] | None) -> str:
                  + (", ".join(f"{name} ({version})" for name, version in env["system_binaries"].items()) or "none"),
     }
     return "| field | value |\n|-|-|\n" + "\n".join(f"| {key} | {value} |" for key, value in rows.items())
+
+
+def provenance_table(provenance: dict[str, Any] | None) -> str:
+    """Which run the figures come from and, for each, the params digest and the validation targets it covers."""
+    if provenance is None:
+        return "Not recorded."
+    rows = "\n".join(f"| {f['figure']} | `{f['file']}` | `{(f['params_digest'] or '–')[:SHORT]}` | "
+                     f"{targets_text(f['targets'], f['split_targets'])} |" for f in provenance["figures"].values())
+    return f"""Every figure comes from {provenance['source']}: each stage's record names the files it read
+and wrote (one version of each, chaining from stage to stage) and the params it ran with, the ones
+`train_gpt.py` bakes. The digest is the sha256 of those params (the keys `dvc.yaml` lists for the stage).
+
+| figure | from | params digest | validation targets scored |
+|-|-|-|-|
+{rows}"""
 
 
 def _bpb(value: float | None) -> str:

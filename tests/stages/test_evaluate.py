@@ -19,12 +19,13 @@ from pgolf.artifact.tensors import QuantizedModel, QuantizedTensor, dequantize
 from pgolf.atomic import write_bytes
 from pgolf.config import CompressConfig, ModelConfig
 from pgolf.data.accounting import lookup_stream
-from pgolf.data.shards import load_validation_tokens
+from pgolf.data.shards import load_validation_tokens, read_header
 from pgolf.data.tokenizer import byte_tables
 from pgolf.eval.bpb import eval_plain, eval_sliding
 from pgolf.model.files import build_model, save_model
 from pgolf.model.gpt import GPT
 from pgolf.pipeline import layout
+from pgolf.pipeline.lineage import declared_keys, digest, resolved
 from pgolf.pipeline.stage import Workspace
 from stages import evaluate as stage
 from stages import prequant as prequant_stage
@@ -120,6 +121,12 @@ def test_prequant_scores_the_trained_weights_and_evaluate_adds_the_tax(workdir):
     assert quantized["val_bpb"] != unquantized["val_bpb"]
     assert metrics["artifact_bytes"] == Path(layout.COMPRESS_ARTIFACT).stat().st_size
     assert metrics["val_tokens"] == prequant["val_tokens"] == VAL_TARGETS
+    # each score says what it covers and what it was computed with: both alike, so one digest
+    split = read_header(Path("data/datasets/fineweb10B_sp8192") / "fineweb_val_000000.bin") - 1
+    assert (metrics["targets"], metrics["split_targets"]) == (prequant["targets"], prequant["split_targets"]) == (
+        VAL_TARGETS, split)
+    assert metrics["params_digest"] == prequant["params_digest"] == digest(resolved(declared_keys("evaluate"),
+                                                                                    params()))
     assert metrics["val_bytes"] == prequant["val_bytes"] == lookup_stream(
         load_validation_tokens("data/datasets/fineweb10B_sp8192", SEQ_LEN)[: VAL_TARGETS + 1],
         byte_tables("data/tokenizers/fineweb_8192_bpe.model", 8192)).total_bytes()
@@ -138,7 +145,8 @@ def test_each_evaluation_can_be_switched_off(workdir):
     Path(layout.TRAIN_MODEL).unlink()  # the artifact is scored alone
     stage.run(params(eval_sliding=False), PIPELINE)
     metrics = json.loads(Path(layout.EVALUATE_METRICS).read_text())
-    assert set(metrics) == {"artifact_bytes", "val_tokens", "val_bytes", "quantized"}  # no prequant scores: no tax
+    assert set(metrics) == {"artifact_bytes", "val_tokens", "val_bytes", "quantized",  # no prequant scores: no tax
+                            "params_digest", "targets", "split_targets"}
     assert set(metrics["quantized"]) == {"val_loss", "val_bpb"}
     stage.run(params(eval_plain=False), PIPELINE)
     assert set(json.loads(Path(layout.EVALUATE_METRICS).read_text())["quantized"]) == {
