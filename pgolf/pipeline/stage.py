@@ -10,7 +10,10 @@ STAGE``, so a stage run by hand never overwrites an output that DVC tracks. A ru
 the workspace's lock of its stage (``.pgolf/locks/STAGE.lock``), so a second run of the
 stage there refuses at once, naming the lock and its holder, instead of interleaving its
 outputs with the first's; a reader of an earlier stage's output recovers an interrupted
-commit of it first (``Workspace.input``).
+commit of it first (``Workspace.input``). A params file that leaves keys the stage reads to
+the record's defaults is run with a warning naming them; a stage run (``Workspace.begin``)
+keeps its lineage (``pgolf.pipeline.lineage``): its inputs are checked, as they are read, to
+come from one run and from the params it was given.
 """
 
 from __future__ import annotations

@@ -248,4 +248,11 @@ def test_pgolf_runs_puts_pipeline_hand_runs_and_experiments_side_by_side(baselin
     sliding = json.loads((baseline / "out" / "evaluate" / "metrics.json").read_text())["quantized"]["sliding_val_bpb"]
     assert f"{sliding:.5f}" in rows["pipeline (out/)"] and f"{total_bytes(baseline):,}" in rows["pipeline (out/)"]
     assert "evaluate.eval_stride=32" in rows["hand run (runs/)"]  # a hand run says what it was made with
+    # each score says how many validation targets it covers and the params digest it was computed with
+    hand = json.loads((baseline / "runs" / "out" / "evaluate" / "metrics.json").read_text())
+    assert f"{hand['targets']:,} of {hand['split_targets']:,}" in rows["hand run (runs/)"]
+    assert hand["params_digest"][:8] in rows["hand run (runs/)"]
+    piped = json.loads((baseline / "out" / "evaluate" / "metrics.json").read_text())
+    assert piped["params_digest"][:8] in rows["pipeline (out/)"] and hand["params_digest"][:8] not in rows[
+        "pipeline (out/)"]
     assert any("quantize.matrix_clip_sigmas=30" in line for line in rows.values())  # the experiment

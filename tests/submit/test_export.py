@@ -26,7 +26,7 @@ from pgolf.clocks import PHASES, clock_line
 from pgolf.config import CompressConfig
 from pgolf.data.shards import file_sha256
 from pgolf.submit.bundle import import_closure, read_bundle
-from tests.pipeline.test_dvc import micro_repo, run  # noqa: F401 (micro_repo: a fixture)
+from tests.pipeline.test_dvc import micro_repo, pgolf, run  # noqa: F401 (micro_repo: a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -215,3 +215,76 @@ def test_torchrun_with_two_processes_makes_the_same_artifact(pipeline, submissio
     assert (tmp_path / "final_model.ptz").read_bytes() == (pipeline / "out" / "compress" / "artifact.ptz").read_bytes()
     final = json.loads((tmp_path / "final_metrics.json").read_text())
     assert final["world_size"] == 2 and final["quantized"] == metrics(pipeline, "evaluate")["quantized"]
+
+
+CLI = [sys.executable, "-m", "pgolf.cli"]
+
+
+def exported(folder: Path) -> tuple[dict, str]:
+    return json.loads((folder / "submission.json").read_text()), (folder / "README.md").read_text()
+
+
+def test_hand_runs_with_other_params_leave_the_export_to_the_pipelines_figures(pipeline, tmp_path):
+    """The issue's sequence: hand runs with other params, then `pgolf export`: the pipeline's figures, saying so;
+    naming the hand run is refused, naming what its stages ran with and, once mixed, the files of two runs."""
+    hand = "runs_other_params"
+    run([*CLI, "quantize", "--set", "quantize.matrix_clip_sigmas=20", "--out", hand], pipeline)
+    run([*CLI, "compress", "--out", hand], pipeline)
+    run([*CLI, "evaluate", "--params", "presets/micro.yaml", "--set", "evaluate.eval_stride=32", "--out", hand],
+        pipeline)
+    run([*CLI, "export", "--dest", str(tmp_path / "default")], pipeline)
+    info, readme = exported(tmp_path / "default")
+    evaluated = metrics(pipeline, "evaluate")
+    assert info["val_bpb"] == round(evaluated["quantized"]["sliding_val_bpb"], 8)
+    assert info["bytes_total"] == metrics(pipeline, "compress")["total_bytes"]
+    figures = info["provenance"]["figures"]
+    assert info["provenance"]["source"] == "the pipeline's outputs (out/)"
+    assert figures["evaluate"] | {"figure": ""} == {
+        "figure": "", "file": "out/evaluate/metrics.json", "params_digest": evaluated["params_digest"],
+        "targets": evaluated["targets"], "split_targets": evaluated["split_targets"]}
+    assert (f"| Post-quant and sliding BPB | `out/evaluate/metrics.json` | `{evaluated['params_digest'][:12]}` | "
+            f"{evaluated['targets']:,} of {evaluated['split_targets']:,} |") in readme
+    assert "Every figure comes from the pipeline's outputs (out/)" in readme
+    # the hand run named: its stages ran with other params than the script (the pipeline's bundle) bakes
+    refused = pgolf(["export", "--from", hand, "--dest", str(tmp_path / "hand")], pipeline)
+    assert refused.returncode == 2 and not (tmp_path / "hand").exists()
+    assert "quantize ran with quantize.matrix_clip_sigmas=20.0, the script bakes 12.85" in refused.stderr
+    assert "evaluate ran with evaluate.eval_stride=32, the script bakes 16" in refused.stderr
+    # its artifact remade, not scored again: its evaluate figure is another artifact's
+    run([*CLI, "quantize", "--set", "quantize.matrix_clip_sigmas=25", "--out", hand], pipeline)
+    run([*CLI, "compress", "--out", hand], pipeline)
+    mixed = pgolf(["export", "--from", hand, "--dest", str(tmp_path / "hand")], pipeline)
+    assert mixed.returncode == 2 and "these outputs come from different runs" in mixed.stderr
+    assert re.search(rf"out/compress/artifact.ptz: \w{{12}} in {hand}/out/compress/provenance.json \(wrote it\), "
+                     rf"\w{{12}} in {hand}/out/evaluate/provenance.json \(read it\)", mixed.stderr), mixed.stderr
+
+
+def test_a_named_hand_run_exports_its_own_consistent_set(pipeline, tmp_path):
+    hand, retune = "runs_clip20", ["--set", "quantize.matrix_clip_sigmas=20"]
+    for stage in ("bundle", "quantize", "compress", "evaluate"):
+        run([*CLI, stage, *retune, "--out", hand], pipeline)
+    run([*CLI, "export", "--from", hand, "--dest", str(tmp_path / "folder")], pipeline)
+    info, readme = exported(tmp_path / "folder")
+    own = json.loads((pipeline / hand / "out" / "evaluate" / "metrics.json").read_text())
+    assert info["val_bpb"] == round(own["quantized"]["sliding_val_bpb"], 8)
+    assert info["bytes_total"] == json.loads((pipeline / hand / "out" / "compress" / "metrics.json").read_text())[
+        "total_bytes"] != metrics(pipeline, "compress")["total_bytes"]
+    assert (tmp_path / "folder" / "train_gpt.py").read_bytes() == (
+        pipeline / hand / "out" / "bundle" / "train_gpt.py").read_bytes()
+    source = (f"the hand-run directory {hand}/ (its own bundle, compress, evaluate; the pipeline's prequant, "
+              "train)")
+    assert info["provenance"]["source"] == source and f"Every figure comes from {source}" in readme
+    assert info["provenance"]["figures"]["evaluate"]["file"] == f"{hand}/out/evaluate/metrics.json"
+    assert info["provenance"]["figures"]["prequant"]["params_digest"] == own["params_digest"]  # scored alike
+
+
+def test_params_that_contradict_the_data_the_inputs_were_made_from_are_refused_naming_the_keys(pipeline):
+    """A partial file whose tokenize: key differs from the data's: refused before scoring, naming the key; the
+    keys the file leaves to the defaults are named too."""
+    (pipeline / "partial.yaml").write_text("tokenize: {num_val_docs: 50}\nevaluate: {max_val_tokens: 4096}\n")
+    refused = pgolf(["evaluate", "--params", "partial.yaml", "--out", "runs_partial"], pipeline)
+    assert refused.returncode == 2
+    assert "pgolf evaluate: warning: partial.yaml leaves" in refused.stderr and "eval_stride" in refused.stderr
+    assert ("partial.yaml sets tokenize.num_val_docs=50 (tokenize used 100), but out/compress/artifact.ptz was made "
+            "otherwise: this evaluate would not compute what its params say") in refused.stderr
+    assert not (pipeline / "runs_partial" / "out" / "evaluate").exists()

@@ -71,7 +71,7 @@ def test_the_export_refuses_a_ttt_score_made_with_other_settings(ttt_pipeline, t
     env = {key: value for key, value in os.environ.items() if key != "DVC_STAGE"}
     provenance = ttt_pipeline / "out" / "ttt" / "provenance.json"
     record = json.loads(provenance.read_text())
-    record["config"]["ttt"]["lr"] = 0.5
+    record["params"]["ttt.lr"] = 0.5
     saved = provenance.read_text()
     provenance.write_text(json.dumps(record))
     try:
@@ -80,8 +80,8 @@ def test_the_export_refuses_a_ttt_score_made_with_other_settings(ttt_pipeline, t
     finally:
         provenance.write_text(saved)
     assert done.returncode == 2
-    assert "out/ttt/metrics.json was made with ttt.lr=0.5, but the script bakes 0.005: re-run the ttt stage" in \
-        done.stderr
+    assert "does not make these figures: ttt ran with ttt.lr=0.5, the script bakes 0.005: run those stages again" \
+        in done.stderr
 
 
 def stage_scores(repo: Path, method: str, work: Path) -> tuple[Path, dict[int, dict]]:
