@@ -8,7 +8,10 @@ scores cover (of the validation split's) and the params digest of the scores (pr
 evaluate's: one when they were scored alike). bpb is printed to 5 decimals and bytes exactly (``dvc exp show`` rounds to 5
 significant digits and needs a long ``--keep`` to show them). A run's params column names what
 it was made with: for an experiment the params that differ from its baseline commit, for a
-hand run the settings its stages recorded that differ from the pipeline's ``params.yaml``.
+hand run the settings its stages recorded that differ from the pipeline's ``params.yaml``. Its
+lineage column says whether a workspace's figures are one run's (``pgolf.pipeline.lineage``:
+every file one version across their records): ``mixed`` when a stage was re-run without the
+ones after it (``pgolf export --from DIR`` names the files).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any
 import yaml
 
 from pgolf.pipeline import layout
-from pgolf.pipeline.lineage import targets_text
+from pgolf.pipeline.lineage import MixedInputs, consistent_set, targets_text
+from pgolf.pipeline.stage import Workspace
 
 METRICS = {"prequant": layout.PREQUANT_METRICS, "evaluate": layout.EVALUATE_METRICS, "compress": layout.COMPRESS_METRICS,
            "ttt": layout.TTT_METRICS}
@@ -31,7 +35,7 @@ PROVENANCE = {"train": layout.TRAIN_PROVENANCE, "prequant": layout.PREQUANT_PROV
               "calibrate": layout.CALIBRATE_PROVENANCE, "quantize": layout.QUANTIZE_PROVENANCE,
               "compress": layout.COMPRESS_PROVENANCE, "evaluate": layout.EVALUATE_PROVENANCE,
               "ttt": layout.TTT_PROVENANCE}
-COLUMNS = ("run", "params", "prequant", "quantized", "sliding", "ttt", "tax", "bytes", "targets", "digest")
+COLUMNS = ("run", "params", "prequant", "quantized", "sliding", "ttt", "tax", "bytes", "targets", "digest", "lineage")
 
 
 @dataclass
@@ -41,6 +45,7 @@ class Run:
     name: str
     params: str
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lineage: str = "-"  # a workspace's: "one run", "mixed" or "unrecorded"; experiments: not checked
 
     def cells(self) -> list[str]:
         scored = self.metrics.get("prequant", {})
@@ -54,7 +59,8 @@ class Run:
                 bpb(quantized.get("val_bpb")), bpb(quantized.get("sliding_val_bpb")),
                 bpb(ttt.get("val_bpb")) if ttt.get("enabled", True) else "off",
                 signed(tax.get("sliding_val_bpb", tax.get("val_bpb"))),
-                f"{total:,}" if isinstance(total, int) else "-", targets(evaluate, ttt), digests(scored, evaluate)]
+                f"{total:,}" if isinstance(total, int) else "-", targets(evaluate, ttt), digests(scored, evaluate),
+                self.lineage]
 
 
 def bpb(value: Any) -> str:
@@ -89,7 +95,19 @@ def workspace_run(name: str, root: Path, baseline: dict[str, Any]) -> Run | None
     metrics = {stage: found for stage, path in METRICS.items() if (found := read_json(root / path)) is not None}
     if not metrics:
         return None
-    return Run(name, recorded_differences(root, baseline), metrics)
+    return Run(name, recorded_differences(root, baseline), metrics, lineage_state(root, list(metrics)))
+
+
+def lineage_state(root: Path, stages: list[str]) -> str:
+    """Whether the figures of ``stages`` under ``root`` are one run's: their records chain."""
+    records = {stage: root / PROVENANCE[stage] for stage in stages}
+    if any("lineage" not in (read_json(path) or {}) for path in records.values()):
+        return "unrecorded"  # written before pgolf recorded lineage
+    try:
+        consistent_set(records, Workspace(root).find)
+    except MixedInputs:
+        return "mixed"
+    return "one run"
 
 
 def recorded_differences(root: Path, baseline: dict[str, Any]) -> str:

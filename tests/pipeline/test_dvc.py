@@ -255,4 +255,5 @@ def test_pgolf_runs_puts_pipeline_hand_runs_and_experiments_side_by_side(baselin
     piped = json.loads((baseline / "out" / "evaluate" / "metrics.json").read_text())
     assert piped["params_digest"][:8] in rows["pipeline (out/)"] and hand["params_digest"][:8] not in rows[
         "pipeline (out/)"]
+    assert rows["pipeline (out/)"].endswith("one run") and rows["hand run (runs/)"].endswith("one run")
     assert any("quantize.matrix_clip_sigmas=30" in line for line in rows.values())  # the experiment
