@@ -156,7 +156,10 @@ def test_a_different_tokenizer_of_the_same_size_is_named(work, capsys):
     data = bytearray((work / TOKENIZER).read_bytes())
     data[-3] ^= 1  # another tokenizer file: the manifest's sha256 no longer matches
     (work / TOKENIZER).write_bytes(bytes(data))
-    fails_cleanly(work, capsys, ["evaluate"], f"{TOKENIZER}: sha256 ", "not that of the tokenizer")
+    fails_cleanly(work, capsys, ["train"], f"{TOKENIZER}: sha256 ", "not that of the tokenizer")
+    # a stage whose inputs were made with the tokenizer as it was says so first (pgolf.pipeline.lineage)
+    fails_cleanly(work, capsys, ["evaluate"], f"{TOKENIZER} is not from the run", f"{TOKENIZER}: ",
+                  f"in {layout.COMPRESS_PROVENANCE}")
 
 
 # ---------------------------------------------------------------- model files: checksum and finite weights

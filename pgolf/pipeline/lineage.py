@@ -214,9 +214,10 @@ class Lineage:
             return
         clashes = self.chain.clashes(chain)
         if clashes:
-            raise MixedInputs(f"{found} comes from another run than this {self.stage}'s other inputs (one file, two "
-                              f"versions: {'; '.join(clashes)}): make every input in one run directory (--out), or "
-                              "run the stage that reads it again")
+            raise MixedInputs(f"{found} is not from the run this {self.stage}'s other inputs come from (one file, two "
+                              f"versions: {'; '.join(clashes)}): a file changed since, or a hand run's outputs mixed "
+                              "with others; make every input in one run directory (--out), or run again the stages "
+                              "that read the old version")
         self._check_label(chain, found)
         self._take(name, found, chain)
 

@@ -11,22 +11,17 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
-from pgolf.config import ModelConfig
-from pgolf.data.shards import dataset_path, file_sha256, shard_name, write_shard
-from pgolf.data.tokenizer import tokenizer_file
+from pgolf.data.shards import file_sha256
 from pgolf.model.gpt import GPT
 from pgolf.pipeline import layout
 from pgolf.pipeline.lineage import MixedInputs, check_baked, consistent_set, declared_keys, digest, resolved
 from stages import calibrate, compress, import_model, quantize
-from tests.conftest import write_manifest
+from tests.stages.test_calibrate import CONFIG, write_random_dataset
 
-CONFIG = ModelConfig(vocab_size=256, num_layers=3, model_dim=32, embedding_dim=32, num_heads=2, num_kv_heads=1,
-                     rope_dims=8, xsa_last_n=3, num_loops=1, loop_start=1, loop_end=1)
 PARAMS = {
     "tokenize": {"data_dir": "data", "vocab_size": 256},
     "model": dataclasses.asdict(CONFIG),
@@ -52,16 +47,7 @@ def reference_model(path: Path, seed: int) -> str:
 def pipeline(tmp_path, monkeypatch) -> Path:
     """import -> calibrate -> quantize -> compress, as DVC runs them (the pipeline's paths)."""
     monkeypatch.chdir(tmp_path)
-    shards = dataset_path("data", CONFIG.vocab_size)
-    shards.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for index in range(2):
-        write_shard(shards / shard_name("train", index), rng.integers(0, CONFIG.vocab_size, 1_000, dtype=np.uint16))
-    write_shard(shards / shard_name("val", 0), rng.integers(0, CONFIG.vocab_size, 100, dtype=np.uint16))
-    tokenizer = tokenizer_file("data", CONFIG.vocab_size)
-    tokenizer.parent.mkdir(parents=True)
-    tokenizer.write_bytes(b"stands in for the tokenizer: calibration reads only its hash from the manifest")
-    write_manifest(shards, CONFIG.vocab_size, tokenizer)
+    write_random_dataset(CONFIG.vocab_size)
     Path(layout.BUNDLE_CODE_BYTES).parent.mkdir(parents=True)
     Path(layout.BUNDLE_CODE_BYTES).write_text(json.dumps({"code_bytes": 1000}))
     params = write_params("params.yaml", PARAMS)
@@ -104,7 +90,7 @@ def test_a_hand_runs_model_with_the_pipelines_hessians_of_another_is_refused_nam
     assert quantize.main(["--params", "params.yaml", "--out", "runs"]) == 2
     error = capsys.readouterr().err
     mine, theirs = file_sha256(Path("runs") / layout.TRAIN_MODEL)[:12], file_sha256(layout.TRAIN_MODEL)[:12]
-    assert f"{layout.CALIBRATE_HESSIANS} comes from another run than this quantize's other inputs" in error
+    assert f"{layout.CALIBRATE_HESSIANS} is not from the run this quantize's other inputs come from" in error
     assert (f"{layout.TRAIN_MODEL}: {mine} in runs/{layout.TRAIN_MODEL}, {theirs} in "
             f"{layout.CALIBRATE_PROVENANCE}") in error
     assert not (Path("runs") / layout.QUANTIZE_MODEL).exists()

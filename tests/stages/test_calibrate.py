@@ -30,21 +30,26 @@ PARAMS = {
 }
 
 
+def write_random_dataset(vocab_size: int) -> None:
+    """Random train and validation shards under ``data/``, a stand-in tokenizer and their manifest."""
+    shards = dataset_path("data", vocab_size)
+    shards.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        write_shard(shards / shard_name("train", index), rng.integers(0, vocab_size, 1_000, dtype=np.uint16))
+    write_shard(shards / shard_name("val", 0), rng.integers(0, vocab_size, 100, dtype=np.uint16))
+    tokenizer = tokenizer_file("data", vocab_size)
+    tokenizer.parent.mkdir(parents=True)
+    tokenizer.write_bytes(b"stands in for the tokenizer: calibration reads only its hash from the manifest")
+    write_manifest(shards, vocab_size, tokenizer)
+
+
 @pytest.fixture()
 def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     save_model(Path(layout.TRAIN_MODEL), CONFIG, GPT(CONFIG).state_dict())
-    shards = dataset_path("data", CONFIG.vocab_size)
-    shards.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for index in range(2):
-        write_shard(shards / shard_name("train", index), rng.integers(0, CONFIG.vocab_size, 1_000, dtype=np.uint16))
-    write_shard(shards / shard_name("val", 0), rng.integers(0, CONFIG.vocab_size, 100, dtype=np.uint16))
-    tokenizer = tokenizer_file("data", CONFIG.vocab_size)
-    tokenizer.parent.mkdir(parents=True)
-    tokenizer.write_bytes(b"stands in for the tokenizer: calibration reads only its hash from the manifest")
-    write_manifest(shards, CONFIG.vocab_size, tokenizer)
+    write_random_dataset(CONFIG.vocab_size)
     return tmp_path
 
 

@@ -259,7 +259,7 @@ def test_hand_runs_with_other_params_leave_the_export_to_the_pipelines_figures(p
                      rf"\w{{12}} in {hand}/out/evaluate/provenance.json \(read it\)", mixed.stderr), mixed.stderr
     listed = pgolf(["runs", hand], pipeline).stdout.splitlines()  # `pgolf runs` says so too
     assert listed[-1].startswith(f"hand run ({hand}/)") and listed[-1].endswith("mixed")
-    assert [line for line in listed if line.startswith("pipeline (out/)")][0].endswith("one run")
+    assert next(line for line in listed if line.startswith("pipeline (out/)")).endswith("one run")
 
 
 def test_a_named_hand_run_exports_its_own_consistent_set(pipeline, tmp_path):
