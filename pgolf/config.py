@@ -374,6 +374,12 @@ class QuantizeConfig(Section):
         """Whether quantizing needs the output sensitivities that calibrate collects."""
         return self.scale_search == "loss_sdclip" or (self.method == "allocate" and self.allocate_distortion == "loss")
 
+    @property
+    def rate_aware(self) -> bool:
+        """Whether some GPTQ pass may price codes by their bits (rate_lambda > 0 anywhere: set, searched or tried)."""
+        return (self.rate_lambda > 0 or (self.method == "allocate" and max(self.allocate_rate_lambdas, default=0) > 0)
+                or (self.fit_to_size and self.fit_knob == "rate_lambda"))
+
     def check(self) -> None:
         _require(self.fit_min_clip_sigmas < self.fit_max_clip_sigmas, "fit_max_clip_sigmas",
                  self.fit_max_clip_sigmas, f"must exceed fit_min_clip_sigmas ({self.fit_min_clip_sigmas})")
@@ -392,9 +398,7 @@ class QuantizeConfig(Section):
                  "must list at least one clip")
         _require(bool(self.allocate_rate_lambdas), "allocate_rate_lambdas", self.allocate_rate_lambdas,
                  "must list at least one λ (0: nearest codes)")
-        rate_aware = (self.rate_lambda > 0 or (self.method == "allocate" and max(self.allocate_rate_lambdas) > 0)
-                      or (self.fit_to_size and self.fit_knob == "rate_lambda"))
-        _require(not rate_aware or clip_sigmas_used, "rate_lambda", self.rate_lambda,
+        _require(not self.rate_aware or clip_sigmas_used, "rate_lambda", self.rate_lambda,
                  f"rate-aware GPTQ needs an SDClip scale_search, not {self.scale_search!r}")
 
 

@@ -50,12 +50,13 @@ from __future__ import annotations
 import functools
 import math
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import brotli
 import constriction
 import numpy as np
+
+from pgolf.artifact.compress import StreamError, brotli_pieces
 
 CODER_VERSION = 1
 RAW, BROTLI, LANES, COLUMNS, BELL = 0, 1, 2, 3, 4
@@ -67,10 +68,6 @@ DECODE_PIECE = 1 << 20  # symbols decoded per call into a block: bounds the int3
 _SECTION = struct.Struct("<BI")  # method, body length
 _FLOAT_SECTIONS = (("scale", "float16"), ("passthrough", "float16"), ("passthrough", "float32"))
 _ITEMSIZE = {"int8": 1, "float16": 2, "float32": 4}
-
-
-class StreamError(ValueError):
-    """An ``ans`` stream that does not decode to what it declares."""
 
 
 @dataclass(frozen=True)
@@ -225,26 +222,6 @@ def _unbrotli(body: memoryview, size: int | None, what: str) -> bytes:
     except brotli.error as exc:
         raise StreamError(f"{what}: brotli body is corrupt: {exc}") from None
     return bytes(data)
-
-
-def brotli_pieces(stream: bytes, piece: int = 1 << 20) -> Iterator[bytes]:
-    """The output of a brotli ``stream`` in pieces of about ``piece`` bytes (bounded memory).
-
-    The decoder may keep input and output for later calls, so it is drained with empty
-    input; a call that yields nothing with nothing left to give means the stream ended early.
-    """
-    decoder = brotli.Decompressor()
-    position = 0
-    while not decoder.is_finished():
-        chunk = b""
-        if decoder.can_accept_more_data() and position < len(stream):
-            chunk, position = stream[position:position + piece], position + piece
-        output = decoder.process(chunk, output_buffer_limit=piece)
-        if not output and not chunk and not decoder.is_finished():
-            raise StreamError("it ends before its last block (truncated or corrupt)")
-        yield output
-    if position < len(stream):
-        raise StreamError(f"{len(stream) - position:,} bytes after its end (corrupt)")
 
 
 def _split_lanes(data: bytes, itemsize: int) -> list[np.ndarray]:

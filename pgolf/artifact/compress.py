@@ -28,17 +28,19 @@ import lzma
 import struct
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import brotli
 import numpy as np
 import zstandard
 from torch import Tensor
 
-from pgolf.artifact import ans, pergroup
 from pgolf.artifact.format import check_array, deserialize, scale_length, serialize, split_header
 from pgolf.artifact.tensors import ArtifactError, CodedTensor, QuantizedModel
 from pgolf.config import CompressConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from pgolf.artifact.ans import ArraySpec
 
 ARTIFACT_MAGIC = b"PGAZ"
 
@@ -93,6 +95,30 @@ def check_declared_size(raw_len: int, artifact_len: int) -> None:
         )
 
 
+class StreamError(ValueError):
+    """A coder's stream that does not decode to what it declares (truncated, corrupt or too long)."""
+
+
+def brotli_pieces(stream: bytes, piece: int = _PIECE) -> Iterator[bytes]:
+    """The output of a brotli ``stream`` in pieces of about ``piece`` bytes (bounded memory).
+
+    The decoder may keep input and output for later calls, so it is drained with empty
+    input; a call that yields nothing with nothing left to give means the stream ended early.
+    """
+    decoder = brotli.Decompressor()
+    position = 0
+    while not decoder.is_finished():
+        chunk = b""
+        if decoder.can_accept_more_data() and position < len(stream):
+            chunk, position = stream[position:position + piece], position + piece
+        output = decoder.process(chunk, output_buffer_limit=piece)
+        if not output and not chunk and not decoder.is_finished():
+            raise StreamError("it ends before its last block (truncated or corrupt)")
+        yield output
+    if position < len(stream):
+        raise StreamError(f"{len(stream) - position:,} bytes after its end (corrupt)")
+
+
 def byte_shuffle(data: bytes, stride: int) -> bytes:
     """``BSHF | stride | bytes at offsets ≡ 0 (mod stride), then ≡ 1, ...`` (the reference's shuffle)."""
     if not 1 <= stride <= 255:
@@ -121,12 +147,13 @@ def compress(raw: bytes, cfg: CompressConfig) -> bytes:
     """Code ``raw`` (a serialized model) into a self-describing artifact with ``cfg.compressor``."""
     if cfg.compressor not in COMPRESSORS:
         raise ValueError(f"compress.compressor: unknown {cfg.compressor!r} (known: {', '.join(COMPRESSORS)})")
+    coder_version = coder_version_of(cfg.compressor)
     if cfg.compressor == "ans":
-        stream, coder_version = _ans_compress(raw), ans.CODER_VERSION
+        stream = _ans_compress(raw)
     elif cfg.compressor == "pergroup":
-        stream, coder_version = _pergroup_compress(raw, cfg), PERGROUP_CODER_VERSION
+        stream = _pergroup_compress(raw, cfg)
     else:
-        stream, coder_version = _general_compress(byte_shuffle(raw, cfg.shuffle_stride), cfg), GENERAL_CODER_VERSION
+        stream = _general_compress(byte_shuffle(raw, cfg.shuffle_stride), cfg)
     prefix = _ARTIFACT_PREFIX.pack(
         ARTIFACT_MAGIC, ARTIFACT_VERSION, COMPRESSORS[cfg.compressor], coder_version, len(raw), zlib.crc32(raw)
     )
@@ -135,6 +162,15 @@ def compress(raw: bytes, cfg: CompressConfig) -> bytes:
     except ArtifactError as exc:  # never write what decompress would refuse
         raise ValueError(f"compress.compressor {cfg.compressor}: {exc}") from None
     return prefix + stream
+
+
+def coder_version_of(compressor: str) -> int:
+    """The coder version this code writes and reads for ``compressor``."""
+    if compressor == "ans":
+        from pgolf.artifact import ans  # here, not above: an exported script ships the coder only when it uses it
+
+        return ans.CODER_VERSION
+    return PERGROUP_CODER_VERSION if compressor == "pergroup" else GENERAL_CODER_VERSION
 
 
 def _general_compress(shuffled: bytes, cfg: CompressConfig) -> bytes:
@@ -158,7 +194,7 @@ def decompress(blob: bytes) -> bytes:
     if compressor not in names:
         raise ArtifactError(f"artifact names unknown compressor id {compressor} (known: {names})")
     name = names[compressor]
-    expected_version = {"ans": ans.CODER_VERSION, "pergroup": PERGROUP_CODER_VERSION}.get(name, GENERAL_CODER_VERSION)
+    expected_version = coder_version_of(name)
     if coder_version != expected_version:
         raise ArtifactError(
             f"artifact's {name} coder version {coder_version} is not supported (this code reads {expected_version})"
@@ -216,7 +252,7 @@ def _inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
 
 def _inflate_at_most(name: str, stream: bytes, limit: int) -> bytes:
     """The output of a brotli / lzma / zstd ``stream``, refused once it passes ``limit`` bytes."""
-    pieces = {"brotli": ans.brotli_pieces, "lzma": _lzma_pieces, "zstd": _zstd_pieces}[name](stream)
+    pieces = {"brotli": brotli_pieces, "lzma": _lzma_pieces, "zstd": _zstd_pieces}[name](stream)
     out = bytearray()
     try:
         for piece in pieces:
@@ -225,7 +261,7 @@ def _inflate_at_most(name: str, stream: bytes, limit: int) -> bytes:
                 raise ArtifactError(
                     f"artifact's {name} stream inflates beyond the {limit:,} bytes its header declares: refused"
                 )
-    except (brotli.error, lzma.LZMAError, zstandard.ZstdError, ans.StreamError) as exc:
+    except (brotli.error, lzma.LZMAError, zstandard.ZstdError, StreamError) as exc:
         raise ArtifactError(f"artifact's {name} stream is corrupt or truncated: {exc}") from None
     return bytes(out)
 
@@ -235,7 +271,7 @@ def _lzma_pieces(stream: bytes) -> Iterator[bytes]:
     chunk = stream
     while not decoder.eof:
         if decoder.needs_input and not chunk:
-            raise ans.StreamError("it ends before its last block (truncated or corrupt)")
+            raise StreamError("it ends before its last block (truncated or corrupt)")
         yield decoder.decompress(chunk, max_length=_PIECE)
         chunk = b""
 
@@ -248,6 +284,8 @@ def _zstd_pieces(stream: bytes) -> Iterator[bytes]:
 
 def _ans_compress(raw: bytes) -> bytes:
     """pgolf.artifact.ans's stream of a serialized model: its header, then every array under its own model."""
+    from pgolf.artifact import ans  # here, not above: an exported script ships the coder only when it uses it
+
     deserialize(raw)  # the entropy coder reads the layout: refuse anything that is not a valid model
     payload_start, header = split_header(raw)
     payload = memoryview(raw)[payload_start:]
@@ -259,24 +297,28 @@ def _ans_compress(raw: bytes) -> bytes:
 
 
 def _ans_decompress(stream: bytes, raw_len: int) -> bytes:
+    from pgolf.artifact import ans
+
     try:
         head, body = ans.decode_head(stream)
         if len(head) > raw_len:
-            raise ans.StreamError(f"its model header of {len(head):,} bytes exceeds the declared {raw_len:,}")
+            raise StreamError(f"its model header of {len(head):,} bytes exceeds the declared {raw_len:,}")
         payload_start, header = split_header(head)
         specs = _array_specs(header, raw_len - payload_start)
         end = max((spec.offset + spec.nbytes for spec in specs), default=0)
         if payload_start + end != raw_len:  # serialize ends the payload with its last array
-            raise ans.StreamError(f"the header's arrays end at byte {payload_start + end:,}, "
+            raise StreamError(f"the header's arrays end at byte {payload_start + end:,}, "
                                       f"the artifact declares {raw_len:,}")
         payload = ans.decode_payload(body, specs, end)
-    except (ans.StreamError, ArtifactError) as exc:
+    except (StreamError, ArtifactError) as exc:
         raise ArtifactError(f"artifact's ans stream is corrupt or truncated: {exc}") from None
     return head + payload
 
 
 def _pergroup_compress(raw: bytes, cfg: CompressConfig) -> bytes:
     """The pergroup container of a serialized model: lrzip per group, brotli for the rest."""
+    from pgolf.artifact import pergroup  # here, not above: an exported script ships it only when it uses it
+
     deserialize(raw)  # the groups are read from the layout: refuse anything that is not a valid model
     parts = pergroup.split_model(raw)
     remainder = brotli.compress(byte_shuffle(parts.remainder, cfg.shuffle_stride), quality=cfg.brotli_quality,
@@ -287,6 +329,8 @@ def _pergroup_compress(raw: bytes, cfg: CompressConfig) -> bytes:
 
 def _pergroup_decompress(stream: bytes, raw_len: int) -> bytes:
     """The serialized model in a pergroup container; every size is known before it is decoded."""
+    from pgolf.artifact import pergroup
+
     streams = pergroup.unpack_streams(stream)
     remainder = byte_unshuffle(_inflate_at_most("brotli", streams[pergroup.REMAINDER], raw_len + _SHUFFLE_HEADER_LEN))
     layout = pergroup.remainder_layout(remainder, raw_len)
@@ -299,8 +343,10 @@ def _pergroup_decompress(stream: bytes, raw_len: int) -> bytes:
     return pergroup.join_model(remainder, layout, groups, permutations)
 
 
-def _array_specs(header: dict[str, Any], payload_len: int) -> list[ans.ArraySpec]:
+def _array_specs(header: dict[str, Any], payload_len: int) -> list[ArraySpec]:
     """Every array of the payload as the entropy coder sees it, validated against ``payload_len``."""
+    from pgolf.artifact import ans
+
     specs = []
     for index, entry in enumerate(header["tensors"]):
         try:

@@ -61,7 +61,6 @@ from pgolf.data.shards import dataset_path, validate_dataset
 from pgolf.data.tokenizer import load_tokenizer, tokenizer_file
 from pgolf.distributed import DistContext, barrier, init_distributed, shutdown
 from pgolf.eval.score import evaluate_model, validation_set
-from pgolf.eval.ttt import run_ttt, ttt_metrics
 from pgolf.fingerprint import data_fingerprint, environment, log_lines
 from pgolf.model.files import build_model, load_model, save_model
 from pgolf.model.gpt import GPT, count_parameters
@@ -285,6 +284,8 @@ def evaluation_phase(cfgs: RunConfigs, root: Path, streams: ValidationSets, ctx:
 def test_time_train(model: GPT, stream: ValidationStream, cfg: TTTConfig, ctx: DistContext, clocks: Clocks,
                     evaluated: dict[str, Any]) -> dict[str, Any]:
     """The ttt stage's scoring of the artifact, on its clock; its metrics (the stage's ``out/ttt/metrics.json``)."""
+    from pgolf.eval.ttt import run_ttt, ttt_metrics  # here, not above: a script ships TTT only when it is on
+
     with clocks.phase("ttt"):  # compile warm-up included: run_ttt compiles inside
         model.looping_active = True
         result = run_ttt(model, stream, cfg, ctx.device, ctx)

@@ -1,0 +1,281 @@
+"""Tree shaking: of each module the submission imports, only the statements its entry can reach.
+
+The exported script ships the import closure of the runner (:mod:`pgolf.submit.bundle`), and a
+module the runner imports for one function would bring all the others with it: the pipeline's
+writers, the readers of older formats, the helpers of stages. :func:`shake` reads the syntax
+trees from the entry's ``main`` outwards and keeps, of each module, the top-level definitions
+(functions, classes, names assigned) that kept code names, with every other top-level
+statement of a module that is loaded at all (``from __future__``, module-level calls). A name
+used in kept code keeps what binds it in that module, or, imported from a project module,
+what binds it there (through re-exports); ``module.name`` keeps ``name`` of that module; a
+module used as a value (passed, not read as ``module.name``) keeps all of it; an import inside
+a function loads its module and keeps the names it imports. Imports that no kept statement
+uses are dropped, and a module that nothing kept imports does not ship. A name counts wherever
+it is read, whatever it refers to there (a local of the same name keeps the global too), so the
+rule errs only towards shipping more; what it cannot see is a name built at run time
+(``globals()[...]``, ``getattr(module, text)`` on a module it did not see passed), which the
+shipped modules do not use. Annotations of function signatures are never evaluated (every
+shipped module starts with ``from __future__ import annotations``; the minifier then drops
+them), so they keep nothing; class-level annotations are evaluated by ``typing.get_type_hints``
+(the config sections check their fields by them) and keep what they name.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGE = "pgolf"
+ENTRY_FUNCTION = "main"
+
+
+@dataclass
+class Module:
+    """One project module as the shaker reads it."""
+
+    name: str  # dotted: pgolf.room.module (a package's name for its __init__.py)
+    path: str  # relative to the root: pgolf/room/module.py
+    tree: ast.Module
+    binders: dict[str, list[ast.stmt]] = field(default_factory=dict)  # top-level name -> the statements binding it
+    imports: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # local name -> (module, name or None)
+    postponed: bool = False  # ``from __future__ import annotations``: signature annotations are never evaluated
+
+
+def module_path(name: str, root: Path) -> str | None:
+    """The file of module ``name`` relative to ``root`` (``pgolf/a.py`` or ``pgolf/a/__init__.py``), or None."""
+    base = Path(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if (root / candidate).is_file():
+            return candidate.as_posix()
+    return None
+
+
+def read_module(name: str, root: Path) -> Module:
+    path = module_path(name, root)
+    if path is None:
+        raise FileNotFoundError(f"module {name} is not under {root}")
+    tree = ast.parse((root / path).read_text(encoding="utf-8"), filename=path)
+    module = Module(name, path, tree)
+    for stmt in tree.body:
+        for bound in bound_names(stmt):
+            module.binders.setdefault(bound, []).append(stmt)
+        if isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__":
+            module.postponed |= any(alias.name == "annotations" for alias in stmt.names)
+        for local, target in project_imports(stmt, package_of(name, path)):
+            module.imports[local] = target
+    return module
+
+
+def package_of(name: str, path: str) -> str:
+    """The package a module's relative imports start from."""
+    return name if path.endswith("__init__.py") else name.rpartition(".")[0]
+
+
+def bound_names(stmt: ast.stmt) -> list[str]:
+    """The names a top-level definition binds; [] for every other statement (those always run)."""
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [stmt.name]
+    if isinstance(stmt, (ast.AnnAssign, ast.AugAssign)):
+        return [stmt.target.id] if isinstance(stmt.target, ast.Name) else []
+    if isinstance(stmt, ast.Assign):
+        names = [name for target in stmt.targets for name in target_names(target)]
+        return names if all(target_names(target) for target in stmt.targets) else []
+    return []
+
+
+def target_names(target: ast.expr) -> list[str]:
+    """The names an assignment target binds, or [] when it also stores elsewhere (``a.b = ``, ``a[i] = ``)."""
+    if isinstance(target, ast.Name):
+        return [target.id]
+    if isinstance(target, (ast.Tuple, ast.List)):
+        names = [target_names(element) for element in target.elts]
+        return [name for group in names for name in group] if all(names) else []
+    return []
+
+
+def project_imports(stmt: ast.stmt, package: str) -> Iterator[tuple[str, tuple[str, str | None]]]:
+    """``(local name, (module, imported name or None))`` of each project import an import statement binds."""
+    if isinstance(stmt, ast.Import):
+        for alias in stmt.names:
+            if alias.name.split(".")[0] == PACKAGE:
+                yield (alias.asname, (alias.name, None)) if alias.asname else (PACKAGE, (PACKAGE, None))
+    elif isinstance(stmt, ast.ImportFrom):
+        source = absolute_module(stmt, package)
+        if source.split(".")[0] == PACKAGE:
+            for alias in stmt.names:
+                yield alias.asname or alias.name, (source, alias.name)
+
+
+def absolute_module(stmt: ast.ImportFrom, package: str) -> str:
+    if not stmt.level:
+        return stmt.module or ""
+    base = package.split(".")[: len(package.split(".")) - stmt.level + 1]
+    return ".".join(base + ([stmt.module] if stmt.module else []))
+
+
+def is_type_checking_block(stmt: ast.stmt) -> bool:
+    """``if TYPE_CHECKING:`` (imports for annotations only): never runs, never ships."""
+    return isinstance(stmt, ast.If) and isinstance(stmt.test, ast.Name) and stmt.test.id == "TYPE_CHECKING"
+
+
+class Shaker:
+    """The reachability walk: which modules load, and which statements and imported names of each are kept."""
+
+    def __init__(self, root: Path, left_out: frozenset[str] = frozenset()) -> None:
+        self.root = root
+        self.left_out = left_out  # modules that must not load: only a lazy import of one may stay in kept code
+        self.modules: dict[str, Module] = {}
+        self.kept: set[int] = set()  # id() of kept top-level statements
+        self.used: dict[str, set[str]] = {}  # module -> the names read in its kept code
+        self._pending: list[tuple[str, ast.AST]] = []  # (module, node) still to read
+
+    def run(self, entry: str, whole: list[str]) -> None:
+        """Walk from ``entry``'s ``main`` and from every name of the modules in ``whole``."""
+        self.use(entry, ENTRY_FUNCTION)
+        for module in whole:
+            self.use_all(module)
+        while self._pending:
+            module, node = self._pending.pop()
+            self._read(self.modules[module], node)
+
+    def load(self, name: str) -> Module:
+        """Import module ``name``: every package above it and its own non-definition statements run."""
+        if name in self.modules:
+            return self.modules[name]
+        if name in self.left_out:
+            raise ValueError(f"{name} is left out of this submission but a module imports it where it loads: "
+                             "import it inside the branch of the option that needs it")
+        module = self.modules[name] = read_module(name, self.root)
+        self.used[name] = set()
+        parts = name.split(".")
+        for depth in range(1, len(parts)):
+            if module_path(".".join(parts[:depth]), self.root):
+                self.load(".".join(parts[:depth]))
+        for stmt in module.tree.body:
+            if not bound_names(stmt) and not isinstance(stmt, (ast.Import, ast.ImportFrom)) \
+                    and not is_type_checking_block(stmt):
+                self.keep(name, stmt)
+        return module
+
+    def keep(self, module: str, stmt: ast.stmt) -> None:
+        if id(stmt) not in self.kept:
+            self.kept.add(id(stmt))
+            self._pending.append((module, stmt))
+
+    def use(self, module: str, name: str) -> None:
+        """Name ``name`` is read in ``module``'s kept code (or imported from it): keep what binds it."""
+        found = self.load(module)
+        if name in self.used[module]:
+            return
+        self.used[module].add(name)
+        for stmt in found.binders.get(name, []):
+            self.keep(module, stmt)
+        if name in found.imports:
+            self.use_import(*found.imports[name])
+        elif module_path(f"{module}.{name}", self.root) and name not in found.binders:
+            self.load(f"{module}.{name}")  # a submodule read as an attribute of its package
+
+    def use_import(self, source: str, name: str | None) -> None:
+        if name is None:
+            self.load(source)
+        elif module_path(f"{source}.{name}", self.root):
+            self.load(source)
+            self.load(f"{source}.{name}")
+        else:
+            self.use(source, name)
+
+    def use_all(self, module: str) -> None:
+        """A module used as a value: anything in it may be read."""
+        for name in list(self.load(module).binders) + list(self.modules[module].imports):
+            self.use(module, name)
+
+    def module_of(self, module: Module, node: ast.expr) -> str | None:
+        """The project module an expression names (``alias`` or ``alias.sub``), or None."""
+        if isinstance(node, ast.Name) and node.id in module.imports:
+            source, name = module.imports[node.id]
+            dotted = source if name is None else f"{source}.{name}"
+            return dotted if module_path(dotted, self.root) else None
+        if isinstance(node, ast.Attribute):
+            parent = self.module_of(module, node.value)
+            if parent and module_path(f"{parent}.{node.attr}", self.root):
+                return f"{parent}.{node.attr}"
+        return None
+
+    def _read(self, module: Module, node: ast.AST) -> None:
+        """Follow every name ``node`` reads (a kept statement of ``module``)."""
+        attribute_values = set()
+        for child in walk_evaluated(node, module.postponed):
+            if isinstance(child, ast.Attribute):
+                target = self.module_of(module, child.value)
+                if target is not None:
+                    attribute_values.add(id(child.value))
+                    self.use(target, child.attr)
+            elif isinstance(child, ast.Name) and not isinstance(child.ctx, ast.Store):
+                self.use(module.name, child.id)
+                target = self.module_of(module, child)
+                if target is not None and id(child) not in attribute_values:
+                    self.use_all(target)
+            elif isinstance(child, (ast.Global, ast.Nonlocal)):
+                for name in child.names:
+                    self.use(module.name, name)
+            elif isinstance(child, (ast.Import, ast.ImportFrom)) and child is not node:  # an import inside code
+                for _, (source, name) in project_imports(child, package_of(module.name, module.path)):
+                    if not {source, f"{source}.{name}"} & self.left_out:  # a left-out option's import stays unrun
+                        self.use_import(source, name)
+
+
+def walk_evaluated(node: ast.AST, postponed: bool) -> Iterator[ast.AST]:
+    """Every node under ``node`` (parents before children), less the annotations of function signatures when
+    annotations are postponed (they are strings then, never evaluated)."""
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        yield current
+        children = list(ast.iter_child_nodes(current))
+        if postponed and isinstance(current, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            children = [c for c in children if c is not current.returns]
+        if postponed and isinstance(current, ast.arg):
+            children = [c for c in children if c is not current.annotation]
+        pending.extend(reversed(children))
+
+
+def shake(entry_files: list[str], root: Path, left_out: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Path -> the source that ships, of every module reached from ``entry_files[0]``'s ``main`` and from all of
+    the other entry files, without the modules in ``left_out`` (dotted names: options the baked params leave off,
+    which kept code may import only inside the branch that needs them; importing one where a module loads is
+    a ValueError)."""
+    modules = [".".join(Path(name).with_suffix("").parts) for name in entry_files]
+    missing = [name for name, module in zip(entry_files, modules, strict=True)
+               if module_path(module, root) != Path(name).as_posix()]
+    if missing:
+        raise FileNotFoundError(f"compress.code_files: not found under {root}: {', '.join(missing)}")
+    shaker = Shaker(root, left_out)
+    shaker.run(modules[0], modules[1:])
+    return {module.path: kept_source(module, shaker) for module in shaker.modules.values()}
+
+
+def kept_source(module: Module, shaker: Shaker) -> str:
+    """The module's kept statements, its imports cut to the names kept code reads, as source text."""
+    body = []
+    for stmt in module.tree.body:
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            stmt = used_import(stmt, shaker.used[module.name])
+            if stmt is not None:
+                body.append(stmt)
+        elif id(stmt) in shaker.kept:
+            body.append(stmt)
+    return ast.unparse(ast.Module(body=body, type_ignores=[])) + "\n" if body else ""
+
+
+def used_import(stmt: ast.Import | ast.ImportFrom, used: set[str]) -> ast.stmt | None:
+    """The import with only the names kept code reads (``from __future__`` whole), or None if none is read."""
+    if isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__":
+        return stmt
+    names = [alias for alias in stmt.names if (alias.asname or alias.name.split(".")[0]) in used]
+    if not names:
+        return None
+    if isinstance(stmt, ast.Import):
+        return ast.Import(names=names)
+    return ast.ImportFrom(module=stmt.module, names=names, level=stmt.level)
