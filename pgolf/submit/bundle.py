@@ -18,30 +18,28 @@ With ``compress.compress_code`` the bundle travels as one brotli-11 stream in ba
 records' self-extracting scripts), otherwise as text. The bundler itself never ships: the runner
 does not import it. The size gate that counts these bytes is :mod:`pgolf.artifact.size`.
 :func:`import_closure` is the whole static closure (every import, every option), which the
-pipeline's code deps use (:mod:`pgolf.pipeline.deps`). ``python -m pgolf.submit.bundle
-params.yaml`` prints what a params file's script ships, module by module, without training.
+pipeline's code deps use (:mod:`pgolf.pipeline.deps`). The bundle stage writes the script
+without training (``python -m stages.bundle --params FILE --out DIR --modules`` prints what
+ships, module by module: :func:`module_sizes`).
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import base64
+import functools
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import brotli
 import python_minifier
-import yaml
 
 from pgolf import __version__
 from pgolf.config import QuantizeConfig, TTTConfig, from_dict
-from pgolf.submit.shake import shake
+from pgolf.submit.shake import is_type_checking_block, module_file, project_imports, shake
 
-PACKAGE = "pgolf"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -51,12 +49,8 @@ def imported_modules(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     names: set[str] = set()
     for node in _runtime_nodes(tree):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names if alias.name.split(".")[0] == PACKAGE}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
-                and node.module.split(".")[0] == PACKAGE:
-            names.add(node.module)
-            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+        for _, (source, name) in project_imports(node):
+            names |= {source} if name is None else {source, f"{source}.{name}"}
     return names
 
 
@@ -66,20 +60,11 @@ def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
     while pending:
         node = pending.pop()
         nodes.append(node)
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+        if is_type_checking_block(node):
             pending.extend(node.orelse)
             continue
         pending.extend(ast.iter_child_nodes(node))
     return nodes
-
-
-def module_file(name: str, root: Path) -> Path | None:
-    """The source file of module ``name`` under ``root``, or None when it is not a module."""
-    base = root.joinpath(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def package_inits(name: str, root: Path) -> list[Path]:
@@ -158,6 +143,7 @@ def options_off(params: dict[str, Any]) -> frozenset[str]:
     return frozenset(name for name, switched_on in OPTION_MODULES.items() if not switched_on(sections))
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of its text: scripts of several params share most modules
 def minified_source(source: str, path: str) -> str:
     """``source`` as it ships, by python-minifier: the same code, fewer bytes.
 
@@ -179,6 +165,15 @@ def shipped_files(entry_files: list[str], params: dict[str, Any], root: Path = R
     """Path -> shipped source of every module a script with these baked ``params`` carries."""
     shaken = shake(entry_files, root, options_off(params))
     return {path: minified_source(source, path) for path, source in sorted(shaken.items())}
+
+
+def module_sizes(files: dict[str, str], root: Path = REPO_ROOT) -> list[dict[str, Any]]:
+    """What each shipped module (``files``: path -> shipped source) weighs, heaviest first: its source as
+    written, as shipped, and shipped and brotli-compressed alone (in a script all share one stream)."""
+    rows = [{"path": path, "written": (root / path).stat().st_size, "shipped": len(source.encode("utf-8")),
+             "compressed": len(brotli.compress(source.encode("utf-8"), quality=11)) if source else 0}
+            for path, source in files.items()]
+    return sorted(rows, key=lambda row: (-row["compressed"], row["path"]))
 
 
 def bundle(entry_files: list[str], params: dict[str, Any], root: Path = REPO_ROOT) -> str:

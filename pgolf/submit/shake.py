@@ -39,38 +39,43 @@ class Module:
     path: str  # relative to the root: pgolf/room/module.py
     tree: ast.Module
     binders: dict[str, list[ast.stmt]] = field(default_factory=dict)  # top-level name -> the statements binding it
-    imports: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # local name -> (module, name or None)
+    # local name -> what it imports: (module, name) or (module, None) for ``import pgolf.a.b`` (several, for ``pgolf``)
+    imports: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)
+    local_imports: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)  # those inside functions
     postponed: bool = False  # ``from __future__ import annotations``: signature annotations are never evaluated
 
 
-def module_path(name: str, root: Path) -> str | None:
-    """The file of module ``name`` relative to ``root`` (``pgolf/a.py`` or ``pgolf/a/__init__.py``), or None."""
-    base = Path(*name.split("."))
+def module_file(name: str, root: Path) -> Path | None:
+    """The source file of module ``name`` under ``root``, or None when it is not a module."""
+    base = root.joinpath(*name.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if (root / candidate).is_file():
-            return candidate.as_posix()
+        if candidate.is_file():
+            return candidate
     return None
 
 
+def _is_module(name: str, root: Path) -> bool:
+    return module_file(name, root) is not None
+
+
 def read_module(name: str, root: Path) -> Module:
-    path = module_path(name, root)
-    if path is None:
+    source = module_file(name, root)
+    if source is None:
         raise FileNotFoundError(f"module {name} is not under {root}")
-    tree = ast.parse((root / path).read_text(encoding="utf-8"), filename=path)
+    path = source.relative_to(root).as_posix()
+    tree = ast.parse(source.read_text(encoding="utf-8"), filename=path)
     module = Module(name, path, tree)
     for stmt in tree.body:
         for bound in bound_names(stmt):
             module.binders.setdefault(bound, []).append(stmt)
         if isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__":
             module.postponed |= any(alias.name == "annotations" for alias in stmt.names)
-        for local, target in project_imports(stmt, package_of(name, path)):
-            module.imports[local] = target
+        for local, target in project_imports(stmt):
+            module.imports.setdefault(local, []).append(target)
+        for node in ast.walk(stmt) if not isinstance(stmt, (ast.Import, ast.ImportFrom)) else ():
+            for local, target in project_imports(node):
+                module.local_imports.setdefault(local, []).append(target)
     return module
-
-
-def package_of(name: str, path: str) -> str:
-    """The package a module's relative imports start from."""
-    return name if path.endswith("__init__.py") else name.rpartition(".")[0]
 
 
 def bound_names(stmt: ast.stmt) -> list[str]:
@@ -95,24 +100,16 @@ def target_names(target: ast.expr) -> list[str]:
     return []
 
 
-def project_imports(stmt: ast.stmt, package: str) -> Iterator[tuple[str, tuple[str, str | None]]]:
-    """``(local name, (module, imported name or None))`` of each project import an import statement binds."""
+def project_imports(stmt: ast.AST) -> Iterator[tuple[str, tuple[str, str | None]]]:
+    """``(local name, (module, imported name or None))`` of each project import an import statement binds
+    (absolute imports: the project uses no relative ones)."""
     if isinstance(stmt, ast.Import):
         for alias in stmt.names:
             if alias.name.split(".")[0] == PACKAGE:
-                yield (alias.asname, (alias.name, None)) if alias.asname else (PACKAGE, (PACKAGE, None))
-    elif isinstance(stmt, ast.ImportFrom):
-        source = absolute_module(stmt, package)
-        if source.split(".")[0] == PACKAGE:
-            for alias in stmt.names:
-                yield alias.asname or alias.name, (source, alias.name)
-
-
-def absolute_module(stmt: ast.ImportFrom, package: str) -> str:
-    if not stmt.level:
-        return stmt.module or ""
-    base = package.split(".")[: len(package.split(".")) - stmt.level + 1]
-    return ".".join(base + ([stmt.module] if stmt.module else []))
+                yield alias.asname or PACKAGE, (alias.name, None)
+    elif isinstance(stmt, ast.ImportFrom) and stmt.level == 0 and (stmt.module or "").split(".")[0] == PACKAGE:
+        for alias in stmt.names:
+            yield alias.asname or alias.name, (stmt.module, alias.name)
 
 
 def is_type_checking_block(stmt: ast.stmt) -> bool:
@@ -151,7 +148,7 @@ class Shaker:
         self.used[name] = set()
         parts = name.split(".")
         for depth in range(1, len(parts)):
-            if module_path(".".join(parts[:depth]), self.root):
+            if _is_module(".".join(parts[:depth]), self.root):
                 self.load(".".join(parts[:depth]))
         for stmt in module.tree.body:
             if not bound_names(stmt) and not isinstance(stmt, (ast.Import, ast.ImportFrom)) \
@@ -172,15 +169,16 @@ class Shaker:
         self.used[module].add(name)
         for stmt in found.binders.get(name, []):
             self.keep(module, stmt)
-        if name in found.imports:
-            self.use_import(*found.imports[name])
-        elif module_path(f"{module}.{name}", self.root) and name not in found.binders:
+        imports = found.imports.get(name, [])
+        for source, imported in imports:
+            self.use_import(source, imported)
+        if not imports and name not in found.binders and _is_module(f"{module}.{name}", self.root):
             self.load(f"{module}.{name}")  # a submodule read as an attribute of its package
 
     def use_import(self, source: str, name: str | None) -> None:
         if name is None:
             self.load(source)
-        elif module_path(f"{source}.{name}", self.root):
+        elif _is_module(f"{source}.{name}", self.root):
             self.load(source)
             self.load(f"{source}.{name}")
         else:
@@ -193,13 +191,15 @@ class Shaker:
 
     def module_of(self, module: Module, node: ast.expr) -> str | None:
         """The project module an expression names (``alias`` or ``alias.sub``), or None."""
-        if isinstance(node, ast.Name) and node.id in module.imports:
-            source, name = module.imports[node.id]
+        if isinstance(node, ast.Name) and (node.id in module.imports or node.id in module.local_imports):
+            source, name = (module.imports.get(node.id) or module.local_imports[node.id])[0]
+            if node.id == PACKAGE and name is None:  # import pgolf.a.b binds the package
+                return PACKAGE
             dotted = source if name is None else f"{source}.{name}"
-            return dotted if module_path(dotted, self.root) else None
+            return dotted if _is_module(dotted, self.root) and dotted not in self.left_out else None
         if isinstance(node, ast.Attribute):
             parent = self.module_of(module, node.value)
-            if parent and module_path(f"{parent}.{node.attr}", self.root):
+            if parent and _is_module(f"{parent}.{node.attr}", self.root):
                 return f"{parent}.{node.attr}"
         return None
 
@@ -221,8 +221,8 @@ class Shaker:
                 for name in child.names:
                     self.use(module.name, name)
             elif isinstance(child, (ast.Import, ast.ImportFrom)) and child is not node:  # an import inside code
-                for _, (source, name) in project_imports(child, package_of(module.name, module.path)):
-                    if not {source, f"{source}.{name}"} & self.left_out:  # a left-out option's import stays unrun
+                for _, (source, name) in project_imports(child):
+                    if not {source, f"{source}.{name or ''}"} & self.left_out:  # a left-out option's stays unrun
                         self.use_import(source, name)
 
 
@@ -248,7 +248,7 @@ def shake(entry_files: list[str], root: Path, left_out: frozenset[str] = frozens
     a ValueError)."""
     modules = [".".join(Path(name).with_suffix("").parts) for name in entry_files]
     missing = [name for name, module in zip(entry_files, modules, strict=True)
-               if module_path(module, root) != Path(name).as_posix()]
+               if module_file(module, root) != root / name]
     if missing:
         raise FileNotFoundError(f"compress.code_files: not found under {root}: {', '.join(missing)}")
     shaker = Shaker(root, left_out)

@@ -25,7 +25,7 @@ from pgolf.artifact.size import SizeLimitError, pack_artifact
 from pgolf.clocks import PHASES, clock_line
 from pgolf.config import CompressConfig
 from pgolf.data.shards import file_sha256
-from pgolf.submit.bundle import import_closure, read_bundle
+from pgolf.submit.bundle import read_bundle, shipped_files
 from tests.pipeline.test_dvc import micro_repo, run  # noqa: F401 (micro_repo: a fixture)
 
 pytestmark = pytest.mark.slow
@@ -110,8 +110,9 @@ def test_code_bytes_are_the_exported_scripts_bytes(pipeline, submission_run):
     assert counted["code_bytes"] == len(script) == json.loads((folder / "final_metrics.json").read_text())["code_bytes"]
     info = json.loads((pipeline / "out" / "export" / "submission.json").read_text())
     assert info["bytes_code"] == len(script) and info["bytes_total"] == counted["total_bytes"]
-    # the bundle is exactly the runner's import closure, nothing listed by hand
-    assert sorted(read_bundle(script.decode())["files"]) == import_closure(["pgolf/submit/runner.py"], pipeline)
+    # the bundle is exactly what the runner runs on these params, read from the code, nothing listed by hand
+    bundle = read_bundle(script.decode())
+    assert bundle["files"] == shipped_files(["pgolf/submit/runner.py"], bundle["params"], pipeline)
 
 
 def test_the_gate_refuses_script_plus_model_over_the_limit(pipeline):
