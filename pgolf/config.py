@@ -415,7 +415,7 @@ class CompressConfig(Section):
     shuffle_stride: Annotated[int, Range(ge=1, le=255)] = 2
     size_limit_bytes: Positive = 16_000_000  # the challenge's limit on code + artifact
     compress_code: bool = True  # ship the code as one brotli stream, as the records' self-extracting scripts
-    # the exported script's entry module (first) and any others; their import closure ships
+    # the exported script's entry module (first: what its main reaches ships) and any others (shipped whole)
     code_files: list[str] = field(default_factory=lambda: ["pgolf/submit/runner.py"])
 
 

@@ -5,7 +5,9 @@ brotli, lzma or zstd, or codes the model's arrays under explicit probability mod
 (``ans``, :mod:`pgolf.artifact.ans`), or codes its code matrices group by group with the
 lrzip program and the rest with brotli (``pergroup``, :mod:`pgolf.artifact.pergroup`), inside
 a small container that names the coder and its version, so :func:`decompress` needs no
-parameters. Decompression stops once the output passes the declared raw length.
+parameters. Decompression stops once the output passes the declared raw length. Each coder's
+own container code lives in its module, imported in the coder's branch only, so an exported
+script ships the coder it uses and no other (:mod:`pgolf.submit.bundle`).
 
 Compressed artifact ("PGAZ", version 2)::
 
@@ -28,19 +30,15 @@ import lzma
 import struct
 import zlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
 
 import brotli
 import numpy as np
 import zstandard
 from torch import Tensor
 
-from pgolf.artifact.format import check_array, deserialize, scale_length, serialize, split_header
+from pgolf.artifact.format import serialize
 from pgolf.artifact.tensors import ArtifactError, CodedTensor, QuantizedModel
 from pgolf.config import CompressConfig, ModelConfig
-
-if TYPE_CHECKING:
-    from pgolf.artifact.ans import ArraySpec
 
 ARTIFACT_MAGIC = b"PGAZ"
 
@@ -60,16 +58,13 @@ GENERAL_CODER_VERSION = 1  # the coder version of brotli / lzma / zstd: the libr
 PERGROUP_CODER_VERSION = 1
 
 
-PERGROUP_BROTLI_WINDOW = 24  # lgwin of the remainder's brotli, as the record's
-
-
 _ARTIFACT_PREFIX = struct.Struct("<4sBBBQI")  # magic, version, compressor, coder version, raw_len, crc32
 
 
 _ARTIFACT_PREFIX_V1 = struct.Struct("<4sBBQI")  # version 1: magic, version, compressor, raw_len, crc32
 
 
-_SHUFFLE_HEADER_LEN = 5  # b"BSHF" + stride
+SHUFFLE_HEADER_LEN = 5  # b"BSHF" + stride
 
 
 _PIECE = 1 << 20  # bytes per step of bounded decompression
@@ -148,10 +143,14 @@ def compress(raw: bytes, cfg: CompressConfig) -> bytes:
     if cfg.compressor not in COMPRESSORS:
         raise ValueError(f"compress.compressor: unknown {cfg.compressor!r} (known: {', '.join(COMPRESSORS)})")
     coder_version = coder_version_of(cfg.compressor)
-    if cfg.compressor == "ans":
-        stream = _ans_compress(raw)
+    if cfg.compressor == "ans":  # each coder imported in its branch: an exported script ships only its own
+        from pgolf.artifact import ans
+
+        stream = ans.compress_serialized(raw)
     elif cfg.compressor == "pergroup":
-        stream = _pergroup_compress(raw, cfg)
+        from pgolf.artifact import pergroup
+
+        stream = pergroup.compress_serialized(raw, cfg)
     else:
         stream = _general_compress(byte_shuffle(raw, cfg.shuffle_stride), cfg)
     prefix = _ARTIFACT_PREFIX.pack(
@@ -200,11 +199,15 @@ def decompress(blob: bytes) -> bytes:
             f"artifact's {name} coder version {coder_version} is not supported (this code reads {expected_version})"
         )
     if name == "ans":
-        raw = _ans_decompress(stream, raw_len)
+        from pgolf.artifact import ans
+
+        raw = ans.decompress_serialized(stream, raw_len)
     elif name == "pergroup":
-        raw = _pergroup_decompress(stream, raw_len)
+        from pgolf.artifact import pergroup
+
+        raw = pergroup.decompress_serialized(stream, raw_len)
     else:
-        raw = byte_unshuffle(_inflate_bounded(name, stream, raw_len + _SHUFFLE_HEADER_LEN))
+        raw = byte_unshuffle(inflate_bounded(name, stream, raw_len + SHUFFLE_HEADER_LEN))
     if len(raw) != raw_len or zlib.crc32(raw) != crc:
         raise ArtifactError(
             f"artifact corrupt: decompressed {len(raw)} bytes (crc {zlib.crc32(raw):08x}), "
@@ -239,9 +242,9 @@ def _read_prefix(blob: bytes) -> tuple[int, int, int, int, bytes]:
     return compressor, coder_version, raw_len, crc, blob[_ARTIFACT_PREFIX.size:]
 
 
-def _inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
+def inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
     """The output of a brotli / lzma / zstd ``stream``, exactly ``limit`` bytes or refused."""
-    out = _inflate_at_most(name, stream, limit)
+    out = inflate_at_most(name, stream, limit)
     if len(out) < limit:
         raise ArtifactError(
             f"artifact's {name} stream is corrupt or truncated: it inflates to {len(out):,} bytes, "
@@ -250,7 +253,7 @@ def _inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
     return out
 
 
-def _inflate_at_most(name: str, stream: bytes, limit: int) -> bytes:
+def inflate_at_most(name: str, stream: bytes, limit: int) -> bytes:
     """The output of a brotli / lzma / zstd ``stream``, refused once it passes ``limit`` bytes."""
     pieces = {"brotli": brotli_pieces, "lzma": _lzma_pieces, "zstd": _zstd_pieces}[name](stream)
     out = bytearray()
@@ -280,93 +283,6 @@ def _zstd_pieces(stream: bytes) -> Iterator[bytes]:
     reader = zstandard.ZstdDecompressor().stream_reader(stream)
     while piece := reader.read(_PIECE):
         yield piece
-
-
-def _ans_compress(raw: bytes) -> bytes:
-    """pgolf.artifact.ans's stream of a serialized model: its header, then every array under its own model."""
-    from pgolf.artifact import ans  # here, not above: an exported script ships the coder only when it uses it
-
-    deserialize(raw)  # the entropy coder reads the layout: refuse anything that is not a valid model
-    payload_start, header = split_header(raw)
-    payload = memoryview(raw)[payload_start:]
-    specs = _array_specs(header, len(payload))
-    end = max((spec.offset + spec.nbytes for spec in specs), default=0)
-    if end != len(payload) or ans.rebuild_payload(specs, payload, len(payload)) != payload:
-        raise ValueError("the serialized model has bytes between or after its arrays: not pgolf.artifact.codec.serialize output")
-    return ans.encode_model(raw[:payload_start], specs, payload)
-
-
-def _ans_decompress(stream: bytes, raw_len: int) -> bytes:
-    from pgolf.artifact import ans
-
-    try:
-        head, body = ans.decode_head(stream)
-        if len(head) > raw_len:
-            raise StreamError(f"its model header of {len(head):,} bytes exceeds the declared {raw_len:,}")
-        payload_start, header = split_header(head)
-        specs = _array_specs(header, raw_len - payload_start)
-        end = max((spec.offset + spec.nbytes for spec in specs), default=0)
-        if payload_start + end != raw_len:  # serialize ends the payload with its last array
-            raise StreamError(f"the header's arrays end at byte {payload_start + end:,}, "
-                                      f"the artifact declares {raw_len:,}")
-        payload = ans.decode_payload(body, specs, end)
-    except (StreamError, ArtifactError) as exc:
-        raise ArtifactError(f"artifact's ans stream is corrupt or truncated: {exc}") from None
-    return head + payload
-
-
-def _pergroup_compress(raw: bytes, cfg: CompressConfig) -> bytes:
-    """The pergroup container of a serialized model: lrzip per group, brotli for the rest."""
-    from pgolf.artifact import pergroup  # here, not above: an exported script ships it only when it uses it
-
-    deserialize(raw)  # the groups are read from the layout: refuse anything that is not a valid model
-    parts = pergroup.split_model(raw)
-    remainder = brotli.compress(byte_shuffle(parts.remainder, cfg.shuffle_stride), quality=cfg.brotli_quality,
-                                lgwin=PERGROUP_BROTLI_WINDOW)
-    permutations = brotli.compress(parts.permutations, quality=cfg.brotli_quality) if parts.permutations else b""
-    return pergroup.pack_streams(pergroup.lrzip_compress_all(parts.groups) + [remainder, permutations])
-
-
-def _pergroup_decompress(stream: bytes, raw_len: int) -> bytes:
-    """The serialized model in a pergroup container; every size is known before it is decoded."""
-    from pgolf.artifact import pergroup
-
-    streams = pergroup.unpack_streams(stream)
-    remainder = byte_unshuffle(_inflate_at_most("brotli", streams[pergroup.REMAINDER], raw_len + _SHUFFLE_HEADER_LEN))
-    layout = pergroup.remainder_layout(remainder, raw_len)
-    permutation_bytes = layout.permutation_bytes()
-    encoded = streams[pergroup.PERMUTATIONS]
-    if not permutation_bytes and encoded:
-        raise ArtifactError("artifact's pergroup stream holds permutations its model has no use for (corrupt)")
-    permutations = _inflate_bounded("brotli", encoded, permutation_bytes) if permutation_bytes else b""
-    groups = pergroup.lrzip_decompress_all(streams[:pergroup.REMAINDER], layout.group_bytes())
-    return pergroup.join_model(remainder, layout, groups, permutations)
-
-
-def _array_specs(header: dict[str, Any], payload_len: int) -> list[ArraySpec]:
-    """Every array of the payload as the entropy coder sees it, validated against ``payload_len``."""
-    from pgolf.artifact import ans
-
-    specs = []
-    for index, entry in enumerate(header["tensors"]):
-        try:
-            shape = entry["shape"]
-            if entry["kind"] in ("quantized", "grouped"):
-                check_array(entry["dtype"], shape, entry["offset"], entry["nbytes"], payload_len)
-                scales = scale_length(entry)
-                check_array(entry["scale_dtype"], [scales], entry["scale_offset"], entry["scale_nbytes"], payload_len)
-                # ans codes the symmetric range of its bits; b-bit two's-complement codes lie in that of b + 1
-                bits = entry["bits"] + (entry["kind"] == "grouped")
-                if entry["dtype"] != "int8" or len(shape) != 2 or bits not in range(2, 9):
-                    raise ArtifactError(f"codes must be 2-D int8 of 2..8 bits, got {entry['dtype']} {shape}")
-                specs.append(ans.ArraySpec("codes", "int8", tuple(shape), entry["offset"], bits))
-                specs.append(ans.ArraySpec("scale", entry["scale_dtype"], (scales,), entry["scale_offset"], 0))
-            else:
-                check_array(entry["dtype"], shape, entry["offset"], entry["nbytes"], payload_len)
-                specs.append(ans.ArraySpec("passthrough", entry["dtype"], tuple(shape), entry["offset"], 0))
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ArtifactError(f"header tensor #{index}: bad or missing field {exc}") from None
-    return specs
 
 
 def compressed_tensor_sizes(qm: QuantizedModel, cfg: CompressConfig) -> dict[str, int]:

@@ -1,11 +1,28 @@
 """Tree shaking: of each module the submission imports, only the statements its entry can reach.
 
-The exported script ships the import closure of the runner (:mod:`pgolf.submit.bundle`), and a
-module the runner imports for one function would bring all the others with it: the pipeline's
-writers, the readers of older formats, the helpers of stages. :func:`shake` reads the syntax
-trees from the entry's ``main`` outwards and keeps, of each module, the top-level definitions
-(functions, classes, names assigned) that kept code names, with every other top-level
-statement of a module that is loaded at all (``from __future__``, module-level calls). A name
+The exported script ships what the runner runs (:mod:`pgolf.submit.bundle`), and a module the
+runner imports for one function would bring all the others with it: the pipeline's writers, the
+readers of older formats, the helpers of stages. :func:`shake` reads the syntax trees from the
+entry's ``main`` outwards and keeps, of each module, the top-level definitions (functions,
+classes, names assigned, with the statements that only configure one: ``X.method(...)``,
+``X.attr = v``) that kept code names, and every other top-level statement of a module that
+loads at all. A name read in kept code keeps what binds it in that module, or, imported from a
+project module, what binds it there (through re-exports); ``module.name`` keeps ``name`` of
+that module; a module used as a value (passed, not read as ``module.name``) keeps all of it;
+an import inside a function loads its module, unless that module is left out (an option the
+baked params switch off: its lazy import stays and is never run; importing one where a module
+loads is an error). Imports that no kept statement reads are dropped, and a module that
+nothing kept imports does not ship. A name counts wherever it is read, whatever it refers to
+there (a local of the same name keeps the global too), so the rule errs only towards shipping
+more; a class ships whole. What it cannot see is a name built at run time (``globals()[...]``,
+``getattr(module, text)`` on a module it did not see passed), which the shipped modules do not
+use. Annotations of function signatures are never evaluated (every shipped module starts with
+``from __future__ import annotations``; the minifier then drops them), so they keep nothing;
+class-level ones are evaluated by ``typing.get_type_hints`` (the config sections check their
+fields by them, the runner finds its sections by them) and keep what they name.
+"""
+
+from __future__``, module-level calls). A name
 used in kept code keeps what binds it in that module, or, imported from a project module,
 what binds it there (through re-exports); ``module.name`` keeps ``name`` of that module; a
 module used as a value (passed, not read as ``module.name``) keeps all of it; an import inside
@@ -66,7 +83,7 @@ def read_module(name: str, root: Path) -> Module:
     tree = ast.parse(source.read_text(encoding="utf-8"), filename=path)
     module = Module(name, path, tree)
     for stmt in tree.body:
-        for bound in bound_names(stmt):
+        for bound in bound_names(stmt) or [name for name in [configured_name(stmt)] if name in module.binders]:
             module.binders.setdefault(bound, []).append(stmt)
         if isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__":
             module.postponed |= any(alias.name == "annotations" for alias in stmt.names)
@@ -88,6 +105,20 @@ def bound_names(stmt: ast.stmt) -> list[str]:
         names = [name for target in stmt.targets for name in target_names(target)]
         return names if all(target_names(target) for target in stmt.targets) else []
     return []
+
+
+def configured_name(stmt: ast.stmt) -> str | None:
+    """The name a statement only configures (``X.method(...)``, ``X.attr = v``, ``X[k] = v``), or None: such a
+    statement belongs to ``X``'s definition when ``X`` is one (it runs, and ships, with it)."""
+    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call):
+        target = stmt.value.func
+    elif isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+        target = stmt.targets[0]
+    else:
+        return None
+    if isinstance(target, (ast.Attribute, ast.Subscript)) and isinstance(target.value, ast.Name):
+        return target.value.id
+    return None
 
 
 def target_names(target: ast.expr) -> list[str]:
@@ -150,8 +181,9 @@ class Shaker:
         for depth in range(1, len(parts)):
             if _is_module(".".join(parts[:depth]), self.root):
                 self.load(".".join(parts[:depth]))
+        definitions = {id(stmt) for stmts in module.binders.values() for stmt in stmts}
         for stmt in module.tree.body:
-            if not bound_names(stmt) and not isinstance(stmt, (ast.Import, ast.ImportFrom)) \
+            if id(stmt) not in definitions and not isinstance(stmt, (ast.Import, ast.ImportFrom)) \
                     and not is_type_checking_block(stmt):
                 self.keep(name, stmt)
         return module
