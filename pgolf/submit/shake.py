@@ -22,21 +22,6 @@ class-level ones are evaluated by ``typing.get_type_hints`` (the config sections
 fields by them, the runner finds its sections by them) and keep what they name.
 """
 
-from __future__``, module-level calls). A name
-used in kept code keeps what binds it in that module, or, imported from a project module,
-what binds it there (through re-exports); ``module.name`` keeps ``name`` of that module; a
-module used as a value (passed, not read as ``module.name``) keeps all of it; an import inside
-a function loads its module and keeps the names it imports. Imports that no kept statement
-uses are dropped, and a module that nothing kept imports does not ship. A name counts wherever
-it is read, whatever it refers to there (a local of the same name keeps the global too), so the
-rule errs only towards shipping more; what it cannot see is a name built at run time
-(``globals()[...]``, ``getattr(module, text)`` on a module it did not see passed), which the
-shipped modules do not use. Annotations of function signatures are never evaluated (every
-shipped module starts with ``from __future__ import annotations``; the minifier then drops
-them), so they keep nothing; class-level annotations are evaluated by ``typing.get_type_hints``
-(the config sections check their fields by them) and keep what they name.
-"""
-
 from __future__ import annotations
 
 import ast
