@@ -84,8 +84,8 @@ def test_only_what_main_reaches_ships_and_it_runs_as_before(tmp_path):
     # annotations-only imports (TYPE_CHECKING, Unused); a class-level annotation (Metres) is evaluated: kept
     assert top_level_names(files["pgolf/room/shapes.py"]) == {"annotations", "dataclass", "Metres", "Square",
                                                                "squared", "area"}
-    # the statement that reads REGISTRY at import keeps it; the lazy import keeps later.value, not other
-    assert top_level_names(files["pgolf/room/units.py"]) == {"Metres", "REGISTRY"}
+    # REGISTRY['m'] = ... only configures REGISTRY, which no one reads; the lazy import keeps later.value, not other
+    assert top_level_names(files["pgolf/room/units.py"]) == {"Metres"} and "REGISTRY" not in files["pgolf/room/units.py"]
     assert top_level_names(files["pgolf/room/later.py"]) == {"value"}
     assert top_level_names(files["pgolf/room/tools.py"]) == {"double", "lazy"}
     assert files["pgolf/__init__.py"] == ""  # VERSION is read by no one
@@ -142,3 +142,12 @@ def test_a_module_imported_inside_a_function_keeps_the_names_read_from_it(tmp_pa
     assert top_level_names(shake(["pgolf/entry.py"], tmp_path)["pgolf/coder.py"]) == {"VERSION"}
     files = shake(["pgolf/entry.py"], tmp_path, frozenset({"pgolf.coder"}))
     assert "pgolf/coder.py" not in files
+
+
+def test_a_statement_that_configures_a_definition_ships_with_it_and_other_statements_always(tmp_path):
+    write(tmp_path, "pgolf/__init__.py", "")
+    write(tmp_path, "pgolf/entry.py", "from pgolf.loaders import Loader\ndef main():\n    return Loader.extra\n")
+    write(tmp_path, "pgolf/loaders.py", "import os\nclass Loader:\n    pass\nLoader.extra = 5\nclass Other:\n    pass\n"
+                                        "Other.register(1)\nprint(os.sep)\n")
+    shipped = shake(["pgolf/entry.py"], tmp_path)["pgolf/loaders.py"]
+    assert "Loader.extra = 5" in shipped and "Other" not in shipped and "print(os.sep)" in shipped
