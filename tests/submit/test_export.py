@@ -9,6 +9,7 @@ records folder says which clock each budget uses and carries the fingerprint.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -130,8 +131,9 @@ def test_requirements_name_every_distribution_the_script_loads(pipeline, submiss
     listed = {line.split("#")[0].strip().lower() for line in (folder / "requirements.txt").read_text().splitlines()}
     loaded = {m.group(1).split(".")[0] for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", log, re.M)}
     bundle = read_bundle((folder / "train_gpt.py").read_text())["files"]
-    imported = {m.group(1) for source in bundle.values()
-                for m in re.finditer(r"^\s*(?:import|from) ([A-Za-z_]\w*)", source, re.M)}
+    nodes = [node for source in bundle.values() for node in ast.walk(ast.parse(source))]  # minified: a,b on one line
+    imported = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
     providers = metadata.packages_distributions()
     needed = {providers[name][0].lower() for name in loaded & imported if name in providers and name != "pgolf"}
     assert needed == listed - {""}, f"loaded by the bundle: {sorted(needed)}; requirements.txt: {sorted(listed)}"
