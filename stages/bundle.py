@@ -60,7 +60,8 @@ def module_table(rows: list[dict], code: int) -> str:
               f"{code * row['compressed'] / total:>7,.0f}" for row in rows if row["shipped"]]
     written = sum(row["written"] for row in rows)
     shipped = sum(row["shipped"] for row in rows)
-    return "\n".join(lines + [f"{'all ' + str(len(rows)) + ' modules':<32} {written:>8,} {shipped:>8,} {total:>7,} {code:>7,}"])
+    lines.append(f"{f'all {len(rows)} modules':<32} {written:>8,} {shipped:>8,} {total:>7,} {code:>7,}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

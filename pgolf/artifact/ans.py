@@ -92,14 +92,15 @@ class ArraySpec:
 
 
 def compress_serialized(raw: bytes) -> bytes:
-    """The stream of a serialized model (``pgolf.artifact.format``): its header, then every array under its own model."""
+    """The stream of a serialized model (``pgolf.artifact.format``): its header, then each array by its own model."""
     deserialize(raw)  # the entropy coder reads the layout: refuse anything that is not a valid model
     payload_start, header = split_header(raw)
     payload = memoryview(raw)[payload_start:]
     specs = array_specs(header, len(payload))
     end = max((spec.offset + spec.nbytes for spec in specs), default=0)
     if end != len(payload) or rebuild_payload(specs, payload, len(payload)) != payload:
-        raise ValueError("the serialized model has bytes between or after its arrays: not pgolf.artifact.codec.serialize output")
+        raise ValueError("the serialized model has bytes between or after its arrays: "
+                         "not pgolf.artifact.format.serialize output")
     return encode_model(raw[:payload_start], specs, payload)
 
 

@@ -104,7 +104,8 @@ def test_the_script_runs_its_entry_and_refuses_an_uncounted_project_module(tmp_p
 
 
 def test_the_shipped_code_is_what_the_runner_runs_on_the_record():
-    """Training, quantization, compression and evaluation ship; no stage, no bundler, no option the record leaves off."""
+    """Training, quantization, compression and evaluation ship; no stage, no bundler, no option the record leaves
+    off."""
     shipped = set(shipped_files(["pgolf/submit/runner.py"], baked("record")))
     assert {"pgolf/train/loop.py", "pgolf/quant/gptq.py", "pgolf/artifact/compress.py", "pgolf/eval/score.py",
             "pgolf/quant/calibrate.py"} <= shipped <= set(import_closure(["pgolf/submit/runner.py"]))
@@ -121,8 +122,9 @@ def test_the_gate_names_size_limit_and_overshoot():
 
 
 def test_shipped_code_is_minified_but_runs_the_same():
-    source = ('"""Module doc."""\nfrom __future__ import annotations\nimport math\nfrom dataclasses import dataclass\n\n\n'
-              'def area(radius: float) -> float:\n    """Doc."""\n    # why: a comment\n    squared_radius = radius ** 2\n'
+    source = ('"""Module doc."""\nfrom __future__ import annotations\nimport math\n'
+              'from dataclasses import dataclass\n\n\ndef area(radius: float) -> float:\n    """Doc."""\n'
+              '    # why: a comment\n    squared_radius = radius ** 2\n'
               '    return math.pi * squared_radius\n\n\nclass Empty:\n    """Only a docstring."""\n\n\n'
               '@dataclass\nclass Point:\n    x: float = 0.0\n')
     shipped = minified_source(source, "m.py")
