@@ -142,7 +142,7 @@ def baked(preset: str, *overrides: str) -> dict:
     return RunConfigs(**{name: section(params, name, SECTIONS[name]) for name in RunConfigs.section_names()}).baked()
 
 
-RECORD_CODE_BYTES = 58_100  # the record preset's script today (docs/SUBMISSION.md, "Code bytes"), as a ceiling
+RECORD_CODE_BYTES = 57_000  # the record preset's script today (docs/SUBMISSION.md, "Code bytes"), as a ceiling
 
 
 def test_the_record_presets_script_stays_within_its_code_bytes():
