@@ -374,6 +374,12 @@ class QuantizeConfig(Section):
         """Whether quantizing needs the output sensitivities that calibrate collects."""
         return self.scale_search == "loss_sdclip" or (self.method == "allocate" and self.allocate_distortion == "loss")
 
+    @property
+    def rate_aware(self) -> bool:
+        """Whether some GPTQ pass may price codes by their bits (rate_lambda > 0 anywhere: set, searched or tried)."""
+        return (self.rate_lambda > 0 or (self.method == "allocate" and max(self.allocate_rate_lambdas, default=0) > 0)
+                or (self.fit_to_size and self.fit_knob == "rate_lambda"))
+
     def check(self) -> None:
         _require(self.fit_min_clip_sigmas < self.fit_max_clip_sigmas, "fit_max_clip_sigmas",
                  self.fit_max_clip_sigmas, f"must exceed fit_min_clip_sigmas ({self.fit_min_clip_sigmas})")
@@ -392,9 +398,7 @@ class QuantizeConfig(Section):
                  "must list at least one clip")
         _require(bool(self.allocate_rate_lambdas), "allocate_rate_lambdas", self.allocate_rate_lambdas,
                  "must list at least one λ (0: nearest codes)")
-        rate_aware = (self.rate_lambda > 0 or (self.method == "allocate" and max(self.allocate_rate_lambdas) > 0)
-                      or (self.fit_to_size and self.fit_knob == "rate_lambda"))
-        _require(not rate_aware or clip_sigmas_used, "rate_lambda", self.rate_lambda,
+        _require(not self.rate_aware or clip_sigmas_used, "rate_lambda", self.rate_lambda,
                  f"rate-aware GPTQ needs an SDClip scale_search, not {self.scale_search!r}")
 
 
@@ -411,7 +415,7 @@ class CompressConfig(Section):
     shuffle_stride: Annotated[int, Range(ge=1, le=255)] = 2
     size_limit_bytes: Positive = 16_000_000  # the challenge's limit on code + artifact
     compress_code: bool = True  # ship the code as one brotli stream, as the records' self-extracting scripts
-    # the exported script's entry module (first) and any others; their import closure ships
+    # the exported script's entry module (first: what its main reaches ships) and any others (shipped whole)
     code_files: list[str] = field(default_factory=lambda: ["pgolf/submit/runner.py"])
 
 

@@ -50,12 +50,16 @@ from __future__ import annotations
 import functools
 import math
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import brotli
 import constriction
 import numpy as np
+
+from pgolf.artifact.compress import StreamError, brotli_pieces
+from pgolf.artifact.format import check_array, deserialize, scale_length, split_header
+from pgolf.artifact.tensors import ArtifactError
 
 CODER_VERSION = 1
 RAW, BROTLI, LANES, COLUMNS, BELL = 0, 1, 2, 3, 4
@@ -67,10 +71,6 @@ DECODE_PIECE = 1 << 20  # symbols decoded per call into a block: bounds the int3
 _SECTION = struct.Struct("<BI")  # method, body length
 _FLOAT_SECTIONS = (("scale", "float16"), ("passthrough", "float16"), ("passthrough", "float32"))
 _ITEMSIZE = {"int8": 1, "float16": 2, "float32": 4}
-
-
-class StreamError(ValueError):
-    """An ``ans`` stream that does not decode to what it declares."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,61 @@ class ArraySpec:
 
 
 # ------------------------------------------------------------------------ whole model
+
+
+def compress_serialized(raw: bytes) -> bytes:
+    """The stream of a serialized model (``pgolf.artifact.format``): its header, then each array by its own model."""
+    deserialize(raw)  # the entropy coder reads the layout: refuse anything that is not a valid model
+    payload_start, header = split_header(raw)
+    payload = memoryview(raw)[payload_start:]
+    specs = array_specs(header, len(payload))
+    end = max((spec.offset + spec.nbytes for spec in specs), default=0)
+    if end != len(payload) or rebuild_payload(specs, payload, len(payload)) != payload:
+        raise ValueError("the serialized model has bytes between or after its arrays: "
+                         "not pgolf.artifact.format.serialize output")
+    return encode_model(raw[:payload_start], specs, payload)
+
+
+def decompress_serialized(stream: bytes, raw_len: int) -> bytes:
+    """The serialized model of ``raw_len`` bytes a stream of :func:`compress_serialized` holds."""
+    try:
+        head, body = decode_head(stream)
+        if len(head) > raw_len:
+            raise StreamError(f"its model header of {len(head):,} bytes exceeds the declared {raw_len:,}")
+        payload_start, header = split_header(head)
+        specs = array_specs(header, raw_len - payload_start)
+        end = max((spec.offset + spec.nbytes for spec in specs), default=0)
+        if payload_start + end != raw_len:  # serialize ends the payload with its last array
+            raise StreamError(f"the header's arrays end at byte {payload_start + end:,}, "
+                                      f"the artifact declares {raw_len:,}")
+        payload = decode_payload(body, specs, end)
+    except (StreamError, ArtifactError) as exc:
+        raise ArtifactError(f"artifact's ans stream is corrupt or truncated: {exc}") from None
+    return head + payload
+
+
+def array_specs(header: dict[str, Any], payload_len: int) -> list[ArraySpec]:
+    """Every array of the payload as the entropy coder sees it, validated against ``payload_len``."""
+    specs = []
+    for index, entry in enumerate(header["tensors"]):
+        try:
+            shape = entry["shape"]
+            if entry["kind"] in ("quantized", "grouped"):
+                check_array(entry["dtype"], shape, entry["offset"], entry["nbytes"], payload_len)
+                scales = scale_length(entry)
+                check_array(entry["scale_dtype"], [scales], entry["scale_offset"], entry["scale_nbytes"], payload_len)
+                # ans codes the symmetric range of its bits; b-bit two's-complement codes lie in that of b + 1
+                bits = entry["bits"] + (entry["kind"] == "grouped")
+                if entry["dtype"] != "int8" or len(shape) != 2 or bits not in range(2, 9):
+                    raise ArtifactError(f"codes must be 2-D int8 of 2..8 bits, got {entry['dtype']} {shape}")
+                specs.append(ArraySpec("codes", "int8", tuple(shape), entry["offset"], bits))
+                specs.append(ArraySpec("scale", entry["scale_dtype"], (scales,), entry["scale_offset"], 0))
+            else:
+                check_array(entry["dtype"], shape, entry["offset"], entry["nbytes"], payload_len)
+                specs.append(ArraySpec("passthrough", entry["dtype"], tuple(shape), entry["offset"], 0))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ArtifactError(f"header tensor #{index}: bad or missing field {exc}") from None
+    return specs
 
 
 def encode_model(head: bytes, specs: list[ArraySpec], payload: memoryview) -> bytes:
@@ -225,26 +280,6 @@ def _unbrotli(body: memoryview, size: int | None, what: str) -> bytes:
     except brotli.error as exc:
         raise StreamError(f"{what}: brotli body is corrupt: {exc}") from None
     return bytes(data)
-
-
-def brotli_pieces(stream: bytes, piece: int = 1 << 20) -> Iterator[bytes]:
-    """The output of a brotli ``stream`` in pieces of about ``piece`` bytes (bounded memory).
-
-    The decoder may keep input and output for later calls, so it is drained with empty
-    input; a call that yields nothing with nothing left to give means the stream ended early.
-    """
-    decoder = brotli.Decompressor()
-    position = 0
-    while not decoder.is_finished():
-        chunk = b""
-        if decoder.can_accept_more_data() and position < len(stream):
-            chunk, position = stream[position:position + piece], position + piece
-        output = decoder.process(chunk, output_buffer_limit=piece)
-        if not output and not chunk and not decoder.is_finished():
-            raise StreamError("it ends before its last block (truncated or corrupt)")
-        yield output
-    if position < len(stream):
-        raise StreamError(f"{len(stream) - position:,} bytes after its end (corrupt)")
 
 
 def _split_lanes(data: bytes, itemsize: int) -> list[np.ndarray]:

@@ -5,7 +5,9 @@ brotli, lzma or zstd, or codes the model's arrays under explicit probability mod
 (``ans``, :mod:`pgolf.artifact.ans`), or codes its code matrices group by group with the
 lrzip program and the rest with brotli (``pergroup``, :mod:`pgolf.artifact.pergroup`), inside
 a small container that names the coder and its version, so :func:`decompress` needs no
-parameters. Decompression stops once the output passes the declared raw length.
+parameters. Decompression stops once the output passes the declared raw length. Each coder's
+own container code lives in its module, imported in the coder's branch only, so an exported
+script ships the coder it uses and no other (:mod:`pgolf.submit.bundle`).
 
 Compressed artifact ("PGAZ", version 2)::
 
@@ -28,15 +30,13 @@ import lzma
 import struct
 import zlib
 from collections.abc import Iterator
-from typing import Any
 
 import brotli
 import numpy as np
 import zstandard
 from torch import Tensor
 
-from pgolf.artifact import ans, pergroup
-from pgolf.artifact.format import check_array, deserialize, scale_length, serialize, split_header
+from pgolf.artifact.format import serialize
 from pgolf.artifact.tensors import ArtifactError, CodedTensor, QuantizedModel
 from pgolf.config import CompressConfig, ModelConfig
 
@@ -58,16 +58,13 @@ GENERAL_CODER_VERSION = 1  # the coder version of brotli / lzma / zstd: the libr
 PERGROUP_CODER_VERSION = 1
 
 
-PERGROUP_BROTLI_WINDOW = 24  # lgwin of the remainder's brotli, as the record's
-
-
 _ARTIFACT_PREFIX = struct.Struct("<4sBBBQI")  # magic, version, compressor, coder version, raw_len, crc32
 
 
 _ARTIFACT_PREFIX_V1 = struct.Struct("<4sBBQI")  # version 1: magic, version, compressor, raw_len, crc32
 
 
-_SHUFFLE_HEADER_LEN = 5  # b"BSHF" + stride
+SHUFFLE_HEADER_LEN = 5  # b"BSHF" + stride
 
 
 _PIECE = 1 << 20  # bytes per step of bounded decompression
@@ -91,6 +88,30 @@ def check_declared_size(raw_len: int, artifact_len: int) -> None:
             f"artifact of {artifact_len:,} bytes declares {raw_len:,} raw bytes, more than such an artifact may "
             f"hold ({MAX_EXPANSION} per byte + {EXPANSION_FLOOR:,}): corrupt or crafted, refused before decoding"
         )
+
+
+class StreamError(ValueError):
+    """A coder's stream that does not decode to what it declares (truncated, corrupt or too long)."""
+
+
+def brotli_pieces(stream: bytes, piece: int = _PIECE) -> Iterator[bytes]:
+    """The output of a brotli ``stream`` in pieces of about ``piece`` bytes (bounded memory).
+
+    The decoder may keep input and output for later calls, so it is drained with empty
+    input; a call that yields nothing with nothing left to give means the stream ended early.
+    """
+    decoder = brotli.Decompressor()
+    position = 0
+    while not decoder.is_finished():
+        chunk = b""
+        if decoder.can_accept_more_data() and position < len(stream):
+            chunk, position = stream[position:position + piece], position + piece
+        output = decoder.process(chunk, output_buffer_limit=piece)
+        if not output and not chunk and not decoder.is_finished():
+            raise StreamError("it ends before its last block (truncated or corrupt)")
+        yield output
+    if position < len(stream):
+        raise StreamError(f"{len(stream) - position:,} bytes after its end (corrupt)")
 
 
 def byte_shuffle(data: bytes, stride: int) -> bytes:
@@ -121,12 +142,17 @@ def compress(raw: bytes, cfg: CompressConfig) -> bytes:
     """Code ``raw`` (a serialized model) into a self-describing artifact with ``cfg.compressor``."""
     if cfg.compressor not in COMPRESSORS:
         raise ValueError(f"compress.compressor: unknown {cfg.compressor!r} (known: {', '.join(COMPRESSORS)})")
-    if cfg.compressor == "ans":
-        stream, coder_version = _ans_compress(raw), ans.CODER_VERSION
+    coder_version = coder_version_of(cfg.compressor)
+    if cfg.compressor == "ans":  # each coder imported in its branch: an exported script ships only its own
+        from pgolf.artifact import ans
+
+        stream = ans.compress_serialized(raw)
     elif cfg.compressor == "pergroup":
-        stream, coder_version = _pergroup_compress(raw, cfg), PERGROUP_CODER_VERSION
+        from pgolf.artifact import pergroup
+
+        stream = pergroup.compress_serialized(raw, cfg)
     else:
-        stream, coder_version = _general_compress(byte_shuffle(raw, cfg.shuffle_stride), cfg), GENERAL_CODER_VERSION
+        stream = _general_compress(byte_shuffle(raw, cfg.shuffle_stride), cfg)
     prefix = _ARTIFACT_PREFIX.pack(
         ARTIFACT_MAGIC, ARTIFACT_VERSION, COMPRESSORS[cfg.compressor], coder_version, len(raw), zlib.crc32(raw)
     )
@@ -135,6 +161,15 @@ def compress(raw: bytes, cfg: CompressConfig) -> bytes:
     except ArtifactError as exc:  # never write what decompress would refuse
         raise ValueError(f"compress.compressor {cfg.compressor}: {exc}") from None
     return prefix + stream
+
+
+def coder_version_of(compressor: str) -> int:
+    """The coder version this code writes and reads for ``compressor``."""
+    if compressor == "ans":
+        from pgolf.artifact import ans  # here, not above: an exported script ships the coder only when it uses it
+
+        return ans.CODER_VERSION
+    return PERGROUP_CODER_VERSION if compressor == "pergroup" else GENERAL_CODER_VERSION
 
 
 def _general_compress(shuffled: bytes, cfg: CompressConfig) -> bytes:
@@ -158,17 +193,21 @@ def decompress(blob: bytes) -> bytes:
     if compressor not in names:
         raise ArtifactError(f"artifact names unknown compressor id {compressor} (known: {names})")
     name = names[compressor]
-    expected_version = {"ans": ans.CODER_VERSION, "pergroup": PERGROUP_CODER_VERSION}.get(name, GENERAL_CODER_VERSION)
+    expected_version = coder_version_of(name)
     if coder_version != expected_version:
         raise ArtifactError(
             f"artifact's {name} coder version {coder_version} is not supported (this code reads {expected_version})"
         )
     if name == "ans":
-        raw = _ans_decompress(stream, raw_len)
+        from pgolf.artifact import ans
+
+        raw = ans.decompress_serialized(stream, raw_len)
     elif name == "pergroup":
-        raw = _pergroup_decompress(stream, raw_len)
+        from pgolf.artifact import pergroup
+
+        raw = pergroup.decompress_serialized(stream, raw_len)
     else:
-        raw = byte_unshuffle(_inflate_bounded(name, stream, raw_len + _SHUFFLE_HEADER_LEN))
+        raw = byte_unshuffle(inflate_bounded(name, stream, raw_len + SHUFFLE_HEADER_LEN))
     if len(raw) != raw_len or zlib.crc32(raw) != crc:
         raise ArtifactError(
             f"artifact corrupt: decompressed {len(raw)} bytes (crc {zlib.crc32(raw):08x}), "
@@ -203,9 +242,9 @@ def _read_prefix(blob: bytes) -> tuple[int, int, int, int, bytes]:
     return compressor, coder_version, raw_len, crc, blob[_ARTIFACT_PREFIX.size:]
 
 
-def _inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
+def inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
     """The output of a brotli / lzma / zstd ``stream``, exactly ``limit`` bytes or refused."""
-    out = _inflate_at_most(name, stream, limit)
+    out = inflate_at_most(name, stream, limit)
     if len(out) < limit:
         raise ArtifactError(
             f"artifact's {name} stream is corrupt or truncated: it inflates to {len(out):,} bytes, "
@@ -214,9 +253,9 @@ def _inflate_bounded(name: str, stream: bytes, limit: int) -> bytes:
     return out
 
 
-def _inflate_at_most(name: str, stream: bytes, limit: int) -> bytes:
+def inflate_at_most(name: str, stream: bytes, limit: int) -> bytes:
     """The output of a brotli / lzma / zstd ``stream``, refused once it passes ``limit`` bytes."""
-    pieces = {"brotli": ans.brotli_pieces, "lzma": _lzma_pieces, "zstd": _zstd_pieces}[name](stream)
+    pieces = {"brotli": brotli_pieces, "lzma": _lzma_pieces, "zstd": _zstd_pieces}[name](stream)
     out = bytearray()
     try:
         for piece in pieces:
@@ -225,7 +264,7 @@ def _inflate_at_most(name: str, stream: bytes, limit: int) -> bytes:
                 raise ArtifactError(
                     f"artifact's {name} stream inflates beyond the {limit:,} bytes its header declares: refused"
                 )
-    except (brotli.error, lzma.LZMAError, zstandard.ZstdError, ans.StreamError) as exc:
+    except (brotli.error, lzma.LZMAError, zstandard.ZstdError, StreamError) as exc:
         raise ArtifactError(f"artifact's {name} stream is corrupt or truncated: {exc}") from None
     return bytes(out)
 
@@ -235,7 +274,7 @@ def _lzma_pieces(stream: bytes) -> Iterator[bytes]:
     chunk = stream
     while not decoder.eof:
         if decoder.needs_input and not chunk:
-            raise ans.StreamError("it ends before its last block (truncated or corrupt)")
+            raise StreamError("it ends before its last block (truncated or corrupt)")
         yield decoder.decompress(chunk, max_length=_PIECE)
         chunk = b""
 
@@ -244,83 +283,6 @@ def _zstd_pieces(stream: bytes) -> Iterator[bytes]:
     reader = zstandard.ZstdDecompressor().stream_reader(stream)
     while piece := reader.read(_PIECE):
         yield piece
-
-
-def _ans_compress(raw: bytes) -> bytes:
-    """pgolf.artifact.ans's stream of a serialized model: its header, then every array under its own model."""
-    deserialize(raw)  # the entropy coder reads the layout: refuse anything that is not a valid model
-    payload_start, header = split_header(raw)
-    payload = memoryview(raw)[payload_start:]
-    specs = _array_specs(header, len(payload))
-    end = max((spec.offset + spec.nbytes for spec in specs), default=0)
-    if end != len(payload) or ans.rebuild_payload(specs, payload, len(payload)) != payload:
-        raise ValueError("the serialized model has bytes between or after its arrays: not pgolf.artifact.codec.serialize output")
-    return ans.encode_model(raw[:payload_start], specs, payload)
-
-
-def _ans_decompress(stream: bytes, raw_len: int) -> bytes:
-    try:
-        head, body = ans.decode_head(stream)
-        if len(head) > raw_len:
-            raise ans.StreamError(f"its model header of {len(head):,} bytes exceeds the declared {raw_len:,}")
-        payload_start, header = split_header(head)
-        specs = _array_specs(header, raw_len - payload_start)
-        end = max((spec.offset + spec.nbytes for spec in specs), default=0)
-        if payload_start + end != raw_len:  # serialize ends the payload with its last array
-            raise ans.StreamError(f"the header's arrays end at byte {payload_start + end:,}, "
-                                      f"the artifact declares {raw_len:,}")
-        payload = ans.decode_payload(body, specs, end)
-    except (ans.StreamError, ArtifactError) as exc:
-        raise ArtifactError(f"artifact's ans stream is corrupt or truncated: {exc}") from None
-    return head + payload
-
-
-def _pergroup_compress(raw: bytes, cfg: CompressConfig) -> bytes:
-    """The pergroup container of a serialized model: lrzip per group, brotli for the rest."""
-    deserialize(raw)  # the groups are read from the layout: refuse anything that is not a valid model
-    parts = pergroup.split_model(raw)
-    remainder = brotli.compress(byte_shuffle(parts.remainder, cfg.shuffle_stride), quality=cfg.brotli_quality,
-                                lgwin=PERGROUP_BROTLI_WINDOW)
-    permutations = brotli.compress(parts.permutations, quality=cfg.brotli_quality) if parts.permutations else b""
-    return pergroup.pack_streams(pergroup.lrzip_compress_all(parts.groups) + [remainder, permutations])
-
-
-def _pergroup_decompress(stream: bytes, raw_len: int) -> bytes:
-    """The serialized model in a pergroup container; every size is known before it is decoded."""
-    streams = pergroup.unpack_streams(stream)
-    remainder = byte_unshuffle(_inflate_at_most("brotli", streams[pergroup.REMAINDER], raw_len + _SHUFFLE_HEADER_LEN))
-    layout = pergroup.remainder_layout(remainder, raw_len)
-    permutation_bytes = layout.permutation_bytes()
-    encoded = streams[pergroup.PERMUTATIONS]
-    if not permutation_bytes and encoded:
-        raise ArtifactError("artifact's pergroup stream holds permutations its model has no use for (corrupt)")
-    permutations = _inflate_bounded("brotli", encoded, permutation_bytes) if permutation_bytes else b""
-    groups = pergroup.lrzip_decompress_all(streams[:pergroup.REMAINDER], layout.group_bytes())
-    return pergroup.join_model(remainder, layout, groups, permutations)
-
-
-def _array_specs(header: dict[str, Any], payload_len: int) -> list[ans.ArraySpec]:
-    """Every array of the payload as the entropy coder sees it, validated against ``payload_len``."""
-    specs = []
-    for index, entry in enumerate(header["tensors"]):
-        try:
-            shape = entry["shape"]
-            if entry["kind"] in ("quantized", "grouped"):
-                check_array(entry["dtype"], shape, entry["offset"], entry["nbytes"], payload_len)
-                scales = scale_length(entry)
-                check_array(entry["scale_dtype"], [scales], entry["scale_offset"], entry["scale_nbytes"], payload_len)
-                # ans codes the symmetric range of its bits; b-bit two's-complement codes lie in that of b + 1
-                bits = entry["bits"] + (entry["kind"] == "grouped")
-                if entry["dtype"] != "int8" or len(shape) != 2 or bits not in range(2, 9):
-                    raise ArtifactError(f"codes must be 2-D int8 of 2..8 bits, got {entry['dtype']} {shape}")
-                specs.append(ans.ArraySpec("codes", "int8", tuple(shape), entry["offset"], bits))
-                specs.append(ans.ArraySpec("scale", entry["scale_dtype"], (scales,), entry["scale_offset"], 0))
-            else:
-                check_array(entry["dtype"], shape, entry["offset"], entry["nbytes"], payload_len)
-                specs.append(ans.ArraySpec("passthrough", entry["dtype"], tuple(shape), entry["offset"], 0))
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ArtifactError(f"header tensor #{index}: bad or missing field {exc}") from None
-    return specs
 
 
 def compressed_tensor_sizes(qm: QuantizedModel, cfg: CompressConfig) -> dict[str, int]:

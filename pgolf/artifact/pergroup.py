@@ -35,10 +35,13 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import brotli
 import numpy as np
 
-from pgolf.artifact.format import check_array, split_header
+from pgolf.artifact.compress import SHUFFLE_HEADER_LEN, byte_shuffle, byte_unshuffle, inflate_at_most, inflate_bounded
+from pgolf.artifact.format import check_array, deserialize, split_header
 from pgolf.artifact.tensors import ArtifactError
+from pgolf.config import CompressConfig
 
 GROUPS = ("tok_emb.weight", "attn.c_k.weight", "attn.c_q.weight", "attn.c_v.weight", "attn.proj.weight",
           "mlp.fc.weight", "mlp.proj.weight")
@@ -54,6 +57,7 @@ _COUNT = struct.Struct("<I")
 _LRZIP_MAGIC = b"LRZI"
 _LRZIP_SIZE = struct.Struct("<Q")  # at byte 6 of an lrzip file: its decompressed size
 _PIECE = 1 << 20  # bytes per read of lrzip's output
+BROTLI_WINDOW = 24  # lgwin of the remainder's brotli, as the record's
 
 
 class LrzipError(OSError):
@@ -350,3 +354,27 @@ def lrzip_decompress_all(streams: list[bytes], sizes: list[int]) -> list[bytes]:
     """Every group's bytes, the lrzip processes run side by side (as the record does)."""
     with ThreadPoolExecutor(max_workers=len(streams)) as pool:
         return list(pool.map(lrzip_decompress, streams, sizes))
+
+
+def compress_serialized(raw: bytes, cfg: CompressConfig) -> bytes:
+    """The pergroup container of a serialized model: lrzip per group, brotli for the rest."""
+    deserialize(raw)  # the groups are read from the layout: refuse anything that is not a valid model
+    parts = split_model(raw)
+    remainder = brotli.compress(byte_shuffle(parts.remainder, cfg.shuffle_stride), quality=cfg.brotli_quality,
+                                lgwin=BROTLI_WINDOW)
+    permutations = brotli.compress(parts.permutations, quality=cfg.brotli_quality) if parts.permutations else b""
+    return pack_streams(lrzip_compress_all(parts.groups) + [remainder, permutations])
+
+
+def decompress_serialized(stream: bytes, raw_len: int) -> bytes:
+    """The serialized model in a pergroup container; every size is known before it is decoded."""
+    streams = unpack_streams(stream)
+    remainder = byte_unshuffle(inflate_at_most("brotli", streams[REMAINDER], raw_len + SHUFFLE_HEADER_LEN))
+    layout = remainder_layout(remainder, raw_len)
+    permutation_bytes = layout.permutation_bytes()
+    encoded = streams[PERMUTATIONS]
+    if not permutation_bytes and encoded:
+        raise ArtifactError("artifact's pergroup stream holds permutations its model has no use for (corrupt)")
+    permutations = inflate_bounded("brotli", encoded, permutation_bytes) if permutation_bytes else b""
+    groups = lrzip_decompress_all(streams[:REMAINDER], layout.group_bytes())
+    return join_model(remainder, layout, groups, permutations)

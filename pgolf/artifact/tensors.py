@@ -107,6 +107,11 @@ class QuantizedModel:
 LQER_SUFFIXES = (".lqer_a", ".lqer_b")  # a tensor's low-rank correction factors
 
 
+def correction_names(name: str) -> tuple[str, str]:
+    """The artifact names of ``name``'s correction factors (A, B)."""
+    return tuple(name + suffix for suffix in LQER_SUFFIXES)
+
+
 def dequantize(qm: QuantizedModel) -> dict[str, Tensor]:
     """The float32 state dict of ``qm``: ``q · scale`` per row (plus any low-rank correction),
     passthrough tensors as float32."""

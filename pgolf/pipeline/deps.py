@@ -8,8 +8,8 @@ version, the DVC side in ``pgolf/pipeline/`` (the stage frame, layout, provenanc
 run's clocks and fingerprints (``pgolf/clocks.py``, ``pgolf/fingerprint.py``: logged and
 recorded in provenance, never in a stage's results). Those
 files are neither listed nor followed. The stage that writes the submission's script
-(it calls ``script_text``) also depends on exactly the shipped code: the whole import closure
-of ``compress.code_files``, since every byte of it ships. Stages that count code bytes read
+(it calls ``script_text``) also depends on all the code that may ship: the whole import closure
+of ``compress.code_files`` (which part ships depends on the params: ``pgolf.submit.bundle``). Stages that count code bytes read
 the bundle's ``code_bytes.json``, never the code. Its params are every output key of each
 section the stage builds with ``section(params, "name", Config)`` and each single key it
 reads as ``section(...).key``, less the keys its command already names (``${...}``).

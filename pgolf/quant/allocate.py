@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from pgolf.artifact.compress import tensors_alone_bytes
 from pgolf.artifact.size import SizeFitError
-from pgolf.artifact.tensors import LQER_SUFFIXES, QuantizedModel, QuantizedTensor
+from pgolf.artifact.tensors import LQER_SUFFIXES, QuantizedModel, QuantizedTensor, correction_names
 from pgolf.config import CompressConfig, ModelConfig, QuantizeConfig
 from pgolf.quant.gptq import FactorCache, TensorPlan, model_report, ordered_tensors, quantize_model, tensor_plan
-from pgolf.quant.lqer import correction_names, h_weighted_error, low_rank_correction
+from pgolf.quant.lqer import h_weighted_error, low_rank_correction
 from pgolf.runtime import progress_bar
 
 MAX_ROUNDS = 8  # budget corrections; the gap between rate sums and the real size settles in two or three

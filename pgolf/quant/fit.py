@@ -15,6 +15,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -23,8 +24,10 @@ from tqdm import tqdm
 from pgolf.artifact.size import SizeFitError, submission_bytes
 from pgolf.artifact.tensors import QuantizedModel
 from pgolf.config import CompressConfig, ConfigError, ModelConfig, QuantizeConfig
-from pgolf.quant.allocate import AllocationResult, allocate_model
 from pgolf.quant.gptq import FactorCache, group_overrides, quantize_model, tensor_plan
+
+if TYPE_CHECKING:
+    from pgolf.quant.allocate import AllocationResult
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,8 @@ def quantize_for_size(model_config: ModelConfig, state_dict: dict[str, Tensor], 
         return submission_bytes(trial, compress_cfg, code)
 
     if cfg.method == "allocate":
+        from pgolf.quant.allocate import allocate_model  # here, not above: a script ships the allocator only when used
+
         return allocate_model(model_config, state_dict, hessians, cfg, compress_cfg, size_of, device,
                               sensitivity=sensitivity)
     return fit_quantize(model_config, state_dict, hessians, cfg, size_of, compress_cfg.size_limit_bytes, device,

@@ -23,10 +23,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from pgolf.artifact.ans import code_bits
-from pgolf.artifact.tensors import QuantizedModel, QuantizedTensor, dequantize, quant_max
+from pgolf.artifact.tensors import QuantizedModel, QuantizedTensor, correction_names, dequantize, quant_max
 from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
-from pgolf.quant.lqer import correction_names, lqer_corrections
 from pgolf.quant.rounding import (
     CLIP_PERCENTILES,
     MIN_FP16_SCALE,
@@ -388,6 +386,8 @@ def rate_terms(codes: Tensor, scale: Tensor, factors: HessianFactors, bits: list
     matrix's mean ``s_r² e_j`` (so λ is the same whatever the matrix's scale), plus λ times its
     bits under the ``ans`` coder's model fitted to the previous codes (:func:`pgolf.artifact.ans.code_bits`).
     """
+    from pgolf.artifact.ans import code_bits  # here, not above: an exported script ships the coder only when it prices
+
     device, width = codes.device, 2 * max(quant_max(b) for b in bits) + 1
     table = torch.zeros(codes.shape[0], codes.shape[2], width, dtype=torch.float32)  # [N, cols, symbols]
     for n, (matrix, b) in enumerate(zip(codes.cpu().numpy(), bits, strict=True)):
@@ -611,6 +611,8 @@ def quantize_model(
                 if factor_cache[key].from_original and own_hessian(plans[name], cfg):
                     own_factors[name] = (factor_cache[key], index)
     if cfg.lqer_rank:
+        from pgolf.quant.lqer import lqer_corrections  # here, not above: an exported script ships LQER only when on
+
         tensors.update(lqer_corrections(tensors, weights, hessians, gptq_names, cfg))
     for name, tensor in state_dict.items():
         tensors.setdefault(name, weights[name].detach().to(torch.float16) if tensor.is_floating_point() else tensor)

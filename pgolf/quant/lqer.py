@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pgolf.artifact.tensors import LQER_SUFFIXES, CodedTensor, GroupedTensor, QuantizedTensor, grouped_code_range
+from pgolf.artifact.tensors import CodedTensor, GroupedTensor, QuantizedTensor, correction_names, grouped_code_range
 from pgolf.config import QuantizeConfig
 from pgolf.quant.rounding import MIN_FP16_SCALE, round_rows
 
@@ -78,11 +78,6 @@ def low_rank_correction(
     if h_weighted_error(corrected, hessian) >= h_weighted_error(e, hessian):
         return None
     return a_q, b_q
-
-
-def correction_names(name: str) -> tuple[str, str]:
-    """The artifact names of ``name``'s correction factors (A, B)."""
-    return tuple(name + suffix for suffix in LQER_SUFFIXES)
 
 
 def worst_tensor_corrections(

@@ -1,29 +1,45 @@
 """The bundler: the exported ``train_gpt.py`` a submission ships, and its code bytes.
 
 The challenge's size is compressed model bytes + code bytes, at most 16,000,000 (decimal).
-The code is the exported ``train_gpt.py`` (``script_text``): a short bootstrap and a bundle
-of the import closure of the entry modules (``compress.code_files``: the runner
-``pgolf/submit/runner.py``), every ``pgolf`` module they import, directly or not, found by reading
-their import statements, with the run's params baked in. Its code bytes are the script's
-length, never a list kept by hand. With ``compress.compress_code`` the bundle travels as one
-brotli-11 stream in base 85 (as the records' self-extracting scripts), otherwise as text.
-The bundler itself never ships: the runner does not import it. The size gate that counts
-these bytes is :mod:`pgolf.artifact.size`.
+The code is the exported ``train_gpt.py`` (``script_text``): a short bootstrap, the run's
+params baked in, and a bundle of what the entry modules (``compress.code_files``: the runner
+``pgolf/submit/runner.py``) run. Its code bytes are the script's length, never a list kept by
+hand. What ships is found by reading code, in three steps (docs/SUBMISSION.md, "Code bytes"):
+
+1. Options the baked params leave off: the modules in :data:`OPTION_MODULES` (a coder, TTT, the
+   allocator, LQER), which the code imports only inside the branch of the option they serve,
+   ship only when the params switch that option on (:func:`options_off`).
+2. Tree shaking (:mod:`pgolf.submit.shake`): of each module, only what the runner's ``main`` can
+   reach; a module nothing kept imports does not ship.
+3. Minifying (python-minifier, :func:`minified_source`): no docstrings, comments or signature
+   annotations, short local names.
+
+With ``compress.compress_code`` the bundle travels as one brotli-11 stream in base 85 (as the
+records' self-extracting scripts), otherwise as text. The bundler itself never ships: the runner
+does not import it. The size gate that counts these bytes is :mod:`pgolf.artifact.size`.
+:func:`import_closure` is the whole static closure (every import, every option), which the
+pipeline's code deps use (:mod:`pgolf.pipeline.deps`). The bundle stage writes the script
+without training (``python -m stages.bundle --params FILE --out DIR --modules`` prints what
+ships, module by module: :func:`module_sizes`).
 """
 
 from __future__ import annotations
 
 import ast
 import base64
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import brotli
+import python_minifier
 
 from pgolf import __version__
+from pgolf.config import QuantizeConfig, TTTConfig, from_dict
+from pgolf.submit.shake import is_type_checking_block, module_file, project_imports, shake
 
-PACKAGE = "pgolf"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -33,12 +49,8 @@ def imported_modules(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     names: set[str] = set()
     for node in _runtime_nodes(tree):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names if alias.name.split(".")[0] == PACKAGE}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
-                and node.module.split(".")[0] == PACKAGE:
-            names.add(node.module)
-            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+        for _, (source, name) in project_imports(node):
+            names |= {source} if name is None else {source, f"{source}.{name}"}
     return names
 
 
@@ -48,20 +60,11 @@ def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
     while pending:
         node = pending.pop()
         nodes.append(node)
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+        if is_type_checking_block(node):
             pending.extend(node.orelse)
             continue
         pending.extend(ast.iter_child_nodes(node))
     return nodes
-
-
-def module_file(name: str, root: Path) -> Path | None:
-    """The source file of module ``name`` under ``root``, or None when it is not a module."""
-    base = root.joinpath(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def package_inits(name: str, root: Path) -> list[Path]:
@@ -119,27 +122,63 @@ if __name__=="__main__":sys.exit(main(P,__file__))
 """
 
 
-def shipped_source(source: str, path: str) -> str:
-    """``source`` as it ships: the same code without docstrings and comments (every byte counts).
+# Each option module, and when the baked params switch its option on. The code imports each only
+# inside that option's branch, so a script without it never imports it (and would fail at once
+# if it did: the bootstrap refuses a project module not in the bundle); tests/submit/test_bundle.py
+# runs each compressor's and each option's shipped code.
+OPTION_MODULES: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "pgolf.artifact.ans": lambda p: p["compress"]["compressor"] == "ans" or p["quantize"].rate_aware,
+    "pgolf.artifact.pergroup": lambda p: p["compress"]["compressor"] == "pergroup",
+    "pgolf.eval.ttt": lambda p: p["ttt"].enabled,
+    "pgolf.quant.allocate": lambda p: p["quantize"].method == "allocate",
+    "pgolf.quant.lqer": lambda p: p["quantize"].lqer_rank > 0 or p["quantize"].method == "allocate",
+}
 
-    The code is regenerated from its syntax tree (``ast.unparse``), so what runs is exactly
-    what was parsed; a body left empty by its docstring gets ``pass``.
+
+def options_off(params: dict[str, Any]) -> frozenset[str]:
+    """The option modules the baked ``params`` leave off (a section they leave out has its defaults)."""
+    sections = {"compress": {"compressor": "brotli", **params.get("compress", {})},
+                "quantize": from_dict(QuantizeConfig, params.get("quantize", {}), "baked params: quantize"),
+                "ttt": from_dict(TTTConfig, params.get("ttt", {}), "baked params: ttt")}
+    return frozenset(name for name, switched_on in OPTION_MODULES.items() if not switched_on(sections))
+
+
+@functools.lru_cache(maxsize=256)  # a pure function of its text: scripts of several params share most modules
+def minified_source(source: str, path: str) -> str:
+    """``source`` as it ships, by python-minifier: the same code, fewer bytes.
+
+    Safe by construction, each transform keeps what runs: docstrings and other bare literal
+    statements go (nothing reads ``__doc__`` in shipped code), local names shorten (never
+    globals, which other modules import, nor arguments, which callers may pass by keyword),
+    signature and local-variable annotations go (postponed: never evaluated), class-level ones
+    stay (dataclass fields; ``typing.get_type_hints`` checks config sections by them). Left
+    as written: asserts (checks), literals (hoisting them into globals makes the brotli stream
+    larger), one statement per line.
     """
-    tree = ast.parse(source, filename=path)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                and isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.unparse(tree) + "\n"
+    if not source.strip():
+        return ""
+    return python_minifier.minify(source, filename=path, remove_literal_statements=True, hoist_literals=False,
+                                  rename_locals=True, rename_globals=False, remove_asserts=False) + "\n"
 
 
-def bundle(entry_files: list[str], root: Path = REPO_ROOT) -> str:
-    """The JSON text of the import closure of ``entry_files``: path -> shipped source."""
-    files = {name: shipped_source((root / name).read_text(encoding="utf-8"), name)
-             for name in import_closure(entry_files, root)}
-    return json.dumps(files, sort_keys=True, separators=(",", ":"))
+def shipped_files(entry_files: list[str], params: dict[str, Any], root: Path = REPO_ROOT) -> dict[str, str]:
+    """Path -> shipped source of every module a script with these baked ``params`` carries."""
+    shaken = shake(entry_files, root, options_off(params))
+    return {path: minified_source(source, path) for path, source in sorted(shaken.items())}
+
+
+def module_sizes(files: dict[str, str], root: Path = REPO_ROOT) -> list[dict[str, Any]]:
+    """What each shipped module (``files``: path -> shipped source) weighs, heaviest first: its source as
+    written, as shipped, and shipped and brotli-compressed alone (in a script all share one stream)."""
+    rows = [{"path": path, "written": (root / path).stat().st_size, "shipped": len(source.encode("utf-8")),
+             "compressed": len(brotli.compress(source.encode("utf-8"), quality=11)) if source else 0}
+            for path, source in files.items()]
+    return sorted(rows, key=lambda row: (-row["compressed"], row["path"]))
+
+
+def bundle(entry_files: list[str], params: dict[str, Any], root: Path = REPO_ROOT) -> str:
+    """The JSON text of what the script ships: path -> shipped source."""
+    return json.dumps(shipped_files(entry_files, params, root), sort_keys=True, separators=(",", ":"))
 
 
 def script_text(entry_files: list[str], params: dict[str, Any], compressed: bool = True,
@@ -150,7 +189,7 @@ def script_text(entry_files: list[str], params: dict[str, Any], compressed: bool
     of the script, and a retune that keeps every value's printed width (``eval_stride``
     16 -> 32) keeps the script's length, so the stages that count it need not re-run.
     """
-    text = bundle(entry_files, root)
+    text = bundle(entry_files, params, root)
     if compressed:
         encoded = base64.b85encode(brotli.compress(text.encode("utf-8"), quality=11)).decode("ascii")
         payload = f'brotli.decompress(base64.b85decode("{encoded}"))'

@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,6 @@ from pgolf.artifact.load import artifact_model
 from pgolf.artifact.size import pack_artifact
 from pgolf.clocks import Clocks, process_seconds
 from pgolf.config import (
-    SECTIONS,
     CalibrateConfig,
     CompressConfig,
     EvaluateConfig,
@@ -61,7 +61,6 @@ from pgolf.data.shards import dataset_path, validate_dataset
 from pgolf.data.tokenizer import load_tokenizer, tokenizer_file
 from pgolf.distributed import DistContext, barrier, init_distributed, shutdown
 from pgolf.eval.score import evaluate_model, validation_set
-from pgolf.eval.ttt import run_ttt, ttt_metrics
 from pgolf.fingerprint import data_fingerprint, environment, log_lines
 from pgolf.model.files import build_model, load_model, save_model
 from pgolf.model.gpt import GPT, count_parameters
@@ -95,18 +94,24 @@ class RunConfigs:
     def baked(self) -> dict[str, dict[str, Any]]:
         """The keys that shape the outputs, by section (run settings keep their defaults); TTT switched off bakes its
         switch alone, since its other keys then change nothing (and every byte of the script counts)."""
-        baked = {name: {key: to_dict(getattr(self, name))[key] for key in output_keys(SECTIONS[name])}
-                 for name in self.section_names()}
+        baked = {name: {key: to_dict(getattr(self, name))[key] for key in output_keys(config)}
+                 for name, config in self.sections().items()}
         return baked if self.ttt.enabled else baked | {"ttt": {"enabled": False}}
 
     @classmethod
     def from_baked(cls, params: dict[str, dict[str, Any]]) -> RunConfigs:
-        return cls(**{name: from_dict(SECTIONS[name], params[name], f"baked params: {name}")
-                      for name in cls.section_names()})
+        return cls(**{name: from_dict(config, params[name], f"baked params: {name}")
+                      for name, config in cls.sections().items()})
+
+    @classmethod
+    def sections(cls) -> dict[str, type]:
+        """Each section's name and config class, as the fields above declare them (not ``pgolf.config.SECTIONS``,
+        which would ship every section's class, the runner's or not)."""
+        return typing.get_type_hints(cls)
 
     @classmethod
     def section_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        return list(cls.sections())
 
 
 @dataclass(frozen=True)
@@ -285,6 +290,8 @@ def evaluation_phase(cfgs: RunConfigs, root: Path, streams: ValidationSets, ctx:
 def test_time_train(model: GPT, stream: ValidationStream, cfg: TTTConfig, ctx: DistContext, clocks: Clocks,
                     evaluated: dict[str, Any]) -> dict[str, Any]:
     """The ttt stage's scoring of the artifact, on its clock; its metrics (the stage's ``out/ttt/metrics.json``)."""
+    from pgolf.eval.ttt import run_ttt, ttt_metrics  # here, not above: a script ships TTT only when it is on
+
     with clocks.phase("ttt"):  # compile warm-up included: run_ttt compiles inside
         model.looping_active = True
         result = run_ttt(model, stream, cfg, ctx.device, ctx)

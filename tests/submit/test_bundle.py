@@ -8,9 +8,23 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pgolf.artifact.size import SizeLimitError, check_size
-from pgolf.submit.bundle import code_bytes, import_closure, read_bundle, script_text, shipped_source
+from pgolf.clocks import Clocks
+from pgolf.config import SECTIONS, load_params, section
+from pgolf.model.files import save_model
+from pgolf.submit.bundle import (
+    REPO_ROOT,
+    code_bytes,
+    import_closure,
+    minified_source,
+    read_bundle,
+    script_text,
+    shipped_files,
+)
+from pgolf.submit.runner import RunConfigs, make_artifact
+from tests.stages.test_quantize import model_with_hessians
 
 
 def write(root, name: str, text: str) -> None:
@@ -49,18 +63,19 @@ def test_the_closure_resolves_subpackages_and_runs_their_inits(tmp_path):
         "pgolf/entry.py", "pgolf/room/__init__.py", "pgolf/room/b.py"]
 
 
-def test_code_bytes_are_the_scripts_length_and_its_bundle_the_closure(tmp_path):
+def test_code_bytes_are_the_scripts_length_and_its_bundle_what_main_reaches(tmp_path):
     source = "def f(x):\n    return x + 1\n" * 200
     write(tmp_path, "pgolf/__init__.py", "")
-    write(tmp_path, "pgolf/a.py", "from pgolf.b import f\n" + source)
-    write(tmp_path, "pgolf/b.py", source)
+    write(tmp_path, "pgolf/a.py", "from pgolf.b import f\ndef main(params, script):\n    return f(1)\n")
+    write(tmp_path, "pgolf/b.py", source + "def unused():\n    return 0\n")
+    write(tmp_path, "pgolf/c.py", source)
     params = {"train": {"seed": 7}}
     for compressed in (True, False):
         script = script_text(["pgolf/a.py"], params, compressed, tmp_path)
         assert code_bytes(["pgolf/a.py"], params, compressed, tmp_path) == len(script.encode())
         assert read_bundle(script) == {"params": params, "files": {
-            name: shipped_source((tmp_path / name).read_text(), name)
-            for name in ["pgolf/__init__.py", "pgolf/a.py", "pgolf/b.py"]}}
+            "pgolf/__init__.py": "", "pgolf/a.py": minified_source((tmp_path / "pgolf/a.py").read_text(), "a.py"),
+            "pgolf/b.py": minified_source(source, "b.py")}}
     raw = sum((tmp_path / name).stat().st_size for name in ["pgolf/a.py", "pgolf/b.py"])
     assert code_bytes(["pgolf/a.py"], params, True, tmp_path) < raw // 5  # one brotli stream
 
@@ -88,12 +103,16 @@ def test_the_script_runs_its_entry_and_refuses_an_uncounted_project_module(tmp_p
     assert "pgolf.hidden is not in this submission" in result.stderr
 
 
-def test_the_shipped_code_is_everything_the_runner_imports():
-    """The runner's closure holds training, quantization, compression and evaluation, and no stage."""
-    closure = import_closure(["pgolf/submit/runner.py"])
-    assert {"pgolf/train/loop.py", "pgolf/quant/gptq.py", "pgolf/artifact/compress.py", "pgolf/eval/score.py", "pgolf/quant/calibrate.py"} <= set(closure)
-    assert not any(name.startswith("stages/") for name in closure)
-    assert "pgolf/pipeline/plots.py" not in closure and "pgolf/submit/export.py" not in closure
+def test_the_shipped_code_is_what_the_runner_runs_on_the_record():
+    """Training, quantization, compression and evaluation ship; no stage, no bundler, no option the record leaves
+    off."""
+    shipped = set(shipped_files(["pgolf/submit/runner.py"], baked("record")))
+    assert {"pgolf/train/loop.py", "pgolf/quant/gptq.py", "pgolf/artifact/compress.py", "pgolf/eval/score.py",
+            "pgolf/quant/calibrate.py"} <= shipped <= set(import_closure(["pgolf/submit/runner.py"]))
+    assert not any(name.startswith(("stages/", "pgolf/pipeline/")) for name in shipped)
+    assert not shipped & {"pgolf/submit/bundle.py", "pgolf/submit/shake.py", "pgolf/submit/export.py",
+                          "pgolf/artifact/ans.py", "pgolf/artifact/pergroup.py", "pgolf/eval/ttt.py",
+                          "pgolf/eval/lora.py", "pgolf/quant/allocate.py", "pgolf/quant/lqer.py"}
 
 
 def test_the_gate_names_size_limit_and_overshoot():
@@ -102,11 +121,116 @@ def test_the_gate_names_size_limit_and_overshoot():
         check_size(900, 101, 1000)
 
 
-def test_shipped_code_drops_docstrings_and_comments_but_runs_the_same():
-    source = ('"""Module doc."""\nimport math\n\n\ndef area(r):\n    """Doc."""\n    # why: a comment\n'
-              '    return math.pi * r ** 2\n\n\nclass Empty:\n    """Only a docstring."""\n')
-    shipped = shipped_source(source, "m.py")
-    assert "doc" not in shipped.lower() and "comment" not in shipped and len(shipped) < len(source)
+def test_shipped_code_is_minified_but_runs_the_same():
+    source = ('"""Module doc."""\nfrom __future__ import annotations\nimport math\n'
+              'from dataclasses import dataclass\n\n\ndef area(radius: float) -> float:\n    """Doc."""\n'
+              '    # why: a comment\n    squared_radius = radius ** 2\n'
+              '    return math.pi * squared_radius\n\n\nclass Empty:\n    """Only a docstring."""\n\n\n'
+              '@dataclass\nclass Point:\n    x: float = 0.0\n')
+    shipped = minified_source(source, "m.py")
+    assert "doc" not in shipped.lower() and "comment" not in shipped and "squared_radius" not in shipped
+    assert "x:float=" in shipped and len(shipped) < 0.6 * len(source)  # a dataclass field keeps its annotation
     scope: dict = {}
     exec(compile(shipped, "m.py", "exec"), scope)
-    assert scope["area"](2.0) == math.pi * 4 and isinstance(scope["Empty"](), scope["Empty"])
+    assert scope["area"](radius=2.0) == math.pi * 4 and isinstance(scope["Empty"](), scope["Empty"])
+    assert scope["Point"](x=1.5).x == 1.5
+
+
+def baked(preset: str, *overrides: str) -> dict:
+    """The params the script of ``presets/<preset>.yaml`` bakes, with ``section.key=value`` overrides."""
+    params = load_params(REPO_ROOT / "presets" / f"{preset}.yaml", list(overrides))
+    return RunConfigs(**{name: section(params, name, SECTIONS[name]) for name in RunConfigs.section_names()}).baked()
+
+
+RECORD_CODE_BYTES = 57_000  # the record preset's script today (docs/SUBMISSION.md, "Code bytes"), as a ceiling
+
+
+def test_the_record_presets_script_stays_within_its_code_bytes():
+    """A module that starts to reach pipeline code from the runner shows here: ``python -m stages.bundle --params
+    presets/record.yaml --out DIR --modules`` prints what each module weighs."""
+    assert code_bytes(["pgolf/submit/runner.py"], baked("record")) <= RECORD_CODE_BYTES
+
+
+def test_the_micro_preset_ships_the_records_code():
+    """The export tests run the micro preset's script: it carries exactly the record's modules and code."""
+    record, micro = (shipped_files(["pgolf/submit/runner.py"], baked(preset)) for preset in ("record", "micro"))
+    assert record == micro
+
+
+COMPRESSORS = {"brotli": set(), "lzma": set(), "zstd": set(), "ans": {"pgolf/artifact/ans.py"},
+               "pergroup": {"pgolf/artifact/pergroup.py"}}
+TTT = {False: set(), True: {"pgolf/eval/ttt.py", "pgolf/eval/lora.py"}}
+FEW_CANDIDATES = ["quantize.allocate_bits=[5,6]", "quantize.allocate_clip_sigmas=[12.85]"]  # a quick allocation
+QUANTIZERS = {  # record overrides -> the option modules they add
+    "rate_lambda": (["quantize.rate_lambda=0.05"], {"pgolf/artifact/ans.py"}),
+    "fit_rate_lambda": (["quantize.fit_to_size=true", "quantize.fit_knob=rate_lambda"], {"pgolf/artifact/ans.py"}),
+    "lqer": (["quantize.lqer_rank=2"], {"pgolf/quant/lqer.py"}),
+    "allocate": (["quantize.method=allocate", *FEW_CANDIDATES], {"pgolf/quant/allocate.py", "pgolf/quant/lqer.py"}),
+    "allocate_rates": (["quantize.method=allocate", *FEW_CANDIDATES, "quantize.allocate_rate_lambdas=[0.0,0.05]"],
+                       {"pgolf/quant/allocate.py", "pgolf/quant/lqer.py", "pgolf/artifact/ans.py"}),
+}
+OPTION_FILES = set().union(*COMPRESSORS.values(), *TTT.values(), *(files for _, files in QUANTIZERS.values()))
+
+
+def option_cases() -> list[tuple[str, list[str], set[str]]]:
+    """(name, record overrides, option modules its script must ship): each compressor with TTT off and on, and each
+    quantizer option that needs a module."""
+    cases = [(f"{name}-ttt_{on}".lower(), [f"compress.compressor={name}", f"ttt.enabled={str(on).lower()}"],
+              files | TTT[on]) for name, files in COMPRESSORS.items() for on in TTT]
+    return cases + [(name, overrides, files) for name, (overrides, files) in QUANTIZERS.items()]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [case[1:] for case in option_cases()],
+                         ids=[case[0] for case in option_cases()])
+def test_a_script_ships_an_option_module_exactly_when_its_params_switch_it_on(overrides, expected):
+    shipped = set(shipped_files(["pgolf/submit/runner.py"], baked("record", *overrides)))
+    assert shipped & OPTION_FILES == expected
+
+
+# Run in a fresh interpreter: the exported script's bundle (its importer first, so the project's own modules are out
+# of reach), then the runner's make_artifact on a saved model and the decompression of its artifact.
+BUNDLE_RUN = """
+import sys, torch
+script, model_file, hessians_file, artifact_file, code = sys.argv[1:]
+namespace = {"__name__": "bundle_check"}
+exec(compile(open(script, encoding="utf-8").read(), script, "exec"), namespace)  # installs the bundle's importer
+from pgolf.artifact.load import artifact_model
+from pgolf.clocks import Clocks
+from pgolf.submit.runner import RunConfigs, make_artifact
+cfgs = RunConfigs.from_baked(namespace["P"])
+hessians = torch.load(hessians_file, weights_only=True)
+make_artifact(cfgs, __import__("pathlib").Path(model_file), hessians, None, __import__("pathlib").Path(artifact_file),
+              int(code), Clocks())
+artifact_model(artifact_file, torch.device("cpu"))
+try:
+    import pgolf.eval.ttt
+    print("ttt shipped")
+except ImportError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("overrides", "expected"), [case[1:] for case in option_cases()],
+                         ids=[case[0] for case in option_cases()])
+def test_each_options_script_makes_the_pipelines_artifact_with_only_its_shipped_code(tmp_path, overrides, expected):
+    """The runner's quantize-compress-decompress path, run from the shaken, minified bundle alone, gives the artifact
+    the library gives in this process; TTT imports from the bundle exactly when it is on."""
+    params = baked("record", "quantize.passthrough_max_numel=0", "quantize.fit_margin_bytes=1500", *overrides)
+    model, hessians = model_with_hessians()
+    save_model(tmp_path / "model.pt", model.config, model.state_dict())
+    torch.save(hessians, tmp_path / "hessians.pt")
+    limit = 4_000_000
+    params["compress"]["size_limit_bytes"] = limit
+    script = tmp_path / "train_gpt.py"
+    script.write_text(script_text(["pgolf/submit/runner.py"], params))
+    result = subprocess.run([sys.executable, "-c", BUNDLE_RUN, str(script), str(tmp_path / "model.pt"),
+                             str(tmp_path / "hessians.pt"), str(tmp_path / "bundled.ptz"), "5000"],
+                            cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    make_artifact(RunConfigs.from_baked(params), tmp_path / "model.pt", hessians, None, tmp_path / "library.ptz", 5000,
+                  Clocks(log=lambda line: None))
+    assert (tmp_path / "bundled.ptz").read_bytes() == (tmp_path / "library.ptz").read_bytes()
+    ttt_line = result.stdout.strip().splitlines()[-1]
+    assert ttt_line == ("ttt shipped" if "pgolf/eval/ttt.py" in expected
+                        else "pgolf.eval.ttt is not in this submission")

@@ -9,6 +9,7 @@ records folder says which clock each budget uses and carries the fingerprint.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from pgolf.artifact.size import SizeLimitError, pack_artifact
 from pgolf.clocks import PHASES, clock_line
 from pgolf.config import CompressConfig
 from pgolf.data.shards import file_sha256
-from pgolf.submit.bundle import import_closure, read_bundle
+from pgolf.submit.bundle import read_bundle, shipped_files
 from tests.pipeline.test_dvc import micro_repo, pgolf, run  # noqa: F401 (micro_repo: a fixture)
 
 pytestmark = pytest.mark.slow
@@ -110,8 +111,9 @@ def test_code_bytes_are_the_exported_scripts_bytes(pipeline, submission_run):
     assert counted["code_bytes"] == len(script) == json.loads((folder / "final_metrics.json").read_text())["code_bytes"]
     info = json.loads((pipeline / "out" / "export" / "submission.json").read_text())
     assert info["bytes_code"] == len(script) and info["bytes_total"] == counted["total_bytes"]
-    # the bundle is exactly the runner's import closure, nothing listed by hand
-    assert sorted(read_bundle(script.decode())["files"]) == import_closure(["pgolf/submit/runner.py"], pipeline)
+    # the bundle is exactly what the runner runs on these params, read from the code, nothing listed by hand
+    bundle = read_bundle(script.decode())
+    assert bundle["files"] == shipped_files(["pgolf/submit/runner.py"], bundle["params"], pipeline)
 
 
 def test_the_gate_refuses_script_plus_model_over_the_limit(pipeline):
@@ -129,8 +131,9 @@ def test_requirements_name_every_distribution_the_script_loads(pipeline, submiss
     listed = {line.split("#")[0].strip().lower() for line in (folder / "requirements.txt").read_text().splitlines()}
     loaded = {m.group(1).split(".")[0] for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", log, re.M)}
     bundle = read_bundle((folder / "train_gpt.py").read_text())["files"]
-    imported = {m.group(1) for source in bundle.values()
-                for m in re.finditer(r"^\s*(?:import|from) ([A-Za-z_]\w*)", source, re.M)}
+    nodes = [node for source in bundle.values() for node in ast.walk(ast.parse(source))]  # minified: a,b on one line
+    imported = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
     providers = metadata.packages_distributions()
     needed = {providers[name][0].lower() for name in loaded & imported if name in providers and name != "pgolf"}
     assert needed == listed - {""}, f"loaded by the bundle: {sorted(needed)}; requirements.txt: {sorted(listed)}"
