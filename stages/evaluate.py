@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 
 from pgolf.artifact.load import artifact_model
-from pgolf.atomic import stage_outputs
 from pgolf.clocks import Clocks
 from pgolf.config import EvaluateConfig, TokenizeConfig, section, to_dict
 from pgolf.data.shards import dataset_path
@@ -22,7 +21,7 @@ from pgolf.eval.score import checked_validation_set, score_validation, tax_again
 from pgolf.fingerprint import data_fingerprint
 from pgolf.pipeline import layout
 from pgolf.pipeline.provenance import log_provenance
-from pgolf.pipeline.stage import Workspace, run_stage
+from pgolf.pipeline.stage import Workspace, evaluate_processes, run_stage
 
 
 def run(params: dict, ws: Workspace) -> None:
@@ -49,10 +48,8 @@ def run(params: dict, ws: Workspace) -> None:
         if ctx.is_main:
             clocks.record_process("whole_process")
             record |= {"clocks": clocks.seconds, "fingerprint": data_fingerprint(dataset_dir, tokenizer, stream)}
-            with stage_outputs() as out:
-                out.write_json(ws.output(layout.EVALUATE_METRICS),
-                               ws.lineage.stamp(metrics, metrics["val_tokens"], dataset_dir))
-                ws.lineage.commit(out, ws.output(layout.EVALUATE_PROVENANCE), record)
+            ws.lineage.commit_score(ws.output(layout.EVALUATE_METRICS), metrics, dataset_dir,
+                                    ws.output(layout.EVALUATE_PROVENANCE), record)
             print(f"[pgolf evaluate] metrics in {ws.output(layout.EVALUATE_METRICS)}; `dvc metrics show` prints "
                   "every stage's, `dvc metrics diff` compares runs", flush=True)
     finally:
@@ -60,8 +57,7 @@ def run(params: dict, ws: Workspace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("evaluate", run, argv,
-                     processes=lambda params: section(params, "evaluate", EvaluateConfig).nproc_per_node)
+    return run_stage("evaluate", run, argv, processes=evaluate_processes)
 
 
 if __name__ == "__main__":

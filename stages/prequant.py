@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 
-from pgolf.atomic import stage_outputs
 from pgolf.clocks import Clocks
 from pgolf.config import EvaluateConfig, TokenizeConfig, section, to_dict
 from pgolf.data.shards import dataset_path
@@ -20,7 +19,7 @@ from pgolf.eval.score import checked_validation_set, score_validation
 from pgolf.model.files import build_model
 from pgolf.pipeline import layout
 from pgolf.pipeline.provenance import log_provenance
-from pgolf.pipeline.stage import Workspace, run_stage
+from pgolf.pipeline.stage import Workspace, evaluate_processes, run_stage
 
 
 def run(params: dict, ws: Workspace) -> None:
@@ -43,17 +42,14 @@ def run(params: dict, ws: Workspace) -> None:
         if ctx.is_main:
             clocks.record_process("whole_process")
             record["clocks"] = clocks.seconds
-            with stage_outputs() as out:
-                out.write_json(ws.output(layout.PREQUANT_METRICS),
-                               ws.lineage.stamp(metrics, metrics["val_tokens"], dataset_dir))
-                ws.lineage.commit(out, ws.output(layout.PREQUANT_PROVENANCE), record)
+            ws.lineage.commit_score(ws.output(layout.PREQUANT_METRICS), metrics, dataset_dir,
+                                    ws.output(layout.PREQUANT_PROVENANCE), record)
     finally:
         shutdown(ctx)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("prequant", run, argv,
-                     processes=lambda params: section(params, "evaluate", EvaluateConfig).nproc_per_node)
+    return run_stage("prequant", run, argv, processes=evaluate_processes)
 
 
 if __name__ == "__main__":

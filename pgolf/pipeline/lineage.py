@@ -31,14 +31,12 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pgolf.atomic import StageOutputs, stage_outputs
 from pgolf.config import SECTIONS, ConfigError, section, to_dict
 from pgolf.data.shards import MANIFEST_NAME, file_sha256, read_header, shard_files
 from pgolf.pipeline import layout
-
-if TYPE_CHECKING:
-    from pgolf.atomic import StageOutputs
 
 PROVENANCE_NAME = "provenance.json"  # every stage's record, beside its outputs (layout.*_PROVENANCE)
 # keys whose mismatch with the inputs' makes a result mean something else than its params say
@@ -251,6 +249,13 @@ class Lineage:
         out.write_json(dest, {**record, "params": self.params, "params_digest": self.digest, "lineage": {
             "inputs": self.inputs, "outputs": outputs, "files": dict(sorted(self.chain.files.items())),
             "stages": self.chain.stages}})
+
+    def commit_score(self, metrics_path: Path, metrics: dict[str, Any], dataset: Path, provenance_path: Path,
+                     record: dict[str, Any]) -> None:
+        """A scoring stage's one commit: its metrics with the targets it scored, then its record."""
+        with stage_outputs() as out:
+            out.write_json(metrics_path, self.stamp(metrics, metrics["val_tokens"], dataset))
+            self.commit(out, provenance_path, record)
 
     def _chain(self, name: str, found: Path) -> Chain | None:
         if found.name == PROVENANCE_NAME or name in self.inputs:

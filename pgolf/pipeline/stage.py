@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pgolf.atomic import exclusive_lock, recover
-from pgolf.config import ConfigError, load_params
+from pgolf.config import ConfigError, EvaluateConfig, load_params, section
 from pgolf.distributed import launch_torchrun, under_torchrun
 from pgolf.pipeline import layout
 from pgolf.pipeline.lineage import Lineage, declared_keys, defaulted, main_process
@@ -182,6 +182,11 @@ def relaunch(stage: str, params: Params, nproc: int, ws: Workspace, options: dic
     args = ["--params", str(params_file), "--out", str(ws.root)]
     args += [item for key, value in options.items() for item in (f"--{key}", str(value))]
     return launch_torchrun(f"stages.{stage}", args, nproc, {**os.environ, LOCK_HELD: str(ws.lock(stage))})
+
+
+def evaluate_processes(params: dict) -> int:
+    """The processes a scoring stage (prequant, evaluate) runs on: ``evaluate.nproc_per_node``."""
+    return section(params, "evaluate", EvaluateConfig).nproc_per_node
 
 
 def one_line(exc: BaseException) -> str:
