@@ -37,7 +37,7 @@ import brotli
 import python_minifier
 
 from pgolf import __version__
-from pgolf.config import QuantizeConfig, TTTConfig, from_dict
+from pgolf.config import CompressConfig, QuantizeConfig, TTTConfig, from_dict
 from pgolf.submit.shake import is_type_checking_block, module_file, project_imports, shake
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -127,8 +127,8 @@ if __name__=="__main__":sys.exit(main(P,__file__))
 # if it did: the bootstrap refuses a project module not in the bundle); tests/submit/test_bundle.py
 # runs each compressor's and each option's shipped code.
 OPTION_MODULES: dict[str, Callable[[dict[str, Any]], bool]] = {
-    "pgolf.artifact.ans": lambda p: p["compress"]["compressor"] == "ans" or p["quantize"].rate_aware,
-    "pgolf.artifact.pergroup": lambda p: p["compress"]["compressor"] == "pergroup",
+    "pgolf.artifact.ans": lambda p: p["compress"].compressor == "ans" or p["quantize"].rate_aware,
+    "pgolf.artifact.pergroup": lambda p: p["compress"].compressor == "pergroup",
     "pgolf.eval.ttt": lambda p: p["ttt"].enabled,
     "pgolf.quant.allocate": lambda p: p["quantize"].method == "allocate",
     "pgolf.quant.lqer": lambda p: p["quantize"].lqer_rank > 0 or p["quantize"].method == "allocate",
@@ -137,9 +137,8 @@ OPTION_MODULES: dict[str, Callable[[dict[str, Any]], bool]] = {
 
 def options_off(params: dict[str, Any]) -> frozenset[str]:
     """The option modules the baked ``params`` leave off (a section they leave out has its defaults)."""
-    sections = {"compress": {"compressor": "brotli", **params.get("compress", {})},
-                "quantize": from_dict(QuantizeConfig, params.get("quantize", {}), "baked params: quantize"),
-                "ttt": from_dict(TTTConfig, params.get("ttt", {}), "baked params: ttt")}
+    sections = {name: from_dict(config, params.get(name, {}), f"baked params: {name}")
+                for name, config in (("compress", CompressConfig), ("quantize", QuantizeConfig), ("ttt", TTTConfig))}
     return frozenset(name for name, switched_on in OPTION_MODULES.items() if not switched_on(sections))
 
 
@@ -151,9 +150,9 @@ def minified_source(source: str, path: str) -> str:
     statements go (nothing reads ``__doc__`` in shipped code), local names shorten (never
     globals, which other modules import, nor arguments, which callers may pass by keyword),
     signature and local-variable annotations go (postponed: never evaluated), class-level ones
-    stay (dataclass fields; ``typing.get_type_hints`` checks config sections by them). Left
-    as written: asserts (checks), literals (hoisting them into globals makes the brotli stream
-    larger), one statement per line.
+    stay (dataclass fields; ``typing.get_type_hints`` checks config sections and finds the
+    runner's sections by them). Left as written: asserts (checks), literals (hoisting them into
+    globals makes the brotli stream larger), one statement per line.
     """
     if not source.strip():
         return ""
