@@ -474,7 +474,8 @@ MULTI_OUTPUT_STAGES = {
     "ttt": (["ttt.method=adamw_tail"], [layout.TTT_PLOTS, layout.TTT_PROVENANCE, layout.TTT_METRICS]),  # first outputs
     "plots": ([], [layout.PLOTS_IMAGES, layout.PLOTS_PROVENANCE]),  # first outputs: the micro run has no plots stage
 }
-KILL_POINTS = ("rename", "replace", "link")  # a kill right after each call of these
+# a kill right after each call of these; unlink removes the commit journal, the commit point itself
+KILL_POINTS = ("rename", "replace", "link", "unlink")
 
 # One process imports the stages once and forks a child per run; a child may be killed right after the N-th call
 # of one of KILL_POINTS. Jobs come as JSON lines on stdin, each answered with one JSON line.
