@@ -220,10 +220,9 @@ def prepare_hessians(hessians: Tensor, damping: float, ascending: bool = False,
     damp = damping * diag.mean(dim=-1)  # [N]
     diag += damp[:, None]
     perm = torch.argsort(diag, dim=-1, descending=not ascending)  # [N, cols]
-    hessians = permuted_squares(hessians, perm)  # [N, cols, cols]
-    # H = R Rᵀ, R upper: the lower factor of H with its rows and columns reversed, reversed back
-    flipped = hessians.flip(-2, -1) if not dense_inverse else hessians
-    factor, info = torch.linalg.cholesky_ex(flipped)
+    # H = R Rᵀ, R upper: the lower factor of H with its rows and columns reversed, reversed back;
+    # permuting in the reversed order gives that reversed H in the same copy
+    factor, info = torch.linalg.cholesky_ex(permuted_squares(hessians, perm if dense_inverse else perm.flip(-1)))
     if bool(info.any()):
         raise ValueError("quantize: a damped Hessian is not positive definite (not a Σ XᵀX matrix?)")
     if dense_inverse:
@@ -231,9 +230,9 @@ def prepare_hessians(hessians: Tensor, damping: float, ascending: bool = False,
         divisor = hinv.diagonal(dim1=-2, dim2=-1).clone()  # [N, cols]
         return HessianFactors(diag.clone(), dead, perm, hinv, divisor, False, divisor.pow(-2), damp)
     upper = factor.flip(-2, -1)  # R [N, cols, cols]
-    r_diag = upper.diagonal(dim1=-2, dim2=-1)  # [N, cols]
-    return HessianFactors(diag.clone(), dead, perm, -upper / r_diag[:, None, :], torch.ones_like(r_diag), True,
-                          r_diag.square(), damp)
+    r_diag = upper.diagonal(dim1=-2, dim2=-1).clone()  # [N, cols]
+    spread = upper.div_(r_diag[:, None, :]).neg_()  # −R_jk / R_kk
+    return HessianFactors(diag.clone(), dead, perm, spread, torch.ones_like(r_diag), True, r_diag.square(), damp)
 
 
 @dataclass(frozen=True)
@@ -300,12 +299,13 @@ def gptq_quantize(
     progress: tqdm | None = None,
     scale: Tensor | None = None,
     rate: RateTerms | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ + SDClip of N same-shape matrices [N, rows, cols], given their Hessians' factors.
 
     ``bits`` and ``clip_sigmas`` hold one value per matrix. Runs on the weights'
-    device. Returns the int8 codes [N, rows, cols] (in the original column order)
-    and the row scales [N, rows]: fp16 SDClip scales, or ``scale`` when given.
+    device. Returns the int8 codes [N, rows, cols] (in the original column order),
+    the row scales [N, rows] (fp16 SDClip scales, or ``scale`` when given) and the
+    error the codes leave [N] (float64, :func:`residual_energy`).
     ``rate``: choose each code by error + λ·bits (rate-aware GPTQ) rather than the nearest.
     """
     if block_size < 1:
@@ -329,9 +329,25 @@ def gptq_quantize(
             work[:, end:] -= torch.bmm(spread[:, start:end, end:].transpose(1, 2), errors)  # [N, cols - end, rows]
         if progress is not None:
             progress.update(count * (end - start))
+    energy = residual_energy(work, codes, step, factors.error_weight)  # [N]
     inverse = torch.argsort(factors.perm, dim=-1)  # [N, cols]
     codes = permuted_columns(codes.transpose(1, 2), inverse)  # [N, cols, rows], original order
-    return codes.transpose(1, 2).to(torch.int8), scale  # [N, rows, cols], [N, rows]
+    return codes.transpose(1, 2).to(torch.int8), scale, energy  # [N, rows, cols], [N, rows], [N]
+
+
+def residual_energy(updated: Tensor, codes: Tensor, step: Tensor, error_weight: Tensor) -> Tensor:
+    """The damped error ``tr(Δ(H + δI)Δᵀ)`` [N] that GPTQ's codes leave, from its own residuals.
+
+    ``updated`` [N, cols, rows] holds each column as it was when quantized (w′), ``codes`` the
+    same columns' codes, ``step`` [N, rows] the scales; all in GPTQ's column order. With
+    H + δI = R Rᵀ (R upper) and Δ = W − q·s, GPTQ's update makes ``(w′_k − q_k s)·R_kk`` the
+    k-th column of ΔR, so ``‖ΔR‖² = Σ_k (w′_k − q_k s)²·R_kk²``: the report's error term with
+    no product by R (``error_weight`` is R_kk²; with PR #576's dense H⁻¹ the sum is not the
+    error, and the report measures that through H). Consumes ``updated``.
+    """
+    residual = updated.sub_(codes * step[:, None, :])  # [N, cols, rows]
+    per_column = residual.square_().sum(dim=-1)  # [N, cols]
+    return (per_column * error_weight.double()).sum(dim=-1)  # [N]
 
 
 # ---------------------------------------------------------------- the variants' scales, tables and pruning
@@ -339,25 +355,26 @@ def gptq_quantize(
 
 def gptq_best_matrix_percentile(
     weights: Tensor, factors: HessianFactors, bits: list[int], block_size: int, progress: tqdm | None = None
-) -> tuple[Tensor, Tensor]:
-    """PR #1218: a full GPTQ run per percentile clip (fp16 scales), each matrix keeping its lowest-MSE run."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PR #1218: a full GPTQ run per percentile clip (fp16 scales), each matrix keeping its lowest-MSE run
+    (codes, scales and :func:`residual_energy`, as :func:`gptq_quantize`)."""
     weights = weights.float()  # [N, rows, cols]
     qmax = torch.tensor([quant_max(b) for b in bits], dtype=torch.float32, device=weights.device)  # [N]
     target = weights.masked_fill(factors.dead[:, None, :], 0.0)  # the PR compares with dead columns zeroed
-    best_codes, best_scale, best_error = None, None, None
+    best, best_error = None, None
     for q in CLIP_PERCENTILES:
         clip = abs_quantile(weights, q, dim=-1) if q < 1.0 else weights.abs().amax(dim=-1)  # [N, rows]
         scale = (clip / qmax[:, None]).clamp_min(1.0 / qmax[:, None]).to(torch.float16)  # [N, rows]
-        codes, _ = gptq_quantize(weights, factors, bits, [0.0] * len(bits), block_size, progress, scale=scale)
-        error = (target - codes.float() * scale.float()[..., None]).pow(2).mean(dim=(1, 2))  # [N]
-        if best_codes is None:
-            best_codes, best_scale, best_error = codes, scale, error
+        run = gptq_quantize(weights, factors, bits, [0.0] * len(bits), block_size, progress, scale=scale)
+        error = (target - run[0].float() * run[1].float()[..., None]).pow(2).mean(dim=(1, 2))  # [N]
+        if best is None:
+            best, best_error = run, error
         else:
             improved = error < best_error  # [N]
-            best_codes = torch.where(improved[:, None, None], codes, best_codes)
-            best_scale = torch.where(improved[:, None], scale, best_scale)
+            best = tuple(torch.where(improved.reshape(-1, *[1] * (kept.dim() - 1)), candidate, kept)
+                         for candidate, kept in zip(run, best, strict=True))
             best_error = torch.where(improved, error, best_error)
-    return best_codes, best_scale
+    return best
 
 
 def prune_smallest(state_dict: dict[str, Tensor], fraction: float, min_numel: int) -> dict[str, Tensor]:
@@ -401,10 +418,12 @@ def rate_terms(codes: Tensor, scale: Tensor, factors: HessianFactors, bits: list
 
 
 def quantize_batch(weights: Tensor, factors: HessianFactors, plans: list[TensorPlan], cfg: QuantizeConfig,
-                   progress: tqdm | None, sensitivity: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   progress: tqdm | None, sensitivity: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Codes [N, rows, cols] and fp16 scales [N, rows] of one same-shape batch, by ``cfg.scale_search``
     (``sensitivity`` [N, rows]: the output sensitivities loss_sdclip needs; rate-aware GPTQ weights
-    the rows' errors by them when given, which ``quantize_model`` does when ``cfg`` uses them)."""
+    the rows' errors by them when given, which ``quantize_model`` does when ``cfg`` uses them), and
+    the damped error they leave [N] (:func:`residual_energy`), None where the stored fp16 scales are
+    not those GPTQ quantized with (PR #576's fp32 scales)."""
     bits = [plan.bits for plan in plans]
     if cfg.scale_search == "matrix_percentiles":
         return gptq_best_matrix_percentile(weights, factors, bits, cfg.block_size, progress)
@@ -419,12 +438,13 @@ def quantize_batch(weights: Tensor, factors: HessianFactors, plans: list[TensorP
         # PR #576 quantizes with the fp32 scales and stores them in fp16.
         scale = torch.stack([best_row_percentile_scales(w[None].float(), quant_max(b))[0]
                              for w, b in zip(weights, bits, strict=True)])  # [N, rows]
-    codes, used = gptq_quantize(weights, factors, bits, clip_sigmas.tolist(), cfg.block_size, progress, scale=scale)
+    codes, used, energy = gptq_quantize(weights, factors, bits, clip_sigmas.tolist(), cfg.block_size, progress,
+                                        scale=scale)
     for _ in range(RATE_PASSES if cfg.rate_lambda > 0 else 0):
         rate = rate_terms(codes, used, factors, bits, cfg.rate_lambda, sensitivity)
-        codes, used = gptq_quantize(weights, factors, bits, clip_sigmas.tolist(), cfg.block_size, scale=scale,
-                                    rate=rate)
-    return codes, used.to(torch.float16)
+        codes, used, energy = gptq_quantize(weights, factors, bits, clip_sigmas.tolist(), cfg.block_size,
+                                            scale=scale, rate=rate)
+    return codes, used.to(torch.float16), energy if used.dtype == torch.float16 else None
 
 
 # ---------------------------------------------------------------- report
@@ -443,19 +463,23 @@ def hessian_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
     return error / signal if signal > 0 else 0.0
 
 
-def factor_error(weight: Tensor, approx: Tensor, factors: HessianFactors, index: int, block: int = 128) -> float:
+def factor_error(weight: Tensor, approx: Tensor, factors: HessianFactors, index: int,
+                 damped_error: float | None = None, block: int = 128) -> float:
     """:func:`hessian_error` through the factor GPTQ used, H + δI = R Rᵀ (permuted; dead columns zeroed,
     where H has nothing): ``tr(X H Xᵀ) = ‖X R‖² − δ‖X‖²``, by blocks of R's upper triangle, half
-    the products of ``X @ H``."""
+    the products of ``X @ H``. ``damped_error``: the error's ``‖ΔR‖²`` when GPTQ gave it
+    (:func:`residual_energy`), which leaves only the signal's product by R to do."""
     live = ~factors.dead[index]  # [cols]
     both = torch.cat([weight.float(), weight.float() - approx.float()]) * live  # [2 rows, cols]
-    both = both.index_select(1, factors.perm[index])
-    upper = factors.upper(index)  # [cols, cols]
     energy = -float(factors.damp[index]) * both.square().sum(dim=-1, dtype=torch.float64)  # [2 rows]
-    for start in range(0, both.shape[1], block):
-        end = min(start + block, both.shape[1])
-        energy += (both[:, :end] @ upper[:end, start:end]).square().sum(dim=-1, dtype=torch.float64)
+    products = both[:len(weight)] if damped_error is not None else both
+    products = products.index_select(1, factors.perm[index])  # [rows or 2 rows, cols]
+    upper = factors.upper(index)  # [cols, cols]
+    for start in range(0, products.shape[1], block):
+        end = min(start + block, products.shape[1])
+        energy[:len(products)] += (products[:, :end] @ upper[:end, start:end]).square().sum(dim=-1, dtype=torch.float64)
     signal, error = float(energy[:len(weight)].sum()), float(energy[len(weight):].sum())
+    error += damped_error or 0.0
     return error / signal if signal > 0 else 0.0
 
 
@@ -563,6 +587,11 @@ def own_hessian(plan: TensorPlan, cfg: QuantizeConfig) -> bool:
     return not (plan.group == "embed" and not cfg.embed_gptq)
 
 
+# Where GPTQ quantized a tensor: its batch's Hessian factors, its index in the batch, and the damped
+# error its codes leave (``residual_energy``; None where the stored scales are not those it used).
+GPTQError = tuple[HessianFactors, int, float | None]
+
+
 def quantize_model(
     model_config: ModelConfig,
     state_dict: dict[str, Tensor],
@@ -592,7 +621,7 @@ def quantize_model(
         for name, plan in plans.items() if plan.bits and not plan.uses_gptq
     }
     total_columns = sum(state_dict[n].shape[1] for n in gptq_names)
-    own_factors: dict[str, tuple[HessianFactors, int]] = {}  # the report measures errors through these
+    own_factors: dict[str, GPTQError] = {}  # the report measures errors through these
     with progress_bar(total=total_columns, desc="gptq columns", unit="col", show=show_progress) as bar:
         for names in shape_batches(gptq_names, state_dict):
             key = tuple(names)
@@ -603,13 +632,13 @@ def quantize_model(
                                                      cfg.gptq_dense_inverse)
             # by cfg alone, whatever the caller passes: the stage and the exported runner make one artifact
             rows = torch.stack([sensitivity[n] for n in names]).to(device) if cfg.uses_output_sensitivity else None
-            codes, scales = quantize_batch(torch.stack([weights[n] for n in names]).to(device), factor_cache[key],
-                                           [plans[n] for n in names], cfg, bar, rows)
+            codes, scales, energy = quantize_batch(torch.stack([weights[n] for n in names]).to(device),
+                                                   factor_cache[key], [plans[n] for n in names], cfg, bar, rows)
             for index, (name, code, scale) in enumerate(zip(names, codes.cpu(), scales.cpu())):
                 clip_sigmas = plans[name].clip_sigmas if "sdclip" in cfg.scale_search else 0.0  # percentile scales
                 tensors[name] = QuantizedTensor(code, scale, plans[name].bits, clip_sigmas)
                 if factor_cache[key].from_original and own_hessian(plans[name], cfg):
-                    own_factors[name] = (factor_cache[key], index)
+                    own_factors[name] = (factor_cache[key], index, None if energy is None else float(energy[index]))
     if cfg.lqer_rank:
         from pgolf.quant.lqer import lqer_corrections  # here, not above: an exported script ships LQER only when on
 
@@ -630,19 +659,24 @@ def ordered_tensors(tensors: dict[str, QuantizedTensor | Tensor], names: list[st
 
 
 def model_report(qm: QuantizedModel, state_dict: dict[str, Tensor], hessians: dict[str, Tensor],
-                 plans: dict[str, TensorPlan], factors: dict[str, tuple[HessianFactors, int]] | None = None) -> list[dict]:
+                 plans: dict[str, TensorPlan], factors: dict[str, GPTQError] | None = None) -> list[dict]:
     """One report row per tensor of the model, its error measured on what the artifact decodes to
-    (through the Hessian factor GPTQ used where ``factors`` has the tensor's: matrix and index)."""
+    (through the Hessian factor GPTQ used where ``factors`` has the tensor's; with GPTQ's own error
+    term unless a low-rank correction changes what the tensor decodes to)."""
     decoded = dequantize(qm)
     factors = factors or {}
     rows = []
     for name, tensor in state_dict.items():
         stored = qm.tensors[name]
         codes = stored.q if isinstance(stored, QuantizedTensor) else None
-        h_rel_error = (factor_error(tensor, decoded[name], *factors[name]) if name in factors
-                       else hessian_error(tensor, decoded[name], hessians[name]) if name in hessians else None)
+        correction = qm.tensors.get(correction_names(name)[0])
+        if name in factors:
+            batch, index, damped_error = factors[name]
+            h_rel_error = factor_error(tensor, decoded[name], batch, index,
+                                       damped_error if correction is None else None)
+        else:
+            h_rel_error = hessian_error(tensor, decoded[name], hessians[name]) if name in hessians else None
         row = tensor_report(name, tensor, plans[name], decoded[name], h_rel_error, codes)
-        factor = qm.tensors.get(correction_names(name)[0])
-        row["lqer_rank"] = factor.q.shape[1] if factor is not None else 0
+        row["lqer_rank"] = correction.q.shape[1] if correction is not None else 0
         rows.append(row)
     return rows

@@ -15,8 +15,10 @@ from pgolf.config import CompressConfig, ConfigError, ModelConfig, QuantizeConfi
 from pgolf.quant.calibrate import collect_output_sensitivity
 from pgolf.quant.fit import fit_clip_sigmas, fit_quantize
 from pgolf.quant.gptq import (
+    RateTerms,
     TensorPlan,
     check_hessians,
+    factor_error,
     gptq_quantize,
     hessian_error,
     prepare_hessians,
@@ -43,7 +45,7 @@ def test_each_tensor_matches_reference_codes_and_scales(golden):
     for name, entry in golden["gptq"].items():
         weight = golden["state_dict"][name]
         factors = prepare_hessians(entry["H"][None], damping=0.01)
-        codes, scales = gptq_quantize(weight[None], factors, [entry["bits"]], [entry["clip_sigmas"]])
+        codes, scales, _ = gptq_quantize(weight[None], factors, [entry["bits"]], [entry["clip_sigmas"]])
         assert_codes_match(name, codes[0], entry["q"])
         assert torch.equal(scales[0], entry["scale"]), f"{name}: scales differ"
 
@@ -62,6 +64,10 @@ def test_quantize_model_batches_same_shapes_and_matches_reference(golden, golden
     by_name = {row["name"]: row for row in rows}
     assert by_name["tok_emb.weight"]["method"] == "gptq int8" and by_name["skip_weights"]["method"] == "fp16"
     assert 0 < by_name["blocks.0.mlp.fc.weight"]["h_rel_error"] < 0.05
+    for name in ("blocks.0.mlp.fc.weight", "tok_emb.weight"):  # GPTQ's own error term, measured through H
+        decoded = qm.tensors[name].dequantize()
+        measured = hessian_error(golden["state_dict"][name], decoded, hessians[name])
+        assert by_name[name]["h_rel_error"] == pytest.approx(measured, rel=1e-4)
 
 
 def test_plan_passthrough_groups_and_overrides():
@@ -82,13 +88,32 @@ def test_codes_stay_in_range_and_gptq_beats_rounding(bits):
     generator = torch.Generator().manual_seed(bits)
     weight = torch.randn(96, 160, generator=generator)
     hessian = random_hessian(160, 400, generator)
-    codes, scales = gptq_quantize(weight[None], prepare_hessians(hessian[None], 0.01), [bits], [2.5], block_size=64)
+    codes, scales, _ = gptq_quantize(weight[None], prepare_hessians(hessian[None], 0.01), [bits], [2.5], block_size=64)
     qmax = 2 ** (bits - 1) - 1
     assert codes.abs().max() == qmax  # a 2.5-sigma clip saturates, never overflows
     rounded = (weight / scales[0].float()[:, None]).round().clamp(-qmax, qmax)  # [rows, cols]
     gptq_error = hessian_error(weight, codes[0].float() * scales[0].float()[:, None], hessian)
     rtn_error = hessian_error(weight, rounded * scales[0].float()[:, None], hessian)
     assert gptq_error < 0.85 * rtn_error  # about 0.75 on these shapes
+
+
+@pytest.mark.parametrize("rate_aware", [False, True])
+def test_gptqs_own_residuals_give_the_reports_error_without_a_product_by_the_factor(rate_aware):
+    """‖ΔR‖² = Σ_k (w′_k − q_k s)²·R_kk²: the report's error from GPTQ's residuals is the error
+    measured through the factor and through H itself, for any code choice, dead columns included."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(96, 160, generator=generator)
+    hessian = random_hessian(160, 400, generator)
+    hessian[:, 7] = 0.0
+    hessian[7, :] = 0.0
+    factors = prepare_hessians(hessian[None], 0.01)
+    prices = RateTerms(torch.full((1, 96), 0.5), torch.ones(1, 160), torch.rand(1, 160, 63, generator=generator) * 8)
+    codes, scales, energy = gptq_quantize(weight[None], factors, [6], [12.85], block_size=64,
+                                          rate=prices if rate_aware else None)
+    approx = codes[0].float() * scales[0].float()[:, None]  # [rows, cols]
+    through_factor = factor_error(weight, approx, factors, 0)
+    assert factor_error(weight, approx, factors, 0, float(energy[0])) == pytest.approx(through_factor, rel=1e-5)
+    assert through_factor == pytest.approx(hessian_error(weight, approx, hessian), rel=1e-4)
 
 
 def test_dead_columns_and_zero_rows_give_finite_zero_codes():
@@ -98,7 +123,7 @@ def test_dead_columns_and_zero_rows_give_finite_zero_codes():
     hessian = random_hessian(32, 100, generator)
     hessian[:, 5] = 0.0
     hessian[5, :] = 0.0
-    codes, scales = gptq_quantize(weight[None], prepare_hessians(hessian[None], 0.01), [6], [12.85])
+    codes, scales, _ = gptq_quantize(weight[None], prepare_hessians(hessian[None], 0.01), [6], [12.85])
     assert torch.isfinite(scales.float()).all() and (scales > 0).all()
     assert (codes[0, 3] == 0).all() and (codes[0, :, 5] == 0).all()
 

@@ -43,11 +43,11 @@ def test_lambda_zero_is_plain_gptq_and_a_negligible_lambda_picks_the_nearest_cod
     # the rate-aware choice itself, with bits worth nothing next to the error: the nearest code, as GPTQ rounds
     weight, hessian = model.state_dict()["blocks.0.mlp.fc.weight"][None], hessians["blocks.0.mlp.fc.weight"][None]
     factors = prepare_hessians(hessian, 0.01)
-    codes, scale = gptq_quantize(weight, factors, [6], [12.85])
+    codes, scale, _ = gptq_quantize(weight, factors, [6], [12.85])
     rows, cols = weight.shape[1:]
     bits = torch.rand(1, cols, 63, generator=torch.Generator().manual_seed(0)) * 8  # arbitrary prices
     negligible = RateTerms(torch.full((1, rows), 1e12), torch.ones(1, cols), bits)
-    chosen, _ = gptq_quantize(weight, factors, [6], [12.85], rate=negligible)
+    chosen, _, _ = gptq_quantize(weight, factors, [6], [12.85], rate=negligible)
     assert torch.equal(chosen, codes)
 
 

@@ -134,7 +134,7 @@ def test_pr576_gptq_codes():
     cfg = QuantizeConfig(scale_search="row_percentiles", gptq_column_order="ascending", gptq_dense_inverse=True,
                          block_size=32)
     factors = prepare_hessians(hessian, cfg.damping, ascending=True, dense_inverse=True)
-    codes, scales = quantize_batch(weight, factors, [TensorPlan("mlp", 5, 0.0)], cfg, None)
+    codes, scales, _ = quantize_batch(weight, factors, [TensorPlan("mlp", 5, 0.0)], cfg, None)
     assert torch.equal(scales[0], quant["scale"])
     assert torch.equal(codes[0], quant["q"])
 
@@ -143,7 +143,7 @@ def test_pr1218_gptq_codes():
     quant = golden("pr1218")["quant"]
     cfg = QuantizeConfig(scale_search="matrix_percentiles", block_size=32)
     factors = prepare_hessians(quant["hessian"][None], cfg.damping)
-    codes, scales = quantize_batch(quant["weight"][None], factors, [TensorPlan("mlp", 6, 0.0)], cfg, None)
+    codes, scales, _ = quantize_batch(quant["weight"][None], factors, [TensorPlan("mlp", 6, 0.0)], cfg, None)
     assert torch.equal(scales[0], quant["scale"])
     assert torch.equal(codes[0], quant["q"])
 
