@@ -130,6 +130,8 @@ def run_stage(
     ws = workspace(args.out, os.environ)
     try:
         params = load_params(args.params, args.overrides, required=STAGE_SECTIONS.get(stage, ()))
+        if under_torchrun(os.environ) and PARAMS_SOURCE in os.environ:  # relaunched: name the user's file
+            params.source = os.environ[PARAMS_SOURCE]
         nproc = processes(params) if processes else 1
         with stage_lock(stage, ws, os.environ):
             if main_process() and LOCK_HELD not in os.environ:  # once: not each process, nor after a relaunch
@@ -169,6 +171,9 @@ def stage_lock(stage: str, ws: Workspace, environ: dict[str, str] | os._Environ)
 
 
 LOCK_HELD = "PGOLF_STAGE_LOCK"  # set for processes relaunched under torchrun: the launcher holds this lock
+# Also set for them: the params file the user gave, which their warnings and records name rather than
+# the resolved copy the launcher wrote for them
+PARAMS_SOURCE = "PGOLF_PARAMS_SOURCE"
 
 
 def relaunch(stage: str, params: Params, nproc: int, ws: Workspace, options: dict[str, Any]) -> int:
@@ -181,7 +186,9 @@ def relaunch(stage: str, params: Params, nproc: int, ws: Workspace, options: dic
     write_bytes(params_file, yaml.safe_dump(dict(params), sort_keys=True).encode("utf-8"))
     args = ["--params", str(params_file), "--out", str(ws.root)]
     args += [item for key, value in options.items() for item in (f"--{key}", str(value))]
-    return launch_torchrun(f"stages.{stage}", args, nproc, {**os.environ, LOCK_HELD: str(ws.lock(stage))})
+    source = getattr(params, "source", "params")
+    return launch_torchrun(f"stages.{stage}", args, nproc,
+                           {**os.environ, LOCK_HELD: str(ws.lock(stage)), PARAMS_SOURCE: source})
 
 
 def evaluate_processes(params: dict) -> int:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from pgolf.pipeline import layout
+from pgolf.pipeline import stage
 from pgolf.pipeline.stage import Workspace, one_line, run_stage, workspace
 
 
@@ -108,3 +109,22 @@ def test_a_reader_recovers_an_output_whose_commit_was_interrupted(tmp_path, monk
     (aside / "tensors.csv").write_text("old\n")
     assert Workspace(Path("runs")).input(layout.QUANTIZE_PLOTS) == plots
     assert (plots / "tensors.csv").read_text() == "old\n" and not aside.exists()
+
+
+def test_a_stage_relaunched_under_torchrun_names_the_users_params_file_not_the_launchers_copy(tmp_path, monkeypatch):
+    """The launcher hands its processes a resolved copy of the params under .pgolf/; their warnings and
+    lineage records name the file the user gave (``params.source``), not that copy."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_STAGE")
+    Path("mine.yaml").write_text("compress: {}\n")
+    launched = []
+    monkeypatch.setattr(stage, "launch_torchrun", lambda module, args, nproc, env: launched.append((args, env)) or 0)
+    assert run_stage("compress", lambda params, ws: None, ["--params", "mine.yaml", "--out", "o"], None, lambda p: 2) == 0
+    (args, env), = launched
+    copy = args[args.index("--params") + 1]
+    assert copy != "mine.yaml" and Path(copy).is_file() and env[stage.PARAMS_SOURCE] == "mine.yaml"
+    for name in ("RANK", "WORLD_SIZE", stage.LOCK_HELD, stage.PARAMS_SOURCE):  # what each relaunched process sees
+        monkeypatch.setenv(name, {"RANK": "0", "WORLD_SIZE": "2"}.get(name, env.get(name, "")))
+    sources = []
+    assert run_stage("compress", lambda params, ws: sources.append((params.source, ws.begin("compress", params).lineage.source)), args) == 0
+    assert sources == [("mine.yaml", "mine.yaml")]
