@@ -46,6 +46,7 @@ from pgolf.config import (
     QuantizeConfig,
     TokenizeConfig,
     TrainConfig,
+    TTTConfig,
     load_params,
     section,
 )
@@ -120,7 +121,7 @@ class Run:
         """The code bytes of this run's exported script with these quantize and compress settings."""
         configs = RunConfigs(model=self.model_config, train=section(self.params, "train", TrainConfig),
                              calibrate=section(self.params, "calibrate", CalibrateConfig), quantize=quantize,
-                             compress=compress, evaluate=self.evaluate)
+                             compress=compress, evaluate=self.evaluate, ttt=section(self.params, "ttt", TTTConfig))
         return code_bytes(compress.code_files, configs.baked(), compress.compress_code)
 
     def bpb(self, model: GPT, name: str) -> float:
