@@ -355,7 +355,7 @@ class QuantizeConfig(Section):
     lqer_mode: Literal["hessian", "asym"] = "hessian"
     lqer_group: Positive = 64  # asym: values of B per scale
     # > 0: rate-aware GPTQ, each code the one of its two neighbours of least H-weighted error + λ·bits
-    # under the ans coder's model of its column (pgolf.quant.gptq.rate_terms); 0: the nearest, as ever
+    # under the ans coder's model of its column (pgolf.quant.rate.rate_terms); 0: the nearest, as ever
     rate_lambda: NonNegative = 0.0
     # fixed: the bits and clips above; allocate: bits and clip per tensor by rate–distortion, within
     # compress.size_limit_bytes (pgolf.quant.allocate)

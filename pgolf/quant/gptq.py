@@ -12,12 +12,14 @@ sigmas. The variants (docs/VARIANTS.md §4.6, §5.2, §6) are options: PR #576's
 per-row best-of-five percentile scales with the columns in ascending Hessian order
 and its dense H⁻¹, PR #1218's five whole-matrix percentile clips each with a full GPTQ
 run, int8 per-row percentile rounding of the embedding tables (:mod:`pgolf.quant.rounding`),
-and magnitude pruning before any of it. Fitting a byte budget is :mod:`pgolf.quant.fit`.
+and magnitude pruning before any of it. Fitting a byte budget is :mod:`pgolf.quant.fit`;
+rate-aware code choice (``quantize.rate_lambda``) is :mod:`pgolf.quant.rate`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -34,6 +36,9 @@ from pgolf.quant.rounding import (
     round_table,
 )
 from pgolf.runtime import progress_bar
+
+if TYPE_CHECKING:
+    from pgolf.quant.rate import RateTerms
 
 MIN_SCALE = 1e-10  # 0 in fp16: a row's fp16 scale is at least MIN_FP16_SCALE
 SUPPORTED_BITS = range(2, 9)  # codes are stored as int8
@@ -235,27 +240,6 @@ def prepare_hessians(hessians: Tensor, damping: float, ascending: bool = False,
     return HessianFactors(diag.clone(), dead, perm, spread, torch.ones_like(r_diag), True, r_diag.square(), damp)
 
 
-@dataclass(frozen=True)
-class RateTerms:
-    """Rate-aware GPTQ's costs, in bits: code q of column j in row r costs
-    ``(x − q)² · row_weight[r] · column_weight[j] + bits[j, q + qmax]``, x the column over the step."""
-
-    row_weight: Tensor  # [N, rows]: the row's error weight over λ
-    column_weight: Tensor  # [N, cols], permuted order
-    bits: Tensor  # [N, cols, 2·max qmax + 1], permuted order: each code's bits under the coder's model
-
-
-def cheapest_codes(x: Tensor, bound: Tensor, rate: RateTerms, j: int) -> Tensor:
-    """Of the two codes around ``x`` [N, rows] (within ±``bound`` [N, 1]), the one of least error + λ·bits."""
-    low = torch.floor(x).clamp_(-bound, bound)
-    high = (low + 1).clamp_(max=bound)
-    weight = rate.row_weight * rate.column_weight[:, j, None]  # [N, rows]
-    bits = rate.bits[:, j]  # [N, symbols]
-    cost_low = (x - low).square_().mul_(weight).add_(bits.gather(1, (low + bound).long()))
-    cost_high = (x - high).square_().mul_(weight).add_(bits.gather(1, (high + bound).long()))
-    return torch.where(cost_high < cost_low, high, low)
-
-
 def quantize_block(block: Tensor, base: Tensor, spread: Tensor, divisor: Tensor, scale: Tensor, bound: Tensor,
                    codes: Tensor, rate: RateTerms | None, start: int) -> Tensor:
     """Quantize the columns of one block in order, each error spread onto the block's later columns.
@@ -274,7 +258,7 @@ def quantize_block(block: Tensor, base: Tensor, spread: Tensor, divisor: Tensor,
         sub_end = min(sub_start + SUB_BLOCK, width)
         for j in range(sub_start, sub_end):
             x = block[:, j] / scale  # [N, rows]; a column is contiguous
-            code = torch.round(x).clamp_(-bound, bound) if rate is None else cheapest_codes(x, bound, rate, start + j)
+            code = torch.round(x).clamp_(-bound, bound) if rate is None else rate.cheapest_codes(x, bound, start + j)
             codes[:, j] = code
             error = (base[:, j] - code * scale) / divisor[:, j, None]  # [N, rows]
             errors[:, j] = error
@@ -391,32 +375,6 @@ def prune_smallest(state_dict: dict[str, Tensor], fraction: float, min_numel: in
     return pruned
 
 
-RATE_PASSES = 2  # rate-aware GPTQ: the coder's model fitted to the last pass's codes, then GPTQ again
-
-
-def rate_terms(codes: Tensor, scale: Tensor, factors: HessianFactors, bits: list[int], rate_lambda: float,
-               sensitivity: Tensor | None) -> RateTerms:
-    """Rate-aware GPTQ's costs for N matrices, from their codes [N, rows, cols] of a previous pass.
-
-    Code q of row r, column j costs its share of tr(ΔHΔᵀ), ``(x − q)² s_r² e_j`` (``e_j``:
-    ``factors.error_weight``; times the row's output sensitivity when given), in units of the
-    matrix's mean ``s_r² e_j`` (so λ is the same whatever the matrix's scale), plus λ times its
-    bits under the ``ans`` coder's model fitted to the previous codes (:func:`pgolf.artifact.ans.code_bits`).
-    """
-    from pgolf.artifact.ans import code_bits  # here, not above: an exported script ships the coder only when it prices
-
-    device, width = codes.device, 2 * max(quant_max(b) for b in bits) + 1
-    table = torch.zeros(codes.shape[0], codes.shape[2], width, dtype=torch.float32)  # [N, cols, symbols]
-    for n, (matrix, b) in enumerate(zip(codes.cpu().numpy(), bits, strict=True)):
-        priced = torch.from_numpy(code_bits(matrix, b)).float()  # [cols, 2 qmax + 1], original column order
-        table[n, :, :priced.shape[1]] = priced
-    table = torch.take_along_dim(table.to(device), factors.perm[:, :, None], dim=1)  # permuted order
-    row = scale.float().square() * (1.0 if sensitivity is None else sensitivity.float())  # [N, rows]
-    row = row / (row.mean(dim=-1, keepdim=True).clamp_min(MIN_SCALE) * rate_lambda)
-    column = factors.error_weight / factors.error_weight.mean(dim=-1, keepdim=True)  # [N, cols], permuted order
-    return RateTerms(row, column, table)
-
-
 def quantize_batch(weights: Tensor, factors: HessianFactors, plans: list[TensorPlan], cfg: QuantizeConfig,
                    progress: tqdm | None, sensitivity: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Codes [N, rows, cols] and fp16 scales [N, rows] of one same-shape batch, by ``cfg.scale_search``
@@ -440,10 +398,13 @@ def quantize_batch(weights: Tensor, factors: HessianFactors, plans: list[TensorP
                              for w, b in zip(weights, bits, strict=True)])  # [N, rows]
     codes, used, energy = gptq_quantize(weights, factors, bits, clip_sigmas.tolist(), cfg.block_size, progress,
                                         scale=scale)
-    for _ in range(RATE_PASSES if cfg.rate_lambda > 0 else 0):
-        rate = rate_terms(codes, used, factors, bits, cfg.rate_lambda, sensitivity)
-        codes, used, energy = gptq_quantize(weights, factors, bits, clip_sigmas.tolist(), cfg.block_size,
-                                            scale=scale, rate=rate)
+    if cfg.rate_lambda > 0:
+        from pgolf.quant.rate import RATE_PASSES, rate_terms  # an option module: a script ships it when rate-aware
+
+        for _ in range(RATE_PASSES):
+            rate = rate_terms(codes, used, factors, bits, cfg.rate_lambda, sensitivity)
+            codes, used, energy = gptq_quantize(weights, factors, bits, clip_sigmas.tolist(), cfg.block_size,
+                                                scale=scale, rate=rate)
     return codes, used.to(torch.float16), energy if used.dtype == torch.float16 else None
 
 

@@ -132,6 +132,7 @@ OPTION_MODULES: dict[str, Callable[[dict[str, Any]], bool]] = {
     "pgolf.eval.ttt": lambda p: p["ttt"].enabled,
     "pgolf.quant.allocate": lambda p: p["quantize"].method == "allocate",
     "pgolf.quant.lqer": lambda p: p["quantize"].lqer_rank > 0 or p["quantize"].method == "allocate",
+    "pgolf.quant.rate": lambda p: p["quantize"].rate_aware,
 }
 
 

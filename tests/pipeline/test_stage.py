@@ -9,8 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from pgolf.pipeline import layout
-from pgolf.pipeline import stage
+from pgolf.pipeline import layout, stage
 from pgolf.pipeline.stage import Workspace, one_line, run_stage, workspace
 
 

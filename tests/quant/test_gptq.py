@@ -15,7 +15,6 @@ from pgolf.config import CompressConfig, ConfigError, ModelConfig, QuantizeConfi
 from pgolf.quant.calibrate import collect_output_sensitivity
 from pgolf.quant.fit import fit_clip_sigmas, fit_quantize
 from pgolf.quant.gptq import (
-    RateTerms,
     TensorPlan,
     check_hessians,
     factor_error,
@@ -25,6 +24,7 @@ from pgolf.quant.gptq import (
     quantize_model,
     tensor_plan,
 )
+from pgolf.quant.rate import RateTerms
 from tests.quant.test_allocate import model_with_hessians
 
 ALL_GPTQ = QuantizeConfig(passthrough_max_numel=0)  # both golden sets quantize every linear

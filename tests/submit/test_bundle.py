@@ -160,14 +160,15 @@ def test_the_micro_preset_ships_the_records_code():
 COMPRESSORS = {"brotli": set(), "lzma": set(), "zstd": set(), "ans": {"pgolf/artifact/ans.py"},
                "pergroup": {"pgolf/artifact/pergroup.py"}}
 TTT = {False: set(), True: {"pgolf/eval/ttt.py", "pgolf/eval/lora.py"}}
+RATE_AWARE = {"pgolf/quant/rate.py", "pgolf/artifact/ans.py"}  # rate-aware GPTQ prices codes by the ans coder's model
 FEW_CANDIDATES = ["quantize.allocate_bits=[5,6]", "quantize.allocate_clip_sigmas=[12.85]"]  # a quick allocation
 QUANTIZERS = {  # record overrides -> the option modules they add
-    "rate_lambda": (["quantize.rate_lambda=0.05"], {"pgolf/artifact/ans.py"}),
-    "fit_rate_lambda": (["quantize.fit_to_size=true", "quantize.fit_knob=rate_lambda"], {"pgolf/artifact/ans.py"}),
+    "rate_lambda": (["quantize.rate_lambda=0.05"], RATE_AWARE),
+    "fit_rate_lambda": (["quantize.fit_to_size=true", "quantize.fit_knob=rate_lambda"], RATE_AWARE),
     "lqer": (["quantize.lqer_rank=2"], {"pgolf/quant/lqer.py"}),
     "allocate": (["quantize.method=allocate", *FEW_CANDIDATES], {"pgolf/quant/allocate.py", "pgolf/quant/lqer.py"}),
     "allocate_rates": (["quantize.method=allocate", *FEW_CANDIDATES, "quantize.allocate_rate_lambdas=[0.0,0.05]"],
-                       {"pgolf/quant/allocate.py", "pgolf/quant/lqer.py", "pgolf/artifact/ans.py"}),
+                       {"pgolf/quant/allocate.py", "pgolf/quant/lqer.py"} | RATE_AWARE),
 }
 OPTION_FILES = set().union(*COMPRESSORS.values(), *TTT.values(), *(files for _, files in QUANTIZERS.values()))
 

@@ -17,8 +17,9 @@ from pgolf.artifact.tensors import QuantizedTensor, dequantize
 from pgolf.config import CompressConfig, ConfigError, QuantizeConfig
 from pgolf.pipeline import layout
 from pgolf.quant.fit import quantize_for_size
-from pgolf.quant.gptq import RateTerms, gptq_quantize, prepare_hessians, quantize_model
+from pgolf.quant.gptq import gptq_quantize, prepare_hessians, quantize_model
 from pgolf.quant.lqer import h_weighted_error
+from pgolf.quant.rate import RateTerms
 from stages import quantize as stage
 from tests.stages.test_quantize import CODE_BYTES, PIPELINE, model_with_hessians, small_workdir  # noqa: F401 (a fixture)
 
