@@ -1,0 +1,182 @@
+"""What the exported script's code bytes are made of, and what each way of cutting them would give.
+
+The bundle stage counts the script as it ships (``pgolf.submit.bundle.script_text``: bootstrap,
+plain params, the shaken and minified modules as one brotli-11 stream in base 85). This prints
+that count for a params file, then the script's length under each lever, one at a time, each
+measured on the same shipped modules:
+
+- the stream: lzma (xz, preset 9e) or zstd-22 instead of brotli-11; the modules concatenated
+  rather than as JSON; the params compressed with the modules rather than plain;
+- the text: base 93 (every printable ASCII character but ``"`` and ``\\``) instead of base 85;
+- the source, as upper bounds (not shipped, not run: each drops what a real change might keep):
+  module-level names renamed by python-minifier within each module (a real change would have to
+  rename across modules); every string literal of more than 12 characters and every f-string
+  emptied (the error messages); every ``if`` and conditional expression whose test the baked
+  params decide (``cfg.key``, ``not cfg.key``, ``cfg.key <op> constant``) cut to its live branch.
+
+The last line is what the record's 30,000 asks of the modules' stream. Usage::
+
+    python -m benchmarks.bench_code_bytes [--params presets/record.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import lzma
+import math
+import operator
+from pathlib import Path
+from typing import Any
+
+import brotli
+import python_minifier
+
+from pgolf.config import SECTIONS, load_params, section
+from pgolf.submit.bundle import REPO_ROOT, code_bytes, shipped_files
+from pgolf.submit.runner import RunConfigs
+
+ENTRY = ["pgolf/submit/runner.py"]
+GOAL_BYTES = 30_000  # the final record's code bytes, rounded (issue 25)
+B85 = 5 / 4  # characters per byte of base 85
+B93 = 8 / math.log2(93)  # characters per byte of base 93, at best
+COMPARISONS = {ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Lt: operator.lt, ast.LtE: operator.le,
+               ast.Eq: operator.eq, ast.NotEq: operator.ne}
+
+
+def baked_params(path: Path) -> dict[str, Any]:
+    """The params the script of ``path`` bakes, as the bundle stage bakes them."""
+    params = load_params(path)
+    return RunConfigs(**{name: section(params, name, SECTIONS[name]) for name in RunConfigs.section_names()}).baked()
+
+
+def brotli_bytes(text: str) -> int:
+    return len(brotli.compress(text.encode("utf-8"), quality=11))
+
+
+def bundle_text(files: dict[str, str]) -> str:
+    """The modules as the script carries them: one JSON object, path -> source."""
+    return json.dumps(files, sort_keys=True, separators=(",", ":"))
+
+
+def stream_alternatives(files: dict[str, str], params_text: str) -> dict[str, int]:
+    """The stream's bytes under each coder and layout."""
+    text = bundle_text(files)
+    raw = text.encode("utf-8")
+    lzma_filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+    found = {"brotli-11 (as shipped)": brotli_bytes(text),
+             "lzma 9e": len(lzma.compress(raw, format=lzma.FORMAT_RAW, filters=lzma_filters)),
+             "brotli-11, modules concatenated": brotli_bytes("".join(f"\x1e{p}\x1f{s}" for p, s in files.items())),
+             "brotli-11, params in the stream": brotli_bytes(params_text + text)}
+    try:
+        import zstandard
+    except ImportError:
+        return found
+    found["zstd-22"] = len(zstandard.ZstdCompressor(level=22).compress(raw))
+    return found
+
+
+class EmptyStrings(ast.NodeTransformer):
+    """Every string literal of more than 12 characters and every f-string, emptied."""
+
+    def visit_Constant(self, node: ast.Constant) -> ast.AST:
+        return ast.Constant("") if isinstance(node.value, str) and len(node.value) > 12 else node
+
+    def visit_JoinedStr(self, node: ast.JoinedStr) -> ast.AST:
+        return ast.Constant("")
+
+
+class LiveBranches(ast.NodeTransformer):
+    """Each ``if`` and conditional expression whose test ``values`` (key -> baked value) decide, cut to its live
+    branch."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.values = values
+
+    def decided(self, test: ast.expr) -> Any:
+        """The test's value, or None where the baked params do not decide it."""
+        if isinstance(test, ast.Attribute):
+            return self.values.get(test.attr)
+        if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+            value = self.decided(test.operand)
+            return None if value is None else not value
+        if (isinstance(test, ast.Compare) and len(test.ops) == 1 and type(test.ops[0]) in COMPARISONS
+                and isinstance(test.comparators[0], ast.Constant)):
+            value = self.decided(test.left)
+            try:
+                return None if value is None else COMPARISONS[type(test.ops[0])](value, test.comparators[0].value)
+            except TypeError:
+                return None
+        return None
+
+    def visit_If(self, node: ast.If) -> Any:
+        self.generic_visit(node)
+        value = self.decided(node.test)
+        if value is None:
+            return node
+        return (node.body if value else node.orelse) or ast.Pass()
+
+    def visit_IfExp(self, node: ast.IfExp) -> ast.AST:
+        self.generic_visit(node)
+        value = self.decided(node.test)
+        return node if value is None else (node.body if value else node.orelse)
+
+
+def decided_keys(params: dict[str, Any]) -> dict[str, Any]:
+    """Each params key with one value in every section that has it (a test on it is decided by the params)."""
+    values: dict[str, list[Any]] = {}
+    for settings in params.values():
+        for key, value in (settings.items() if isinstance(settings, dict) else ()):
+            values.setdefault(key, []).append(value)
+    return {key: found[0] for key, found in values.items() if all(v == found[0] for v in found)}
+
+
+def transformed(files: dict[str, str], transformer: ast.NodeTransformer) -> dict[str, str]:
+    return {path: ast.unparse(ast.fix_missing_locations(transformer.visit(ast.parse(source)))) if source else source
+            for path, source in files.items()}
+
+
+def source_bounds(files: dict[str, str], params: dict[str, Any]) -> dict[str, int]:
+    """The stream's bytes with each source lever applied alone (unparsed sources, compared with the unparsed
+    shipped sources so that the unparser's own layout cancels)."""
+    renamed = {path: python_minifier.minify(source, filename=path, rename_globals=True, rename_locals=True,
+                                            remove_literal_statements=True) if source else source
+               for path, source in files.items()}
+    unparsed = transformed(files, ast.NodeTransformer())
+    base = brotli_bytes(bundle_text(unparsed))
+    return {"module-level names renamed, each module alone": brotli_bytes(bundle_text(renamed))
+            - brotli_bytes(bundle_text(files)),
+            "long strings and f-strings emptied": brotli_bytes(bundle_text(transformed(files, EmptyStrings()))) - base,
+            "branches the baked params decide, cut": brotli_bytes(
+                bundle_text(transformed(files, LiveBranches(decided_keys(params))))) - base}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=REPO_ROOT / "presets" / "record.yaml")
+    args = parser.parse_args()
+    params = baked_params(args.params)
+    files = shipped_files(ENTRY, params)
+    shipped = code_bytes(ENTRY, params)
+    params_text = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    stream = brotli_bytes(bundle_text(files))
+    around = shipped - math.ceil(stream * B85)  # bootstrap and plain params
+    print(f"{args.params}: {shipped:,} code bytes; {len(files)} modules, {sum(map(len, files.values())):,} "
+          f"characters shipped; brotli stream {stream:,} bytes; bootstrap + params {around:,}")
+    print(f"{'lever':<52} {'stream':>8} {'script':>8} {'change':>8}")
+    for name, size in stream_alternatives(files, params_text).items():
+        script = math.ceil(size * B85) + around - (len(params_text) if "params" in name else 0)
+        print(f"{name:<52} {size:>8,} {script:>8,} {script - shipped:>+8,}")
+    script = math.ceil(stream * B93) + around
+    print(f"{'base 93 text instead of base 85':<52} {stream:>8,} {script:>8,} {script - shipped:>+8,}")
+    for name, change in source_bounds(files, params).items():
+        script = math.ceil((stream + change) * B85) + around
+        print(f"{name + ' (bound)':<52} {stream + change:>8,} {script:>8,} {script - shipped:>+8,}")
+    needed = math.floor((GOAL_BYTES - around) / B85)
+    print(f"{GOAL_BYTES:,} code bytes with these params and base 85 need a stream of {needed:,} bytes: "
+          f"{1 - needed / stream:.0%} less than today's")
+
+
+if __name__ == "__main__":
+    main()
