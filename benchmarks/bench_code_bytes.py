@@ -33,13 +33,12 @@ from typing import Any
 import brotli
 import python_minifier
 
-from pgolf.config import SECTIONS, load_params, section
-from pgolf.submit.bundle import REPO_ROOT, code_bytes, shipped_files
+from pgolf.config import load_params, section
+from pgolf.submit.bundle import REPO_ROOT, bundle_json, code_bytes, shipped_files
 from pgolf.submit.runner import RunConfigs
 
 ENTRY = ["pgolf/submit/runner.py"]
 GOAL_BYTES = 30_000  # the final record's code bytes, rounded (issue 25)
-B85 = 5 / 4  # characters per byte of base 85
 B93 = 8 / math.log2(93)  # characters per byte of base 93, at best
 COMPARISONS = {ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Lt: operator.lt, ast.LtE: operator.le,
                ast.Eq: operator.eq, ast.NotEq: operator.ne}
@@ -48,21 +47,21 @@ COMPARISONS = {ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Lt: operator.lt, a
 def baked_params(path: Path) -> dict[str, Any]:
     """The params the script of ``path`` bakes, as the bundle stage bakes them."""
     params = load_params(path)
-    return RunConfigs(**{name: section(params, name, SECTIONS[name]) for name in RunConfigs.section_names()}).baked()
+    return RunConfigs(**{name: section(params, name, config) for name, config in RunConfigs.sections().items()}).baked()
+
+
+def b85_chars(size: int) -> int:
+    """The characters of ``size`` bytes in base 85 (``base64.b85encode``: 5 for every 4, the last 4 padded)."""
+    return 5 * math.ceil(size / 4)
 
 
 def brotli_bytes(text: str) -> int:
     return len(brotli.compress(text.encode("utf-8"), quality=11))
 
 
-def bundle_text(files: dict[str, str]) -> str:
-    """The modules as the script carries them: one JSON object, path -> source."""
-    return json.dumps(files, sort_keys=True, separators=(",", ":"))
-
-
 def stream_alternatives(files: dict[str, str], params_text: str) -> dict[str, int]:
     """The stream's bytes under each coder and layout."""
-    text = bundle_text(files)
+    text = bundle_json(files)
     raw = text.encode("utf-8")
     lzma_filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
     found = {"brotli-11 (as shipped)": brotli_bytes(text),
@@ -144,12 +143,12 @@ def source_bounds(files: dict[str, str], params: dict[str, Any]) -> dict[str, in
                                             remove_literal_statements=True) if source else source
                for path, source in files.items()}
     unparsed = transformed(files, ast.NodeTransformer())
-    base = brotli_bytes(bundle_text(unparsed))
-    return {"module-level names renamed, each module alone": brotli_bytes(bundle_text(renamed))
-            - brotli_bytes(bundle_text(files)),
-            "long strings and f-strings emptied": brotli_bytes(bundle_text(transformed(files, EmptyStrings()))) - base,
+    base = brotli_bytes(bundle_json(unparsed))
+    return {"module-level names renamed, each module alone": brotli_bytes(bundle_json(renamed))
+            - brotli_bytes(bundle_json(files)),
+            "long strings and f-strings emptied": brotli_bytes(bundle_json(transformed(files, EmptyStrings()))) - base,
             "branches the baked params decide, cut": brotli_bytes(
-                bundle_text(transformed(files, LiveBranches(decided_keys(params))))) - base}
+                bundle_json(transformed(files, LiveBranches(decided_keys(params))))) - base}
 
 
 def main() -> None:
@@ -160,20 +159,21 @@ def main() -> None:
     files = shipped_files(ENTRY, params)
     shipped = code_bytes(ENTRY, params)
     params_text = json.dumps(params, sort_keys=True, separators=(",", ":"))
-    stream = brotli_bytes(bundle_text(files))
-    around = shipped - math.ceil(stream * B85)  # bootstrap and plain params
+    alternatives = stream_alternatives(files, params_text)
+    stream = alternatives["brotli-11 (as shipped)"]
+    around = shipped - b85_chars(stream)  # bootstrap and plain params
     print(f"{args.params}: {shipped:,} code bytes; {len(files)} modules, {sum(map(len, files.values())):,} "
           f"characters shipped; brotli stream {stream:,} bytes; bootstrap + params {around:,}")
     print(f"{'lever':<52} {'stream':>8} {'script':>8} {'change':>8}")
-    for name, size in stream_alternatives(files, params_text).items():
-        script = math.ceil(size * B85) + around - (len(params_text) if "params" in name else 0)
+    for name, size in alternatives.items():
+        script = b85_chars(size) + around - (len(params_text) if "params" in name else 0)
         print(f"{name:<52} {size:>8,} {script:>8,} {script - shipped:>+8,}")
     script = math.ceil(stream * B93) + around
     print(f"{'base 93 text instead of base 85':<52} {stream:>8,} {script:>8,} {script - shipped:>+8,}")
     for name, change in source_bounds(files, params).items():
-        script = math.ceil((stream + change) * B85) + around
+        script = b85_chars(stream + change) + around
         print(f"{name + ' (bound)':<52} {stream + change:>8,} {script:>8,} {script - shipped:>+8,}")
-    needed = math.floor((GOAL_BYTES - around) / B85)
+    needed = (GOAL_BYTES - around) // 5 * 4  # the most bytes whose base 85 fits
     print(f"{GOAL_BYTES:,} code bytes with these params and base 85 need a stream of {needed:,} bytes: "
           f"{1 - needed / stream:.0%} less than today's")
 

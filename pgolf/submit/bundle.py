@@ -176,9 +176,14 @@ def module_sizes(files: dict[str, str], root: Path = REPO_ROOT) -> list[dict[str
     return sorted(rows, key=lambda row: (-row["compressed"], row["path"]))
 
 
+def bundle_json(files: dict[str, str]) -> str:
+    """``files`` (path -> shipped source) as the script carries them: one compact JSON object."""
+    return json.dumps(files, sort_keys=True, separators=(",", ":"))
+
+
 def bundle(entry_files: list[str], params: dict[str, Any], root: Path = REPO_ROOT) -> str:
     """The JSON text of what the script ships: path -> shipped source."""
-    return json.dumps(shipped_files(entry_files, params, root), sort_keys=True, separators=(",", ":"))
+    return bundle_json(shipped_files(entry_files, params, root))
 
 
 def script_text(entry_files: list[str], params: dict[str, Any], compressed: bool = True,
