@@ -16,7 +16,7 @@ Runs, in order, and writes what each found to ``OUT/gpu_check.json`` and ``OUT/g
    its 8.2 M on 8×H100 before looping and 5.6 M after (1.03 M and 0.70 M per H100);
 5. ``pipeline``: the record config trained for ``--train-seconds`` on the FineWeb sample in
    ``--fineweb`` (its ``fineweb10B_sp8192/`` shards and the sp8192 tokenizer), then prequant,
-   calibrate, quantize, compress and evaluate, each by ``python -m pgolf.cli`` in a scratch
+   calibrate, bundle, quantize, compress and evaluate, each by ``python -m pgolf.cli`` in a scratch
    directory.
    The sample is 247 k training tokens: the run shows speed and that every stage runs on the
    GPU, not a score (the model overfits the sample).
@@ -54,7 +54,7 @@ CHECKS = ("tests", "attention", "throughput", "frontier", "pipeline")
 GPU_ONLY = ("tests", "attention")
 # (name, pgolf command): the stages of dvc.yaml in its order; prequant scores the trained weights
 STAGES = (("tokenize", ["tokenize"]), ("train", ["train"]), ("prequant", ["prequant"]),
-          ("calibrate", ["calibrate"]), ("quantize", ["quantize"]), ("compress", ["compress"]),
+          ("calibrate", ["calibrate"]), ("bundle", ["bundle"]), ("quantize", ["quantize"]), ("compress", ["compress"]),
           ("evaluate", ["evaluate"]))
 METRICS = {"train": layout.TRAIN_METRICS, "prequant": layout.PREQUANT_METRICS, "compress": layout.COMPRESS_METRICS,
            "evaluate": layout.EVALUATE_METRICS}
@@ -99,30 +99,36 @@ class Options:
 
 
 def run_logged(command: list[str], log: Path, cwd: Path = REPO_ROOT) -> str:
-    """Run ``command`` with this checkout importable, append its output to ``log``; its stdout.
+    """Run ``command`` with this checkout importable, its output (stdout and stderr) going into ``log``
+    as it runs, so a check stopped from outside (a device's time limit) leaves what it got to; its output.
 
     A non-zero exit is a CheckFailed naming the command and quoting its last lines.
     """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                PYTHONUNBUFFERED="1")
     started = time.perf_counter()
-    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    with log.open("a", encoding="utf-8") as f:
-        f.write(f"\n$ (cd {cwd} && {' '.join(command)})  # exit {proc.returncode}, "
-                f"{time.perf_counter() - started:.1f} s\n{proc.stdout}{proc.stderr}")
+    with log.open("ab") as f:
+        f.write(f"\n$ (cd {cwd} && {' '.join(command)})\n".encode())
+        f.flush()
+        first = f.tell()
+        proc = subprocess.run(command, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        f.write(f"# exit {proc.returncode}, {time.perf_counter() - started:.1f} s\n".encode())
+    with log.open("rb") as f:
+        f.seek(first)
+        output = f.read().decode("utf-8", errors="replace")
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
+        tail = "\n".join(output.strip().splitlines()[-6:-1])
         raise CheckFailed(f"`{' '.join(command[1:4])} ...` exited {proc.returncode}: {tail}")
-    return proc.stdout
+    return output
 
 
 def last_json_object(text: str) -> dict:
-    """The JSON object a benchmark prints last (indented, from a line holding only '{')."""
+    """The JSON object a benchmark prints last (indented, from a line holding only '{'); text after it is ignored."""
     start = text.rfind("\n{")
     start = 0 if start < 0 and text.startswith("{") else start
     if start < 0:
         raise CheckFailed(f"no JSON report in the output: {text[-300:]!r}")
-    return json.loads(text[start:])
+    return json.JSONDecoder().raw_decode(text[start:].lstrip())[0]
 
 
 def pytest_summary(output: str) -> str:

@@ -158,9 +158,14 @@ def calibration_model(model_path: Path, cfg: CalibrateConfig) -> GPT:
 
 def calibration_hessians(model: GPT, dataset_dir: Path, cfg: CalibrateConfig
                          ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """GPTQ Hessians of ``model`` (on its device) from the training shards of ``dataset_dir`` (checked by
-    the caller), and with ``cfg.output_sensitivity`` the weights' output sensitivities (else {})."""
+    """GPTQ Hessians of ``model`` (collected on its device) from the training shards of ``dataset_dir``
+    (checked by the caller), and with ``cfg.output_sensitivity`` the weights' output sensitivities (else {}).
+
+    Returned on the CPU, as the calibrate stage's file gives them to the quantize stage: the exported
+    runner, which quantizes straight from these, then runs what the stage runs.
+    """
     batches = calibration_batches(shard_files(dataset_dir, "train"), cfg)
     device = next(model.parameters()).device
     hessians = collect_hessians(model, batches, device)
-    return hessians, collect_output_sensitivity(model, batches, device) if cfg.output_sensitivity else {}
+    sensitivity = collect_output_sensitivity(model, batches, device) if cfg.output_sensitivity else {}
+    return ({name: h.cpu() for name, h in hessians.items()}, {name: g.cpu() for name, g in sensitivity.items()})

@@ -417,8 +417,8 @@ def hessian_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
     With H = Σ XᵀX this is Σ‖(W − Ŵ)x‖² / Σ‖Wx‖² over the calibration inputs x,
     so 0 is exact and 1 means the error is as large as the signal.
     """
-    weight = weight.float()
-    both = torch.cat([weight, weight - approx.float()])  # [2 rows, cols]: the signal's rows, then the error's
+    weight, approx = weight.to(hessian.device, torch.float32), approx.to(hessian.device, torch.float32)
+    both = torch.cat([weight, weight - approx])  # [2 rows, cols]: the signal's rows, then the error's
     energy = ((both @ hessian.float()) * both).sum(dim=-1, dtype=torch.float64)  # [2 rows]; float32 products
     signal, error = float(energy[:len(weight)].sum()), float(energy[len(weight):].sum())
     return error / signal if signal > 0 else 0.0
@@ -429,9 +429,11 @@ def factor_error(weight: Tensor, approx: Tensor, factors: HessianFactors, index:
     """:func:`hessian_error` through the factor GPTQ used, H + δI = R Rᵀ (permuted; dead columns zeroed,
     where H has nothing): ``tr(X H Xᵀ) = ‖X R‖² − δ‖X‖²``, by blocks of R's upper triangle, half
     the products of ``X @ H``. ``damped_error``: the error's ``‖ΔR‖²`` when GPTQ gave it
-    (:func:`residual_energy`), which leaves only the signal's product by R to do."""
+    (:func:`residual_energy`), which leaves only the signal's product by R to do. Computed where the
+    factor lives (GPTQ's device), whatever device the tensors come from."""
     live = ~factors.dead[index]  # [cols]
-    both = torch.cat([weight.float(), weight.float() - approx.float()]) * live  # [2 rows, cols]
+    weight, approx = weight.to(live.device, torch.float32), approx.to(live.device, torch.float32)
+    both = torch.cat([weight, weight - approx]) * live  # [2 rows, cols]
     energy = -float(factors.damp[index]) * both.square().sum(dim=-1, dtype=torch.float64)  # [2 rows]
     products = both[:len(weight)] if damped_error is not None else both
     products = products.index_select(1, factors.perm[index])  # [rows or 2 rows, cols]

@@ -97,6 +97,25 @@ def test_codes_stay_in_range_and_gptq_beats_rounding(bits):
     assert gptq_error < 0.85 * rtn_error  # about 0.75 on these shapes
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("hessians_on", ["cpu", "cuda"])
+def test_quantize_model_on_cuda_gives_the_cpus_codes_and_report(golden, golden_config, hessians_on):
+    """The quantize stage and the exported runner run GPTQ on the GPU while the weights (and the stage's
+    Hessians) are on the CPU: the report's errors are measured where GPTQ's factors live."""
+    hessians = {name: entry["H"] for name, entry in golden["gptq"].items()}
+    on_cpu, cpu_rows = quantize_model(golden_config, golden["state_dict"], hessians, ALL_GPTQ, show_progress=False)
+    on_gpu, gpu_rows = quantize_model(golden_config, golden["state_dict"],
+                                      {name: h.to(hessians_on) for name, h in hessians.items()}, ALL_GPTQ, "cuda",
+                                      show_progress=False)
+    for name in golden["gptq"]:
+        assert on_gpu.tensors[name].q.device.type == "cpu"
+        assert_codes_match(name, on_gpu.tensors[name].q, on_cpu.tensors[name].q)
+    for cpu_row, gpu_row in zip(cpu_rows, gpu_rows, strict=True):
+        if cpu_row["h_rel_error"] is not None:
+            assert gpu_row["h_rel_error"] == pytest.approx(cpu_row["h_rel_error"], rel=1e-2), cpu_row["name"]
+
+
 @pytest.mark.parametrize("rate_aware", [False, True])
 def test_gptqs_own_residuals_give_the_reports_error_without_a_product_by_the_factor(rate_aware):
     """‖ΔR‖² = Σ_k (w′_k − q_k s)²·R_kk²: the report's error from GPTQ's residuals is the error
