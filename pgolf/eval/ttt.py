@@ -44,6 +44,7 @@ from pgolf.eval.bpb import (
     EvalScore,
     NonFiniteScore,
     Window,
+    padded,
     rank_share,
     score_batch_tokens,
     score_from_sums,
@@ -183,10 +184,10 @@ def _ttt_sliding(
     num_chunks = math.ceil(targets / cfg.chunk_tokens)
     params = trainable_parameters(model, cfg.method, cfg.last_n_blocks)
     optimizer = _style_a_optimizer(params, cfg)  # created once: its state carries across chunks
-    forward = _scoring_forward(model, cfg, device)
+    forward, compiled = _scoring_forward(model, cfg, device)
     steps, rows, scored_to = 0, [], 0
     for chunk, chunk_windows in enumerate(chunk_of_windows(windows, cfg.chunk_tokens, num_chunks)):
-        part = _score_windows(forward, tokens, target_bytes, chunk_windows, cfg, device, ctx, sums)
+        part = _score_windows(forward, compiled, tokens, target_bytes, chunk_windows, cfg, device, ctx, sums)
         if not math.isfinite(part[0]):  # every process holds the all-reduced sums: all of them stop here
             raise sliding_divergence(cfg, chunk, num_chunks, part[0], steps)
         rows.append({"chunk": chunk, "nll_sum": part[0], "tokens": part[1], "bytes": part[2]})
@@ -220,21 +221,27 @@ def sliding_divergence(cfg: TTTConfig, chunk: int, num_chunks: int, loss: float,
                           "there is no score")
 
 
-def _scoring_forward(model: GPT, cfg: TTTConfig, device: torch.device) -> Callable[[Tensor, int], Tensor]:
+def _scoring_forward(model: GPT, cfg: TTTConfig, device: torch.device) -> tuple[Callable[[Tensor, int], Tensor], bool]:
+    """The scoring pass's forward, and whether it is compiled (for fixed shapes: its batches are padded)."""
     compiled = use_compile(cfg.compile, device, "ttt.compile")
-    return torch.compile(model.forward_logits, dynamic=False) if compiled else model.forward_logits
+    return (torch.compile(model.forward_logits, dynamic=False) if compiled else model.forward_logits), compiled
 
 
 def _score_windows(
-    forward: Callable[[Tensor, int], Tensor], tokens: Tensor, target_bytes: Tensor, windows: list[Window],
-    cfg: TTTConfig, device: torch.device, ctx: DistContext | None, sums: _Sums,
+    forward: Callable[[Tensor, int], Tensor], compiled: bool, tokens: Tensor, target_bytes: Tensor,
+    windows: list[Window], cfg: TTTConfig, device: torch.device, ctx: DistContext | None, sums: _Sums,
 ) -> list[float]:
-    """Score this process's share of one chunk's windows into ``sums``; the chunk's sums over all processes."""
+    """Score this process's share of one chunk's windows into ``sums``; the chunk's sums over all processes.
+
+    ``compiled``: each batch is padded to ``score_batch_seqs`` windows, so the chunks' last batches, of
+    every length, compile no graphs of their own."""
     mine = rank_share(windows, ctx) if ctx is not None and ctx.distributed else windows
     part = torch.zeros(3, dtype=torch.float64, device=device)
     with torch.inference_mode():
         for first in range(0, len(mine), cfg.score_batch_seqs):
             batch = mine[first:first + cfg.score_batch_seqs]
+            if compiled:
+                batch = padded(batch, cfg.score_batch_seqs, cfg.seq_len)
             scored = score_batch_tokens(forward, tokens, target_bytes, batch, cfg.seq_len, device, cfg.temperature)
             part += sums.add(scored.targets, scored.nll, scored.bytes)
     if ctx is not None and ctx.distributed:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 import pgolf.eval.ttt as ttt
 from pgolf.config import ModelConfig, TTTConfig
@@ -138,6 +139,20 @@ def test_training_lowers_the_loss_on_repetitive_documents(method):
     adapted = run(METHODS[method], tokens)
     frozen = run(dataclasses.replace(METHODS[method], lr=0.0, lora_lr=0.0, phase_lr=0.0), tokens)
     assert adapted.score.bpb < frozen.score.bpb - 0.01
+
+
+def test_the_compiled_scoring_pass_gives_the_eager_score_with_one_graph_per_batch_shape():
+    """``ttt.compile``: each chunk's last, shorter batch is padded with windows that score nothing, so
+    the chunks compile two graphs (the first window's batch, scoring from 0, and every other), not one
+    per length of a last batch (five here before the padding; about half a minute each on a GPU)."""
+    tokens = make_stream()
+    eager = run(BASE, tokens)
+    torch._dynamo.reset()  # no graph of an earlier test reused, no earlier recompiles counted against the limit
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = run(dataclasses.replace(BASE, compile=True), tokens)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 2
+    assert compiled.score.loss == pytest.approx(eager.score.loss, rel=1e-6)
+    assert compiled.score.bpb == pytest.approx(eager.score.bpb, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------ the four conditions

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from pgolf.config import ModelConfig, TrainConfig
 from pgolf.data.accounting import lookup_stream
@@ -124,11 +125,16 @@ def test_compiled_evaluation_matches_eager(device):
     tables = ByteTables(base_bytes=torch.arange(64, dtype=torch.int16) % 4 + 1,
                         has_leading_space=torch.arange(64) % 3 == 0, is_boundary=torch.arange(64) < 2)
     stream = lookup_stream(tokens, tables)
-    scores = [eval_sliding(model, stream, seq_len=16, stride=4, batch_seqs=15, device=torch.device(device),
+    torch._dynamo.reset()  # no graph of an earlier test reused, no earlier recompiles counted against the limit
+    graphs_before = counters["stats"]["unique_graphs"]
+    # 45 windows, 14 a batch: the first batch (scoring from position 0), two full ones, a last one of 3
+    scores = [eval_sliding(model, stream, seq_len=16, stride=4, batch_seqs=14, device=torch.device(device),
                            compile_model=compile_model) for compile_model in (False, True)]
     rel = 1e-5 if device == "cpu" else 1e-2
     assert scores[1].loss == pytest.approx(scores[0].loss, rel=rel)
     assert scores[1].bpb == pytest.approx(scores[0].bpb, rel=rel)
+    # the last batch is padded with windows that score nothing: no graph of its own (half a minute on a GPU)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 2
 
 
 # ---------------------------------------------------------------- bf16
