@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import lzma
 import math
 import operator
@@ -34,7 +33,7 @@ import brotli
 import python_minifier
 
 from pgolf.config import load_params, section
-from pgolf.submit.bundle import REPO_ROOT, bundle_json, code_bytes, shipped_files
+from pgolf.submit.bundle import REPO_ROOT, code_bytes, script_json, shipped_files
 from pgolf.submit.runner import RunConfigs
 
 ENTRY = ["pgolf/submit/runner.py"]
@@ -61,7 +60,7 @@ def brotli_bytes(text: str) -> int:
 
 def stream_alternatives(files: dict[str, str], params_text: str) -> dict[str, int]:
     """The stream's bytes under each coder and layout."""
-    text = bundle_json(files)
+    text = script_json(files)
     raw = text.encode("utf-8")
     lzma_filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
     found = {"brotli-11 (as shipped)": brotli_bytes(text),
@@ -143,12 +142,12 @@ def source_bounds(files: dict[str, str], params: dict[str, Any]) -> dict[str, in
                                             remove_literal_statements=True) if source else source
                for path, source in files.items()}
     unparsed = transformed(files, ast.NodeTransformer())
-    base = brotli_bytes(bundle_json(unparsed))
-    return {"module-level names renamed, each module alone": brotli_bytes(bundle_json(renamed))
-            - brotli_bytes(bundle_json(files)),
-            "long strings and f-strings emptied": brotli_bytes(bundle_json(transformed(files, EmptyStrings()))) - base,
+    base = brotli_bytes(script_json(unparsed))
+    return {"module-level names renamed, each module alone": brotli_bytes(script_json(renamed))
+            - brotli_bytes(script_json(files)),
+            "long strings and f-strings emptied": brotli_bytes(script_json(transformed(files, EmptyStrings()))) - base,
             "branches the baked params decide, cut": brotli_bytes(
-                bundle_json(transformed(files, LiveBranches(decided_keys(params))))) - base}
+                script_json(transformed(files, LiveBranches(decided_keys(params))))) - base}
 
 
 def main() -> None:
@@ -158,7 +157,7 @@ def main() -> None:
     params = baked_params(args.params)
     files = shipped_files(ENTRY, params)
     shipped = code_bytes(ENTRY, params)
-    params_text = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    params_text = script_json(params)
     alternatives = stream_alternatives(files, params_text)
     stream = alternatives["brotli-11 (as shipped)"]
     around = shipped - b85_chars(stream)  # bootstrap and plain params

@@ -176,14 +176,14 @@ def module_sizes(files: dict[str, str], root: Path = REPO_ROOT) -> list[dict[str
     return sorted(rows, key=lambda row: (-row["compressed"], row["path"]))
 
 
-def bundle_json(files: dict[str, str]) -> str:
-    """``files`` (path -> shipped source) as the script carries them: one compact JSON object."""
-    return json.dumps(files, sort_keys=True, separators=(",", ":"))
+def script_json(value: Any) -> str:
+    """``value`` as the script carries it (the modules' bundle, the baked params): compact JSON, keys sorted."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def bundle(entry_files: list[str], params: dict[str, Any], root: Path = REPO_ROOT) -> str:
     """The JSON text of what the script ships: path -> shipped source."""
-    return bundle_json(shipped_files(entry_files, params, root))
+    return script_json(shipped_files(entry_files, params, root))
 
 
 def script_text(entry_files: list[str], params: dict[str, Any], compressed: bool = True,
@@ -201,7 +201,7 @@ def script_text(entry_files: list[str], params: dict[str, Any], compressed: bool
     else:
         payload = repr(text)
     entry = entry_files[0].removesuffix(".py").replace("/", ".")
-    params_text = repr(json.dumps(params, sort_keys=True, separators=(",", ":")))
+    params_text = repr(script_json(params))
     return (BOOTSTRAP.replace("VERSION", __version__).replace("ENTRY", entry, 1)
             .replace("PARAMS", params_text, 1).replace("PAYLOAD", payload, 1))
 
