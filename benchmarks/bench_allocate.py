@@ -122,7 +122,7 @@ class Run:
         configs = RunConfigs(model=self.model_config, train=section(self.params, "train", TrainConfig),
                              calibrate=section(self.params, "calibrate", CalibrateConfig), quantize=quantize,
                              compress=compress, evaluate=self.evaluate, ttt=section(self.params, "ttt", TTTConfig))
-        return code_bytes(compress.code_files, configs.baked(), compress.compress_code)
+        return code_bytes(compress.code_files, configs.baked(), compress.script_compressor)
 
     def bpb(self, model: GPT, name: str) -> float:
         scores = evaluate_model(name, model.to(self.ctx.device), self.stream, self.evaluate, self.ctx)

@@ -1,12 +1,13 @@
 """What the exported script's code bytes are made of, and what each way of cutting them would give.
 
 The bundle stage counts the script as it ships (``pgolf.submit.bundle.script_text``: bootstrap,
-plain params, the shaken and minified modules as one brotli-11 stream in base 85). This prints
-that count for a params file, then the script's length under each lever, one at a time, each
-measured on the same shipped modules:
+plain params, the shaken and minified modules as one compressed stream in base 85). This prints
+that count for a params file with the records' coder, brotli-11, then the script's length under
+each lever, one at a time, each measured on the same shipped modules:
 
-- the stream: lzma (xz, preset 9e) or zstd-22 instead of brotli-11; the modules concatenated
-  rather than as JSON; the params compressed with the modules rather than plain;
+- the stream: ``lrzip -z -L 9`` (``compress.code_compressor: lrzip``, the exact script), lzma (xz,
+  preset 9e) or zstd-22 instead of brotli-11; the modules concatenated rather than as JSON; the
+  params compressed with the modules rather than plain;
 - the text: base 93 (every printable ASCII character but ``"`` and ``\\``) instead of base 85;
 - the source, as upper bounds (not shipped, not run: each drops what a real change might keep):
   module-level names renamed by python-minifier within each module (a real change would have to
@@ -49,6 +50,11 @@ def baked_params(path: Path) -> dict[str, Any]:
     return RunConfigs(**{name: section(params, name, config) for name, config in RunConfigs.sections().items()}).baked()
 
 
+def coded_by(params: dict[str, Any], compressor: str) -> dict[str, Any]:
+    """The baked ``params`` of a script whose modules ``compressor`` codes."""
+    return {**params, "compress": {**params["compress"], "code_compressor": compressor}}
+
+
 def b85_chars(size: int) -> int:
     """The characters of ``size`` bytes in base 85 (``base64.b85encode``: 5 for every 4, the last 4 padded)."""
     return 5 * math.ceil(size / 4)
@@ -63,7 +69,7 @@ def stream_alternatives(files: dict[str, str], params_text: str) -> dict[str, in
     text = script_json(files)
     raw = text.encode("utf-8")
     lzma_filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
-    found = {"brotli-11 (as shipped)": brotli_bytes(text),
+    found = {"brotli-11": brotli_bytes(text),
              "lzma 9e": len(lzma.compress(raw, format=lzma.FORMAT_RAW, filters=lzma_filters)),
              "brotli-11, modules concatenated": brotli_bytes("".join(f"\x1e{p}\x1f{s}" for p, s in files.items())),
              "brotli-11, params in the stream": brotli_bytes(params_text + text)}
@@ -156,10 +162,10 @@ def main() -> None:
     args = parser.parse_args()
     params = baked_params(args.params)
     files = shipped_files(ENTRY, params)
-    shipped = code_bytes(ENTRY, params)
+    shipped = code_bytes(ENTRY, coded_by(params, "brotli"), "brotli")
     params_text = script_json(params)
     alternatives = stream_alternatives(files, params_text)
-    stream = alternatives["brotli-11 (as shipped)"]
+    stream = alternatives["brotli-11"]
     around = shipped - b85_chars(stream)  # bootstrap and plain params
     print(f"{args.params}: {shipped:,} code bytes; {len(files)} modules, {sum(map(len, files.values())):,} "
           f"characters shipped; brotli stream {stream:,} bytes; bootstrap + params {around:,}")
@@ -167,6 +173,8 @@ def main() -> None:
     for name, size in alternatives.items():
         script = b85_chars(size) + around - (len(params_text) if "params" in name else 0)
         print(f"{name:<52} {size:>8,} {script:>8,} {script - shipped:>+8,}")
+    script = code_bytes(ENTRY, coded_by(params, "lrzip"), "lrzip")  # its bootstrap decodes by the lrzip program
+    print(f"{'lrzip -z -L 9 (compress.code_compressor: lrzip)':<52} {'':>8} {script:>8,} {script - shipped:>+8,}")
     script = math.ceil(stream * B93) + around
     print(f"{'base 93 text instead of base 85':<52} {stream:>8,} {script:>8,} {script - shipped:>+8,}")
     for name, change in source_bounds(files, params).items():

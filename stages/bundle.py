@@ -40,7 +40,7 @@ def run(params: dict, ws: Workspace, modules: bool = False) -> None:
         compress=compress, evaluate=section(params, "evaluate", EvaluateConfig), ttt=section(params, "ttt", TTTConfig),
     )
     log_provenance("bundle", {"params": configs.baked()})
-    text = script_text(compress.code_files, configs.baked(), compress.compress_code)
+    text = script_text(compress.code_files, configs.baked(), compress.script_compressor)
     code = len(text.encode("utf-8"))
     with stage_outputs() as out:
         out.write_text(ws.output(layout.BUNDLE_SCRIPT), text)

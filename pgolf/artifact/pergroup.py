@@ -5,7 +5,7 @@ embedding, then the six kinds of block matrix, each group layer by layer). In th
 (:data:`SORTED_GROUPS`) the rows of each matrix are first put in a greedy nearest-neighbour chain
 by L1 distance (:func:`l1_chain`), and every matrix is written column-major, so that neighbouring
 bytes come from similar rows. Each group's bytes are then coded by ``lrzip -z -L 9`` (rzip's
-long-range matching, then ZPAQ context mixing), run as a subprocess on temporary files. Everything
+long-range matching, then ZPAQ context mixing; :mod:`pgolf.artifact.lrzip`). Everything
 else of the serialized model (its header, the scales, the passthroughs, QuantGate's and LQER's
 codes: the *remainder*) and the row permutations (uint16) are left to brotli by
 :mod:`pgolf.artifact.compress`, which also holds the container's prefix.
@@ -23,16 +23,11 @@ depends on its version (0.651 on Debian 12).
 
 from __future__ import annotations
 
-import os
-import shutil
 import struct
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import brotli
@@ -40,6 +35,7 @@ import numpy as np
 
 from pgolf.artifact.compress import SHUFFLE_HEADER_LEN, byte_shuffle, byte_unshuffle, inflate_at_most, inflate_bounded
 from pgolf.artifact.format import check_array, deserialize, split_header
+from pgolf.artifact.lrzip import lrzip_compress, lrzip_decompress
 from pgolf.artifact.tensors import ArtifactError
 from pgolf.config import CompressConfig
 
@@ -47,25 +43,12 @@ GROUPS = ("tok_emb.weight", "attn.c_k.weight", "attn.c_q.weight", "attn.c_v.weig
           "mlp.fc.weight", "mlp.proj.weight")
 TOP_LEVEL_GROUPS = frozenset({"tok_emb.weight"})  # every other group gathers ``blocks.<i>.<key>``
 SORTED_GROUPS = frozenset({"tok_emb.weight", "attn.c_q.weight", "mlp.fc.weight"})
-LRZIP_OPTIONS = ("-z", "-L", "9")  # the record's: ZPAQ back end, level 9
-LRZIP_PACKAGE = "lrzip"  # the Debian / Ubuntu package of the program
 CONTAINER_MAGIC = b"PGRP"
 STREAM_COUNT = len(GROUPS) + 2  # the groups, the remainder, the permutations
 REMAINDER, PERMUTATIONS = len(GROUPS), len(GROUPS) + 1
 MAX_SORTED_ROWS = 1 << 16  # a permutation entry is a uint16
 _COUNT = struct.Struct("<I")
-_LRZIP_MAGIC = b"LRZI"
-_LRZIP_SIZE = struct.Struct("<Q")  # at byte 6 of an lrzip file: its decompressed size
-_PIECE = 1 << 20  # bytes per read of lrzip's output
 BROTLI_WINDOW = 24  # lgwin of the remainder's brotli, as the record's
-
-
-class LrzipError(OSError):
-    """The ``lrzip`` program failed to code a group."""
-
-
-class LrzipMissingError(LrzipError):
-    """The ``lrzip`` program is not installed."""
 
 
 @dataclass(frozen=True)
@@ -269,79 +252,6 @@ def unpack_streams(blob: bytes) -> list[bytes]:
         streams.append(blob[position:position + length])
         position += length
     return streams
-
-
-# ---------------------------------------------------------------------------- the lrzip program
-
-
-def lrzip_program() -> str:
-    """The path of ``lrzip``, or an error naming the package that provides it."""
-    found = shutil.which("lrzip")
-    if found is None:
-        raise LrzipMissingError(
-            f"compress.compressor pergroup needs the lrzip program, which is not installed: "
-            f"install the Debian/Ubuntu package '{LRZIP_PACKAGE}' (apt-get install {LRZIP_PACKAGE})")
-    return found
-
-
-def _environment() -> dict[str, str]:
-    return {**os.environ, "LRZIP": "NOCONFIG"}  # no lrzip.conf may change the coding
-
-
-def lrzip_compress(data: bytes) -> bytes:
-    """``lrzip -z -L 9`` of ``data`` (empty for empty data), through temporary files."""
-    if not data:
-        return b""
-    program = lrzip_program()
-    with tempfile.TemporaryDirectory(prefix="pgolf-lrzip-") as tmp:
-        source, target = Path(tmp) / "group.bin", Path(tmp) / "group.lrz"
-        source.write_bytes(data)
-        done = subprocess.run([program, *LRZIP_OPTIONS, "-q", "-o", str(target), str(source)],
-                              capture_output=True, env=_environment(), check=False)
-        if done.returncode != 0 or not target.is_file():
-            raise LrzipError(f"lrzip failed (exit {done.returncode}): {done.stderr.decode(errors='replace')[-500:]}")
-        return target.read_bytes()
-
-
-def lrzip_decompress(stream: bytes, size: int) -> bytes:
-    """The ``size`` bytes of an lrzip stream, refused before lrzip runs when the stream declares
-    another size and stopped as soon as its output passes ``size``."""
-    if size == 0:
-        if stream:
-            raise ArtifactError(f"an empty group has a {len(stream):,}-byte lrzip stream (corrupt)")
-        return b""
-    declared = _LRZIP_SIZE.unpack_from(stream, 6)[0] if len(stream) >= 14 and stream[:4] == _LRZIP_MAGIC else None
-    if declared != size:
-        raise ArtifactError(f"lrzip stream declares {declared} bytes, its group has {size:,} (corrupt)")
-    program = lrzip_program()
-    with tempfile.TemporaryDirectory(prefix="pgolf-lrzip-") as tmp:
-        source = Path(tmp) / "group.lrz"
-        source.write_bytes(stream)
-        with open(Path(tmp) / "stderr", "w+b") as errors:
-            process = subprocess.Popen([program, "-d", "-q", "-o", "-", str(source)], stdout=subprocess.PIPE,
-                                       stderr=errors, env=_environment())
-            out = _read_at_most(process, size)
-            errors.seek(0)
-            message = errors.read().decode(errors="replace")[-500:]
-    if process.returncode != 0 or len(out) != size:
-        raise ArtifactError(f"lrzip stream is corrupt or truncated: it decoded to {len(out):,} of {size:,} bytes "
-                            f"(lrzip exit {process.returncode}: {message.strip()})")
-    return out
-
-
-def _read_at_most(process: subprocess.Popen, size: int) -> bytes:
-    """``process``'s standard output, killing it once the output passes ``size`` bytes."""
-    out = bytearray()
-    try:
-        while piece := process.stdout.read(_PIECE):
-            out += piece
-            if len(out) > size:
-                process.kill()
-                raise ArtifactError(f"lrzip stream inflates beyond the {size:,} bytes of its group: refused")
-    finally:
-        process.stdout.close()
-        process.wait()
-    return bytes(out)
 
 
 def lrzip_compress_all(groups: list[bytes]) -> list[bytes]:

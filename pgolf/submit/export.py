@@ -489,6 +489,19 @@ def score_source(run: RunRecord) -> dict[str, Any]:
                      if run.scored_by == "sliding" else "the artifact's plain evaluation, no test-time training"}
 
 
+def lrzip_needs(compress: dict[str, Any]) -> str:
+    """The README's line on the lrzip program, when the artifact's or the script's coder is lrzip; else nothing."""
+    users = [what for what, used in (
+        ("the artifact's compressor is PR #1855's per-group lrzip (`compress.compressor: pergroup`)",
+         compress["compressor"] == "pergroup"),
+        ("the script's code is lrzip-coded (`compress.code_compressor: lrzip`)",
+         compress["compress_code"] and compress.get("code_compressor") == "lrzip"))  # absent: a run before the key
+        if used]
+    if not users:
+        return ""
+    return f"\nThe `lrzip` program must be installed where it runs (`apt-get install lrzip`): {' and '.join(users)}.\n"
+
+
 def readme(run: RunRecord, cfg: ExportConfig, info: dict[str, Any], report: dict[str, Any]) -> str:
     """The folder's README: the score and which one it is, how to run it, the settings, the compliance table
     with the clocks, and the run's fingerprint."""
@@ -498,9 +511,7 @@ def readme(run: RunRecord, cfg: ExportConfig, info: dict[str, Any], report: dict
                      for name, rule in report["rules"].items())
     settings = "\n".join(f"| `{section}` | " + ", ".join(f"{k}={v}" for k, v in values.items()) + " |"
                          for section, values in run.params.items())
-    system_needs = ("\nIts compressor is PR #1855's per-group lrzip (`compress.compressor: pergroup`): the `lrzip` "
-                    "program must be installed where it runs (`apt-get install lrzip`).\n"
-                    if run.params["compress"]["compressor"] == "pergroup" else "")
+    system_needs = lrzip_needs(run.params["compress"])
     results = results_table(run, info) if run.seeds is None else f"""{seeds_table(run.seeds)}
 {tests_section(run.seeds, "###")}
 Every run's log and `final_metrics.json` are in `logs/`; `{REPORT_JSON}` holds these figures and tests."""

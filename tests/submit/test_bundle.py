@@ -70,14 +70,14 @@ def test_code_bytes_are_the_scripts_length_and_its_bundle_what_main_reaches(tmp_
     write(tmp_path, "pgolf/b.py", source + "def unused():\n    return 0\n")
     write(tmp_path, "pgolf/c.py", source)
     params = {"train": {"seed": 7}}
-    for compressed in (True, False):
-        script = script_text(["pgolf/a.py"], params, compressed, tmp_path)
-        assert code_bytes(["pgolf/a.py"], params, compressed, tmp_path) == len(script.encode())
+    for compressor in ("brotli", "lrzip", None):
+        script = script_text(["pgolf/a.py"], params, compressor, tmp_path)
+        assert code_bytes(["pgolf/a.py"], params, compressor, tmp_path) == len(script.encode())
         assert read_bundle(script) == {"params": params, "files": {
             "pgolf/__init__.py": "", "pgolf/a.py": minified_source((tmp_path / "pgolf/a.py").read_text(), "a.py"),
             "pgolf/b.py": minified_source(source, "b.py")}}
     raw = sum((tmp_path / name).stat().st_size for name in ["pgolf/a.py", "pgolf/b.py"])
-    assert code_bytes(["pgolf/a.py"], params, True, tmp_path) < raw // 5  # one brotli stream
+    assert code_bytes(["pgolf/a.py"], params, "brotli", tmp_path) < raw // 5  # one compressed stream
 
 
 def test_a_missing_entry_file_is_named(tmp_path):
@@ -85,7 +85,8 @@ def test_a_missing_entry_file_is_named(tmp_path):
         code_bytes(["pgolf/nope.py"], {}, root=tmp_path)
 
 
-def test_the_script_runs_its_entry_and_refuses_an_uncounted_project_module(tmp_path):
+@pytest.mark.parametrize("compressor", ["brotli", "lrzip"])
+def test_the_script_runs_its_entry_and_refuses_an_uncounted_project_module(tmp_path, compressor):
     """A bundled module that imports a project file the closure missed fails, never loads it from elsewhere."""
     write(tmp_path, "pgolf/__init__.py", "")
     write(tmp_path, "pgolf/entry.py", "import importlib\nfrom pgolf.util import twice\n"
@@ -96,11 +97,23 @@ def test_the_script_runs_its_entry_and_refuses_an_uncounted_project_module(tmp_p
     for module, expected in (("json", 0), ("pgolf.hidden", 1)):
         script = tmp_path / "run" / "train_gpt.py"
         script.parent.mkdir(exist_ok=True)
-        script.write_text(script_text(["pgolf/entry.py"], {"x": 21, "module": module}, root=tmp_path))
+        script.write_text(script_text(["pgolf/entry.py"], {"x": 21, "module": module}, compressor, tmp_path))
         result = subprocess.run([sys.executable, "train_gpt.py"], cwd=script.parent, capture_output=True, text=True,
                                 env={**os.environ, "PYTHONPATH": str(tmp_path)})  # an importable pgolf beside it
         assert result.returncode == expected and result.stdout.startswith("42"), result.stderr
     assert "pgolf.hidden is not in this submission" in result.stderr
+
+
+def test_an_lrzip_coded_script_without_the_program_stops_with_one_line_naming_it(tmp_path):
+    write(tmp_path, "pgolf/__init__.py", "")
+    write(tmp_path, "pgolf/entry.py", "def main(params, script):\n    return 0\n")
+    script = tmp_path / "train_gpt.py"
+    script.write_text(script_text(["pgolf/entry.py"], {}, "lrzip", tmp_path))
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PATH": str(tmp_path)})  # no lrzip on the path
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "lrzip-coded" in result.stderr
+    assert "apt-get install lrzip" in result.stderr
 
 
 def test_the_shipped_code_is_what_the_runner_runs_on_the_record():
@@ -169,6 +182,7 @@ QUANTIZERS = {  # record overrides -> the option modules they add
     "allocate": (["quantize.method=allocate", *FEW_CANDIDATES], {"pgolf/quant/allocate.py", "pgolf/quant/lqer.py"}),
     "allocate_rates": (["quantize.method=allocate", *FEW_CANDIDATES, "quantize.allocate_rate_lambdas=[0.0,0.05]"],
                        {"pgolf/quant/allocate.py", "pgolf/quant/lqer.py"} | RATE_AWARE),
+    "lrzip_coded_script": (["compress.code_compressor=lrzip"], set()),  # the script's own stream, no option module
 }
 OPTION_FILES = set().union(*COMPRESSORS.values(), *TTT.values(), *(files for _, files in QUANTIZERS.values()))
 
@@ -224,7 +238,8 @@ def test_each_options_script_makes_the_pipelines_artifact_with_only_its_shipped_
     limit = 4_000_000
     params["compress"]["size_limit_bytes"] = limit
     script = tmp_path / "train_gpt.py"
-    script.write_text(script_text(["pgolf/submit/runner.py"], params))
+    compressor = RunConfigs.from_baked(params).compress.script_compressor
+    script.write_text(script_text(["pgolf/submit/runner.py"], params, compressor))
     result = subprocess.run([sys.executable, "-c", BUNDLE_RUN, str(script), str(tmp_path / "model.pt"),
                              str(tmp_path / "hessians.pt"), str(tmp_path / "bundled.ptz"), "5000"],
                             cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})

@@ -11,7 +11,14 @@ import torch
 
 from pgolf.config import ExportConfig
 from pgolf.fingerprint import environment
-from pgolf.submit.export import RunRecord, compliance, on_declared_hardware, ttt_record, write_records_folder
+from pgolf.submit.export import (
+    RunRecord,
+    compliance,
+    lrzip_needs,
+    on_declared_hardware,
+    ttt_record,
+    write_records_folder,
+)
 from tests.submit.test_seeds import DATA_FINGERPRINT, exported_script
 
 QUANTIZED = {"val_bpb": 1.61, "val_loss": 4.02, "sliding_val_bpb": 1.60, "sliding_val_loss": 4.0}
@@ -106,3 +113,17 @@ def test_a_ttt_script_takes_the_ttt_stages_score_only_when_it_test_time_trained(
     metrics.write_text(json.dumps({"enabled": False, "method": "sgd_all"}))
     with pytest.raises(ValueError, match="the ttt stage did not test-time train, but the script bakes ttt.enabled"):
         ttt_record(baked, metrics)
+
+
+@pytest.mark.parametrize(("compressor", "compress_code", "code_compressor", "named"), [
+    ("brotli", True, "brotli", []),
+    ("pergroup", True, "brotli", ["compress.compressor: pergroup"]),
+    ("brotli", True, "lrzip", ["compress.code_compressor: lrzip"]),
+    ("brotli", False, "lrzip", []),  # the code ships as text: nothing to decode
+    ("pergroup", True, "lrzip", ["compress.compressor: pergroup", "compress.code_compressor: lrzip"]),
+])
+def test_the_readme_asks_for_lrzip_exactly_when_the_artifact_or_the_script_needs_it(compressor, compress_code,
+                                                                                     code_compressor, named):
+    line = lrzip_needs({"compressor": compressor, "compress_code": compress_code, "code_compressor": code_compressor})
+    assert ("apt-get install lrzip" in line) == bool(named)
+    assert all(key in line for key in named)
