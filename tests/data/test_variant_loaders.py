@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from pgolf.config import ConfigError, TrainConfig, load_params
-from pgolf.data.loader import CoprimeLoader, SequentialLoader, make_loader
+from pgolf.data.coprime import CoprimeLoader
+from pgolf.data.loader import make_loader
+from pgolf.data.sequential import SequentialLoader
 from pgolf.data.shards import write_shard
 from tests.quant.test_variant_parity import golden
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pgolf.config import ConfigError, TrainConfig
-from pgolf.data.loader import PackedLoader, make_loader
+from pgolf.data.loader import make_loader
+from pgolf.data.packed import PackedLoader
 from pgolf.data.packing import build_cu_seqlens, row_cu_seqlens
 from pgolf.data.shards import write_shard
 from tests.conftest import SHARED_DIR, _load, _require
