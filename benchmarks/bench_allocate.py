@@ -64,7 +64,7 @@ from pgolf.quant.fit import quantize_for_size
 from pgolf.quant.hessians import load_hessians, load_output_sensitivity
 from pgolf.quant.lqer import h_weighted_error
 from pgolf.submit.bundle import code_bytes
-from pgolf.submit.runner import RunConfigs
+from pgolf.submit.sections import RunConfigs, script_params
 
 FINE_CLIPS = [7.0, 8.0, 9.0, 10.0, 11.0, 12.85, 14.0, 16.0, 18.0, 20.0, 23.0]
 RATE_LAMBDA = 0.1  # rate-aware GPTQ's λ where one is fixed
@@ -122,7 +122,7 @@ class Run:
         configs = RunConfigs(model=self.model_config, train=section(self.params, "train", TrainConfig),
                              calibrate=section(self.params, "calibrate", CalibrateConfig), quantize=quantize,
                              compress=compress, evaluate=self.evaluate, ttt=section(self.params, "ttt", TTTConfig))
-        return code_bytes(compress.code_files, configs.baked(), compress.script_compressor)
+        return code_bytes(compress.code_files, script_params(configs), compress.script_compressor)
 
     def bpb(self, model: GPT, name: str) -> float:
         scores = evaluate_model(name, model.to(self.ctx.device), self.stream, self.evaluate, self.ctx)

@@ -418,6 +418,10 @@ class CompressConfig(Section):
     # its coder: brotli-11 (the records'), or lrzip -z -L 9 (about 15 % fewer code bytes; the script then needs the
     # lrzip program, as compressor pergroup's artifact does)
     code_compressor: Literal["brotli", "lrzip"] = "brotli"
+    # the params the script carries: all (every output key), or changed (only the values that differ from the code's
+    # defaults, which the shipped config fills in: about 2,900 bytes fewer on the record preset; a retune of a key at
+    # its default then changes the script's length, so quantize and compress re-run)
+    bake_params: Literal["all", "changed"] = "all"
     # the exported script's entry module (first: what its main reaches ships) and any others (shipped whole)
     code_files: list[str] = field(default_factory=lambda: ["pgolf/submit/runner.py"])
 

@@ -3,7 +3,8 @@
 Builds the script a records folder ships (``pgolf.submit.bundle.script_text``): what the runner
 ``pgolf/submit/runner.py`` (``compress.code_files``) runs, shaken and minified, and every section
 the runner reads, baked in (``ttt:`` among them: with ``ttt.enabled`` the script scores as the
-ttt stage does and ships the TTT code; without, it ships none). Writes it to
+ttt stage does and ships the TTT code; without, it ships none; with ``compress.bake_params: changed``
+only the values that differ from the defaults). Writes it to
 ``out/bundle/train_gpt.py`` and its length, the code bytes that quantize's size search and
 compress's gate count, to ``out/bundle/code_bytes.json`` alone, so a new script of the same
 length re-runs neither. It trains nothing: ``python -m stages.bundle --params FILE --out DIR``
@@ -29,7 +30,7 @@ from pgolf.pipeline import layout
 from pgolf.pipeline.provenance import log_provenance
 from pgolf.pipeline.stage import Workspace, run_stage, stage_parser
 from pgolf.submit.bundle import module_sizes, read_bundle, script_text
-from pgolf.submit.runner import RunConfigs
+from pgolf.submit.sections import RunConfigs, script_params
 
 
 def run(params: dict, ws: Workspace, modules: bool = False) -> None:
@@ -40,7 +41,7 @@ def run(params: dict, ws: Workspace, modules: bool = False) -> None:
         compress=compress, evaluate=section(params, "evaluate", EvaluateConfig), ttt=section(params, "ttt", TTTConfig),
     )
     log_provenance("bundle", {"params": configs.baked()})
-    text = script_text(compress.code_files, configs.baked(), compress.script_compressor)
+    text = script_text(compress.code_files, script_params(configs), compress.script_compressor)
     code = len(text.encode("utf-8"))
     with stage_outputs() as out:
         out.write_text(ws.output(layout.BUNDLE_SCRIPT), text)

@@ -31,10 +31,10 @@ from pathlib import Path
 from pgolf.config import ExportConfig, section
 from pgolf.pipeline import layout
 from pgolf.pipeline.stage import Workspace, run_stage, stage_parser
-from pgolf.submit.bundle import read_bundle
 from pgolf.submit.export import (
     LOGGED,
     RunRecord,
+    baked_params,
     check_replaceable,
     export_date,
     lineage_of,
@@ -75,7 +75,7 @@ def run(params: dict, ws: Workspace, dest: str | None = None, measured: str | No
     if seeds:
         evidence, times, run_logs = seed_evidence(Path(seeds), script, baseline or [], cfg.name)
         logs |= run_logs
-    baked_ttt = read_bundle(script)["params"]["ttt"]
+    baked_ttt = baked_params(script)["ttt"]
     provenance = lineage_of(origin.find, origin.root, script_path, baked_ttt["enabled"])
     record = RunRecord(
         script=script, compress=compress, evaluate=read_json(origin.find(layout.EVALUATE_METRICS)),

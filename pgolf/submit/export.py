@@ -53,6 +53,7 @@ from pgolf.pipeline import layout
 from pgolf.pipeline.lineage import SHORT, check_baked, consistent_set, targets_text
 from pgolf.submit.bundle import read_bundle
 from pgolf.submit.rundir import METRICS_FILE, artifact_score
+from pgolf.submit.sections import expand_baked
 from pgolf.submit.seeds import (
     REPORT_JSON,
     REPORT_MD,
@@ -117,7 +118,7 @@ class RunRecord:
 
     @property
     def params(self) -> dict[str, dict[str, Any]]:
-        return read_bundle(self.script)["params"]
+        return baked_params(self.script)
 
     @property
     def scored_by(self) -> str:
@@ -214,6 +215,12 @@ FIGURES = {"train": (layout.TRAIN_PROVENANCE, layout.TRAIN_METRICS, "Steps"),
            "ttt": (layout.TTT_PROVENANCE, layout.TTT_METRICS, "TTT BPB")}
 
 
+def baked_params(script: str) -> dict[str, dict[str, Any]]:
+    """Every output key the exported ``script`` bakes, with those it leaves to the defaults filled in as its runner
+    fills them (``compress.bake_params: changed``)."""
+    return expand_baked(read_bundle(script)["params"])
+
+
 def lineage_of(locate: Callable[[str], Path], root: Path, script: Path, ttt: bool) -> dict[str, Any]:
     """Which run the figures come from, each one's params digest and targets; refused for a mixed set.
 
@@ -223,7 +230,7 @@ def lineage_of(locate: Callable[[str], Path], root: Path, script: Path, ttt: boo
     """
     stages = [stage for stage in FIGURES if ttt or stage != "ttt"]
     records = consistent_set({stage: locate(FIGURES[stage][0]) for stage in stages}, locate)
-    check_baked(records, read_bundle(script.read_text(encoding="utf-8"))["params"], script)
+    check_baked(records, baked_params(script.read_text(encoding="utf-8")), script)
     figures = {}
     for stage in stages:
         path = locate(FIGURES[stage][1])

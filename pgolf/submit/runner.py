@@ -32,7 +32,6 @@ import json
 import os
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,16 +43,9 @@ from pgolf.artifact.load import artifact_model
 from pgolf.artifact.size import pack_artifact
 from pgolf.clocks import Clocks, process_seconds
 from pgolf.config import (
-    CalibrateConfig,
-    CompressConfig,
     EvaluateConfig,
-    ModelConfig,
-    QuantizeConfig,
     TrainConfig,
     TTTConfig,
-    from_dict,
-    output_keys,
-    to_dict,
 )
 from pgolf.data.accounting import ValidationStream
 from pgolf.data.leakage import check_no_leaks
@@ -68,6 +60,7 @@ from pgolf.quant.calibrate import calibration_hessians, calibration_model
 from pgolf.quant.fit import FitResult, needs_size, quantize_for_size
 from pgolf.runtime import enable_tf32, resolve_device
 from pgolf.submit.rundir import METRICS_FILE, SEED_ENV, artifact_score
+from pgolf.submit.sections import RunConfigs
 from pgolf.train.loop import run_metrics, train_model
 
 DATA_DIR = "data"  # the challenge's layout, relative to the folder the script runs in
@@ -77,41 +70,6 @@ ARTIFACT_FILE = "final_model.ptz"
 EVAL_LABELS = {"plain": "quantized", "sliding": "quantized_sliding_window"}
 TTT_LABEL = "quantized_ttt"
 SUBMISSION_LABEL = "submission"  # the last score line: the submission's score, as final_metrics.json's val_bpb
-
-
-@dataclass(frozen=True)
-class RunConfigs:
-    """Every section the runner reads: the params an exported script carries."""
-
-    model: ModelConfig
-    train: TrainConfig
-    calibrate: CalibrateConfig
-    quantize: QuantizeConfig
-    compress: CompressConfig
-    evaluate: EvaluateConfig
-    ttt: TTTConfig
-
-    def baked(self) -> dict[str, dict[str, Any]]:
-        """The keys that shape the outputs, by section (run settings keep their defaults); TTT switched off bakes its
-        switch alone, since its other keys then change nothing (and every byte of the script counts)."""
-        baked = {name: {key: to_dict(getattr(self, name))[key] for key in output_keys(config)}
-                 for name, config in self.sections().items()}
-        return baked if self.ttt.enabled else baked | {"ttt": {"enabled": False}}
-
-    @classmethod
-    def from_baked(cls, params: dict[str, dict[str, Any]]) -> RunConfigs:
-        return cls(**{name: from_dict(config, params[name], f"baked params: {name}")
-                      for name, config in cls.sections().items()})
-
-    @classmethod
-    def sections(cls) -> dict[str, type]:
-        """Each section's name and config class, as the fields above declare them (not ``pgolf.config.SECTIONS``,
-        which would ship every section's class, the runner's or not)."""
-        return typing.get_type_hints(cls)
-
-    @classmethod
-    def section_names(cls) -> list[str]:
-        return list(cls.sections())
 
 
 @dataclass(frozen=True)

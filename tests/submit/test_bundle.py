@@ -23,10 +23,12 @@ from pgolf.submit.bundle import (
     import_closure,
     minified_source,
     read_bundle,
+    script_json,
     script_text,
     shipped_files,
 )
-from pgolf.submit.runner import RunConfigs, make_artifact
+from pgolf.submit.runner import make_artifact
+from pgolf.submit.sections import RunConfigs, script_params
 from tests.stages.test_quantize import model_with_hessians
 
 
@@ -152,10 +154,15 @@ def test_shipped_code_is_minified_but_runs_the_same():
     assert scope["Point"](x=1.5).x == 1.5
 
 
-def baked(preset: str, *overrides: str) -> dict:
-    """The params the script of ``presets/<preset>.yaml`` bakes, with ``section.key=value`` overrides."""
+def run_configs(preset: str, *overrides: str) -> RunConfigs:
+    """The sections the script of ``presets/<preset>.yaml`` bakes, with ``section.key=value`` overrides."""
     params = load_params(REPO_ROOT / "presets" / f"{preset}.yaml", list(overrides))
-    return RunConfigs(**{name: section(params, name, SECTIONS[name]) for name in RunConfigs.section_names()}).baked()
+    return RunConfigs(**{name: section(params, name, SECTIONS[name]) for name in RunConfigs.section_names()})
+
+
+def baked(preset: str, *overrides: str) -> dict:
+    """Every output key the script of ``presets/<preset>.yaml`` bakes, with ``section.key=value`` overrides."""
+    return run_configs(preset, *overrides).baked()
 
 
 RECORD_CODE_BYTES = 55_000  # the record preset's script today (docs/SUBMISSION.md, "Code bytes"), as a ceiling
@@ -171,6 +178,32 @@ def test_the_micro_preset_ships_the_records_code():
     """The export tests run the micro preset's script: it carries exactly the record's modules and code."""
     record, micro = (shipped_files(["pgolf/submit/runner.py"], baked(preset)) for preset in ("record", "micro"))
     assert record == micro
+
+
+# Run in a fresh interpreter: the script's bundle, then the runner's sections from its baked params.
+SECTIONS_RUN = """
+import json, sys
+script = sys.argv[1]
+namespace = {"__name__": "bundle_check"}
+exec(compile(open(script, encoding="utf-8").read(), script, "exec"), namespace)  # installs the bundle's importer
+from pgolf.submit.sections import RunConfigs
+print(json.dumps(RunConfigs.from_baked(namespace["P"]).baked()))
+"""
+
+
+def test_a_script_baking_only_the_changed_params_runs_the_same_sections_for_fewer_bytes(tmp_path):
+    """``compress.bake_params: changed``: the record preset's values are nearly all the code's defaults, so its
+    script carries a few keys, and the runner, from the bundle alone, fills in the rest as the pipeline has them."""
+    configs = run_configs("record", "compress.bake_params=changed")
+    changed = script_params(configs)
+    assert sum(map(len, changed.values())) < 5  # the record preset is the defaults, but for a few keys
+    script = tmp_path / "train_gpt.py"
+    script.write_text(script_text(["pgolf/submit/runner.py"], changed))
+    assert len(script.read_bytes()) <= code_bytes(["pgolf/submit/runner.py"], configs.baked()) - 2_500
+    result = subprocess.run([sys.executable, "-c", SECTIONS_RUN, str(script)], cwd=tmp_path, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == json.loads(script_json(configs.baked()))
 
 
 COMPRESSORS = {"brotli": set(), "lzma": set(), "zstd": set(), "ans": {"pgolf/artifact/ans.py"},
@@ -243,7 +276,8 @@ namespace = {"__name__": "bundle_check"}
 exec(compile(open(script, encoding="utf-8").read(), script, "exec"), namespace)  # installs the bundle's importer
 from pgolf.artifact.load import artifact_model
 from pgolf.clocks import Clocks
-from pgolf.submit.runner import RunConfigs, make_artifact
+from pgolf.submit.runner import make_artifact
+from pgolf.submit.sections import RunConfigs
 cfgs = RunConfigs.from_baked(namespace["P"])
 hessians = torch.load(hessians_file, weights_only=True)
 make_artifact(cfgs, __import__("pathlib").Path(model_file), hessians, None, __import__("pathlib").Path(artifact_file),

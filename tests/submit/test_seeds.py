@@ -237,7 +237,7 @@ def micro_params() -> dict:
 def exported_script(folder: Path, **changes: dict) -> Path:
     """The micro preset's train_gpt.py, as the bundle stage writes it, with section changes."""
     from pgolf.submit.bundle import script_text
-    from pgolf.submit.runner import RunConfigs
+    from pgolf.submit.sections import RunConfigs
 
     params = micro_params()
     for name, values in changes.items():
