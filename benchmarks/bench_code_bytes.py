@@ -35,21 +35,15 @@ from typing import Any
 import brotli
 import python_minifier
 
-from pgolf.config import load_params, section
+from pgolf.config import load_params
 from pgolf.submit.bundle import REPO_ROOT, code_bytes, script_json, shipped_files
-from pgolf.submit.sections import RunConfigs, script_params
+from pgolf.submit.sections import RunConfigs, run_configs, script_params
 
 ENTRY = ["pgolf/submit/runner.py"]
 GOAL_BYTES = 30_000  # the final record's code bytes, rounded (issue 25)
 B93 = 8 / math.log2(93)  # characters per byte of base 93, at best
 COMPARISONS = {ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Lt: operator.lt, ast.LtE: operator.le,
                ast.Eq: operator.eq, ast.NotEq: operator.ne}
-
-
-def run_configs(path: Path) -> RunConfigs:
-    """The sections of ``path`` that the script bakes, as the bundle stage reads them."""
-    params = load_params(path)
-    return RunConfigs(**{name: section(params, name, config) for name, config in RunConfigs.sections().items()})
 
 
 def baked(configs: RunConfigs, **compress: Any) -> dict[str, Any]:
@@ -162,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=REPO_ROOT / "presets" / "record.yaml")
     args = parser.parse_args()
-    configs = run_configs(args.params)
+    configs = run_configs(load_params(args.params))
     params = baked(configs, code_compressor="brotli")
     files = shipped_files(ENTRY, params)
     shipped = code_bytes(ENTRY, params, "brotli")

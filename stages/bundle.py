@@ -35,7 +35,7 @@ from pgolf.submit.sections import RunConfigs, script_params
 
 def run(params: dict, ws: Workspace, modules: bool = False) -> None:
     compress = section(params, "compress", CompressConfig)
-    configs = RunConfigs(
+    configs = RunConfigs(  # section by section, as every stage names what it reads (pgolf.pipeline.deps)
         model=section(params, "model", ModelConfig), train=section(params, "train", TrainConfig),
         calibrate=section(params, "calibrate", CalibrateConfig), quantize=section(params, "quantize", QuantizeConfig),
         compress=compress, evaluate=section(params, "evaluate", EvaluateConfig), ttt=section(params, "ttt", TTTConfig),

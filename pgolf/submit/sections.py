@@ -24,6 +24,7 @@ from pgolf.config import (
     TTTConfig,
     from_dict,
     output_keys,
+    section,
     to_dict,
 )
 
@@ -61,6 +62,11 @@ class RunConfigs:
     @classmethod
     def section_names(cls) -> list[str]:
         return list(cls.sections())
+
+
+def run_configs(params: dict[str, dict[str, Any]]) -> RunConfigs:
+    """The runner's sections of a params file (``load_params``), as the bundle stage bakes them."""
+    return RunConfigs(**{name: section(params, name, config) for name, config in RunConfigs.sections().items()})
 
 
 def script_params(configs: RunConfigs) -> dict[str, dict[str, Any]]:

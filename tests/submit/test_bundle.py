@@ -13,7 +13,7 @@ import torch
 
 from pgolf.artifact.size import SizeLimitError, check_size
 from pgolf.clocks import Clocks
-from pgolf.config import SECTIONS, load_params, section
+from pgolf.config import load_params
 from pgolf.data.loader import make_loader
 from pgolf.data.shards import BOS_ID, write_shard
 from pgolf.model.files import save_model
@@ -28,7 +28,7 @@ from pgolf.submit.bundle import (
     shipped_files,
 )
 from pgolf.submit.runner import make_artifact
-from pgolf.submit.sections import RunConfigs, script_params
+from pgolf.submit.sections import RunConfigs, run_configs, script_params
 from tests.stages.test_quantize import model_with_hessians
 
 
@@ -154,15 +154,14 @@ def test_shipped_code_is_minified_but_runs_the_same():
     assert scope["Point"](x=1.5).x == 1.5
 
 
-def run_configs(preset: str, *overrides: str) -> RunConfigs:
+def preset_configs(preset: str, *overrides: str) -> RunConfigs:
     """The sections the script of ``presets/<preset>.yaml`` bakes, with ``section.key=value`` overrides."""
-    params = load_params(REPO_ROOT / "presets" / f"{preset}.yaml", list(overrides))
-    return RunConfigs(**{name: section(params, name, SECTIONS[name]) for name in RunConfigs.section_names()})
+    return run_configs(load_params(REPO_ROOT / "presets" / f"{preset}.yaml", list(overrides)))
 
 
 def baked(preset: str, *overrides: str) -> dict:
     """Every output key the script of ``presets/<preset>.yaml`` bakes, with ``section.key=value`` overrides."""
-    return run_configs(preset, *overrides).baked()
+    return preset_configs(preset, *overrides).baked()
 
 
 RECORD_CODE_BYTES = 55_000  # the record preset's script today (docs/SUBMISSION.md, "Code bytes"), as a ceiling
@@ -194,7 +193,7 @@ print(json.dumps(RunConfigs.from_baked(namespace["P"]).baked()))
 def test_a_script_baking_only_the_changed_params_runs_the_same_sections_for_fewer_bytes(tmp_path):
     """``compress.bake_params: changed``: the record preset's values are nearly all the code's defaults, so its
     script carries a few keys, and the runner, from the bundle alone, fills in the rest as the pipeline has them."""
-    configs = run_configs("record", "compress.bake_params=changed")
+    configs = preset_configs("record", "compress.bake_params=changed")
     changed = script_params(configs)
     assert sum(map(len, changed.values())) < 5  # the record preset is the defaults, but for a few keys
     script = tmp_path / "train_gpt.py"

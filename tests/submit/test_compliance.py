@@ -22,7 +22,7 @@ from pgolf.submit.export import (
     write_records_folder,
 )
 from pgolf.submit.sections import script_params
-from tests.submit.test_bundle import run_configs
+from tests.submit.test_bundle import preset_configs
 from tests.submit.test_seeds import DATA_FINGERPRINT, exported_script
 
 QUANTIZED = {"val_bpb": 1.61, "val_loss": 4.02, "sliding_val_bpb": 1.60, "sliding_val_loss": 4.0}
@@ -136,7 +136,7 @@ def test_the_readme_asks_for_lrzip_exactly_when_the_artifact_or_the_script_needs
 def test_a_script_that_bakes_only_its_changed_params_reads_as_every_key():
     """``compress.bake_params: changed`` leaves the defaults out of the script; export reads every key from it, as
     its runner fills them in (and so holds the stages' params to the defaults too)."""
-    configs = run_configs("record", "compress.bake_params=changed", "evaluate.eval_stride=32")
+    configs = preset_configs("record", "compress.bake_params=changed", "evaluate.eval_stride=32")
     script = script_text(["pgolf/submit/runner.py"], script_params(configs), compressor=None)
     carried = read_bundle(script)["params"]
     assert carried["evaluate"] == {"eval_stride": 32, "nproc_per_node": 8} and carried["ttt"] == {}
