@@ -7,7 +7,7 @@ params baked in, and a bundle of what the entry modules (``compress.code_files``
 hand. What ships is found by reading code, in three steps (docs/SUBMISSION.md, "Code bytes"):
 
 1. Options the baked params leave off: the modules in :data:`OPTION_MODULES` (a coder, TTT, the
-   allocator, LQER, a variant's loader), which the code imports only inside the branch of the option they serve,
+   allocator, LQER, the size search, a variant's loader), which the code imports only inside the branch of the option they serve,
    ship only when the params switch that option on (:func:`options_off`).
 2. Tree shaking (:mod:`pgolf.submit.shake`): of each module, only what the runner's ``main`` can
    reach; a module nothing kept imports does not ship.
@@ -162,6 +162,7 @@ OPTION_MODULES: dict[str, Callable[[dict[str, Any]], bool]] = {
     "pgolf.quant.allocate": lambda p: p["quantize"].method == "allocate",
     "pgolf.quant.lqer": lambda p: p["quantize"].lqer_rank > 0 or p["quantize"].method == "allocate",
     "pgolf.quant.rate": lambda p: p["quantize"].rate_aware,
+    "pgolf.quant.search": lambda p: p["quantize"].fit_to_size and p["quantize"].method != "allocate",
 }
 
 
