@@ -145,7 +145,10 @@ def decompress_stream(stream: bytes, compressor: str) -> bytes:
     """What :func:`compress_stream` compressed."""
     if compressor == "brotli":
         return brotli.decompress(stream)
-    return lrzip_decompress(stream, lrzip_declared_size(stream))
+    size = lrzip_declared_size(stream)
+    if size is None:
+        raise ValueError("the script's modules are not an lrzip stream (no lrzip header): the script is corrupt")
+    return lrzip_decompress(stream, size)
 
 
 # Each option module, and when the baked params switch its option on. The code imports each only
@@ -238,17 +241,25 @@ def script_text(entry_files: list[str], params: dict[str, Any], compressor: str 
 
 def read_bundle(script: str) -> dict[str, Any]:
     """The ``params`` and ``files`` (path -> source) of a script that ``script_text`` wrote."""
-    found: dict[str, Any] = {}
-    for node in ast.walk(ast.parse(script)):
-        names = [getattr(t, "id", None) for t in node.targets] if isinstance(node, ast.Assign) else []
-        if names in (["P"], ["F"]):
+    tree = ast.parse(script)
+    return {"params": json.loads(_assigned_json(tree, "P")), "files": json.loads(_assigned_json(tree, "F"))}
+
+
+def read_params(script: str) -> dict[str, Any]:
+    """The params a script that ``script_text`` wrote carries, as written (with ``compress.bake_params: changed``
+    only those), read without decoding its modules (which, lrzip-coded, would run the lrzip program)."""
+    return json.loads(_assigned_json(ast.parse(script), "P"))
+
+
+def _assigned_json(tree: ast.Module, name: str) -> str:
+    """The JSON text the script's ``name = json.loads(...)`` holds: plain, or the decoded modules' stream."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [name]:
             literal = next(n.value for n in ast.walk(node.value) if isinstance(n, ast.Constant))
-            text = literal if isinstance(node.value.args[0], ast.Constant) else decompress_stream(
-                base64.b85decode(literal), stream_compressor(node.value.args[0])).decode("utf-8")
-            found["params" if names == ["P"] else "files"] = json.loads(text)
-    if len(found) != 2:
-        raise ValueError("not a script exported by pgolf: no params and bundle in it")
-    return found
+            if isinstance(node.value.args[0], ast.Constant):
+                return literal
+            return decompress_stream(base64.b85decode(literal), stream_compressor(node.value.args[0])).decode("utf-8")
+    raise ValueError("not a script exported by pgolf: no params and bundle in it")
 
 
 def stream_compressor(decoding: ast.Call) -> str:

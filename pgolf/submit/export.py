@@ -51,7 +51,7 @@ from pgolf.config import ExportConfig
 from pgolf.data.shards import file_sha256
 from pgolf.pipeline import layout
 from pgolf.pipeline.lineage import SHORT, check_baked, consistent_set, targets_text
-from pgolf.submit.bundle import read_bundle
+from pgolf.submit.bundle import read_bundle, read_params
 from pgolf.submit.rundir import METRICS_FILE, artifact_score
 from pgolf.submit.sections import expand_baked
 from pgolf.submit.seeds import (
@@ -218,7 +218,7 @@ FIGURES = {"train": (layout.TRAIN_PROVENANCE, layout.TRAIN_METRICS, "Steps"),
 def baked_params(script: str) -> dict[str, dict[str, Any]]:
     """Every output key the exported ``script`` bakes, with those it leaves to the defaults filled in as its runner
     fills them (``compress.bake_params: changed``)."""
-    return expand_baked(read_bundle(script)["params"])
+    return expand_baked(read_params(script))
 
 
 def lineage_of(locate: Callable[[str], Path], root: Path, script: Path, ttt: bool) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from pgolf.submit.bundle import (
     import_closure,
     minified_source,
     read_bundle,
+    read_params,
     script_json,
     script_text,
     shipped_files,
@@ -119,6 +121,20 @@ def test_an_lrzip_coded_script_without_the_program_stops_with_one_line_naming_it
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "lrzip-coded" in result.stderr
     assert "apt-get install lrzip" in result.stderr
+
+
+def test_an_lrzip_coded_scripts_params_read_without_the_program_and_a_stream_without_its_header_is_named(
+        tmp_path, monkeypatch):
+    write(tmp_path, "pgolf/__init__.py", "")
+    write(tmp_path, "pgolf/entry.py", "def main(params, script):\n    return 0\n")
+    script = script_text(["pgolf/entry.py"], {"train": {"seed": 7}}, "lrzip", tmp_path)
+    assert read_bundle(script)["params"] == {"train": {"seed": 7}}
+    monkeypatch.setenv("PATH", str(tmp_path))  # no lrzip: the params never need it
+    assert read_params(script) == {"train": {"seed": 7}}
+    stream = script.split('D("')[1].split('")')[0]
+    corrupt = script.replace(stream, base64.b85encode(b"not an lrzip stream at all").decode("ascii"))
+    with pytest.raises(ValueError, match="not an lrzip stream"):
+        read_bundle(corrupt)
 
 
 def test_the_shipped_code_is_what_the_runner_runs_on_the_record():
