@@ -7,7 +7,7 @@ per shape batch, so a try costs one GPTQ pass. A candidate's rate is the bytes t
 configured compressor makes of the tensor alone; its distortion is GPTQ's H-weighted
 error ``tr((W − Ŵ) H (W − Ŵ)ᵀ)``, the output energy the layer loses, or with
 ``allocate_distortion: loss`` the same per output row weighted by the row's output
-sensitivity ``E[(∂ℓ/∂y_i)²]`` (:func:`pgolf.quant.calibrate.collect_output_sensitivity`): the
+sensitivity ``E[(∂ℓ/∂y_i)²]`` (:func:`pgolf.quant.sensitivity.collect_output_sensitivity`): the
 Gauss–Newton estimate of the loss it costs, comparable across layers. Minimising
 ``Σ D + λ Σ R`` for one multiplier λ picks, in each tensor, the point of the lower convex
 hull of its (R, D) candidates where the hull's slope passes −λ; lowering λ walks all

@@ -11,9 +11,9 @@ embedding, the MLP and the attention groups take their own bits and clip
 sigmas. The variants (docs/VARIANTS.md §4.6, §5.2, §6) are options: PR #576's
 per-row best-of-five percentile scales with the columns in ascending Hessian order
 and its dense H⁻¹, PR #1218's five whole-matrix percentile clips each with a full GPTQ
-run, int8 per-row percentile rounding of the embedding tables (:mod:`pgolf.quant.rounding`),
-and magnitude pruning before any of it. Fitting a byte budget is :mod:`pgolf.quant.fit`;
-rate-aware code choice (``quantize.rate_lambda``) is :mod:`pgolf.quant.rate`.
+run and int8 per-row percentile rounding of the embedding tables (those three in
+:mod:`pgolf.quant.percentiles`), and magnitude pruning before any of it. Fitting a byte budget is
+:mod:`pgolf.quant.fit`; rate-aware code choice (``quantize.rate_lambda``) is :mod:`pgolf.quant.rate`.
 """
 
 from __future__ import annotations
@@ -27,14 +27,7 @@ from tqdm import tqdm
 
 from pgolf.artifact.tensors import QuantizedModel, QuantizedTensor, correction_names, dequantize, quant_max
 from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
-from pgolf.quant.rounding import (
-    CLIP_PERCENTILES,
-    MIN_FP16_SCALE,
-    abs_quantile,
-    best_row_percentile_scales,
-    round_rows,
-    round_table,
-)
+from pgolf.quant.rounding import MIN_FP16_SCALE, abs_quantile, round_rows
 from pgolf.runtime import progress_bar
 
 if TYPE_CHECKING:
@@ -334,31 +327,7 @@ def residual_energy(updated: Tensor, codes: Tensor, step: Tensor, error_weight: 
     return (per_column * error_weight.double()).sum(dim=-1)  # [N]
 
 
-# ---------------------------------------------------------------- the variants' scales, tables and pruning
-
-
-def gptq_best_matrix_percentile(
-    weights: Tensor, factors: HessianFactors, bits: list[int], block_size: int, progress: tqdm | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """PR #1218: a full GPTQ run per percentile clip (fp16 scales), each matrix keeping its lowest-MSE run
-    (codes, scales and :func:`residual_energy`, as :func:`gptq_quantize`)."""
-    weights = weights.float()  # [N, rows, cols]
-    qmax = torch.tensor([quant_max(b) for b in bits], dtype=torch.float32, device=weights.device)  # [N]
-    target = weights.masked_fill(factors.dead[:, None, :], 0.0)  # the PR compares with dead columns zeroed
-    best, best_error = None, None
-    for q in CLIP_PERCENTILES:
-        clip = abs_quantile(weights, q, dim=-1) if q < 1.0 else weights.abs().amax(dim=-1)  # [N, rows]
-        scale = (clip / qmax[:, None]).clamp_min(1.0 / qmax[:, None]).to(torch.float16)  # [N, rows]
-        run = gptq_quantize(weights, factors, bits, [0.0] * len(bits), block_size, progress, scale=scale)
-        error = (target - run[0].float() * run[1].float()[..., None]).pow(2).mean(dim=(1, 2))  # [N]
-        if best is None:
-            best, best_error = run, error
-        else:
-            improved = error < best_error  # [N]
-            best = tuple(torch.where(improved.reshape(-1, *[1] * (kept.dim() - 1)), candidate, kept)
-                         for candidate, kept in zip(run, best, strict=True))
-            best_error = torch.where(improved, error, best_error)
-    return best
+# ---------------------------------------------------------------- PR #576's pruning, and the scales of one batch
 
 
 def prune_smallest(state_dict: dict[str, Tensor], fraction: float, min_numel: int) -> dict[str, Tensor]:
@@ -384,6 +353,8 @@ def quantize_batch(weights: Tensor, factors: HessianFactors, plans: list[TensorP
     not those GPTQ quantized with (PR #576's fp32 scales)."""
     bits = [plan.bits for plan in plans]
     if cfg.scale_search == "matrix_percentiles":
+        from pgolf.quant.percentiles import gptq_best_matrix_percentile  # an option module: shipped with PR #1218's
+
         return gptq_best_matrix_percentile(weights, factors, bits, cfg.block_size, progress)
     scale = None
     clip_sigmas = torch.tensor([plan.clip_sigmas for plan in plans], dtype=torch.float32, device=weights.device)
@@ -393,6 +364,8 @@ def quantize_batch(weights: Tensor, factors: HessianFactors, plans: list[TensorP
                        if cfg.scale_search == "hessian_sdclip" else sensitivity_row_factors(weights, sensitivity))
         scale = row_scales(weights.float(), clip_sigmas[:, None] * row_factors, qmax)  # [N, rows]
     if cfg.scale_search == "row_percentiles":
+        from pgolf.quant.percentiles import best_row_percentile_scales  # an option module: shipped with PR #576's
+
         # PR #576 quantizes with the fp32 scales and stores them in fp16.
         scale = torch.stack([best_row_percentile_scales(w[None].float(), quant_max(b))[0]
                              for w, b in zip(weights, bits, strict=True)])  # [N, rows]
@@ -523,6 +496,16 @@ def check_sensitivity(state_dict: dict[str, Tensor], plans: dict[str, TensorPlan
                              "true and calibrate again")
 
 
+def round_without_hessian(tensor: Tensor, plan: TensorPlan, cfg: QuantizeConfig) -> QuantizedTensor:
+    """A coded tensor GPTQ leaves out: an embedding table clipped at ``cfg.table_clip_quantile`` (the PRs' int8
+    tables), or rows rounded at their largest |w| (QuantGate's gates)."""
+    if plan.rounding == "table":
+        from pgolf.quant.percentiles import round_table  # an option module: shipped with table_clip_quantile
+
+        return round_table(tensor, plan.bits, cfg.table_clip_quantile)
+    return round_rows(tensor, plan.bits)
+
+
 def shape_batches(names: list[str], state_dict: dict[str, Tensor]) -> list[list[str]]:
     """Tensor names grouped by shape, so each group runs as one GPTQ batch."""
     batches: dict[tuple[int, ...], list[str]] = {}
@@ -578,11 +561,8 @@ def quantize_model(
     weights = prune_smallest(state_dict, cfg.prune_fraction, cfg.passthrough_max_numel)
     gptq_names = [name for name, plan in plans.items() if plan.uses_gptq]
     factor_cache = {} if factor_cache is None else factor_cache
-    tensors: dict[str, QuantizedTensor | Tensor] = {
-        name: round_table(weights[name], plan.bits, cfg.table_clip_quantile) if plan.rounding == "table"
-        else round_rows(weights[name], plan.bits)
-        for name, plan in plans.items() if plan.bits and not plan.uses_gptq
-    }
+    tensors: dict[str, QuantizedTensor | Tensor] = {name: round_without_hessian(weights[name], plan, cfg)
+                                                    for name, plan in plans.items() if plan.bits and not plan.uses_gptq}
     total_columns = sum(state_dict[n].shape[1] for n in gptq_names)
     own_factors: dict[str, GPTQError] = {}  # the report measures errors through these
     with progress_bar(total=total_columns, desc="gptq columns", unit="col", show=show_progress) as bar:

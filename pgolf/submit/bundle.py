@@ -7,7 +7,8 @@ params baked in, and a bundle of what the entry modules (``compress.code_files``
 hand. What ships is found by reading code, in three steps (docs/SUBMISSION.md, "Code bytes"):
 
 1. Options the baked params leave off: the modules in :data:`OPTION_MODULES` (a coder, TTT, the
-   allocator, LQER, the size search, a variant's loader), which the code imports only inside the branch of the option they serve,
+   allocator, LQER, the size search, the output sensitivity, the variants' percentile clips and
+   loaders), which the code imports only inside the branch of the option they serve,
    ship only when the params switch that option on (:func:`options_off`).
 2. Tree shaking (:mod:`pgolf.submit.shake`): of each module, only what the runner's ``main`` can
    reach; a module nothing kept imports does not ship.
@@ -39,7 +40,7 @@ import python_minifier
 
 from pgolf import __version__
 from pgolf.artifact.lrzip import lrzip_compress, lrzip_declared_size, lrzip_decompress
-from pgolf.config import CompressConfig, QuantizeConfig, TrainConfig, TTTConfig, from_dict
+from pgolf.config import CalibrateConfig, CompressConfig, QuantizeConfig, TrainConfig, TTTConfig, from_dict
 from pgolf.submit.shake import is_type_checking_block, module_file, project_imports, shake
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -164,16 +165,19 @@ OPTION_MODULES: dict[str, Callable[[dict[str, Any]], bool]] = {
     "pgolf.eval.ttt": lambda p: p["ttt"].enabled,
     "pgolf.quant.allocate": lambda p: p["quantize"].method == "allocate",
     "pgolf.quant.lqer": lambda p: p["quantize"].lqer_rank > 0 or p["quantize"].method == "allocate",
+    "pgolf.quant.percentiles": lambda p: (p["quantize"].scale_search in ("row_percentiles", "matrix_percentiles")
+                                          or p["quantize"].table_clip_quantile > 0),
     "pgolf.quant.rate": lambda p: p["quantize"].rate_aware,
     "pgolf.quant.search": lambda p: p["quantize"].fit_to_size and p["quantize"].method != "allocate",
+    "pgolf.quant.sensitivity": lambda p: p["calibrate"].output_sensitivity,
 }
 
 
 def options_off(params: dict[str, Any]) -> frozenset[str]:
     """The option modules the baked ``params`` leave off (a section they leave out has its defaults)."""
     sections = {name: from_dict(config, params.get(name, {}), f"baked params: {name}")
-                for name, config in (("compress", CompressConfig), ("quantize", QuantizeConfig), ("train", TrainConfig),
-                                     ("ttt", TTTConfig))}
+                for name, config in (("calibrate", CalibrateConfig), ("compress", CompressConfig),
+                                     ("quantize", QuantizeConfig), ("train", TrainConfig), ("ttt", TTTConfig))}
     return frozenset(name for name, switched_on in OPTION_MODULES.items() if not switched_on(sections))
 
 

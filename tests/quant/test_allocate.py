@@ -17,9 +17,9 @@ from pgolf.artifact.tensors import QuantizedTensor, dequantize
 from pgolf.config import CompressConfig, QuantizeConfig
 from pgolf.pipeline import layout
 from pgolf.quant.allocate import allocate, allocate_model, allocate_within, assemble, lower_hull, model_candidates
-from pgolf.quant.calibrate import collect_output_sensitivity
 from pgolf.quant.gptq import quantize_model
 from pgolf.quant.lqer import h_weighted_error
+from pgolf.quant.sensitivity import collect_output_sensitivity
 from stages import quantize as stage
 from tests.stages.test_quantize import CODE_BYTES, PIPELINE, model_with_hessians, small_workdir  # noqa: F401 (a fixture)
 

@@ -11,7 +11,6 @@ from pgolf.artifact.compress import compress
 from pgolf.artifact.format import serialize
 from pgolf.artifact.tensors import QuantizedTensor
 from pgolf.config import CompressConfig, ConfigError, QuantizeConfig
-from pgolf.quant.calibrate import collect_output_sensitivity
 from pgolf.quant.gptq import (
     TensorPlan,
     check_hessians,
@@ -23,6 +22,7 @@ from pgolf.quant.gptq import (
     tensor_plan,
 )
 from pgolf.quant.rate import RateTerms
+from pgolf.quant.sensitivity import collect_output_sensitivity
 from tests.quant.test_allocate import model_with_hessians
 
 ALL_GPTQ = QuantizeConfig(passthrough_max_numel=0)  # both golden sets quantize every linear

@@ -18,7 +18,7 @@ import torch
 from pgolf.config import ModelConfig, QuantizeConfig, TrainConfig, section
 from pgolf.model.gpt import GPT, BigramHash, CastedLinear, FakeQuant, count_parameters
 from pgolf.quant.gptq import TensorPlan, prepare_hessians, prune_smallest, quantize_batch, quantize_model
-from pgolf.quant.rounding import best_row_percentile_scales, round_table
+from pgolf.quant.percentiles import best_row_percentile_scales, round_table
 from pgolf.train.optim import build_optimizers, muon_momentum_at
 from tests.conftest import ASSETS_DIR
 
