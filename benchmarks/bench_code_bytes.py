@@ -1,7 +1,7 @@
 """What the exported script's code bytes are made of, and what each way of cutting them would give.
 
 The bundle stage counts the script as it ships (``pgolf.submit.bundle.script_text``: bootstrap,
-plain params, the shaken and minified modules as one compressed stream in base 85). This prints
+plain params, the shaken and minified modules as one compressed stream in base 93). This prints
 that count for a params file with the records' coder, brotli-11, then the script's length under
 each lever, one at a time, each measured on the same shipped modules:
 
@@ -9,7 +9,7 @@ each lever, one at a time, each measured on the same shipped modules:
   preset 9e) or zstd-22 instead of brotli-11; the modules concatenated rather than as JSON; the
   params compressed with the modules rather than plain; the params' values that differ from the
   defaults alone (``compress.bake_params: changed``, the exact script);
-- the text: base 93 (every printable ASCII character but ``"`` and ``\\``) instead of base 85;
+- the text: base 85 (the records' ``base64.b85encode``) instead of base 93, for comparison;
 - the source, as upper bounds (not shipped, not run: each drops what a real change might keep):
   module-level names renamed by python-minifier within each module (a real change would have to
   rename across modules); every string literal of more than 12 characters and every f-string
@@ -21,7 +21,7 @@ step on top of the one before, as upper bounds (definitions dropped, not run; lr
 parts of the runner's path that no issue asks of a script (:data:`PIPELINE_PARTS`: the journal of
 multi-output transactions, params validation, checkpoint resume, model-file checksums); then the
 input checks and the record's evidence that issues 20 and 24 ask of it (:data:`EVIDENCE_PARTS`:
-data and leak checks, fingerprints, phase clocks); then every long string; then base 93 text. A name
+data and leak checks, fingerprints, phase clocks); then every long string. A name
 in those lists that the shipped code no longer has stops the benchmark, naming it.
 
 The last line is what the record's 30,000 asks of the modules' stream. Usage::
@@ -44,12 +44,20 @@ import brotli
 import python_minifier
 
 from pgolf.config import load_params
-from pgolf.submit.bundle import REPO_ROOT, code_bytes, lrzip_compress, script_json, shipped_files
+from pgolf.submit.bundle import (
+    B93_BLOCK_BYTES,
+    B93_BLOCK_CHARS,
+    B93_DECODER,
+    REPO_ROOT,
+    code_bytes,
+    lrzip_compress,
+    script_json,
+    shipped_files,
+)
 from pgolf.submit.sections import RunConfigs, run_configs, script_params
 
 ENTRY = ["pgolf/submit/runner.py"]
 GOAL_BYTES = 30_000  # the final record's code bytes, rounded (issue 25)
-B93 = 8 / math.log2(93)  # characters per byte of base 93, at best
 COMPARISONS = {ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Lt: operator.lt, ast.LtE: operator.le,
                ast.Eq: operator.eq, ast.NotEq: operator.ne}
 
@@ -78,6 +86,12 @@ EVIDENCE_PARTS = {
 def baked(configs: RunConfigs, **compress: Any) -> dict[str, Any]:
     """The params a script of ``configs`` carries with these ``compress`` settings (its coder, its params' baking)."""
     return script_params(dataclasses.replace(configs, compress=dataclasses.replace(configs.compress, **compress)))
+
+
+def text_chars(size: int) -> int:
+    """The characters of ``size`` bytes in the script's base 93 text (``b93encode``: the pad's digit, 38 for every 31
+    bytes, the last 31 padded)."""
+    return 1 + B93_BLOCK_CHARS * math.ceil(size / B93_BLOCK_BYTES)
 
 
 def b85_chars(size: int) -> int:
@@ -216,7 +230,7 @@ def steps_to_goal(configs: RunConfigs) -> list[tuple[str, int]]:
     exact = code_bytes(ENTRY, params, "lrzip")
     files = transformed(shipped_files(ENTRY, params), ast.NodeTransformer())  # unparsed, as every step below
     stream = lrzip_bytes(files)
-    around = exact - b85_chars(stream)
+    around = exact - text_chars(stream)
     steps = [("lrzip, changed params (the exact script)", exact)]
     for name, change in (("the parts no issue asks of a script, out", lambda f: without(f, PIPELINE_PARTS)),
                          ("the input checks and evidence of issues 20 and 24, out",
@@ -224,8 +238,8 @@ def steps_to_goal(configs: RunConfigs) -> list[tuple[str, int]]:
                          ("every long string and f-string emptied", lambda f: transformed(f, EmptyStrings()))):
         files = change(files)
         stream = lrzip_bytes(files)
-        steps.append((name, b85_chars(stream) + around))
-    return steps + [("base 93 text instead of base 85", math.ceil(stream * B93) + around)]
+        steps.append((name, text_chars(stream) + around))
+    return steps
 
 
 def source_bounds(files: dict[str, str], params: dict[str, Any]) -> dict[str, int]:
@@ -254,24 +268,24 @@ def main() -> None:
     params_text = script_json(params)
     alternatives = stream_alternatives(files, params_text)
     stream = alternatives["brotli-11"]
-    around = shipped - b85_chars(stream)  # bootstrap and plain params
+    around = shipped - text_chars(stream)  # bootstrap and plain params
     print(f"{args.params}: {shipped:,} code bytes; {len(files)} modules, {sum(map(len, files.values())):,} "
           f"characters shipped; brotli stream {stream:,} bytes; bootstrap + params {around:,}")
     print(f"{'lever':<52} {'stream':>8} {'script':>8} {'change':>8}")
     for name, size in alternatives.items():
-        script = b85_chars(size) + around - (len(params_text) if "params" in name else 0)
+        script = text_chars(size) + around - (len(params_text) if "params" in name else 0)
         print(f"{name:<52} {size:>8,} {script:>8,} {script - shipped:>+8,}")
     script = code_bytes(ENTRY, baked(configs, code_compressor="lrzip"), "lrzip")  # decoded by the lrzip program
     print(f"{'lrzip -z -L 9 (compress.code_compressor: lrzip)':<52} {'':>8} {script:>8,} {script - shipped:>+8,}")
     script = code_bytes(ENTRY, baked(configs, code_compressor="brotli", bake_params="changed"), "brotli")
     print(f"{'params: changed values only (bake_params: changed)':<52} {'':>8} {script:>8,} {script - shipped:>+8,}")
-    script = math.ceil(stream * B93) + around
-    print(f"{'base 93 text instead of base 85':<52} {stream:>8,} {script:>8,} {script - shipped:>+8,}")
+    script = b85_chars(stream) + around - len(B93_DECODER)  # and no base 93 decoder in the bootstrap
+    print(f"{'base 85 text instead of base 93':<52} {stream:>8,} {script:>8,} {script - shipped:>+8,}")
     for name, change in source_bounds(files, params).items():
-        script = b85_chars(stream + change) + around
+        script = text_chars(stream + change) + around
         print(f"{name + ' (bound)':<52} {stream + change:>8,} {script:>8,} {script - shipped:>+8,}")
-    needed = (GOAL_BYTES - around) // 5 * 4  # the most bytes whose base 85 fits
-    print(f"{GOAL_BYTES:,} code bytes with these params and base 85 need a stream of {needed:,} bytes: "
+    needed = (GOAL_BYTES - around - 1) // B93_BLOCK_CHARS * B93_BLOCK_BYTES  # the most bytes whose text fits
+    print(f"{GOAL_BYTES:,} code bytes with these params need a stream of {needed:,} bytes: "
           f"{1 - needed / stream:.0%} less than today's")
     print(f"toward {GOAL_BYTES:,}, each step on the one before (bounds from the second on)")
     for name, script in steps_to_goal(configs):

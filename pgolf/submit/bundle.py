@@ -15,12 +15,14 @@ hand. What ships is found by reading code, in three steps (docs/SUBMISSION.md, "
 3. Minifying (python-minifier, :func:`minified_source`): no docstrings, comments or signature
    annotations, short local names.
 
-With ``compress.compress_code`` the bundle travels as one compressed stream in base 85 (as the
-records' self-extracting scripts: brotli-11, or ``lrzip -z -L 9`` with ``compress.code_compressor:
-lrzip``, about 15 % fewer code bytes for a script that then needs the lrzip program), otherwise as
-text. The bundler itself never ships: the runner does not import it. The size gate that counts
-these bytes is :mod:`pgolf.artifact.size`. :func:`import_closure` is the whole static closure
-(every import, every option), which the pipeline's code deps use (:mod:`pgolf.pipeline.deps`). The bundle stage writes the script
+With ``compress.compress_code`` the bundle travels as one compressed stream in base 93 text
+(:func:`b93encode`: every printable ASCII character but ``"`` and ``\\``, 38 for every 31 bytes, where
+the records' self-extracting scripts use base 85's 5 for 4). Its coder is brotli-11, or ``lrzip -z -L 9``
+with ``compress.code_compressor: lrzip``, about 15 % fewer code bytes for a script that then needs
+the lrzip program; without ``compress_code`` the bundle is plain text. The bundler itself never
+ships: the runner does not import it. The size gate that counts these bytes is
+:mod:`pgolf.artifact.size`. :func:`import_closure` is the whole static closure (every import, every
+option), which the pipeline's code deps use (:mod:`pgolf.pipeline.deps`). The bundle stage writes the script
 without training (``python -m stages.bundle --params FILE --out DIR --modules`` prints what
 ships, module by module: :func:`module_sizes`).
 """
@@ -28,7 +30,6 @@ ships, module by module: :func:`module_sizes`).
 from __future__ import annotations
 
 import ast
-import base64
 import functools
 import json
 from collections.abc import Callable
@@ -108,7 +109,7 @@ def import_closure(entry_files: list[str], root: Path = REPO_ROOT, exclude: froz
 # installed pgolf: a module missing from the bundle is an error) and runs the entry's main.
 BOOTSTRAP = """\
 \"\"\"Parameter Golf submission exported by pgolf {version}: the bundle holds pgolf's modules and the run's params.\"\"\"
-import base64,{imports}importlib.abc as A,importlib.util as U,json,sys
+import {imports}importlib.abc as A,importlib.util as U,json,sys
 {decoder}P=json.loads({params})
 F=json.loads({payload})
 class L(A.MetaPathFinder,A.Loader):
@@ -125,13 +126,65 @@ if __name__=="__main__":sys.exit(main(P,__file__))
 """
 
 
+# Base 93: the printable ASCII characters a "..." literal holds unescaped. 31 bytes are one number below 93**38,
+# written as 38 digits; the stream is padded to whole blocks, and its first character says by how many bytes.
+B93_ALPHABET = "".join(c for c in map(chr, range(32, 127)) if c not in '"\\')
+B93_BLOCK_BYTES, B93_BLOCK_CHARS = 31, 38  # 93**38 > 2**248: 1.226 characters a byte (base 85: 1.25)
+
+# The script's own decoder of :func:`b93encode`'s text (tests/submit/test_bundle.py holds it to b93decode).
+B93_DECODER = r"""def E(s):
+ a="".join(c for c in map(chr,range(32,127))if c not in'"\\');o=b""
+ for i in range(1,len(s),38):
+  n=0
+  for c in s[i:i+38]:n=n*93+a.find(c)
+  o+=n.to_bytes(31,"big")
+ return o[:len(o)-a.find(s[0])]
+"""
+
+
+def b93encode(data: bytes) -> str:
+    """``data`` as base 93 text: the pad's length as one digit, then 38 digits (most significant first) for each
+    block of 31 bytes, the last padded with zero bytes."""
+    pad = -len(data) % B93_BLOCK_BYTES
+    padded = data + bytes(pad)
+    digits = [B93_ALPHABET[pad]]
+    for start in range(0, len(padded), B93_BLOCK_BYTES):
+        number = int.from_bytes(padded[start:start + B93_BLOCK_BYTES], "big")
+        block = []
+        for _ in range(B93_BLOCK_CHARS):
+            number, digit = divmod(number, 93)
+            block.append(B93_ALPHABET[digit])
+        digits.extend(reversed(block))
+    return "".join(digits)
+
+
+def b93decode(text: str) -> bytes:
+    """What :func:`b93encode` encoded; a ValueError for text it cannot have written."""
+    bad = sorted(set(text) - set(B93_ALPHABET))
+    if not text or bad or (len(text) - 1) % B93_BLOCK_CHARS or B93_ALPHABET.index(text[0]) >= B93_BLOCK_BYTES:
+        raise ValueError(f"not base 93 text of the bundler ({len(text)} characters"
+                         f"{', with ' + repr(''.join(bad[:5])) if bad else ''})")
+    data = b"".join(_b93_block(text[start:start + B93_BLOCK_CHARS])
+                    for start in range(1, len(text), B93_BLOCK_CHARS))
+    return data[:len(data) - B93_ALPHABET.index(text[0])]
+
+
+def _b93_block(digits: str) -> bytes:
+    number = 0
+    for digit in digits:
+        number = number * 93 + B93_ALPHABET.index(digit)
+    if number >= 256**B93_BLOCK_BYTES:
+        raise ValueError(f"base 93 block {digits!r} is above {B93_BLOCK_BYTES} bytes")
+    return number.to_bytes(B93_BLOCK_BYTES, "big")
+
+
 # How a script decodes its modules' stream, by compressor: what its import line adds, the lines that define the
-# decoder, and the decoded bytes of the stream's base 85 text. lrzip reads the stream on its standard input; a
-# script on a machine without the program stops with one line that names it.
+# decoder (after the base 93 decoder E), and the decoded bytes of the stream's text. lrzip reads the stream on its
+# standard input; a script on a machine without the program stops with one line that names it.
 STREAM_DECODERS = {
-    "brotli": ("brotli,", "", 'brotli.decompress(base64.b85decode("{}"))'),
+    "brotli": ("brotli,", "", 'brotli.decompress(E("{}"))'),
     "lrzip": ("os,subprocess as S,", """def D(s):
- try:return S.run(["lrzip","-dqo","-"],input=base64.b85decode(s),capture_output=True,check=True,env=dict(os.environ,LRZIP="NOCONFIG")).stdout
+ try:return S.run(["lrzip","-dqo","-"],input=E(s),capture_output=True,check=True,env=dict(os.environ,LRZIP="NOCONFIG")).stdout
  except(OSError,S.CalledProcessError)as e:sys.exit(f"{sys.argv[0]}: its code is lrzip-coded, and lrzip (apt-get install lrzip) failed: {e}")
 """, 'D("{}")'),
 }
@@ -238,7 +291,8 @@ def script_text(entry_files: list[str], params: dict[str, Any], compressor: str 
         imports, decoder, payload = "", "", repr(text)
     else:
         imports, decoder, expression = STREAM_DECODERS[compressor]
-        payload = expression.format(base64.b85encode(compress_stream(text.encode("utf-8"), compressor)).decode("ascii"))
+        decoder = B93_DECODER + decoder
+        payload = expression.format(b93encode(compress_stream(text.encode("utf-8"), compressor)))
     return BOOTSTRAP.format(version=__version__, imports=imports, decoder=decoder, params=repr(script_json(params)),
                             payload=payload, entry=entry_files[0].removesuffix(".py").replace("/", "."))
 
@@ -262,7 +316,7 @@ def _assigned_json(tree: ast.Module, name: str) -> str:
             literal = next(n.value for n in ast.walk(node.value) if isinstance(n, ast.Constant))
             if isinstance(node.value.args[0], ast.Constant):
                 return literal
-            return decompress_stream(base64.b85decode(literal), stream_compressor(node.value.args[0])).decode("utf-8")
+            return decompress_stream(b93decode(literal), stream_compressor(node.value.args[0])).decode("utf-8")
     raise ValueError("not a script exported by pgolf: no params and bundle in it")
 
 
