@@ -6,7 +6,7 @@ that count for a params file with the records' coder, brotli-11, then the script
 each lever, one at a time, each measured on the same shipped modules:
 
 - the stream: ``lrzip -z -L 9`` (``compress.code_compressor: lrzip``, the exact script), lzma (xz,
-  preset 9e) or zstd-22 instead of brotli-11; the modules concatenated rather than as JSON; the
+  preset 9e) or zstd-22 instead of brotli-11; the modules as JSON rather than concatenated; the
   params compressed with the modules rather than plain; the params' values that differ from the
   defaults alone (``compress.bake_params: changed``, the exact script);
 - the text: base 85 (the records' ``base64.b85encode``) instead of base 93, for comparison;
@@ -51,6 +51,7 @@ from pgolf.submit.bundle import (
     REPO_ROOT,
     code_bytes,
     lrzip_compress,
+    modules_text,
     script_json,
     shipped_files,
 )
@@ -105,12 +106,12 @@ def brotli_bytes(text: str) -> int:
 
 def stream_alternatives(files: dict[str, str], params_text: str) -> dict[str, int]:
     """The stream's bytes under each coder and layout."""
-    text = script_json(files)
+    text = modules_text(files)
     raw = text.encode("utf-8")
     lzma_filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
     found = {"brotli-11": brotli_bytes(text),
              "lzma 9e": len(lzma.compress(raw, format=lzma.FORMAT_RAW, filters=lzma_filters)),
-             "brotli-11, modules concatenated": brotli_bytes("".join(f"\x1e{p}\x1f{s}" for p, s in files.items())),
+             "brotli-11, modules as JSON": brotli_bytes(script_json(files)),
              "brotli-11, params in the stream": brotli_bytes(params_text + text)}
     try:
         import zstandard
@@ -221,7 +222,7 @@ def without(files: dict[str, str], parts: dict[str, list[str]]) -> dict[str, str
 
 
 def lrzip_bytes(files: dict[str, str]) -> int:
-    return len(lrzip_compress(script_json(files).encode("utf-8")))
+    return len(lrzip_compress(modules_text(files).encode("utf-8")))
 
 
 def steps_to_goal(configs: RunConfigs) -> list[tuple[str, int]]:
@@ -249,12 +250,12 @@ def source_bounds(files: dict[str, str], params: dict[str, Any]) -> dict[str, in
                                             remove_literal_statements=True) if source else source
                for path, source in files.items()}
     unparsed = transformed(files, ast.NodeTransformer())
-    base = brotli_bytes(script_json(unparsed))
-    return {"module-level names renamed, each module alone": brotli_bytes(script_json(renamed))
-            - brotli_bytes(script_json(files)),
-            "long strings and f-strings emptied": brotli_bytes(script_json(transformed(files, EmptyStrings()))) - base,
+    base = brotli_bytes(modules_text(unparsed))
+    return {"module-level names renamed, each module alone": brotli_bytes(modules_text(renamed))
+            - brotli_bytes(modules_text(files)),
+            "long strings and f-strings emptied": brotli_bytes(modules_text(transformed(files, EmptyStrings()))) - base,
             "branches the baked params decide, cut": brotli_bytes(
-                script_json(transformed(files, LiveBranches(decided_keys(params))))) - base}
+                modules_text(transformed(files, LiveBranches(decided_keys(params))))) - base}
 
 
 def main() -> None:

@@ -111,7 +111,7 @@ BOOTSTRAP = """\
 \"\"\"Parameter Golf submission exported by pgolf {version}: the bundle holds pgolf's modules and the run's params.\"\"\"
 import {imports}importlib.abc as A,importlib.util as U,json,sys
 {decoder}P=json.loads({params})
-F=json.loads({payload})
+F=dict(m.split("\\x1f",1)for m in {payload}.split("\\x1e")[1:])
 class L(A.MetaPathFinder,A.Loader):
  def find_spec(s,n,p=None,t=None):
   k=n.replace(".","/")
@@ -182,9 +182,9 @@ def _b93_block(digits: str) -> bytes:
 # decoder (after the base 93 decoder E), and the decoded bytes of the stream's text. lrzip reads the stream on its
 # standard input; a script on a machine without the program stops with one line that names it.
 STREAM_DECODERS = {
-    "brotli": ("brotli,", "", 'brotli.decompress(E("{}"))'),
+    "brotli": ("brotli,", "", 'brotli.decompress(E("{}")).decode()'),
     "lrzip": ("os,subprocess as S,", """def D(s):
- try:return S.run(["lrzip","-dqo","-"],input=E(s),capture_output=True,check=True,env=dict(os.environ,LRZIP="NOCONFIG")).stdout
+ try:return S.run(["lrzip","-dqo","-"],input=E(s),capture_output=True,check=True,env=dict(os.environ,LRZIP="NOCONFIG")).stdout.decode()
  except(OSError,S.CalledProcessError)as e:sys.exit(f"{sys.argv[0]}: its code is lrzip-coded, and lrzip (apt-get install lrzip) failed: {e}")
 """, 'D("{}")'),
 }
@@ -268,13 +268,36 @@ def module_sizes(files: dict[str, str], root: Path = REPO_ROOT) -> list[dict[str
 
 
 def script_json(value: Any) -> str:
-    """``value`` as the script carries it (the modules' bundle, the baked params): compact JSON, keys sorted."""
+    """``value`` as the script carries its baked params: compact JSON, keys sorted."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+# The modules' text: each module as MODULE_MARK, its path, PATH_END, its source (JSON would escape every newline
+# and quote of the sources). Neither character is in any source the bundler ships (modules_text refuses one).
+MODULE_MARK, PATH_END = "\x1e", "\x1f"
+
+
+def modules_text(files: dict[str, str]) -> str:
+    """The text the script carries for ``files`` (path -> shipped source), as its bootstrap reads it."""
+    for path, source in files.items():
+        if MODULE_MARK in path + source or PATH_END in path + source:
+            raise ValueError(f"{path}: holds the bundle's separator \\x1e or \\x1f: write it as an escape")
+    return "".join(f"{MODULE_MARK}{path}{PATH_END}{source}" for path, source in files.items())
+
+
+def read_modules(text: str) -> dict[str, str]:
+    """Path -> source of a script's modules' text (:func:`modules_text`)."""
+    if text and not text.startswith(MODULE_MARK):
+        raise ValueError("the script's modules are not the bundler's text (no module mark at its start)")
+    modules = [module.split(PATH_END, 1) for module in text.split(MODULE_MARK)[1:]]
+    if any(len(module) != 2 for module in modules):
+        raise ValueError("the script's modules are not the bundler's text (a module without its path)")
+    return dict(modules)
+
+
 def bundle(entry_files: list[str], params: dict[str, Any], root: Path = REPO_ROOT) -> str:
-    """The JSON text of what the script ships: path -> shipped source."""
-    return script_json(shipped_files(entry_files, params, root))
+    """The text of what the script ships (:func:`modules_text`): path -> shipped source."""
+    return modules_text(shipped_files(entry_files, params, root))
 
 
 def script_text(entry_files: list[str], params: dict[str, Any], compressor: str | None = "brotli",
@@ -300,30 +323,35 @@ def script_text(entry_files: list[str], params: dict[str, Any], compressor: str 
 def read_bundle(script: str) -> dict[str, Any]:
     """The ``params`` and ``files`` (path -> source) of a script that ``script_text`` wrote."""
     tree = ast.parse(script)
-    return {"params": json.loads(_assigned_json(tree, "P")), "files": json.loads(_assigned_json(tree, "F"))}
+    return {"params": json.loads(_assigned_text(tree, "P")), "files": read_modules(_assigned_text(tree, "F"))}
 
 
 def read_params(script: str) -> dict[str, Any]:
     """The params a script that ``script_text`` wrote carries, as written (with ``compress.bake_params: changed``
     only those), read without decoding its modules (which, lrzip-coded, would run the lrzip program)."""
-    return json.loads(_assigned_json(ast.parse(script), "P"))
+    return json.loads(_assigned_text(ast.parse(script), "P"))
 
 
-def _assigned_json(tree: ast.Module, name: str) -> str:
-    """The JSON text the script's ``name = json.loads(...)`` holds: plain, or the decoded modules' stream."""
+def _assigned_text(tree: ast.Module, name: str) -> str:
+    """The text the script's assignment to ``name`` reads: its plain literal, or its decoded modules' stream (the
+    first literal that is not a separator, or the first call of a :data:`STREAM_DECODERS` decoder, in it)."""
     for node in tree.body:
         if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [name]:
-            literal = next(n.value for n in ast.walk(node.value) if isinstance(n, ast.Constant))
-            if isinstance(node.value.args[0], ast.Constant):
-                return literal
-            return decompress_stream(b93decode(literal), stream_compressor(node.value.args[0])).decode("utf-8")
+            for part in ast.walk(node.value):
+                if isinstance(part, ast.Call) and stream_compressor(part) is not None:
+                    literal = next(n.value for n in ast.walk(part) if isinstance(n, ast.Constant))
+                    return decompress_stream(b93decode(literal), stream_compressor(part)).decode("utf-8")
+                if isinstance(part, ast.Constant) and isinstance(part.value, str) and part.value not in (
+                        MODULE_MARK, PATH_END):
+                    return part.value
     raise ValueError("not a script exported by pgolf: no params and bundle in it")
 
 
-def stream_compressor(decoding: ast.Call) -> str:
-    """The compressor whose :data:`STREAM_DECODERS` expression ``decoding`` is."""
-    called = ast.unparse(decoding.func)
-    return next(name for name, (_, _, expression) in STREAM_DECODERS.items() if expression.startswith(called + "("))
+def stream_compressor(call: ast.Call) -> str | None:
+    """The compressor whose :data:`STREAM_DECODERS` expression ``call`` is, or None for any other call."""
+    called = ast.unparse(call.func)
+    return next((name for name, (_, _, expression) in STREAM_DECODERS.items() if expression.startswith(called + "(")),
+                None)
 
 
 def code_bytes(entry_files: list[str], params: dict[str, Any], compressor: str | None = "brotli",

@@ -27,7 +27,9 @@ from pgolf.submit.bundle import (
     code_bytes,
     import_closure,
     minified_source,
+    modules_text,
     read_bundle,
+    read_modules,
     read_params,
     script_json,
     script_text,
@@ -145,6 +147,16 @@ def test_base_93_text_decodes_to_its_bytes_in_the_script_as_in_the_bundler(size)
 def test_text_base_93_cannot_have_written_is_a_value_error(text):
     with pytest.raises(ValueError, match="base 93"):
         b93decode(text)
+
+
+def test_the_modules_text_reads_back_and_refuses_a_source_that_holds_its_separator():
+    files = {"pgolf/__init__.py": "", "pgolf/a.py": 'x = "\\x1e"\ny = {"k": [1]}\n'}  # the escape, not the character
+    assert read_modules(modules_text(files)) == files and read_modules("") == {}
+    with pytest.raises(ValueError, match="pgolf/b.py: holds the bundle's separator"):
+        modules_text({"pgolf/b.py": "x = '\x1f'\n"})
+    for text in ("pgolf/a.py\x1fx = 1\n", "\x1epgolf/a.py"):
+        with pytest.raises(ValueError, match="not the bundler's text"):
+            read_modules(text)
 
 
 def test_an_lrzip_coded_scripts_params_read_without_the_program_and_a_stream_without_its_header_is_named(
